@@ -1,0 +1,219 @@
+"""The application factory: routes, middlewares, and the parts opened and closed with the app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler, Middleware
+
+from .config import Config
+from .errors import ChunkServerError, NotAuthenticated
+from .handlers import add_routes, json_answer
+from .keys import CONFIG, UPLOADS
+from .uploads import Uploads
+
+log = logging.getLogger("chunkserver")
+
+# Routes that answer without a token even when auth_tokens is set.
+PUBLIC_PATHS = ("/healthz",)
+PUBLIC_PREFIXES = ("/static/",)
+METRICS_PUBLISH_SECONDS = 2.0
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into a JSON answer `{"detail": ...}` and count answers by status."""
+    uploads = request.app[UPLOADS]
+    try:
+        response = await handler(request)
+    except ChunkServerError as e:
+        response = json_answer({"detail": e.detail}, status=e.status)
+        if e.status == 401:
+            response.headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        response = json_answer({"detail": e.reason}, status=e.status)
+        for name in (hdrs.ALLOW, hdrs.RETRY_AFTER):
+            if name in e.headers:
+                response.headers[name] = e.headers[name]
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("Unexpected error on %s %s", request.method, request.path)
+        detail = "Internal server error"
+        if request.path == "/upload-chunk":
+            detail = "Chunk upload failed: internal error"
+        response = json_answer({"detail": detail}, status=500)
+    uploads.metrics.count_request(response.status)
+    if request.path == "/upload-chunk" and response.status >= 400:
+        uploads.metrics.inc("chunks_rejected")
+    return response
+
+
+def auth_middleware(tokens: tuple[str, ...]) -> Middleware:
+    encoded = [t.encode() for t in tokens]
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if (
+            request.method == hdrs.METH_OPTIONS
+            or path in PUBLIC_PATHS
+            or path == "/"
+            or path.startswith(PUBLIC_PREFIXES)
+        ):
+            return await handler(request)
+        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        candidate = given.strip().encode()
+        # compare_digest against every token, so timing says nothing about which matched.
+        matches = [hmac.compare_digest(candidate, token) for token in encoded]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise NotAuthenticated()
+        return await handler(request)
+
+    return require_token
+
+
+def cors_middleware(origins: tuple[str, ...]) -> Middleware:
+    allow_any = "*" in origins
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get(hdrs.ORIGIN)
+        if origin is None or not (allow_any or origin in origins):
+            return await handler(request)
+        cors_headers = {
+            hdrs.ACCESS_CONTROL_ALLOW_ORIGIN: "*" if allow_any else origin,
+            hdrs.ACCESS_CONTROL_EXPOSE_HEADERS: "Content-Disposition, Content-Length",
+            hdrs.VARY: "Origin",
+        }
+        if request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in (
+            request.headers
+        ):
+            requested = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "")
+            cors_headers |= {
+                hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, DELETE, OPTIONS",
+                hdrs.ACCESS_CONTROL_ALLOW_HEADERS: requested or "Authorization, Content-Type",
+                hdrs.ACCESS_CONTROL_MAX_AGE: "600",
+            }
+            return web.Response(status=204, headers=cors_headers)
+        try:
+            response = await handler(request)
+        except web.HTTPException as e:
+            e.headers.update(cors_headers)
+            raise
+        response.headers.update(cors_headers)
+        return response
+
+    return cors
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request; the client is X-Forwarded-For's when a trusted proxy sent it."""
+
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d %.4fs',
+            client_address(request, self.trusted),
+            request.method,
+            request.path_qs,
+            request.version.major,
+            request.version.minor,
+            response.status,
+            response.body_length,
+            time,
+        )
+
+
+def client_address(
+    request: web.BaseRequest,
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+) -> str:
+    """The client's address: the peer, or the last untrusted hop of X-Forwarded-For."""
+    peer = request.remote or "-"
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _is_trusted(
+    address: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def access_logger_for(config: Config) -> type[AccessLogger]:
+    networks = tuple(ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies)
+    return type("ConfiguredAccessLogger", (AccessLogger,), {"trusted": networks})
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except Exception:
+            log.exception("Periodic job %s failed", name)
+
+
+def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def uploads_context(app: web.Application) -> AsyncIterator[None]:
+        uploads = app[UPLOADS]
+        report = await uploads.sweep()  # finish merges and clear strays a crash left
+        if report.merged or report.expired or report.removed_temp_files:
+            log.info(
+                "Recovery at start: %d merged, %d expired, %d stray temp files removed",
+                len(report.merged),
+                len(report.expired),
+                report.removed_temp_files,
+            )
+        await uploads.rebuild_manifest()
+        tasks = [
+            asyncio.create_task(_every(config.sweep_interval_seconds, uploads.sweep, "sweep")),
+            asyncio.create_task(
+                _every(METRICS_PUBLISH_SECONDS, uploads.publish_metrics, "metrics")
+            ),
+        ]
+        yield
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(OSError):
+            uploads.metrics.unpublish(uploads.metrics_dir)
+        uploads.close()
+
+    return uploads_context
+
+
+def create_app(config: Config) -> web.Application:
+    middlewares: list[Middleware] = [error_middleware]
+    if config.cors_origins:
+        middlewares.insert(0, cors_middleware(config.cors_origins))
+    if config.auth_tokens:
+        middlewares.append(auth_middleware(config.auth_tokens))
+    app = web.Application(middlewares=middlewares)
+    app[CONFIG] = config
+    app[UPLOADS] = Uploads.open(config)
+    add_routes(app)
+    app.cleanup_ctx.append(_uploads_context(config))
+    return app

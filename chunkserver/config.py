@@ -1,0 +1,143 @@
+"""The server's configuration: a frozen dataclass read from TOML, then overridden by flags.
+
+`load_config` is the only way in: it reads the file with `tomllib`, applies command-line
+overrides and validates every key, raising `ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ConfigError(Exception):
+    """A configuration key is unknown, of the wrong type, or has a bad value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    unix_socket: str = ""
+    data_dir: str = "./data"
+    workers: int = 1
+    max_chunk_bytes: int = 64 * MiB
+    max_file_bytes: int = 100 * GiB
+    max_total_chunks: int = 100_000
+    min_free_bytes: int = 256 * MiB
+    upload_ttl_seconds: float = 86_400.0
+    sweep_interval_seconds: float = 300.0
+    fsync: bool = False
+    auth_tokens: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    log_level: str = "info"
+    access_log: bool = True
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+# The TOML type each key accepts; integers are also accepted where floats are.
+_KEY_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+_TUPLE_KEYS = {"auth_tokens", "cors_origins", "trusted_proxies"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Return `value` converted to the type of `key`, or raise ConfigError naming the key."""
+    expected = _KEY_TYPES[key]
+    if key in _TUPLE_KEYS:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if expected in ("bool", bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if expected in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if expected in ("float", float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def validate(config: Config) -> Config:
+    """Check the values that types alone do not constrain; return the config unchanged."""
+    checks: list[tuple[str, bool, str]] = [
+        ("port", 0 <= config.port <= 65535, "must be between 0 and 65535"),
+        ("workers", 1 <= config.workers <= 64, "must be between 1 and 64"),
+        ("max_chunk_bytes", config.max_chunk_bytes >= 1, "must be at least 1"),
+        ("max_file_bytes", config.max_file_bytes >= 1, "must be at least 1"),
+        ("max_total_chunks", config.max_total_chunks >= 1, "must be at least 1"),
+        ("min_free_bytes", config.min_free_bytes >= 0, "must not be negative"),
+        ("upload_ttl_seconds", config.upload_ttl_seconds > 0, "must be positive"),
+        ("sweep_interval_seconds", config.sweep_interval_seconds > 0, "must be positive"),
+        ("data_dir", config.data_dir.strip() != "", "must not be empty"),
+        ("host", config.host.strip() != "", "must not be empty"),
+        ("log_level", config.log_level.lower() in LOG_LEVELS, f"must be one of {LOG_LEVELS}"),
+        ("auth_tokens", all(t.strip() for t in config.auth_tokens), "must not hold empty tokens"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {why}, got {getattr(config, key)!r}")
+    for proxy in config.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"trusted_proxies: {proxy!r} is not an IP address or network"
+            ) from None
+    return config
+
+
+def from_mapping(values: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from `values` over `base`; unknown keys and bad types raise ConfigError."""
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in _KEY_TYPES:
+            raise ConfigError(f"{key}: unknown configuration key")
+        changes[key] = _coerce(key, value)
+    return validate((base or Config()).replace(**changes))
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read `path` (None: defaults only), apply non-None `overrides`, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config: file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    return from_mapping(values)
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+__all__ = ["Config", "ConfigError", "GiB", "MiB", "as_dict", "from_mapping", "load_config"]

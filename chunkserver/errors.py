@@ -1,0 +1,64 @@
+"""The errors the server answers with: one class per row of PROTOCOL.md's error table.
+
+Each carries its HTTP status and the `detail` sent to the client. They are raised where the
+problem is found and turned into JSON in one place, `app.error_middleware`.
+"""
+
+from __future__ import annotations
+
+
+class ChunkServerError(Exception):
+    """Base of every error that has an HTTP answer."""
+
+    status: int = 500
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BadRequest(ChunkServerError):
+    status = 400
+
+
+class NotAuthenticated(ChunkServerError):
+    status = 401
+
+    def __init__(self, detail: str = "Not authenticated") -> None:
+        super().__init__(detail)
+
+
+class FileNotFound(ChunkServerError):
+    status = 404
+
+    def __init__(self, detail: str = "File not found") -> None:
+        super().__init__(detail)
+
+
+class UploadConflict(ChunkServerError):
+    status = 409
+
+
+class PayloadTooLarge(ChunkServerError):
+    status = 413
+
+
+class ChecksumMismatch(ChunkServerError):
+    status = 422
+
+    def __init__(self, detail: str = "Chunk checksum mismatch") -> None:
+        super().__init__(detail)
+
+
+class DiskFull(ChunkServerError):
+    status = 507
+
+    def __init__(self, detail: str = "Chunk upload failed: disk space full") -> None:
+        super().__init__(detail)
+
+
+class StorageFailure(ChunkServerError):
+    status = 500
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Chunk upload failed: {reason}")

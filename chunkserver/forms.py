@@ -1,0 +1,117 @@
+"""The form fields of POST /upload-chunk: collected as they arrive, validated into a request."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import BadRequest, PayloadTooLarge
+
+FILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
+REQUIRED_FIELDS = ("file_id", "chunk_index", "total_chunks", "filename")
+OPTIONAL_FIELDS = ("chunk_sha256", "total_size")
+TEXT_FIELDS = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
+MAX_FIELD_BYTES = 4096
+MAX_FILENAME_BYTES = 255
+
+
+def check_file_id(file_id: str) -> str:
+    if not FILE_ID_PATTERN.fullmatch(file_id):
+        raise BadRequest("Invalid file_id: use 1 to 128 characters from A-Z, a-z, 0-9, _ and -")
+    return file_id
+
+
+def check_filename(filename: str) -> str:
+    if filename in ("", ".", ".."):
+        raise BadRequest("Invalid filename: must not be empty, '.' or '..'")
+    if any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in filename):
+        raise BadRequest("Invalid filename: must not hold '/', '\\', NUL or control characters")
+    if len(filename.encode("utf-8", "surrogatepass")) > MAX_FILENAME_BYTES:
+        raise BadRequest(f"Invalid filename: longer than {MAX_FILENAME_BYTES} bytes of UTF-8")
+    return filename
+
+
+def _integer(name: str, text: str) -> int:
+    text = text.strip()
+    if not re.fullmatch(r"[+-]?[0-9]{1,19}", text):
+        raise BadRequest(f"Invalid {name}: must be an integer, got {text[:40]!r}")
+    return int(text)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFields:
+    """The validated fields of one chunk request."""
+
+    file_id: str
+    chunk_index: int
+    total_chunks: int
+    filename: str
+    chunk_sha256: str | None = None
+    total_size: int | None = None
+
+
+class ChunkForm:
+    """Text fields as they arrive, in any order; `fields()` validates them together."""
+
+    def __init__(self, *, max_total_chunks: int) -> None:
+        self.values: dict[str, str] = {}
+        self.max_total_chunks = max_total_chunks
+
+    def set(self, name: str, value: str) -> None:
+        self.values[name] = value
+
+    def has_required(self) -> bool:
+        return all(name in self.values for name in REQUIRED_FIELDS)
+
+    def expected_sha256(self) -> str | None:
+        value = self.values.get("chunk_sha256")
+        return _checked_sha256(value) if value is not None else None
+
+    def fields(self) -> ChunkFields:
+        """Validate every field; raise BadRequest naming the first that is wrong."""
+        for name in REQUIRED_FIELDS:
+            if name not in self.values:
+                raise BadRequest(f"Missing required parameter: {name}")
+        file_id = check_file_id(self.values["file_id"])
+        total_chunks = _integer("total_chunks", self.values["total_chunks"])
+        if total_chunks < 1:
+            raise BadRequest("Invalid total_chunks: must be at least 1")
+        if total_chunks > self.max_total_chunks:
+            raise BadRequest(
+                f"Invalid total_chunks: above the limit of {self.max_total_chunks} "
+                "(max_total_chunks)"
+            )
+        chunk_index = _integer("chunk_index", self.values["chunk_index"])
+        if not 0 <= chunk_index < total_chunks:
+            raise BadRequest(
+                f"Invalid chunk_index: must be in [0, {total_chunks}), got {chunk_index}"
+            )
+        filename = check_filename(self.values["filename"])
+        total_size = None
+        if "total_size" in self.values:
+            total_size = _integer("total_size", self.values["total_size"])
+            if total_size < 0:
+                raise BadRequest("Invalid total_size: must not be negative")
+        return ChunkFields(
+            file_id=file_id,
+            chunk_index=chunk_index,
+            total_chunks=total_chunks,
+            filename=filename,
+            chunk_sha256=self.expected_sha256(),
+            total_size=total_size,
+        )
+
+
+def _checked_sha256(value: str) -> str:
+    value = value.strip()
+    if not SHA256_PATTERN.fullmatch(value):
+        raise BadRequest("Invalid chunk_sha256: must be 64 hexadecimal characters")
+    return value.lower()
+
+
+def check_total_size(total_size: int | None, *, max_file_bytes: int) -> None:
+    if total_size is not None and total_size > max_file_bytes:
+        raise PayloadTooLarge(
+            f"total_size {total_size} exceeds max_file_bytes ({max_file_bytes} bytes)"
+        )

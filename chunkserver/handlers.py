@@ -1,0 +1,163 @@
+"""The HTTP handlers: parse and validate, call the upload service, shape the JSON answer.
+
+No handler builds a path or touches the disk; that is the store's job.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import hdrs, web
+
+from .errors import BadRequest, FileNotFound
+from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkFields, ChunkForm, check_file_id
+from .keys import CONFIG, UPLOADS
+from .multipart import MultipartParser, boundary_from_content_type
+from .store import CompletedUpload, TempChunk, UploadProgress
+
+JSON = "application/json"
+
+
+def json_answer(data: dict[str, Any], status: int = 200) -> web.Response:
+    """A JSON response with `Content-Type: application/json` exactly (no charset)."""
+    return web.Response(body=json.dumps(data).encode(), status=status, content_type=JSON)
+
+
+def _completed_chunk_answer(record: CompletedUpload) -> dict[str, Any]:
+    return {
+        "file_id": record.file_id,
+        "filename": record.filename,
+        "type": "file",
+        "status": "completed",
+        "uploaded_chunks": record.total_chunks,
+        "total_chunks": record.total_chunks,
+        "size": record.size,
+        "sha256": record.sha256,
+    }
+
+
+async def upload_chunk(request: web.Request) -> web.Response:
+    uploads = request.app[UPLOADS]
+    config = request.app[CONFIG]
+    boundary = boundary_from_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
+    parser = MultipartParser(request.content.readany, boundary)
+    form = ChunkForm(max_total_chunks=config.max_total_chunks)
+    temp: TempChunk | None = None
+    computed_sha256: str | None = None
+    checked_early = False
+    try:
+        while (part := await parser.next_part()) is not None:
+            if part.name == "chunk":
+                if temp is not None:
+                    raise BadRequest("More than one chunk part in the request")
+                early: ChunkFields | None = form.fields() if form.has_required() else None
+                if early is not None:
+                    record = await uploads.check_before_chunk(early, request.content_length)
+                    if record is not None:
+                        return json_answer(_completed_chunk_answer(record))
+                    checked_early = True
+                temp = await uploads.open_temp(early)
+                computed_sha256 = await uploads.receive(parser.body(), temp, form.expected_sha256())
+            elif part.name in TEXT_FIELDS:
+                form.set(part.name, await parser.read_text(limit=MAX_FIELD_BYTES))
+        fields = form.fields()
+        if temp is None:
+            raise BadRequest("Missing required parameter: chunk")
+        if not checked_early:
+            record = await uploads.check_before_chunk(fields, None)
+            if record is not None:
+                return json_answer(_completed_chunk_answer(record))
+        owned, temp = temp, None  # the commit owns the file from here on
+        result = await uploads.commit(fields, owned, computed_sha256)
+    finally:
+        if temp is not None:
+            temp.discard()
+    if result.record is not None:
+        return json_answer(_completed_chunk_answer(result.record))
+    return json_answer(
+        {
+            "file_id": fields.file_id,
+            "filename": fields.filename,
+            "type": "file",
+            "status": "uploading",
+            "uploaded_chunks": len(result.chunks),
+            "total_chunks": fields.total_chunks,
+        }
+    )
+
+
+async def upload_status(request: web.Request) -> web.Response:
+    file_id = check_file_id(request.match_info["file_id"])
+    found = await request.app[UPLOADS].status(file_id)
+    if isinstance(found, CompletedUpload):
+        return json_answer(
+            {
+                "status": "completed",
+                "file_exists": True,
+                "file_id": file_id,
+                "filename": found.filename,
+                "size": found.size,
+                "sha256": found.sha256,
+                "uploaded_chunks": found.total_chunks,
+                "total_chunks": found.total_chunks,
+            }
+        )
+    if isinstance(found, UploadProgress):
+        return json_answer(
+            {
+                "status": "uploading",
+                "uploaded_chunks": len(found.stored),
+                "file_exists": False,
+                "file_id": file_id,
+                "filename": found.meta.filename,
+                "total_chunks": found.meta.total_chunks,
+                "missing_chunks": found.missing,
+            }
+        )
+    return json_answer({"status": "not_found", "file_exists": False}, status=404)
+
+
+def content_disposition(filename: str) -> str:
+    """`attachment` with an ASCII fallback name and the exact name in RFC 5987 form."""
+    fallback = filename.encode("ascii", "replace").decode().replace('"', "_").replace("?", "_")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+async def download_file(request: web.Request) -> web.StreamResponse:
+    file_id = check_file_id(request.match_info["file_id"])
+    found = await request.app[UPLOADS].completed_file(file_id)
+    if found is None:
+        raise FileNotFound()
+    path, record = found
+    return web.FileResponse(
+        path, headers={hdrs.CONTENT_DISPOSITION: content_disposition(record.filename)}
+    )
+
+
+async def delete_upload(request: web.Request) -> web.Response:
+    file_id = check_file_id(request.match_info["file_id"])
+    if not await request.app[UPLOADS].delete(file_id):
+        raise FileNotFound()
+    return web.Response(status=204)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    if await request.app[UPLOADS].is_healthy():
+        return json_answer({"status": "ok"})
+    return json_answer({"status": "error", "detail": "The data folder is not writable"}, 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = await request.app[UPLOADS].render_metrics()
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/upload-chunk", upload_chunk)
+    app.router.add_get("/upload-status/{file_id}", upload_status)
+    app.router.add_get("/files/{file_id}", download_file)
+    app.router.add_delete("/uploads/{file_id}", delete_upload)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,11 @@
+"""The typed keys under which the application keeps its parts (no globals)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .config import Config
+from .uploads import Uploads
+
+CONFIG = web.AppKey("config", Config)
+UPLOADS = web.AppKey("uploads", Uploads)

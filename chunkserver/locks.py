@@ -1,0 +1,110 @@
+"""Locking, apart from the store: per-file asyncio locks inside a process, flock across them.
+
+`KeyedLocks` gives one `asyncio.Lock` per file id, dropped when nobody holds or waits for it,
+so the loop never blocks more than one executor thread per file on the cross-process lock.
+
+`FileLock` is an exclusive `flock` on a lock file inside the upload's chunk folder. The kernel
+drops it when its holder dies, so a crash never leaves an upload locked. Because the folder may
+be removed by the holder (after a merge, an abort or an expiry), a waiter that gets the lock
+checks that its file is still the one at the path, and starts over if not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+
+
+class KeyedLocks:
+    """One asyncio.Lock per key, created on demand and forgotten when free."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class FileLock:
+    """A blocking, exclusive, cross-process lock on `path` (its parent folder is created)."""
+
+    def __init__(self, path: Path, *, blocking: bool = True) -> None:
+        self.path = path
+        self.blocking = blocking
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        flags = fcntl.LOCK_EX if self.blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                continue  # the folder was removed between mkdir and open
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            if _same_file(fd, self.path):
+                self._fd = fd
+                return True
+            os.close(fd)  # the holder before us removed the file; lock the new one
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

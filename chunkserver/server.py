@@ -1,0 +1,186 @@
+"""Running the app: one process on uvloop, or a supervisor of N worker processes.
+
+With `workers > 1` the supervisor binds first (so `port = 0` and unix sockets work alike),
+then forks the workers. On TCP each worker opens its own SO_REUSEPORT socket on that port and
+the kernel spreads connections over them; on a unix socket they share the supervisor's.
+SIGINT and SIGTERM stop everything cleanly: the sites close, requests in flight get
+`SHUTDOWN_TIMEOUT` seconds to finish, then the rest are cut (their temp files are removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from .app import access_logger_for, create_app
+from .config import Config
+
+SHUTDOWN_TIMEOUT = 30.0
+READ_BUFSIZE = 256 * 1024
+log = logging.getLogger("chunkserver")
+
+
+def configure_logging(config: Config) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we run
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def address_of(config: Config, sock: socket.socket | None = None) -> str:
+    if config.unix_socket:
+        return f"unix:{config.unix_socket}"
+    port = sock.getsockname()[1] if sock is not None else config.port
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return f"http://{host}:{port}"
+
+
+def _tcp_socket(host: str, port: int, *, reuse_port: bool, listen: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _unix_socket(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        if Path(path).is_socket():
+            os.unlink(path)  # a leftover from a process that died
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o660)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve_async(config: Config, sock: socket.socket, announce: bool) -> None:
+    app = create_app(config)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log_class=access_logger_for(config),
+        access_log=logging.getLogger("chunkserver.access") if config.access_log else None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        read_bufsize=READ_BUFSIZE,
+    )
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+    if announce:
+        print(f"chunkserver listening on {address_of(config, sock)}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("Stopping: finishing requests in flight")
+        await runner.cleanup()
+
+
+def run_one(config: Config, sock: socket.socket, *, announce: bool) -> None:
+    """Serve on `sock` until SIGINT or SIGTERM, in this process."""
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        runner.run(_serve_async(config, sock, announce))
+
+
+def _worker_main(config: Config, sock: socket.socket | None) -> None:
+    configure_logging(config)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sock is None:  # TCP: a socket of our own in the port's SO_REUSEPORT group
+        sock = _tcp_socket(config.host, config.port, reuse_port=True, listen=True)
+    run_one(config, sock, announce=False)
+
+
+def serve(config: Config) -> None:
+    """Run the server as configured; returns after a clean stop."""
+    configure_logging(config)
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    if config.unix_socket:
+        sock = _unix_socket(config.unix_socket)
+    else:
+        sock = _tcp_socket(
+            config.host, config.port, reuse_port=config.workers > 1, listen=config.workers == 1
+        )
+    try:
+        if config.workers == 1:
+            run_one(config, sock, announce=True)
+        else:
+            _supervise(config, sock)
+    finally:
+        sock.close()
+        if config.unix_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(config.unix_socket)
+
+
+def _supervise(config: Config, sock: socket.socket) -> None:
+    """Start `config.workers` processes, restart any that dies, stop them all on a signal."""
+    if not config.unix_socket:
+        config = config.replace(port=sock.getsockname()[1])  # port 0 becomes the real one
+    shared = sock if config.unix_socket else None
+    context = multiprocessing.get_context("fork")
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    def start() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_worker_main, args=(config, shared), daemon=False)
+        process.start()
+        return process
+
+    workers = [start() for _ in range(config.workers)]
+    print(
+        f"chunkserver listening on {address_of(config, sock)} with {config.workers} workers",
+        flush=True,
+    )
+    while not stopping:
+        time.sleep(0.2)
+        for i, process in enumerate(workers):
+            if not process.is_alive() and not stopping:
+                log.warning(
+                    "Worker %s exited with %s; starting another", process.pid, process.exitcode
+                )
+                workers[i] = start()
+    for process in workers:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT + 5
+    for process in workers:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+    sys.stdout.flush()

@@ -1,0 +1,573 @@
+"""The disk: the only code that builds paths, and the source of truth for every upload.
+
+Layout under the data folder (see the README):
+
+    chunks/<file_id>/chunk_000000          a stored chunk (the seed's layout)
+    chunks/<file_id>/.meta.json            filename, total_chunks, total_size, identity
+    chunks/<file_id>/.lock                 the cross-process lock (flock)
+    chunks/<file_id>/.chunk_000003.<pid>.<rand>.part    a chunk being received
+    chunks/.incoming/<pid>.<rand>.part     a chunk received before its form fields
+    uploads/<file_id>/<filename>           the merged file
+    uploads/<file_id>.json                 the completion record: size and sha256
+    uploads/<file_id>.<pid>.<rand>.merging a merge in progress
+
+An upload is completed exactly when its record exists: the record is written after the merged
+file is in place, so a partial merged file is never reported. Every method here blocks; the
+service in `uploads.py` runs them in an executor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import mmap
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .errors import (
+    DiskFull,
+    PayloadTooLarge,
+    StorageFailure,
+    UploadConflict,
+)
+from .locks import FileLock, pid_alive
+from .manifest import ChunkSet
+
+CHUNK_PREFIX = "chunk_"
+META_NAME = ".meta.json"
+LOCK_NAME = ".lock"
+INCOMING = ".incoming"
+TEMP_SUFFIXES = (".part", ".merging", ".tmp")
+# A folder with no metadata and no live temporary file is a leftover after this long.
+ORPHAN_GRACE_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class UploadMeta:
+    """What the first chunk of an upload fixes for all the others."""
+
+    file_id: str
+    filename: str
+    total_chunks: int
+    total_size: int | None
+    created_at: float
+    token: str  # tells a re-created upload of the same id from the one a cache knew
+
+    @classmethod
+    def new(
+        cls, file_id: str, filename: str, total_chunks: int, total_size: int | None
+    ) -> UploadMeta:
+        return cls(file_id, filename, total_chunks, total_size, time.time(), secrets.token_hex(8))
+
+    def conflict_with(self, filename: str, total_chunks: int, total_size: int | None) -> str | None:
+        """Say which field differs from this upload's, or None when they agree."""
+        if total_chunks != self.total_chunks:
+            return (
+                f"total_chunks {total_chunks} differs from {self.total_chunks} "
+                "given by earlier chunks of this file_id"
+            )
+        if filename != self.filename:
+            return f"filename {filename!r} differs from {self.filename!r} given by earlier chunks"
+        if None not in (total_size, self.total_size) and total_size != self.total_size:
+            return f"total_size {total_size} differs from {self.total_size} given by earlier chunks"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedUpload:
+    file_id: str
+    filename: str
+    size: int
+    sha256: str
+    total_chunks: int
+    completed_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class UploadProgress:
+    meta: UploadMeta
+    stored: frozenset[int]
+    last_activity: float
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i in range(self.meta.total_chunks) if i not in self.stored]
+
+
+@dataclass(slots=True)
+class TempChunk:
+    """A chunk being received: an open file under a hidden name."""
+
+    fd: int
+    path: Path
+    size: int = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The outcome of a commit: the upload's state, its record once it is complete."""
+
+    meta: UploadMeta | None
+    chunks: ChunkSet
+    record: CompletedUpload | None = None
+    merged_here: bool = False  # this commit completed the upload
+
+
+@dataclass(slots=True)
+class SweepReport:
+    expired: list[str]
+    merged: list[CompletedUpload]
+    removed_temp_files: int = 0
+
+
+class Store(Protocol):
+    """The verbs the upload service needs from storage."""
+
+    def create_temp_chunk(self, file_id: str | None, index: int | None) -> TempChunk: ...
+    def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None: ...
+    def status(self, file_id: str) -> CompletedUpload | UploadProgress | None: ...
+    def commit_chunk(
+        self,
+        temp: TempChunk,
+        proposed: UploadMeta,
+        index: int,
+        chunks: ChunkSet,
+        *,
+        max_file_bytes: int,
+    ) -> Committed: ...
+    def completed_file(self, file_id: str) -> tuple[Path, CompletedUpload] | None: ...
+    def delete(self, file_id: str) -> bool: ...
+    def sweep(self, *, ttl_seconds: float, max_file_bytes: int) -> SweepReport: ...
+    def uploads_in_progress(self) -> list[str]: ...
+    def free_bytes(self) -> int: ...
+    def is_writable(self) -> bool: ...
+
+
+class FileStore:
+    """Uploads on a local filesystem; safe for several processes sharing `root`."""
+
+    def __init__(self, root: Path, *, fsync: bool = False) -> None:
+        self.root = root
+        self.fsync = fsync
+        self.chunks_dir = root / "chunks"
+        self.uploads_dir = root / "uploads"
+        self.incoming_dir = self.chunks_dir / INCOMING
+        for folder in (self.chunks_dir, self.uploads_dir, self.incoming_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # -- paths (file_id and filename are validated by the handlers before they get here) --
+
+    def _chunk_dir(self, file_id: str) -> Path:
+        return self.chunks_dir / file_id
+
+    def _chunk_path(self, file_id: str, index: int) -> Path:
+        return self.chunks_dir / file_id / f"{CHUNK_PREFIX}{index:06d}"
+
+    def _record_path(self, file_id: str) -> Path:
+        return self.uploads_dir / f"{file_id}.json"
+
+    def _lock(self, file_id: str, *, blocking: bool = True) -> FileLock:
+        return FileLock(self._chunk_dir(file_id) / LOCK_NAME, blocking=blocking)
+
+    @staticmethod
+    def _temp_name(stem: str, suffix: str) -> str:
+        return f"{stem}.{os.getpid()}.{secrets.token_hex(6)}{suffix}"
+
+    # -- receiving --
+
+    def create_temp_chunk(self, file_id: str | None, index: int | None) -> TempChunk:
+        """Open a new hidden file beside the chunk's final place (or in .incoming)."""
+        if file_id is None or index is None:
+            folder, stem = self.incoming_dir, "chunk"
+        else:
+            folder, stem = self._chunk_dir(file_id), f".{CHUNK_PREFIX}{index:06d}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for _ in range(2):
+            path = folder / self._temp_name(stem, ".part")
+            try:
+                return TempChunk(fd=os.open(path, flags, 0o644), path=path)
+            except FileNotFoundError:
+                folder.mkdir(parents=True, exist_ok=True)
+        raise StorageFailure(f"cannot create a temporary file in {folder.name}")
+
+    # -- reading state --
+
+    def _read_meta(self, file_id: str) -> UploadMeta | None:
+        try:
+            data = json.loads((self._chunk_dir(file_id) / META_NAME).read_bytes())
+        except FileNotFoundError:
+            return None
+        return UploadMeta(**data)
+
+    def _read_record(self, file_id: str) -> CompletedUpload | None:
+        try:
+            data = json.loads(self._record_path(file_id).read_bytes())
+        except FileNotFoundError:
+            return None
+        return CompletedUpload(**data)
+
+    def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
+        return self._read_record(file_id) or self._read_meta(file_id)
+
+    def _stored_indexes(self, file_id: str, total_chunks: int) -> tuple[frozenset[int], float]:
+        """The chunk indexes on disk and the time of the last activity in the folder."""
+        folder = self._chunk_dir(file_id)
+        stored: set[int] = set()
+        last = os.stat(folder).st_mtime
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(CHUNK_PREFIX) and name[len(CHUNK_PREFIX) :].isdigit():
+                    index = int(name[len(CHUNK_PREFIX) :])
+                    if index < total_chunks:
+                        stored.add(index)
+                elif name.endswith(".part"):
+                    with contextlib.suppress(FileNotFoundError):
+                        last = max(last, entry.stat().st_mtime)
+        return frozenset(stored), last
+
+    def status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
+        record = self._read_record(file_id)
+        if record is not None:
+            return record
+        meta = self._read_meta(file_id)
+        if meta is None:
+            return None
+        try:
+            stored, last = self._stored_indexes(file_id, meta.total_chunks)
+        except FileNotFoundError:  # merged, aborted or expired while we looked
+            return self._read_record(file_id)
+        return UploadProgress(meta=meta, stored=stored, last_activity=last)
+
+    # -- committing --
+
+    def commit_chunk(
+        self,
+        temp: TempChunk,
+        proposed: UploadMeta,
+        index: int,
+        chunks: ChunkSet,
+        *,
+        max_file_bytes: int,
+    ) -> Committed:
+        """Move a received chunk into place; merge when it was the last one missing.
+
+        `chunks` is the caller's cache of this upload's stored chunks; it is brought up to
+        date here, under the cross-process lock, and may be reset if the upload on disk is
+        not the one it describes. Consumes `temp` whatever happens.
+        """
+        file_id = proposed.file_id
+        try:
+            if self.fsync:
+                os.fsync(temp.fd)
+            temp.close()
+            with self._lock(file_id):
+                record = self._read_record(file_id)
+                if record is not None:  # a retry after completion changes nothing
+                    self._remove_chunk_dir(file_id)
+                    return Committed(meta=None, chunks=chunks, record=record)
+                meta = self._adopt_meta(proposed, chunks)
+                previous = chunks.size_of(index)
+                if chunks.total_bytes - previous + temp.size > max_file_bytes:
+                    raise PayloadTooLarge(
+                        f"Upload would exceed max_file_bytes ({max_file_bytes} bytes)"
+                    )
+                try:
+                    os.rename(temp.path, self._chunk_path(file_id, index))
+                except FileNotFoundError:
+                    raise UploadConflict(
+                        "The upload was removed while this chunk was being received"
+                    ) from None
+                if self.fsync:
+                    _fsync_dir(self._chunk_dir(file_id))
+                chunks.add(index, temp.size)
+                if self._all_chunks_stored(meta, chunks):
+                    record = self._merge(meta, max_file_bytes=max_file_bytes)
+                    return Committed(meta=meta, chunks=chunks, record=record, merged_here=True)
+                return Committed(meta=meta, chunks=chunks)
+        except OSError as e:
+            raise storage_error(e) from e
+        finally:
+            temp.discard()
+
+    def _adopt_meta(self, proposed: UploadMeta, chunks: ChunkSet) -> UploadMeta:
+        """Return the upload's metadata on disk, writing `proposed` if there is none yet."""
+        on_disk = self._read_meta(proposed.file_id)
+        if on_disk is None:
+            self._write_json(self._chunk_dir(proposed.file_id) / META_NAME, asdict(proposed))
+            on_disk = proposed
+        else:
+            conflict = on_disk.conflict_with(
+                proposed.filename, proposed.total_chunks, proposed.total_size
+            )
+            if conflict is not None:
+                raise UploadConflict(conflict)
+        if chunks.token != on_disk.token:
+            chunks.reset(on_disk.token)
+        return on_disk
+
+    def _all_chunks_stored(self, meta: UploadMeta, chunks: ChunkSet) -> bool:
+        """Look on disk for the chunks the cache does not know yet, lowest index first.
+
+        Stops at the first one missing, so in one process this costs one stat per commit;
+        chunks committed by other processes are found and remembered as it goes.
+        """
+        index = chunks.first_missing()
+        while index < meta.total_chunks:
+            try:
+                size = os.stat(self._chunk_path(meta.file_id, index)).st_size
+            except FileNotFoundError:
+                return False
+            chunks.add(index, size)
+            index = chunks.first_missing()
+        return True
+
+    # -- merging --
+
+    def _merge(self, meta: UploadMeta, *, max_file_bytes: int) -> CompletedUpload:
+        """Join the chunks in index order, record size and sha256, remove the chunks."""
+        file_id = meta.file_id
+        temp_path = self.uploads_dir / self._temp_name(file_id, ".merging")
+        out = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            for index in range(meta.total_chunks):
+                size += _append_file(self._chunk_path(file_id, index), out, digest)
+            if size > max_file_bytes:
+                raise PayloadTooLarge(f"Upload exceeds max_file_bytes ({max_file_bytes} bytes)")
+            if meta.total_size is not None and size != meta.total_size:
+                raise UploadConflict(
+                    f"The merged size {size} does not match total_size {meta.total_size}"
+                )
+            if self.fsync:
+                os.fsync(out)
+        except BaseException:
+            os.close(out)
+            os.unlink(temp_path)
+            raise
+        os.close(out)
+        final_dir = self.uploads_dir / file_id
+        if final_dir.exists():
+            shutil.rmtree(final_dir)  # a leftover from a merge cut short before its record
+        final_dir.mkdir()
+        os.rename(temp_path, final_dir / meta.filename)
+        if self.fsync:
+            _fsync_dir(final_dir)
+            _fsync_dir(self.uploads_dir)
+        record = CompletedUpload(
+            file_id=file_id,
+            filename=meta.filename,
+            size=size,
+            sha256=digest.hexdigest(),
+            total_chunks=meta.total_chunks,
+            completed_at=time.time(),
+        )
+        self._write_json(self._record_path(file_id), asdict(record))
+        self._remove_chunk_dir(file_id)
+        return record
+
+    # -- completed files --
+
+    def completed_file(self, file_id: str) -> tuple[Path, CompletedUpload] | None:
+        record = self._read_record(file_id)
+        if record is None:
+            return None
+        path = self.uploads_dir / file_id / record.filename
+        return (path, record) if path.is_file() else None
+
+    # -- removing --
+
+    def delete(self, file_id: str) -> bool:
+        """Abort an upload in progress or delete a completed one; False when unknown."""
+        with self._lock(file_id):
+            record_path = self._record_path(file_id)
+            existed = record_path.exists() or (self._chunk_dir(file_id) / META_NAME).exists()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record_path)
+            shutil.rmtree(self.uploads_dir / file_id, ignore_errors=True)
+            self._remove_chunk_dir(file_id)
+        return existed
+
+    def _remove_chunk_dir(self, file_id: str) -> None:
+        shutil.rmtree(self._chunk_dir(file_id), ignore_errors=True)
+
+    # -- housekeeping --
+
+    def uploads_in_progress(self) -> list[str]:
+        with os.scandir(self.chunks_dir) as entries:
+            return [e.name for e in entries if e.is_dir() and e.name != INCOMING]
+
+    def sweep(self, *, ttl_seconds: float, max_file_bytes: int) -> SweepReport:
+        """Expire idle uploads, finish merges a crash cut short, remove stray temp files."""
+        now = time.time()
+        report = SweepReport(expired=[], merged=[])
+        report.removed_temp_files += self._remove_stray_temps(self.incoming_dir, now, ttl_seconds)
+        report.removed_temp_files += self._remove_stray_temps(self.uploads_dir, now, ttl_seconds)
+        for file_id in self.uploads_in_progress():
+            report.removed_temp_files += self._remove_stray_temps(
+                self._chunk_dir(file_id), now, ttl_seconds
+            )
+            with contextlib.suppress(FileNotFoundError):
+                self._sweep_upload(file_id, now, ttl_seconds, max_file_bytes, report)
+        return report
+
+    def _sweep_upload(
+        self,
+        file_id: str,
+        now: float,
+        ttl_seconds: float,
+        max_file_bytes: int,
+        report: SweepReport,
+    ) -> None:
+        lock = self._lock(file_id, blocking=False)
+        if not lock.acquire():
+            return  # busy: a commit or a merge is running
+        try:
+            status = self.status(file_id)
+            if isinstance(status, CompletedUpload):
+                self._remove_chunk_dir(file_id)  # left over after its merge
+            elif status is None:
+                folder = self._chunk_dir(file_id)
+                has_temps = any(n.endswith(".part") for n in os.listdir(folder))
+                if not has_temps and now - os.stat(folder).st_mtime > ORPHAN_GRACE_SECONDS:
+                    self._remove_chunk_dir(file_id)
+            elif now - status.last_activity > ttl_seconds:
+                self._remove_chunk_dir(file_id)
+                report.expired.append(file_id)
+            elif len(status.stored) == status.meta.total_chunks:
+                # Every chunk is here but no record: a crash cut the merge short.
+                with contextlib.suppress(PayloadTooLarge, UploadConflict):
+                    report.merged.append(self._merge(status.meta, max_file_bytes=max_file_bytes))
+        finally:
+            lock.release()
+
+    def _remove_stray_temps(self, folder: Path, now: float, ttl_seconds: float) -> int:
+        """Remove temp files whose writer died, or that nobody touched for the TTL."""
+        removed = 0
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not entry.name.endswith(TEMP_SUFFIXES) or not entry.is_file():
+                continue
+            try:
+                idle = now - entry.stat().st_mtime
+                if not _writer_alive(entry.name) or idle > ttl_seconds:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def free_bytes(self) -> int:
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize
+
+    def is_writable(self) -> bool:
+        try:
+            probe = self.incoming_dir / self._temp_name("healthz", ".tmp")
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
+
+    def _write_json(self, path: Path, data: object) -> None:
+        """Write `data` to `path` atomically: a temp file beside it, then a rename."""
+        temp = path.with_name(self._temp_name(f".{path.name}", ".tmp"))
+        with open(temp, "wb") as f:
+            f.write(json.dumps(data).encode())
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(temp, path)
+        if self.fsync:
+            _fsync_dir(path.parent)
+
+
+def _append_file(path: Path, out: int, digest: hashlib._Hash) -> int:
+    """Hash `path` and append it to `out`; the kernel moves the bytes where it can."""
+    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(src).st_size
+        if size == 0:
+            return 0
+        # Hashing a read-only map reads the page cache in place, with no copy into Python.
+        with mmap.mmap(src, size, prot=mmap.PROT_READ) as view:
+            digest.update(view)
+        _copy_range(src, out, size)
+        return size
+    finally:
+        os.close(src)
+
+
+def _copy_range(src: int, out: int, size: int) -> None:
+    """Copy `size` bytes from the start of `src` to the end of `out` inside the kernel."""
+    copied = 0
+    try:
+        while copied < size:
+            n = os.copy_file_range(src, out, size - copied, copied)
+            if n == 0:
+                raise OSError(errno.EIO, "copy_file_range stopped early")
+            copied += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while copied < size:  # other filesystems: sendfile still avoids user space
+        n = os.sendfile(out, src, copied, size - copied)
+        if n == 0:
+            raise OSError(errno.EIO, "sendfile stopped early")
+        copied += n
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writer_alive(temp_name: str) -> bool:
+    """True when the process named in a temp file's name (`stem.<pid>.<rand>.suffix`) runs."""
+    parts = temp_name.split(".")
+    try:
+        pid = int(parts[-3])
+    except (IndexError, ValueError):
+        return False
+    return pid_alive(pid)
+
+
+def storage_error(error: OSError) -> DiskFull | StorageFailure:
+    """The HTTP error for an OSError met while storing."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull()
+    return StorageFailure(error.strerror or str(error))
+
+
+def iter_temp_files(root: Path) -> Iterator[Path]:
+    """Every temporary file under `root` (used by tests and the sweeper's report)."""
+    for path in root.rglob("*"):
+        if path.name.endswith(TEMP_SUFFIXES):
+            yield path

@@ -1,0 +1,245 @@
+"""The upload service: the store's verbs made async, with the manifest, locks and metrics.
+
+Handlers call this and nothing below it. Every blocking store call runs in the service's
+executor; the per-file asyncio lock keeps one commit per file in flight in this process, and
+the store's flock does the same across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from .config import Config
+from .errors import ChecksumMismatch, DiskFull, PayloadTooLarge, UploadConflict
+from .forms import ChunkFields, check_total_size
+from .locks import KeyedLocks
+from .manifest import ChunkSet, Manifest
+from .metrics import Metrics
+from .store import (
+    Committed,
+    CompletedUpload,
+    FileStore,
+    Store,
+    SweepReport,
+    TempChunk,
+    UploadMeta,
+    UploadProgress,
+)
+from .streaming import receive_into, sha256_of_file
+
+T = TypeVar("T")
+
+# Room for the form fields and multipart framing around a chunk, when judging Content-Length.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+class Uploads:
+    def __init__(self, config: Config, store: Store, executor: ThreadPoolExecutor) -> None:
+        self.config = config
+        self.store = store
+        self.executor = executor
+        self.manifest = Manifest()
+        self.locks = KeyedLocks()
+        self.metrics = Metrics()
+
+    @classmethod
+    def open(cls, config: Config) -> Uploads:
+        store = FileStore(Path(config.data_dir), fsync=config.fsync)
+        executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="chunkserver-io")
+        return cls(config, store, executor)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    async def rebuild_manifest(self) -> None:
+        """Fill the manifest from the disk (at start)."""
+        for file_id in await self._run(self.store.uploads_in_progress):
+            await self._known_state(file_id)
+
+    async def _known_state(self, file_id: str) -> CompletedUpload | UploadMeta | None:
+        """What the manifest knows of `file_id`, reading the disk when it knows nothing."""
+        entry = self.manifest.get(file_id)
+        if entry is not None:
+            return entry.meta
+        found = await self._run(self.store.lookup, file_id)
+        if isinstance(found, UploadMeta):
+            self.manifest.remember(found)
+        return found
+
+    # -- receiving a chunk --
+
+    async def check_before_chunk(
+        self, fields: ChunkFields, content_length: int | None
+    ) -> CompletedUpload | None:
+        """Checks that can refuse a chunk before its bytes are read.
+
+        Returns the completion record when the upload is already complete (the answer to a
+        late retry), None when the chunk should be received.
+        """
+        limits = self.config
+        if content_length is not None and (
+            content_length > limits.max_chunk_bytes + MULTIPART_OVERHEAD_BYTES
+        ):
+            raise PayloadTooLarge(
+                f"Chunk is larger than max_chunk_bytes ({limits.max_chunk_bytes} bytes)"
+            )
+        check_total_size(fields.total_size, max_file_bytes=limits.max_file_bytes)
+        known = await self._known_state(fields.file_id)
+        if isinstance(known, CompletedUpload):
+            return known
+        if known is not None:
+            conflict = known.conflict_with(fields.filename, fields.total_chunks, fields.total_size)
+            if conflict is not None:
+                raise UploadConflict(conflict)
+        needed = content_length or 0
+        if known is None and fields.total_size is not None:
+            needed = max(needed, fields.total_size)
+        if self.store.free_bytes() - needed < limits.min_free_bytes:
+            raise DiskFull()
+        return None
+
+    async def open_temp(self, fields: ChunkFields | None) -> TempChunk:
+        if fields is None:
+            return await self._run(self.store.create_temp_chunk, None, None)
+        return await self._run(self.store.create_temp_chunk, fields.file_id, fields.chunk_index)
+
+    async def receive(
+        self, pieces: AsyncIterator[memoryview], temp: TempChunk, expected_sha256: str | None
+    ) -> str | None:
+        """Stream a chunk body into `temp`; return its sha256 when it was computed."""
+        digest = hashlib.sha256() if expected_sha256 is not None else None
+        try:
+            await receive_into(
+                pieces,
+                temp,
+                executor=self.executor,
+                max_bytes=self.config.max_chunk_bytes,
+                digest=digest,
+            )
+        finally:
+            self.metrics.inc("bytes_received", temp.size)
+        return digest.hexdigest() if digest is not None else None
+
+    async def commit(
+        self, fields: ChunkFields, temp: TempChunk, computed_sha256: str | None
+    ) -> Committed:
+        """Verify and store a received chunk; merge if it completes the upload.
+
+        Takes ownership of `temp`: it is renamed into place or removed.
+        """
+        try:
+            if fields.chunk_sha256 is not None:
+                if computed_sha256 is None:  # the checksum field came after the chunk
+                    computed_sha256 = await self._run(sha256_of_file, temp.path)
+                if computed_sha256 != fields.chunk_sha256:
+                    raise ChecksumMismatch()
+            if self.store.free_bytes() < self.config.min_free_bytes:
+                raise DiskFull()
+        except BaseException:
+            await self._run(temp.discard)
+            raise
+        async with self.locks.hold(fields.file_id):
+            proposed, chunks = self._proposal(fields)
+            # Shielded: once the commit has started, a cancelled request must not leave it
+            # half done; the thread finishes it either way.
+            result = await asyncio.shield(
+                self._run(
+                    self.store.commit_chunk,
+                    temp,
+                    proposed,
+                    fields.chunk_index,
+                    chunks,
+                    max_file_bytes=self.config.max_file_bytes,
+                )
+            )
+        if result.record is not None:
+            self.manifest.forget(fields.file_id)
+        elif result.meta is not None:
+            self.manifest.remember(result.meta, result.chunks)
+        if result.record is None or result.merged_here:
+            self.metrics.inc("chunks_stored")
+        if result.merged_here:
+            self.metrics.inc("uploads_completed")
+        return result
+
+    def _proposal(self, fields: ChunkFields) -> tuple[UploadMeta, ChunkSet]:
+        """The metadata this chunk asks for, and the chunks this process knows of."""
+        entry = self.manifest.get(fields.file_id)
+        if entry is not None and (
+            entry.meta.conflict_with(fields.filename, fields.total_chunks, fields.total_size)
+            is None
+        ):
+            return entry.meta, entry.chunks
+        meta = UploadMeta.new(
+            fields.file_id, fields.filename, fields.total_chunks, fields.total_size
+        )
+        return meta, ChunkSet(meta.token)
+
+    async def discard(self, temp: TempChunk) -> None:
+        await self._run(temp.discard)
+
+    # -- the other verbs --
+
+    async def status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
+        found = await self._run(self.store.status, file_id)
+        if isinstance(found, UploadProgress):
+            self.manifest.remember(found.meta)
+        else:
+            self.manifest.forget(file_id)
+        return found
+
+    async def completed_file(self, file_id: str) -> tuple[Path, CompletedUpload] | None:
+        return await self._run(self.store.completed_file, file_id)
+
+    async def delete(self, file_id: str) -> bool:
+        async with self.locks.hold(file_id):
+            existed = await self._run(self.store.delete, file_id)
+        self.manifest.forget(file_id)
+        if existed:
+            self.metrics.inc("uploads_aborted")
+        return existed
+
+    async def sweep(self) -> SweepReport:
+        report = await self._run(
+            self.store.sweep,
+            ttl_seconds=self.config.upload_ttl_seconds,
+            max_file_bytes=self.config.max_file_bytes,
+        )
+        for file_id in report.expired:
+            self.manifest.forget(file_id)
+        for record in report.merged:
+            self.manifest.forget(record.file_id)
+        self.metrics.inc("uploads_failed", len(report.expired))
+        self.metrics.inc("uploads_completed", len(report.merged))
+        return report
+
+    @property
+    def metrics_dir(self) -> Path:
+        return Path(self.config.data_dir) / ".metrics"
+
+    async def publish_metrics(self) -> None:
+        await self._run(self.metrics.publish, self.metrics_dir)
+
+    async def render_metrics(self) -> str:
+        in_progress = len(await self._run(self.store.uploads_in_progress))
+        gauges = {
+            "uploads_in_progress": ("Uploads with chunks stored, not yet merged", in_progress),
+            "free_disk_bytes": (
+                "Free bytes on the data folder's filesystem",
+                self.store.free_bytes(),
+            ),
+        }
+        return await self._run(self.metrics.render, self.metrics_dir, gauges)
+
+    async def is_healthy(self) -> bool:
+        return await self._run(self.store.is_writable)
