@@ -1,0 +1,164 @@
+"""Shared fixtures: a config on a temporary data folder, a real server through aiohttp's
+test client, helpers to build chunk requests, and real `chunkserver serve` processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from chunkserver import Config, create_app
+
+ClientFactory = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(data_dir=str(tmp_path / "data"), min_free_bytes=0, access_log=False)
+
+
+@pytest.fixture
+async def make_client(aiohttp_client: Any, config: Config) -> ClientFactory:
+    """Start a real server (aiohttp's test server on a real socket) with config overrides."""
+
+    async def make(**overrides: Any) -> TestClient:
+        return await aiohttp_client(create_app(config.replace(**overrides)))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> TestClient:
+    return await make_client()
+
+
+def chunk_form(
+    file_id: str,
+    index: int,
+    total: int,
+    data: bytes,
+    filename: str = "file.bin",
+    *,
+    chunk_first: bool = False,
+    **extra: str,
+) -> aiohttp.FormData:
+    """A multipart form as the seed's clients send it (or with the chunk part first)."""
+    form = aiohttp.FormData()
+    fields = {
+        "file_id": file_id,
+        "chunk_index": str(index),
+        "total_chunks": str(total),
+        "filename": filename,
+        **extra,
+    }
+    if chunk_first:
+        form.add_field("chunk", data, filename="blob", content_type="application/octet-stream")
+    for name, value in fields.items():
+        form.add_field(name, value)
+    if not chunk_first:
+        form.add_field("chunk", data, filename="blob", content_type="application/octet-stream")
+    return form
+
+
+def split(data: bytes, chunk_size: int) -> list[bytes]:
+    return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)] or [b""]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def temp_files(data_dir: Path) -> list[Path]:
+    return [p for p in data_dir.rglob("*") if p.name.endswith((".part", ".merging", ".tmp"))]
+
+
+# -- real processes ------------------------------------------------------------------------
+
+LISTENING = re.compile(r"listening on (http://\S+|unix:\S+)")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    url: str
+    output: list[str] = field(default_factory=list)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def start_server(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """Run `chunkserver serve` for real on a free port; wait until it says where it listens."""
+    command = [
+        sys.executable, "-m", "chunkserver", "serve",
+        "--port", "0", "--data-dir", str(data_dir), *args,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 20
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = LISTENING.search(line)
+        if match:
+            server = ServerProcess(process, match.group(1), lines)
+            # Keep reading its output, or a full pipe would block the server.
+            threading.Thread(target=_drain, args=(server,), daemon=True).start()
+            return server
+    process.kill()
+    raise RuntimeError("server did not start:\n" + "".join(lines))
+
+
+def _drain(server: ServerProcess) -> None:
+    assert server.process.stdout is not None
+    for line in server.process.stdout:
+        server.output.append(line)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start real server processes; all are killed at the end of the test."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, data_dir: Path | None = None) -> ServerProcess:
+        server = start_server(data_dir or tmp_path / "data", *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        try:
+            os.killpg(server.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.process.wait(10)

@@ -1,0 +1,78 @@
+"""Configuration: the default file, overrides, and one clear line for every bad key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from chunkserver.config import Config, ConfigError, as_dict, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL_KEYS = {
+    "host", "port", "unix_socket", "data_dir", "workers", "max_chunk_bytes", "max_file_bytes",
+    "max_total_chunks", "min_free_bytes", "upload_ttl_seconds", "sweep_interval_seconds",
+    "fsync", "auth_tokens", "cors_origins", "log_level", "access_log",
+}  # fmt: skip
+
+
+def test_default_file_matches_builtin_defaults_and_has_every_key() -> None:
+    with open(ROOT / "config.toml", "rb") as f:
+        values = tomllib.load(f)
+    assert set(values) >= PROTOCOL_KEYS
+    assert load_config(ROOT / "config.toml") == Config()
+    assert set(as_dict(Config())) == set(values)
+
+
+def test_overrides_win_and_none_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('port = 9000\nhost = "0.0.0.0"\nauth_tokens = ["t"]\n')
+    config = load_config(path, {"port": 9100, "host": None})
+    assert config.port == 9100 and config.host == "0.0.0.0"
+    assert config.auth_tokens == ("t",)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("nonsense = 1", "nonsense"),
+        ('port = "80"', "port"),
+        ("port = 70000", "port"),
+        ("workers = 0", "workers"),
+        ("fsync = 1", "fsync"),
+        ("auth_tokens = 'abc'", "auth_tokens"),
+        ("max_chunk_bytes = 0", "max_chunk_bytes"),
+        ("min_free_bytes = -1", "min_free_bytes"),
+        ('log_level = "loud"', "log_level"),
+        ("upload_ttl_seconds = 0", "upload_ttl_seconds"),
+        ('trusted_proxies = ["not-an-ip"]', "trusted_proxies"),
+        ("max_total_chunks = true", "max_total_chunks"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        load_config(path)
+
+
+def test_serve_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("max_chunk_bytes = 'big'\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "chunkserver", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "max_chunk_bytes" in lines[0]
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml")

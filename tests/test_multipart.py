@@ -1,0 +1,118 @@
+"""The framing parser against aiohttp's own multipart reader, on randomly split bodies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+from aiohttp import MultipartReader
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chunkserver.multipart import (
+    MalformedMultipart,
+    MultipartParser,
+    boundary_from_content_type,
+)
+
+# Bodies rich in near-boundaries, so that split reads cut through them.
+tricky_bytes = st.lists(
+    st.sampled_from([b"\r", b"\n", b"-", b"--", b"\r\n--", b"\r\n--bou", b"x", b"\x00", b"\xff"]),
+    max_size=60,
+).map(b"".join)
+part_bodies = st.one_of(st.binary(max_size=3000), tricky_bytes)
+
+
+def encode(parts: list[tuple[str, bytes]], boundary: str) -> bytes:
+    out = b""
+    for name, body in parts:
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+        out += b'; filename="blob"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        out += body + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def reader_over(pieces: list[bytes]):
+    it: Iterator[bytes] = iter(pieces)
+
+    async def read() -> bytes:
+        return next(it, b"")
+
+    return read
+
+
+def cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+
+
+async def parse_ours(pieces: list[bytes], boundary: str) -> list[tuple[str, bytes]]:
+    parser = MultipartParser(reader_over(pieces), boundary.encode())
+    parts = []
+    while (headers := await parser.next_part()) is not None:
+        parts.append((headers.name, b"".join([bytes(v) async for v in parser.body()])))
+    return parts
+
+
+async def parse_aiohttp(data: bytes, boundary: str) -> list[tuple[str, bytes]]:
+    stream = aiohttp.StreamReader(_Protocol(), 2**16, loop=asyncio.get_running_loop())
+    stream.feed_data(data)
+    stream.feed_eof()
+    reader = MultipartReader({"Content-Type": f"multipart/form-data; boundary={boundary}"}, stream)
+    parts = []
+    while (part := await reader.next()) is not None:
+        parts.append((part.name, bytes(await part.read())))
+    return parts
+
+
+class _Protocol:
+    _reading_paused = False
+
+    def pause_reading(self, **kwargs: object) -> None: ...
+    def resume_reading(self, **kwargs: object) -> None: ...
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bodies=st.lists(part_bodies, min_size=1, max_size=4),
+    boundary=st.sampled_from(["bou", "----WebKitFormBoundary7MA4YWxkTrZu0gW", "x"]),
+    cuts=st.lists(st.integers(min_value=0, max_value=20_000), max_size=12),
+)
+def test_parser_agrees_with_aiohttp_on_any_split(
+    bodies: list[bytes], boundary: str, cuts: list[int]
+) -> None:
+    parts = [(f"p{i}", b) for i, b in enumerate(bodies) if f"\r\n--{boundary}".encode() not in b]
+    data = encode(parts, boundary)
+
+    async def both() -> None:
+        ours = await parse_ours(cut(data, cuts), boundary)
+        theirs = await parse_aiohttp(data, boundary)
+        assert ours == theirs == parts
+
+    asyncio.run(both())
+
+
+async def test_premature_end_is_malformed() -> None:
+    data = encode([("chunk", b"abc" * 100)], "bb")[:-20]
+    with pytest.raises(MalformedMultipart):
+        await parse_ours([data], "bb")
+
+
+async def test_parts_not_read_are_skipped() -> None:
+    data = encode([("a", b"1" * 5000), ("b", b"2")], "bb")
+    parser = MultipartParser(reader_over(cut(data, [100, 2000, 4000])), b"bb")
+    assert (await parser.next_part()).name == "a"
+    second = await parser.next_part()
+    assert second is not None and second.name == "b"
+    assert await parser.read_text(limit=10) == "2"
+    assert await parser.next_part() is None
+
+
+def test_boundary_from_content_type() -> None:
+    assert boundary_from_content_type('multipart/form-data; boundary="a b"') == b"a b"
+    with pytest.raises(Exception, match="multipart"):
+        boundary_from_content_type("application/json")
+    with pytest.raises(Exception, match="boundary"):
+        boundary_from_content_type("multipart/form-data")

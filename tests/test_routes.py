@@ -1,0 +1,152 @@
+"""The other routes through a real server: status, download, delete, health, metrics, auth, CORS."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from chunkserver import Config
+
+from .conftest import ClientFactory, chunk_form, sha256
+
+
+async def send(client, file_id: str, index: int, total: int, data: bytes, **kw) -> dict:
+    resp = await client.post("/upload-chunk", data=chunk_form(file_id, index, total, data, **kw))
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def test_status_uploading_with_missing_chunks(client) -> None:
+    await send(client, "u1", 0, 5, b"a")
+    await send(client, "u1", 3, 5, b"b")
+    resp = await client.get("/upload-status/u1")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["status"] == "uploading"
+    assert body["uploaded_chunks"] == 2
+    assert body["file_exists"] is False
+    assert body["total_chunks"] == 5
+    assert body["missing_chunks"] == [1, 2, 4]
+
+
+async def test_status_completed(client) -> None:
+    await send(client, "u2", 0, 2, b"hello ", filename="greeting.txt")
+    await send(client, "u2", 1, 2, b"world", filename="greeting.txt")
+    body = await (await client.get("/upload-status/u2")).json()
+    assert body["status"] == "completed" and body["file_exists"] is True
+    assert body["filename"] == "greeting.txt"
+    assert body["size"] == 11 and body["sha256"] == sha256(b"hello world")
+
+
+async def test_status_not_found_and_bad_id(client) -> None:
+    resp = await client.get("/upload-status/nobody")
+    assert resp.status == 404
+    assert await resp.json() == {"status": "not_found", "file_exists": False}
+    resp = await client.get("/upload-status/bad.id")
+    assert resp.status == 400
+
+
+async def test_download_with_range_and_disposition(client) -> None:
+    data = os.urandom(100_000)
+    await send(client, "dl", 0, 2, data[:60_000], filename="résumé v2.pdf")
+    await send(client, "dl", 1, 2, data[60_000:], filename="résumé v2.pdf")
+    resp = await client.get("/files/dl")
+    assert resp.status == 200
+    assert await resp.read() == data
+    disposition = resp.headers["Content-Disposition"]
+    assert disposition.startswith("attachment;")
+    assert "filename*=UTF-8''r%C3%A9sum%C3%A9%20v2.pdf" in disposition
+    resp = await client.get("/files/dl", headers={"Range": "bytes=1000-1999"})
+    assert resp.status == 206
+    assert await resp.read() == data[1000:2000]
+    assert resp.headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
+
+
+async def test_download_unknown_or_unfinished_is_404(client) -> None:
+    resp = await client.get("/files/none")
+    assert resp.status == 404
+    assert await resp.json() == {"detail": "File not found"}
+    await send(client, "half", 0, 2, b"x")
+    assert (await client.get("/files/half")).status == 404
+
+
+async def test_delete_in_progress_and_completed(client, config: Config) -> None:
+    await send(client, "del1", 0, 2, b"x")
+    resp = await client.delete("/uploads/del1")
+    assert resp.status == 204
+    assert (await client.get("/upload-status/del1")).status == 404
+    assert not (Path(config.data_dir) / "chunks" / "del1").exists()
+
+    await send(client, "del2", 0, 1, b"y")
+    assert (await client.delete("/uploads/del2")).status == 204
+    assert (await client.get("/files/del2")).status == 404
+    assert not (Path(config.data_dir) / "uploads" / "del2").exists()
+
+    resp = await client.delete("/uploads/never")
+    assert resp.status == 404
+    assert await resp.json() == {"detail": "File not found"}
+    # a deleted id can be used again from scratch
+    answer = await send(client, "del1", 0, 1, b"again", filename="new.bin")
+    assert answer["status"] == "completed"
+
+
+async def test_healthz_and_metrics(client) -> None:
+    resp = await client.get("/healthz")
+    assert resp.status == 200 and await resp.json() == {"status": "ok"}
+    await send(client, "m", 0, 2, b"12345")
+    text = await (await client.get("/metrics")).text()
+    assert "chunkserver_bytes_received_total 5" in text
+    assert "chunkserver_chunks_stored_total 1" in text
+    assert "chunkserver_uploads_in_progress 1" in text
+    assert 'chunkserver_requests_total{status="200"}' in text
+    assert "chunkserver_free_disk_bytes" in text
+    assert "chunkserver_uploads_failed_total 0" in text
+
+
+async def test_unknown_route_and_method_answer_json(client) -> None:
+    resp = await client.get("/nope")
+    assert resp.status == 404 and "detail" in await resp.json()
+    resp = await client.put("/upload-chunk")
+    assert resp.status == 405 and "detail" in await resp.json()
+    assert "POST" in resp.headers["Allow"]
+
+
+async def test_bearer_auth(make_client: ClientFactory) -> None:
+    client = await make_client(auth_tokens=("s3cret", "other"))
+    for method, path in [
+        ("POST", "/upload-chunk"),
+        ("GET", "/upload-status/x"),
+        ("GET", "/files/x"),
+        ("DELETE", "/uploads/x"),
+        ("GET", "/metrics"),
+    ]:
+        resp = await client.request(method, path)
+        assert resp.status == 401, path
+        assert await resp.json() == {"detail": "Not authenticated"}
+        assert resp.headers["WWW-Authenticate"] == "Bearer"
+    resp = await client.get("/upload-status/x", headers={"Authorization": "Bearer wrong"})
+    assert resp.status == 401
+    assert (await client.get("/healthz")).status == 200
+    good = {"Authorization": "Bearer other"}
+    resp = await client.post("/upload-chunk", data=chunk_form("a", 0, 1, b"z"), headers=good)
+    assert resp.status == 200
+    assert (await client.get("/files/a", headers=good)).status == 200
+
+
+async def test_cors(make_client: ClientFactory) -> None:
+    client = await make_client(cors_origins=("https://app.example",))
+    resp = await client.options(
+        "/upload-chunk",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert resp.status == 204
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+    resp = await client.get("/upload-status/x", headers={"Origin": "https://app.example"})
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    resp = await client.get("/upload-status/x", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in resp.headers

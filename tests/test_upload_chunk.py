@@ -1,0 +1,365 @@
+"""POST /upload-chunk through a real server: the seed's answers and every error row."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from chunkserver import Config
+
+from .conftest import ClientFactory, chunk_form, sha256, split, temp_files
+
+FILE_ID = "550e8400-e29b-41d4-a716-446655440000"
+
+
+async def upload_all(client, file_id: str, data: bytes, chunk_size: int, **kw) -> list[dict]:
+    answers = []
+    chunks = split(data, chunk_size)
+    for i, chunk in enumerate(chunks):
+        resp = await client.post(
+            "/upload-chunk", data=chunk_form(file_id, i, len(chunks), chunk, **kw)
+        )
+        assert resp.status == 200, await resp.text()
+        answers.append(await resp.json())
+    return answers
+
+
+async def test_seed_answers_in_progress_and_complete(client, config: Config) -> None:
+    data = os.urandom(5 * 1000 + 17)
+    answers = await upload_all(client, FILE_ID, data, 1000, filename="large_file.pdf")
+    assert answers[2] == {
+        "file_id": FILE_ID,
+        "filename": "large_file.pdf",
+        "type": "file",
+        "status": "uploading",
+        "uploaded_chunks": 3,
+        "total_chunks": 6,
+    }
+    last = answers[-1]
+    assert last["status"] == "completed"
+    assert last["uploaded_chunks"] == last["total_chunks"] == 6
+    assert last["size"] == len(data) and last["sha256"] == sha256(data)
+    merged = Path(config.data_dir) / "uploads" / FILE_ID / "large_file.pdf"
+    assert merged.read_bytes() == data
+    assert not (Path(config.data_dir) / "chunks" / FILE_ID).exists()
+
+
+async def test_answers_are_json_with_exact_content_type(client) -> None:
+    resp = await client.post("/upload-chunk", data=chunk_form("a", 0, 2, b"x"))
+    assert resp.headers["Content-Type"] == "application/json"
+    resp = await client.post("/upload-chunk", data={"file_id": "a"})
+    assert resp.status == 400
+    assert resp.headers["Content-Type"] == "application/json"
+
+
+async def test_chunks_out_of_order_and_in_parallel(client, config: Config) -> None:
+    data = os.urandom(64 * 4096 + 100)
+    chunks = split(data, 4096)
+    order = list(range(len(chunks)))
+    import random
+
+    random.Random(7).shuffle(order)
+    gate = asyncio.Semaphore(16)
+
+    async def send(i: int) -> dict:
+        async with gate:
+            resp = await client.post(
+                "/upload-chunk", data=chunk_form("par", i, len(chunks), chunks[i])
+            )
+            assert resp.status == 200
+            return await resp.json()
+
+    answers = await asyncio.gather(*(send(i) for i in order))
+    completed = [a for a in answers if a["status"] == "completed"]
+    assert len(completed) >= 1
+    assert all(a["sha256"] == sha256(data) for a in completed)
+    assert (Path(config.data_dir) / "uploads" / "par" / "file.bin").read_bytes() == data
+    assert temp_files(Path(config.data_dir)) == []
+
+
+async def test_same_last_chunk_twice_at_once_merges_once(client, config: Config) -> None:
+    chunks = [os.urandom(50_000) for _ in range(3)]
+    for i in range(2):
+        assert (
+            await client.post("/upload-chunk", data=chunk_form("twice", i, 3, chunks[i]))
+        ).status == 200
+    resps = await asyncio.gather(
+        *(client.post("/upload-chunk", data=chunk_form("twice", 2, 3, chunks[2])) for _ in range(2))
+    )
+    answers = [await r.json() for r in resps]
+    assert [a["status"] for a in answers] == ["completed", "completed"]
+    assert answers[0]["sha256"] == answers[1]["sha256"] == sha256(b"".join(chunks))
+    assert (Path(config.data_dir) / "uploads" / "twice" / "file.bin").read_bytes() == b"".join(
+        chunks
+    )
+    metrics = await (await client.get("/metrics")).text()
+    assert "chunkserver_uploads_completed_total 1" in metrics
+
+
+async def test_retry_is_idempotent(client) -> None:
+    for _ in range(3):
+        resp = await client.post("/upload-chunk", data=chunk_form("retry", 1, 3, b"abc"))
+        assert (await resp.json())["uploaded_chunks"] == 1
+
+
+async def test_chunk_after_completion_changes_nothing(client, config: Config) -> None:
+    data = b"hello world"
+    await upload_all(client, "done", data, 4)
+    resp = await client.post("/upload-chunk", data=chunk_form("done", 0, 3, b"XXXX"))
+    body = await resp.json()
+    assert resp.status == 200 and body["status"] == "completed"
+    assert body["sha256"] == sha256(data)
+    assert (Path(config.data_dir) / "uploads" / "done" / "file.bin").read_bytes() == data
+    assert not (Path(config.data_dir) / "chunks" / "done").exists()
+
+
+async def test_chunk_part_before_text_fields(client) -> None:
+    data = os.urandom(3000)
+    chunks = split(data, 1000)
+    for i, chunk in enumerate(chunks):
+        form = chunk_form("first", i, 3, chunk, chunk_first=True, chunk_sha256=sha256(chunk))
+        resp = await client.post("/upload-chunk", data=form)
+        assert resp.status == 200, await resp.text()
+    assert (await resp.json())["sha256"] == sha256(data)
+
+
+async def test_empty_file_in_one_empty_chunk(client) -> None:
+    resp = await client.post("/upload-chunk", data=chunk_form("empty", 0, 1, b""))
+    body = await resp.json()
+    assert body["status"] == "completed" and body["size"] == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "detail"),
+    [
+        (
+            {"chunk_index": "0", "total_chunks": "1", "filename": "f"},
+            "Missing required parameter: file_id",
+        ),
+        (
+            {"file_id": "a", "total_chunks": "1", "filename": "f"},
+            "Missing required parameter: chunk_index",
+        ),
+        (
+            {"file_id": "a", "chunk_index": "0", "filename": "f"},
+            "Missing required parameter: total_chunks",
+        ),
+        (
+            {"file_id": "a", "chunk_index": "0", "total_chunks": "1"},
+            "Missing required parameter: filename",
+        ),
+    ],
+)
+async def test_missing_parameter(client, fields: dict, detail: str) -> None:
+    form = aiohttp.FormData()
+    for k, v in fields.items():
+        form.add_field(k, v)
+    form.add_field("chunk", b"data", filename="blob")
+    resp = await client.post("/upload-chunk", data=form)
+    assert resp.status == 400
+    assert await resp.json() == {"detail": detail}
+
+
+async def test_missing_chunk_part(client) -> None:
+    form = aiohttp.FormData()
+    for name, value in {
+        "file_id": "a",
+        "chunk_index": "0",
+        "total_chunks": "1",
+        "filename": "f",
+    }.items():
+        form.add_field(name, value)
+    form.add_field("other", b"not the chunk", filename="x")
+    resp = await client.post("/upload-chunk", data=form)
+    assert resp.status == 400
+    assert await resp.json() == {"detail": "Missing required parameter: chunk"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "word"),
+    [
+        ({"chunk_index": "x"}, "chunk_index"),
+        ({"total_chunks": "1.5"}, "total_chunks"),
+        ({"chunk_index": "3"}, "chunk_index"),
+        ({"chunk_index": "-1"}, "chunk_index"),
+        ({"total_chunks": "0", "chunk_index": "0"}, "total_chunks"),
+        ({"total_chunks": "100001"}, "total_chunks"),
+        ({"file_id": "../etc"}, "file_id"),
+        ({"file_id": "a" * 129}, "file_id"),
+        ({"file_id": "a b"}, "file_id"),
+        ({"filename": ""}, "filename"),
+        ({"filename": "."}, "filename"),
+        ({"filename": ".."}, "filename"),
+        ({"filename": "a/b"}, "filename"),
+        ({"filename": "..\\x"}, "filename"),
+        ({"filename": "a\x00b"}, "filename"),
+        ({"filename": "a\nb"}, "filename"),
+        ({"filename": "é" * 128}, "filename"),
+        ({"chunk_sha256": "zz"}, "chunk_sha256"),
+        ({"total_size": "-5"}, "total_size"),
+    ],
+)
+async def test_bad_fields_are_400_naming_the_field(client, config: Config, overrides, word) -> None:
+    values = {
+        "file_id": "ok",
+        "chunk_index": "0",
+        "total_chunks": "3",
+        "filename": "f.bin",
+        **overrides,
+    }
+    form = aiohttp.FormData()
+    for k, v in values.items():
+        form.add_field(k, v)
+    form.add_field("chunk", b"data", filename="blob")
+    resp = await client.post("/upload-chunk", data=form)
+    assert resp.status == 400, await resp.text()
+    assert word in (await resp.json())["detail"]
+    assert temp_files(Path(config.data_dir)) == []
+    assert list((Path(config.data_dir) / "uploads").iterdir()) == []
+
+
+async def test_not_multipart_is_400(client) -> None:
+    resp = await client.post("/upload-chunk", json={"file_id": "a"})
+    assert resp.status == 400
+    assert "multipart" in (await resp.json())["detail"]
+    resp = await client.post(
+        "/upload-chunk",
+        data=b"garbage",
+        headers={"Content-Type": "multipart/form-data; boundary=zz"},
+    )
+    assert resp.status == 400
+
+
+async def test_conflicting_total_chunks_or_filename_is_409(client) -> None:
+    assert (await client.post("/upload-chunk", data=chunk_form("c", 0, 3, b"a"))).status == 200
+    resp = await client.post("/upload-chunk", data=chunk_form("c", 1, 4, b"a"))
+    assert resp.status == 409 and "total_chunks" in (await resp.json())["detail"]
+    resp = await client.post("/upload-chunk", data=chunk_form("c", 1, 3, b"a", filename="other"))
+    assert resp.status == 409 and "filename" in (await resp.json())["detail"]
+    # the conflict is also caught when the fields come after the chunk
+    resp = await client.post("/upload-chunk", data=chunk_form("c", 1, 4, b"a", chunk_first=True))
+    assert resp.status == 409
+    status = await (await client.get("/upload-status/c")).json()
+    assert status["uploaded_chunks"] == 1
+
+
+async def test_chunk_over_max_chunk_bytes_is_413(
+    make_client: ClientFactory, config: Config
+) -> None:
+    client = await make_client(max_chunk_bytes=1000)
+    resp = await client.post("/upload-chunk", data=chunk_form("big", 0, 2, b"x" * 1001))
+    assert resp.status == 413 and "max_chunk_bytes" in (await resp.json())["detail"]
+    # and when the chunk comes first, so that the limit is met while streaming
+    resp = await client.post(
+        "/upload-chunk", data=chunk_form("big", 0, 2, b"x" * 5000, chunk_first=True)
+    )
+    assert resp.status == 413
+    assert temp_files(Path(config.data_dir)) == []
+    ok = await client.post("/upload-chunk", data=chunk_form("big", 0, 2, b"x" * 1000))
+    assert ok.status == 200
+
+
+async def test_content_length_far_over_the_limit_is_413_before_reading(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(max_chunk_bytes=1000)
+    resp = await client.post("/upload-chunk", data=chunk_form("big", 0, 2, b"x" * 200_000))
+    assert resp.status == 413
+
+
+async def test_upload_over_max_file_bytes_is_413(make_client: ClientFactory) -> None:
+    client = await make_client(max_file_bytes=2500)
+    resp = await client.post(
+        "/upload-chunk", data=chunk_form("f", 0, 3, b"x" * 1000, total_size="3000")
+    )
+    assert resp.status == 413 and "max_file_bytes" in (await resp.json())["detail"]
+    for i in range(2):
+        assert (
+            await client.post("/upload-chunk", data=chunk_form("g", i, 3, b"x" * 1000))
+        ).status == 200
+    resp = await client.post("/upload-chunk", data=chunk_form("g", 2, 3, b"x" * 1000))
+    assert resp.status == 413
+    status = await (await client.get("/upload-status/g")).json()
+    assert status["uploaded_chunks"] == 2
+
+
+async def test_checksum_mismatch_is_422_and_discarded(client, config: Config) -> None:
+    resp = await client.post(
+        "/upload-chunk", data=chunk_form("s", 0, 2, b"abc", chunk_sha256=sha256(b"abd"))
+    )
+    assert resp.status == 422
+    assert await resp.json() == {"detail": "Chunk checksum mismatch"}
+    assert (await client.get("/upload-status/s")).status == 404
+    resp = await client.post(
+        "/upload-chunk", data=chunk_form("s", 0, 2, b"abc", chunk_sha256=sha256(b"abc"))
+    )
+    assert resp.status == 200
+    assert temp_files(Path(config.data_dir)) == []
+
+
+async def test_total_size_checked_against_merged_size(client) -> None:
+    resp = await client.post("/upload-chunk", data=chunk_form("t", 0, 2, b"abc", total_size="10"))
+    assert resp.status == 200
+    resp = await client.post("/upload-chunk", data=chunk_form("t", 1, 2, b"abc", total_size="10"))
+    assert resp.status == 409 and "total_size" in (await resp.json())["detail"]
+    # the chunks are kept: resending the right bytes completes the upload
+    resp = await client.post(
+        "/upload-chunk", data=chunk_form("t", 1, 2, b"abcdefg", total_size="10")
+    )
+    assert (await resp.json())["status"] == "completed"
+
+
+async def test_low_disk_is_507(make_client: ClientFactory, config: Config) -> None:
+    client = await make_client(min_free_bytes=2**62)
+    resp = await client.post("/upload-chunk", data=chunk_form("d", 0, 2, b"abc"))
+    assert resp.status == 507
+    assert await resp.json() == {"detail": "Chunk upload failed: disk space full"}
+    assert temp_files(Path(config.data_dir)) == []
+
+
+async def test_client_disconnect_mid_chunk_leaves_nothing(client, config: Config) -> None:
+    boundary = "b0undary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file_id"\r\n\r\ncut\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="chunk_index"\r\n\r\n0\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="total_chunks"\r\n\r\n2\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="filename"\r\n\r\nf\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="chunk"; filename="blob"\r\n\r\n'
+    ).encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST /upload-chunk HTTP/1.1\r\nHost: x\r\n"
+        + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
+        + b"Content-Length: 10000000\r\n\r\n"
+        + head
+        + os.urandom(3_000_000)
+    )
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.close()
+    data_dir = Path(config.data_dir)
+    for _ in range(50):
+        if not temp_files(data_dir):
+            break
+        await asyncio.sleep(0.1)
+    assert temp_files(data_dir) == []
+    assert (await client.get("/upload-status/cut")).status == 404
+    # the server keeps serving
+    resp = await client.post("/upload-chunk", data=chunk_form("cut", 0, 2, b"ok"))
+    assert resp.status == 200
+
+
+async def test_file_id_and_filename_cannot_escape(client, config: Config, tmp_path: Path) -> None:
+    resp = await client.post("/upload-chunk", data=chunk_form("..", 0, 1, b"x"))
+    assert resp.status == 400
+    resp = await client.post(
+        "/upload-chunk", data=chunk_form("esc", 0, 1, b"x", filename="../../evil")
+    )
+    assert resp.status == 400
+    resp = await client.get("/upload-status/..%2F..%2Fetc")
+    assert resp.status in (400, 404)
+    assert not (tmp_path / "evil").exists()
