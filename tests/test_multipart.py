@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
 
 import aiohttp
@@ -45,7 +46,7 @@ def reader_over(pieces: list[bytes]):
 
 def cut(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
 async def parse_ours(pieces: list[bytes], boundary: str) -> list[tuple[str, bytes]]:

@@ -330,7 +330,7 @@ async def test_client_disconnect_mid_chunk_leaves_nothing(client, config: Config
         f'--{boundary}\r\nContent-Disposition: form-data; name="filename"\r\n\r\nf\r\n'
         f'--{boundary}\r\nContent-Disposition: form-data; name="chunk"; filename="blob"\r\n\r\n'
     ).encode()
-    reader, writer = await asyncio.open_connection(client.host, client.port)
+    _reader, writer = await asyncio.open_connection(client.host, client.port)
     writer.write(
         b"POST /upload-chunk HTTP/1.1\r\nHost: x\r\n"
         + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
