@@ -512,13 +512,26 @@ def _append_file(path: Path, out: int, digest: hashlib._Hash) -> int:
         size = os.fstat(src).st_size
         if size == 0:
             return 0
-        # Hashing a read-only map reads the page cache in place, with no copy into Python.
-        with mmap.mmap(src, size, prot=mmap.PROT_READ) as view:
-            digest.update(view)
+        hash_file(src, size, digest)
         _copy_range(src, out, size)
         return size
     finally:
         os.close(src)
+
+
+HASH_WINDOW_BYTES = 4 * 1024 * 1024
+
+
+def hash_file(fd: int, size: int, digest: hashlib._Hash) -> None:
+    """Feed the first `size` bytes of `fd` to `digest`.
+
+    Read-only maps of the page cache, a window at a time: no copy into Python, and at most
+    one window counted in the process's resident memory whatever the file size.
+    """
+    for offset in range(0, size, HASH_WINDOW_BYTES):
+        length = min(HASH_WINDOW_BYTES, size - offset)
+        with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=offset) as view:
+            digest.update(view)
 
 
 def _copy_range(src: int, out: int, size: int) -> None:

@@ -14,13 +14,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
-import mmap
 import os
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
 from .errors import PayloadTooLarge
-from .store import TempChunk, storage_error
+from .store import TempChunk, hash_file, storage_error
 
 WRITE_BATCH_BYTES = 1024 * 1024
 # Stay well below IOV_MAX (1024) however small the pieces a slow client sends.
@@ -88,11 +87,8 @@ async def receive_into(
 
 
 def sha256_of_file(path: os.PathLike[str] | str) -> str:
-    """The hex sha256 of a file, read through a map of the page cache (no copies)."""
+    """The hex sha256 of a whole file."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size:
-            with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as view:
-                digest.update(view)
+        hash_file(f.fileno(), os.fstat(f.fileno()).st_size, digest)
     return digest.hexdigest()

@@ -4,6 +4,7 @@ test client, helpers to build chunk requests, and real `chunkserver serve` proce
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import signal
@@ -64,12 +65,14 @@ def chunk_form(
         "filename": filename,
         **extra,
     }
+    # BytesIO: aiohttp warns (an error here) about large raw bytes bodies.
+    body = io.BytesIO(data)
     if chunk_first:
-        form.add_field("chunk", data, filename="blob", content_type="application/octet-stream")
+        form.add_field("chunk", body, filename="blob", content_type="application/octet-stream")
     for name, value in fields.items():
         form.add_field(name, value)
     if not chunk_first:
-        form.add_field("chunk", data, filename="blob", content_type="application/octet-stream")
+        form.add_field("chunk", body, filename="blob", content_type="application/octet-stream")
     return form
 
 
@@ -95,6 +98,7 @@ class ServerProcess:
     process: subprocess.Popen[str]
     url: str
     output: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.process.poll() is None:
@@ -133,9 +137,12 @@ def start_server(data_dir: Path, *args: str, env: dict[str, str] | None = None) 
         if match:
             server = ServerProcess(process, match.group(1), lines)
             # Keep reading its output, or a full pipe would block the server.
-            threading.Thread(target=_drain, args=(server,), daemon=True).start()
+            server.reader = threading.Thread(target=_drain, args=(server,), daemon=True)
+            server.reader.start()
             return server
     process.kill()
+    process.wait()
+    process.stdout.close()
     raise RuntimeError("server did not start:\n" + "".join(lines))
 
 
@@ -162,3 +169,7 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         except ProcessLookupError:
             pass
         server.process.wait(10)
+        if server.reader is not None:
+            server.reader.join(10)
+        assert server.process.stdout is not None
+        server.process.stdout.close()

@@ -1,0 +1,31 @@
+"""The periodic sweep removes uploads that stopped receiving chunks."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from chunkserver import Config
+
+from .conftest import ClientFactory, chunk_form
+
+
+async def test_idle_upload_expires_and_active_one_stays(
+    make_client: ClientFactory, config: Config
+) -> None:
+    client = await make_client(upload_ttl_seconds=1.0, sweep_interval_seconds=0.2)
+    assert (await client.post("/upload-chunk", data=chunk_form("idle", 0, 3, b"a"))).status == 200
+    assert (await client.post("/upload-chunk", data=chunk_form("busy", 0, 30, b"a"))).status == 200
+    for i in range(1, 12):  # keep "busy" alive for 2.2 s, longer than the TTL
+        await asyncio.sleep(0.2)
+        resp = await client.post("/upload-chunk", data=chunk_form("busy", i, 30, b"a"))
+        assert resp.status == 200
+    resp = await client.get("/upload-status/idle")
+    assert resp.status == 404
+    assert await resp.json() == {"status": "not_found", "file_exists": False}
+    assert not (Path(config.data_dir) / "chunks" / "idle").exists()
+    assert (await (await client.get("/upload-status/busy")).json())["uploaded_chunks"] == 12
+    metrics = await (await client.get("/metrics")).text()
+    assert "chunkserver_uploads_failed_total 1" in metrics
+    # the id may be used again from scratch after it expired
+    assert (await client.post("/upload-chunk", data=chunk_form("idle", 0, 1, b"z"))).status == 200

@@ -1,0 +1,183 @@
+"""Real `chunkserver serve` processes: shared data folders, workers, crashes and restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+
+from .conftest import ServerProcess, sha256, split, temp_files
+
+pytestmark = pytest.mark.slow
+
+
+def post_chunk(url: str, file_id: str, index: int, total: int, data: bytes, **kw) -> dict:
+    """The seed's Python client, one chunk."""
+    response = requests.post(
+        f"{url}/upload-chunk",
+        files={"chunk": ("chunk", data, "application/octet-stream")},
+        data={
+            "file_id": file_id,
+            "chunk_index": index,
+            "total_chunks": total,
+            "filename": "f.bin",
+            **kw,
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_two_processes_share_one_data_folder(
+    servers: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    a, b = servers(), servers()
+    data = os.urandom(20 * 10_000)
+    chunks = split(data, 10_000)
+    answers = []
+    for i, chunk in enumerate(chunks):
+        here, there = (a, b) if i % 2 == 0 else (b, a)
+        answers.append(post_chunk(here.url, "shared", i, len(chunks), chunk))
+        if i < len(chunks) - 1:
+            # a status read from the other process right after the acknowledgement reflects it
+            status = requests.get(f"{there.url}/upload-status/shared", timeout=10).json()
+            assert status["uploaded_chunks"] == i + 1
+            assert answers[-1]["uploaded_chunks"] == i + 1
+    assert answers[-1]["status"] == "completed"
+    assert answers[-1]["sha256"] == sha256(data)
+    for server in (a, b):
+        status = requests.get(f"{server.url}/upload-status/shared", timeout=10).json()
+        assert status["status"] == "completed"
+        assert requests.get(f"{server.url}/files/shared", timeout=10).content == data
+
+
+def test_two_processes_race_on_the_last_chunks(servers: Callable[..., ServerProcess]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = servers(), servers()
+    data = os.urandom(64 * 8192)
+    chunks = split(data, 8192)
+
+    def send(i: int) -> dict:
+        return post_chunk((a, b)[i % 2].url, "race", i, len(chunks), chunks[i])
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, reversed(range(len(chunks)))))
+    completed = [x for x in answers if x["status"] == "completed"]
+    assert completed and all(x["sha256"] == sha256(data) for x in completed)
+    assert requests.get(f"{a.url}/files/race", timeout=10).content == data
+    merges = sum(
+        int(line.split()[-1])
+        for server in (a, b)
+        for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines()
+        if line.startswith("chunkserver_uploads_completed_total")
+    )
+    assert merges >= 1
+
+
+def test_workers_share_a_port_and_their_metrics(
+    servers: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = servers("--workers", "2")
+    assert "2 workers" in "".join(server.output)
+    data = os.urandom(40 * 5000)
+    chunks = split(data, 5000)
+    for i, chunk in enumerate(chunks):
+        answer = post_chunk(server.url, "w", i, len(chunks), chunk)
+    assert answer["sha256"] == sha256(data)
+    # each worker publishes its counters; any of them answers for all
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        text = requests.get(f"{server.url}/metrics", timeout=10).text
+        if f"chunkserver_chunks_stored_total {len(chunks)}" in text:
+            break
+        time.sleep(0.5)
+    assert f"chunkserver_chunks_stored_total {len(chunks)}" in text
+    assert len(list((tmp_path / "data" / ".metrics").glob("*.json"))) == 2
+    assert server.stop() == 0
+
+
+def test_sigkill_mid_upload_then_restart(
+    servers: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    server = servers()
+    data = os.urandom(10 * 50_000)
+    chunks = split(data, 50_000)
+    for i in range(6):
+        post_chunk(server.url, "crash", i, len(chunks), chunks[i])
+    # a chunk half sent when the process dies: never acknowledged, so it must not count
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    boundary = "zzz"
+    head = (
+        "".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+            for k, v in {
+                "file_id": "crash",
+                "chunk_index": 6,
+                "total_chunks": 10,
+                "filename": "f.bin",
+            }.items()
+        )
+        + f'--{boundary}\r\nContent-Disposition: form-data; name="chunk"; filename="b"\r\n\r\n'
+    )
+    sock.sendall(
+        f"POST /upload-chunk HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: 100000\r\n\r\n{head}".encode()
+        + b"x" * 20_000
+    )
+    time.sleep(0.3)
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait(10)
+    sock.close()
+
+    again = servers()
+    status = requests.get(f"{again.url}/upload-status/crash", timeout=10).json()
+    assert status["status"] == "uploading"
+    assert status["uploaded_chunks"] == 6
+    assert status["missing_chunks"] == [6, 7, 8, 9]
+    assert temp_files(data_dir) == []  # the dead process's partial chunk was swept at start
+    for i in status["missing_chunks"]:
+        answer = post_chunk(again.url, "crash", i, len(chunks), chunks[i])
+    assert answer["status"] == "completed" and answer["sha256"] == sha256(data)
+    assert (data_dir / "uploads" / "crash" / "f.bin").read_bytes() == data
+
+
+def test_restart_after_completion(servers: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    server = servers()
+    post_chunk(server.url, "kept", 0, 2, b"first ")
+    post_chunk(server.url, "kept", 1, 2, b"second")
+    assert server.stop(signal.SIGTERM) == 0
+    again = servers()
+    status = requests.get(f"{again.url}/upload-status/kept", timeout=10).json()
+    assert status["status"] == "completed" and status["size"] == 12
+    assert requests.get(f"{again.url}/files/kept", timeout=10).content == b"first second"
+    assert post_chunk(again.url, "kept", 1, 2, b"again!")["status"] == "completed"
+
+
+def test_unix_socket_and_clean_stop(servers: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    import http.client
+
+    path = tmp_path / "cs.sock"
+    server = servers("--unix-socket", str(path))
+    assert server.url == f"unix:{path}"
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(path))
+
+    connection = UnixConnection("localhost")
+    connection.request("GET", "/healthz")
+    assert connection.getresponse().read() == b'{"status": "ok"}'
+    connection.close()
+    assert server.stop(signal.SIGINT) == 0
+    assert not path.exists()
