@@ -81,6 +81,12 @@ class Manifest:
         self._entries[meta.file_id] = entry
         return entry
 
+    def retain(self, file_ids: list[str]) -> None:
+        """Keep only the entries of these uploads."""
+        keep = set(file_ids)
+        for file_id in [f for f in self._entries if f not in keep]:
+            del self._entries[file_id]
+
     def forget(self, file_id: str) -> None:
         self._entries.pop(file_id, None)
 

@@ -40,10 +40,19 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 class Uploads:
-    def __init__(self, config: Config, store: Store, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        executor: ThreadPoolExecutor,
+        commit_executor: ThreadPoolExecutor,
+    ) -> None:
         self.config = config
         self.store = store
         self.executor = executor
+        # Commits wait on the cross-process lock and merges run for seconds: they get threads
+        # of their own, so that they never hold up the writes of chunks being received.
+        self.commit_executor = commit_executor
         self.manifest = Manifest()
         self.locks = KeyedLocks()
         self.metrics = Metrics()
@@ -51,15 +60,25 @@ class Uploads:
     @classmethod
     def open(cls, config: Config) -> Uploads:
         store = FileStore(Path(config.data_dir), fsync=config.fsync)
-        executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="chunkserver-io")
-        return cls(config, store, executor)
+        return cls(
+            config,
+            store,
+            ThreadPoolExecutor(max_workers=16, thread_name_prefix="chunkserver-io"),
+            ThreadPoolExecutor(max_workers=8, thread_name_prefix="chunkserver-commit"),
+        )
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        self.commit_executor.shutdown(wait=True)
 
     async def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    async def _run_commit(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *args, **kwargs)
+        return await loop.run_in_executor(self.commit_executor, call)
 
     async def rebuild_manifest(self) -> None:
         """Fill the manifest from the disk (at start)."""
@@ -153,7 +172,7 @@ class Uploads:
             # Shielded: once the commit has started, a cancelled request must not leave it
             # half done; the thread finishes it either way.
             result = await asyncio.shield(
-                self._run(
+                self._run_commit(
                     self.store.commit_chunk,
                     temp,
                     proposed,
@@ -203,22 +222,20 @@ class Uploads:
 
     async def delete(self, file_id: str) -> bool:
         async with self.locks.hold(file_id):
-            existed = await self._run(self.store.delete, file_id)
+            existed = await self._run_commit(self.store.delete, file_id)
         self.manifest.forget(file_id)
         if existed:
             self.metrics.inc("uploads_aborted")
         return existed
 
     async def sweep(self) -> SweepReport:
-        report = await self._run(
+        report = await self._run_commit(
             self.store.sweep,
             ttl_seconds=self.config.upload_ttl_seconds,
             max_file_bytes=self.config.max_file_bytes,
         )
-        for file_id in report.expired:
-            self.manifest.forget(file_id)
-        for record in report.merged:
-            self.manifest.forget(record.file_id)
+        # Forget what ended anywhere: expired, merged here or by another process, deleted.
+        self.manifest.retain(await self._run(self.store.uploads_in_progress))
         self.metrics.inc("uploads_failed", len(report.expired))
         self.metrics.inc("uploads_completed", len(report.merged))
         return report

@@ -1,0 +1,126 @@
+"""Durability and failure paths: fsync, a full disk, shutdown with a chunk in flight,
+and the client address behind a trusted proxy."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from chunkserver import Config, streaming
+from chunkserver.app import access_logger_for, client_address
+
+from .conftest import ClientFactory, ServerProcess, chunk_form, sha256, temp_files
+
+
+async def test_fsync_mode_uploads_and_merges(make_client: ClientFactory, config: Config) -> None:
+    client = await make_client(fsync=True)
+    data = os.urandom(300_000)
+    for i, part in enumerate((data[:100_000], data[100_000:200_000], data[200_000:])):
+        resp = await client.post("/upload-chunk", data=chunk_form("sync", i, 3, part))
+        assert resp.status == 200
+    assert (await resp.json())["sha256"] == sha256(data)
+    assert (Path(config.data_dir) / "uploads" / "sync" / "file.bin").read_bytes() == data
+
+
+async def test_disk_full_while_writing_is_507_and_removes_the_chunk(
+    client, config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (
+        await client.post("/upload-chunk", data=chunk_form("full", 0, 3, b"kept"))
+    ).status == 200
+    real_writev = os.writev
+
+    def full(fd: int, buffers: list) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(streaming.os, "writev", full)
+    resp = await client.post("/upload-chunk", data=chunk_form("full", 1, 3, b"x" * 2_000_000))
+    assert resp.status == 507
+    assert await resp.json() == {"detail": "Chunk upload failed: disk space full"}
+    assert temp_files(Path(config.data_dir)) == []
+    monkeypatch.setattr(streaming.os, "writev", real_writev)
+    status = await (await client.get("/upload-status/full")).json()
+    assert status["uploaded_chunks"] == 1 and status["missing_chunks"] == [1, 2]
+    # space is back: the upload finishes with its earlier chunk intact
+    for i in (1, 2):
+        resp = await client.post("/upload-chunk", data=chunk_form("full", i, 3, b"more"))
+    assert (await resp.json())["sha256"] == sha256(b"keptmoremore")
+
+
+def test_sigterm_with_a_chunk_in_flight_leaves_no_partial_chunk(
+    servers: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = servers()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = (
+        "".join(
+            f'--b\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+            for k, v in {
+                "file_id": "term",
+                "chunk_index": 0,
+                "total_chunks": 2,
+                "filename": "f",
+            }.items()
+        )
+        + '--b\r\nContent-Disposition: form-data; name="chunk"; filename="b"\r\n\r\n'
+    )
+    sock.sendall(
+        b"POST /upload-chunk HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 1000000\r\n\r\n" + head.encode() + b"x" * 300_000
+    )
+    deadline = time.monotonic() + 10
+    while not temp_files(tmp_path / "data") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert temp_files(tmp_path / "data"), "the chunk should be streaming to a temp file"
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    sock.close()  # the client gives up: the cut chunk must not stay behind
+    assert server.process.wait(20) == 0
+    assert temp_files(tmp_path / "data") == []
+    assert not (tmp_path / "data" / "chunks" / "term" / "chunk_000000").exists()
+
+
+def test_client_address_trusts_only_configured_proxies() -> None:
+    trusted = access_logger_for(Config(trusted_proxies=("127.0.0.1", "10.0.0.0/8"))).trusted
+
+    def request(peer: str, forwarded: str | None):
+        headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+        req = make_mocked_request("GET", "/", headers=headers)
+        req._transport_peername = (peer, 1234)  # type: ignore[attr-defined]
+        return req
+
+    assert client_address(request("127.0.0.1", "203.0.113.9"), trusted) == "203.0.113.9"
+    # the last hop that is not a trusted proxy is the client
+    assert (
+        client_address(request("127.0.0.1", "198.51.100.1, 203.0.113.9, 10.1.2.3"), trusted)
+        == "203.0.113.9"
+    )
+    # an untrusted peer cannot claim another address
+    assert client_address(request("192.0.2.7", "203.0.113.9"), trusted) == "192.0.2.7"
+    assert client_address(request("127.0.0.1", "203.0.113.9"), ()) == "127.0.0.1"
+
+
+def test_access_log_shows_the_forwarded_client(
+    servers: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    import requests
+
+    config = tmp_path / "c.toml"
+    config.write_text('trusted_proxies = ["127.0.0.1"]\naccess_log = true\n')
+    server = servers("--config", str(config))
+    requests.get(f"{server.url}/healthz", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=10)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if any('203.0.113.9 "GET /healthz' in line for line in server.output):
+            break
+        time.sleep(0.05)
+    assert any('203.0.113.9 "GET /healthz HTTP/1.1" 200' in line for line in server.output)
