@@ -284,18 +284,17 @@ class FileStore:
                 if record is not None:  # a retry after completion changes nothing
                     self._remove_chunk_dir(file_id)
                     return Committed(meta=None, chunks=chunks, record=record)
+                if not temp.path.exists():  # removed under the lock by a delete or expiry
+                    raise UploadConflict(
+                        "The upload was removed while this chunk was being received"
+                    )
                 meta = self._adopt_meta(proposed, chunks)
                 previous = chunks.size_of(index)
                 if chunks.total_bytes - previous + temp.size > max_file_bytes:
                     raise PayloadTooLarge(
                         f"Upload would exceed max_file_bytes ({max_file_bytes} bytes)"
                     )
-                try:
-                    os.rename(temp.path, self._chunk_path(file_id, index))
-                except FileNotFoundError:
-                    raise UploadConflict(
-                        "The upload was removed while this chunk was being received"
-                    ) from None
+                os.rename(temp.path, self._chunk_path(file_id, index))
                 if self.fsync:
                     _fsync_dir(self._chunk_dir(file_id))
                 chunks.add(index, temp.size)

@@ -144,3 +144,15 @@ def test_live_writers_temp_files_are_kept(tmp_path: Path) -> None:
     store.sweep(ttl_seconds=600, max_file_bytes=2**40)
     assert temp.path.exists()
     temp.discard()
+
+
+def test_chunk_in_flight_when_its_upload_is_deleted(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    meta = UploadMeta.new("gone", "f", 3, None)
+    put(store, meta, 0, b"a", ChunkSet())
+    temp = store.create_temp_chunk("gone", 1)
+    os.write(temp.fd, b"b")
+    assert store.delete("gone")
+    with pytest.raises(UploadConflict, match="removed"):
+        store.commit_chunk(temp, meta, 1, ChunkSet(), max_file_bytes=2**40)
+    assert store.status("gone") is None  # no upload is left behind, not even an empty one
