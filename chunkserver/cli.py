@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .config import ConfigError, load_config
 
 DEFAULT_CONFIG = Path("config.toml")
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -38,6 +43,87 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class ProgressBar:
+    """`[#####.....]  45.2%  123.4/270.0 MiB  85.3 MB/s  ETA 0:02` on a terminal."""
+
+    def __init__(self, stream: TextIO, width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+        self.last_drawn = 0.0
+
+    def __call__(self, progress: Any) -> None:
+        now = time.monotonic()
+        done = progress.bytes_done >= progress.total_bytes
+        if now - self.last_drawn < 0.1 and not done:
+            return
+        self.last_drawn = now
+        filled = int(self.width * progress.fraction)
+        speed = progress.bytes_done / progress.elapsed if progress.elapsed > 0 else 0.0
+        remaining = (progress.total_bytes - progress.bytes_done) / speed if speed else 0.0
+        eta = f"{int(remaining // 60)}:{int(remaining % 60):02d}"
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {progress.fraction * 100:5.1f}%"
+            f"  {progress.bytes_done / 2**20:.1f}/{progress.total_bytes / 2**20:.1f} MiB"
+            f"  {speed / 1e6:.1f} MB/s  ETA {eta} "
+        )
+        if done:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def resumable_file_id(path: Path) -> str:
+    """An id that a rerun of the same command on the same, unchanged file finds again."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return "cs-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from .client import UploadError, parse_size, upload_file
+
+    path = Path(args.path)
+    if not path.is_file():
+        print(json.dumps({"status": "failed", "detail": f"not a file: {path}"}))
+        return 2
+    try:
+        chunk_size = parse_size(args.chunk_size)
+    except ValueError as e:
+        print(json.dumps({"status": "failed", "detail": str(e)}))
+        return 2
+    file_id = args.file_id or resumable_file_id(path)
+    show_progress = not args.quiet and sys.stderr.isatty()
+    if not args.quiet:
+        print(f"uploading {path} as {file_id} to {args.url}", file=sys.stderr)
+    try:
+        result = upload_file(
+            path,
+            args.url,
+            chunk_size=chunk_size,
+            concurrency=args.concurrency,
+            file_id=file_id,
+            retries=args.retries,
+            token=args.token or os.environ.get("CHUNKSERVER_TOKEN"),
+            progress=ProgressBar(sys.stderr) if show_progress else None,
+        )
+    except (UploadError, OSError) as e:
+        print(json.dumps({"status": "failed", "file_id": file_id, "detail": str(e)}))
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .client import get_status
+
+    try:
+        body = get_status(args.url, args.file_id, token=args.token)
+    except OSError as e:
+        print(json.dumps({"status": "failed", "detail": str(e)}))
+        return 1
+    print(json.dumps(body))
+    return 0 if body.get("status") in ("uploading", "completed") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chunkserver", description="A fast, crash-safe chunked upload server."
@@ -56,6 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", metavar="DIR", help="data folder (default ./data)")
     serve.add_argument("--workers", type=int, metavar="N", help="server processes (default 1)")
     serve.set_defaults(run=_serve)
+
+    upload = commands.add_parser(
+        "upload",
+        help="upload a file in parallel chunks, resuming and verifying",
+        description="Upload PATH; prints the result as JSON on its last line; exit 0 only "
+        "when the server's sha256 matches the file's.",
+    )
+    upload.add_argument("path", metavar="PATH")
+    upload.add_argument("--url", default=DEFAULT_URL, help=f"server (default {DEFAULT_URL})")
+    upload.add_argument("--chunk-size", default="4MiB", help="e.g. 1MiB, 5MB, 1048576")
+    upload.add_argument("--concurrency", type=int, default=4, help="chunks in flight")
+    upload.add_argument(
+        "--file-id",
+        help="resume this upload (default: an id derived from the file's path, size and "
+        "modification time, so that rerunning the command resumes)",
+    )
+    upload.add_argument("--retries", type=int, default=5, help="retries per chunk")
+    upload.add_argument("--token", help="bearer token (or CHUNKSERVER_TOKEN)")
+    upload.add_argument("--quiet", action="store_true", help="no progress bar")
+    upload.set_defaults(run=_upload)
+
+    status = commands.add_parser("status", help="print an upload's status as JSON")
+    status.add_argument("file_id", metavar="FILE_ID")
+    status.add_argument("--url", default=DEFAULT_URL)
+    status.add_argument("--token", default=os.environ.get("CHUNKSERVER_TOKEN"))
+    status.set_defaults(run=_status)
     return parser
 
 

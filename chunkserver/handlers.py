@@ -6,6 +6,7 @@ No handler builds a path or touches the disk; that is the store's job.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -18,6 +19,7 @@ from .multipart import MultipartParser, boundary_from_content_type
 from .store import CompletedUpload, TempChunk, UploadProgress
 
 JSON = "application/json"
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 def json_answer(data: dict[str, Any], status: int = 200) -> web.Response:
@@ -154,6 +156,10 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
+async def upload_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/upload-chunk", upload_chunk)
     app.router.add_get("/upload-status/{file_id}", upload_status)
@@ -161,3 +167,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/uploads/{file_id}", delete_upload)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", upload_page)
+    app.router.add_static("/static/", STATIC_DIR)

@@ -150,3 +150,15 @@ async def test_cors(make_client: ClientFactory) -> None:
     assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
     resp = await client.get("/upload-status/x", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_upload_page_and_static_files_need_no_token(make_client: ClientFactory) -> None:
+    client = await make_client(auth_tokens=("s3cret",))
+    page = await client.get("/")
+    assert page.status == 200 and "text/html" in page.headers["Content-Type"]
+    assert "chunked-uploader.js" in await page.text()
+    module = await client.get("/static/chunked-uploader.js")
+    assert module.status == 200
+    assert module.headers["Content-Type"] in ("application/javascript", "text/javascript")
+    assert "export class ChunkedUploader" in await module.text()
+    assert (await client.get("/static/%2e%2e/config.py")).status in (401, 403, 404)

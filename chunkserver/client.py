@@ -1,0 +1,397 @@
+"""The Python client: upload a file in parallel chunks, with retries, resume and verification.
+
+    from chunkserver.client import upload_file
+    result = upload_file("big.iso", "http://127.0.0.1:8000", chunk_size=4 * 2**20)
+
+`upload_file_async` is the async API; `upload_file` runs it in a fresh event loop. Each chunk
+is read from disk when it is sent, so memory holds at most `concurrency` chunks whatever the
+file size. The file's sha256 is computed from those same reads, in index order, and checked
+against the server's at the end; only when resuming (some chunks not sent) is the file read
+a second time to hash it.
+
+Retries: connection errors, timeouts, 408, 429, 5xx and 507 are retried up to `retries`
+times per chunk, waiting `min(backoff_cap, backoff_base * 2**attempt)` seconds times a random
+factor in [0.5, 1] (capped exponential backoff with jitter), or the server's Retry-After.
+Any other 4xx fails at once with the server's `detail`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 507})
+SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+}
+
+
+class UploadError(Exception):
+    """The upload cannot go on: a refused chunk, retries exhausted, or a failed check."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_size(text: str) -> int:
+    """`1MiB`, `5MB`, `4m` or plain bytes."""
+    lowered = text.strip().lower().replace(" ", "")
+    number = lowered.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = lowered[len(number) :] or "b"
+    if unit not in SIZE_UNITS or not number:
+        raise ValueError(f"not a size: {text!r} (use e.g. 4MiB, 5MB or 1048576)")
+    size = int(float(number) * SIZE_UNITS[unit])
+    if size < 1:
+        raise ValueError(f"size must be positive: {text!r}")
+    return size
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What the progress callback is told after each acknowledged chunk."""
+
+    file_id: str
+    bytes_done: int
+    total_bytes: int
+    chunks_done: int
+    total_chunks: int
+    elapsed: float
+
+    @property
+    def fraction(self) -> float:
+        return self.bytes_done / self.total_bytes if self.total_bytes else 1.0
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Capped exponential backoff with jitter; `sleep` is replaceable for tests."""
+
+    base: float = 0.25
+    cap: float = 10.0
+    sleep: Callable[[float], Any] = asyncio.sleep
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        if retry_after is not None:
+            return min(self.cap, retry_after)
+        exponential: float = self.base * 2**attempt
+        return min(self.cap, exponential) * random.uniform(0.5, 1.0)
+
+
+@dataclass(slots=True)
+class _OrderedHasher:
+    """Hashes chunks in index order whatever order they are read in."""
+
+    digest: Any = field(default_factory=hashlib.sha256)
+    next_index: int = 0
+    waiting: dict[int, bytes] = field(default_factory=dict)
+
+    def feed(self, index: int, data: bytes) -> None:
+        if index < self.next_index:
+            return
+        self.waiting[index] = data
+        while self.next_index in self.waiting:
+            self.digest.update(self.waiting.pop(self.next_index))
+            self.next_index += 1
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(4 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _multipart(fields: dict[str, str], data: bytes, boundary: str) -> tuple[list[bytes], int]:
+    head = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields.items()
+    )
+    head += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="chunk"; filename="chunk"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
+    parts = [head.encode(), data, f"\r\n--{boundary}--\r\n".encode()]
+    return parts, sum(len(p) for p in parts)
+
+
+async def _stream(parts: list[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+class Uploader:
+    """One file's upload: plan, send the missing chunks in parallel, verify."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        path: Path,
+        *,
+        chunk_size: int,
+        concurrency: int,
+        file_id: str | None,
+        retries: int,
+        token: str | None,
+        progress: ProgressCallback | None,
+        backoff: Backoff,
+    ) -> None:
+        self.session = session
+        self.url = url.rstrip("/")
+        self.path = path
+        self.size = path.stat().st_size
+        self.chunk_size = chunk_size
+        self.total_chunks = max(1, -(-self.size // chunk_size))
+        self.concurrency = concurrency
+        self.file_id = file_id or str(uuid.uuid4())
+        self.retries = retries
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.progress = progress
+        self.backoff = backoff
+        self.hasher = _OrderedHasher()
+        self.completed: dict[str, Any] | None = None
+        self.started = time.monotonic()
+        self.bytes_done = 0
+        self.chunks_done = 0
+        self.requests_sent = 0
+
+    def _chunk_length(self, index: int) -> int:
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+    async def status(self) -> dict[str, Any]:
+        async with self.session.get(
+            f"{self.url}/upload-status/{self.file_id}", headers=self.headers
+        ) as response:
+            body: dict[str, Any] = await response.json(content_type=None)
+            if response.status not in (200, 404):
+                raise UploadError(
+                    f"status check failed: {body.get('detail', response.status)}",
+                    status=response.status,
+                )
+            return body
+
+    async def run(self) -> dict[str, Any]:
+        missing = list(range(self.total_chunks))
+        status = await self.status()
+        if status["status"] == "completed":
+            self.completed = status
+            missing = []
+        elif status["status"] == "uploading":
+            if status.get("total_chunks", self.total_chunks) != self.total_chunks:
+                raise UploadError(
+                    f"the server's upload {self.file_id} has {status['total_chunks']} chunks, "
+                    f"this file in chunks of {self.chunk_size} bytes has {self.total_chunks}; "
+                    "use the chunk size of the first attempt"
+                )
+            missing = list(status.get("missing_chunks", missing))
+        to_send = set(missing)
+        already = [i for i in range(self.total_chunks) if i not in to_send]
+        self.chunks_done = len(already)
+        self.bytes_done = sum(self._chunk_length(i) for i in already)
+        # Chunks not sent now are not read now: then hash the whole file apart, alongside.
+        whole_file_hash = (
+            asyncio.ensure_future(asyncio.to_thread(sha256_of, self.path)) if already else None
+        )
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for index in missing:
+            queue.put_nowait(index)
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            if whole_file_hash is not None:
+                whole_file_hash.cancel()
+            raise
+        finally:
+            for worker in workers:
+                worker.cancel()
+        if whole_file_hash is not None:
+            local_sha256 = await whole_file_hash
+        else:
+            local_sha256 = self.hasher.digest.hexdigest()
+        if self.completed is None:
+            self.completed = await self.status()
+        if self.completed.get("status") != "completed":
+            raise UploadError(f"every chunk was sent but the server says {self.completed}")
+        if self.completed.get("sha256") != local_sha256:
+            raise UploadError(
+                f"sha256 mismatch: server {self.completed.get('sha256')}, local {local_sha256}"
+            )
+        return {
+            "status": "completed",
+            "file_id": self.file_id,
+            "filename": self.completed.get("filename", self.path.name),
+            "size": self.completed.get("size", self.size),
+            "sha256": local_sha256,
+            "verified": True,
+            "chunks_sent": len(missing),
+            "requests": self.requests_sent,
+            "seconds": round(time.monotonic() - self.started, 3),
+        }
+
+    async def _worker(self, queue: asyncio.Queue[int]) -> None:
+        loop = asyncio.get_running_loop()
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            while not queue.empty():
+                index = queue.get_nowait()
+                length = self._chunk_length(index)
+                data = await loop.run_in_executor(
+                    None, os.pread, fd, length, index * self.chunk_size
+                )
+                if len(data) != length:
+                    raise UploadError(f"{self.path} changed size while it was being uploaded")
+                self.hasher.feed(index, data)
+                answer = await self._send(index, data)
+                if answer.get("status") == "completed":
+                    self.completed = answer
+                self.chunks_done += 1
+                self.bytes_done += length
+                if self.progress is not None:
+                    self.progress(
+                        Progress(
+                            self.file_id,
+                            self.bytes_done,
+                            self.size,
+                            self.chunks_done,
+                            self.total_chunks,
+                            time.monotonic() - self.started,
+                        )
+                    )
+        finally:
+            os.close(fd)
+
+    async def _send(self, index: int, data: bytes) -> dict[str, Any]:
+        fields = {
+            "file_id": self.file_id,
+            "chunk_index": str(index),
+            "total_chunks": str(self.total_chunks),
+            "filename": self.path.name,
+            "total_size": str(self.size),
+            "chunk_sha256": hashlib.sha256(data).hexdigest(),
+        }
+        attempt = 0
+        while True:
+            boundary = uuid.uuid4().hex
+            parts, length = _multipart(fields, data, boundary)
+            headers = {
+                **self.headers,
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+                "Content-Length": str(length),
+            }
+            retry_after: float | None = None
+            self.requests_sent += 1
+            try:
+                async with self.session.post(
+                    f"{self.url}/upload-chunk", data=_stream(parts), headers=headers
+                ) as response:
+                    body: dict[str, Any] = await response.json(content_type=None)
+                    if response.status == 200:
+                        return body
+                    problem = f"chunk {index}: HTTP {response.status}: {body.get('detail', body)}"
+                    if response.status not in RETRYABLE_STATUSES:
+                        raise UploadError(problem, status=response.status)
+                    retry_after = _retry_after(response.headers.get("Retry-After"))
+            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+                problem = f"chunk {index}: {type(e).__name__}: {e}"
+            if attempt >= self.retries:
+                raise UploadError(f"giving up after {attempt + 1} attempts: {problem}")
+            await self.backoff.sleep(self.backoff.delay(attempt, retry_after))
+            attempt += 1
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def upload_file_async(
+    path: str | os.PathLike[str],
+    url: str,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    concurrency: int = 4,
+    file_id: str | None = None,
+    retries: int = 5,
+    token: str | None = None,
+    progress: ProgressCallback | None = None,
+    timeout: float = 300.0,
+    backoff: Backoff | None = None,
+    session: aiohttp.ClientSession | None = None,
+) -> dict[str, Any]:
+    """Upload `path` to the server at `url`; return the verified result.
+
+    With `file_id` of an earlier attempt, only the chunks the server lacks are sent.
+    Raises UploadError when the upload cannot complete or does not verify.
+    """
+    if chunk_size < 1 or concurrency < 1 or retries < 0:
+        raise ValueError("chunk_size and concurrency must be positive, retries not negative")
+    own_session = session is None
+    if session is None:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency + 1),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        )
+    try:
+        uploader = Uploader(
+            session,
+            url,
+            Path(path),
+            chunk_size=chunk_size,
+            concurrency=concurrency,
+            file_id=file_id,
+            retries=retries,
+            token=token,
+            progress=progress,
+            backoff=backoff or Backoff(),
+        )
+        return await uploader.run()
+    finally:
+        if own_session:
+            await session.close()
+
+
+def upload_file(path: str | os.PathLike[str], url: str, **options: Any) -> dict[str, Any]:
+    """The synchronous form of `upload_file_async` (runs its own event loop)."""
+    return asyncio.run(upload_file_async(path, url, **options))
+
+
+async def get_status_async(url: str, file_id: str, *, token: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        session.get(f"{url.rstrip('/')}/upload-status/{file_id}", headers=headers) as response,
+    ):
+        body: dict[str, Any] = await response.json(content_type=None)
+        return body
+
+
+def get_status(url: str, file_id: str, *, token: str | None = None) -> dict[str, Any]:
+    return asyncio.run(get_status_async(url, file_id, token=token))
