@@ -1,0 +1,1 @@
+"""chunkserver's throughput harness: `python -m bench` (see bench/README.md)."""

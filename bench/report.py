@@ -1,0 +1,123 @@
+"""The bench's outputs: fractions of the limits, the markdown table, and the plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def add_fractions(result: dict[str, Any]) -> None:
+    """Each cell's chunkserver throughput as a fraction of the disk limit and of nginx."""
+    disk = result["limits"]["disk_MiB_per_s"]
+    for cell in result["cells"]:
+        ours = cell["targets"].get("chunkserver", {}).get("MiB_per_s")
+        nginx = cell["targets"].get("nginx", {}).get("MiB_per_s")
+        limit = disk.get(str(cell["chunk_mib"]))
+        cell["fraction_of_disk"] = ours / limit if ours and limit else None
+        cell["fraction_of_nginx"] = ours / nginx if ours and nginx else None
+        ours_cpu = cell["targets"].get("chunkserver", {}).get("cpu_s_per_gib")
+        nginx_cpu = cell["targets"].get("nginx", {}).get("cpu_s_per_gib")
+        cell["cpu_vs_nginx"] = ours_cpu / nginx_cpu if ours_cpu and nginx_cpu else None
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    lines = [
+        f"# Bench run {result['started']}",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Machine: {machine['cores']} cores ({machine['cpu']}), {machine['memory_gib']} GiB, "
+        f"{machine['filesystem']} filesystem, kernel {machine['kernel']}, Python "
+        f"{machine['python']}, aiohttp {machine['aiohttp']}. Client and server share the cores.",
+        "",
+        f"Throughput in {result['unit']}; median of {result['options']['repeats']} runs of "
+        f"{result['options']['volume_mib']} MiB per cell, min-max in brackets.",
+        "",
+        "Disk limit (the same bytes written as chunk-sized files"
+        + (", fdatasync each" if result["limits"]["disk_fsync"] else ", page cache")
+        + "): "
+        + ", ".join(
+            f"{k} MiB: {v:.0f} MiB/s" for k, v in result["limits"]["disk_MiB_per_s"].items()
+        ),
+        "",
+        "| shape | chunk | conc | chunkserver MiB/s | x disk | x nginx | nginx MiB/s | sink MiB/s "
+        "| p50 ms | p99 ms | completion ms | peak RSS MiB | CPU s/GiB | nginx CPU s/GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell in result["cells"]:
+        ours = cell["targets"].get("chunkserver", {})
+        nginx = cell["targets"].get("nginx", {})
+        sink = cell["targets"].get("sink", {})
+        speed = (
+            f"{ours['MiB_per_s']:.0f} ({ours['min_MiB_per_s']:.0f}-{ours['max_MiB_per_s']:.0f})"
+            if ours
+            else "-"
+        )
+        lines.append(
+            f"| {cell['shape']} | {cell['chunk_mib']} MiB | {cell['concurrency']} | {speed} "
+            f"| {_num(cell['fraction_of_disk'], 2)} | {_num(cell['fraction_of_nginx'], 2)} "
+            f"| {_num(nginx.get('MiB_per_s'))} | {_num(sink.get('MiB_per_s'))} "
+            f"| {_num(ours.get('latency_p50_ms'), 1)} | {_num(ours.get('latency_p99_ms'), 1)} "
+            f"| {_num(ours.get('completion_p50_ms'), 1)} | {_num(ours.get('peak_rss_mib'), 1)} "
+            f"| {_num(ours.get('cpu_s_per_gib'), 2)} | {_num(nginx.get('cpu_s_per_gib'), 2)} |"
+        )
+    lines += [
+        "",
+        "completion ms: from the last byte of an upload's last chunk sent to its completed "
+        "answer (the merge and the sha256), median over uploads. CPU s/GiB and peak RSS: the "
+        "server's processes, from /proc (left out with --url).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Throughput against chunk size, a line per concurrency, limits as horizontal lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shapes = result["options"]["shapes"]
+    figure, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    disk = result["limits"]["disk_MiB_per_s"]
+    disk_median = sorted(disk.values())[len(disk) // 2] if disk else None
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for axis, shape in zip(axes[0], shapes, strict=True):
+        cells = [c for c in result["cells"] if c["shape"] == shape]
+        for color, concurrency in zip(colors, result["options"]["concurrency"], strict=False):
+            row = sorted(
+                (c for c in cells if c["concurrency"] == concurrency), key=lambda c: c["chunk_mib"]
+            )
+            sizes = [c["chunk_mib"] for c in row]
+            ours = [c["targets"].get("chunkserver", {}).get("MiB_per_s") for c in row]
+            axis.plot(sizes, ours, "o-", color=color, label=f"chunkserver, {concurrency} at once")
+            nginx = [c["targets"].get("nginx", {}).get("MiB_per_s") for c in row]
+            if all(v is not None for v in nginx):
+                median = sorted(nginx)[len(nginx) // 2]
+                axis.axhline(
+                    median, color=color, linestyle=":", label=f"nginx limit, {concurrency} at once"
+                )
+        if disk_median:
+            axis.axhline(disk_median, color="black", linestyle="--", label="disk limit")
+        axis.set_title(
+            f"{shape}: "
+            + ("files sent chunk by chunk" if shape == "files" else "one file, chunks in parallel")
+        )
+        axis.set_xlabel("chunk size (MiB)")
+        axis.set_ylabel("MiB/s until completed")
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.suptitle(f"chunkserver bench, {result['started']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True

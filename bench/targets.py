@@ -1,0 +1,221 @@
+"""What the harness measures: a chunkserver it starts (or one at --url), a sink, and nginx."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+LISTENING = re.compile(r"listening on (http://\S+)")
+NGINX_CONF = """\
+{user}worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    client_max_body_size 0;
+    client_body_buffer_size 1m;
+    server {{
+        listen 127.0.0.1:{port};
+        # The limit: nginx writes each request body to a file in C (the DAV module puts it
+        # in a temporary file, then renames it into place). No merge, no checksum.
+        location /sink/ {{
+            root {prefix}/store;
+            dav_methods PUT;
+            create_full_put_path on;
+            client_body_in_file_only clean;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    process: subprocess.Popen[str] | None = None
+    cleanup_dirs: list[Path] = field(default_factory=list)
+
+    def pids(self) -> list[int]:
+        if self.process is None:
+            return []
+        try:
+            parent = psutil.Process(self.process.pid)
+            return [parent.pid] + [c.pid for c in parent.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+        for folder in self.cleanup_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _wait_for_url(process: subprocess.Popen[str], pattern: re.Pattern[str]) -> str:
+    assert process.stdout is not None
+    deadline = time.monotonic() + 30
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = pattern.search(line)
+        if match:
+            # keep draining its output so that a full pipe never blocks it
+            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()  # type: ignore[union-attr]
+            return match.group(1)
+    process.kill()
+    raise RuntimeError("did not start:\n" + "".join(lines))
+
+
+def start_chunkserver(*, workers: int, fsync: bool, data_root: Path | None) -> Target:
+    folder = Path(tempfile.mkdtemp(prefix="bench-data-", dir=data_root))
+    config = folder / "bench.toml"
+    config.write_text(
+        f'fsync = {"true" if fsync else "false"}\naccess_log = false\nlog_level = "warning"\n'
+        "min_free_bytes = 0\nmax_chunk_bytes = 67108864\n"
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chunkserver",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--data-dir",
+            str(folder / "data"),
+            "--workers",
+            str(workers),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return Target("chunkserver", _wait_for_url(process, LISTENING), process, [folder])
+
+
+def start_sink() -> Target:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.sink", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    return Target("sink", _wait_for_url(process, LISTENING), process)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_nginx(data_root: Path | None) -> Target | None:
+    binary = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
+    )
+    if binary is None:
+        return None
+    prefix = Path(tempfile.mkdtemp(prefix="bench-nginx-", dir=data_root))
+    (prefix / "store" / "sink").mkdir(parents=True)
+    port = free_port()
+    # As root, nginx's workers would run as nobody, who cannot write to our temp folder.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    (prefix / "nginx.conf").write_text(NGINX_CONF.format(prefix=prefix, port=port, user=user))
+    process = subprocess.Popen(
+        [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with __import__("socket").create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"nginx did not start: {process.stdout.read() if process.stdout else ''}"
+                ) from None
+            time.sleep(0.05)
+    return Target("nginx", f"http://127.0.0.1:{port}", process, [prefix])
+
+
+def clear_nginx_store(target: Target) -> None:
+    for folder in target.cleanup_dirs:
+        shutil.rmtree(folder / "store" / "sink", ignore_errors=True)
+        (folder / "store" / "sink").mkdir(parents=True, exist_ok=True)
+
+
+class ResourceSampler:
+    """Samples the peak RSS (summed over the processes) and their CPU seconds."""
+
+    def __init__(self, pids: list[int], interval: float = 0.05) -> None:
+        self.processes = [psutil.Process(p) for p in pids]
+        self.interval = interval
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._cpu_start = self._cpu()
+
+    def _cpu(self) -> float:
+        total = 0.0
+        for process in self.processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            rss = 0
+            for process in self.processes:
+                try:
+                    rss += process.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_rss = max(self.peak_rss, rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> ResourceSampler:
+        self._cpu_start = self._cpu()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.cpu_seconds = self._cpu() - self._cpu_start

@@ -1,0 +1,63 @@
+"""The bench harness in its smallest mode against a real server (no speed is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+TARGET_FIELDS = {
+    "MiB_per_s", "min_MiB_per_s", "max_MiB_per_s", "runs", "seconds", "bytes_sent",
+    "bytes_counted", "requests", "latency_p50_ms", "latency_p99_ms", "completion_p50_ms",
+    "peak_rss_mib", "cpu_s_per_gib", "uploads", "uploads_completed_right_size",
+    "bytes_sent_total", "bytes_counted_total", "uploads_total",
+    "uploads_completed_right_size_total",
+}  # fmt: skip
+
+
+def test_smallest_run_counts_every_byte_and_completes_every_upload(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--smallest",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "t",
+            "--data-root",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert {"schema", "started", "command", "unit", "machine", "options", "limits", "targets",
+            "cells"} <= set(result)  # fmt: skip
+    assert {"cores", "cpu", "memory_gib", "filesystem", "kernel"} <= set(result["machine"])
+    assert result["limits"]["disk_MiB_per_s"]["1"] > 0
+    assert {c["shape"] for c in result["cells"]} == {"files", "parallel"}
+    for cell in result["cells"]:
+        assert {"fraction_of_disk", "fraction_of_nginx", "cpu_vs_nginx"} <= set(cell)
+        ours = cell["targets"]["chunkserver"]
+        assert set(ours) >= TARGET_FIELDS
+        assert ours["bytes_sent_total"] == 16 * 2**20
+        assert ours["bytes_counted_total"] == ours["bytes_sent_total"]
+        assert ours["uploads_total"] >= 1
+        assert ours["uploads_completed_right_size_total"] == ours["uploads_total"]
+        assert ours["peak_rss_mib"] > 0 and ours["cpu_s_per_gib"] > 0
+        assert ours["completion_p50_ms"] is not None
+    assert "| shape | chunk | conc |" in (tmp_path / "t.md").read_text()
+    assert "| files | 1 MiB | 2 |" in done.stdout
+    assert (tmp_path / "t.png").stat().st_size > 1000
