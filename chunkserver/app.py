@@ -116,10 +116,14 @@ def cors_middleware(origins: tuple[str, ...]) -> Middleware:
     return cors
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+UNIX_PEER = "unix"
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request; the client is X-Forwarded-For's when a trusted proxy sent it."""
 
-    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted: tuple[Network | str, ...] = ()
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
@@ -135,12 +139,12 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
-def client_address(
-    request: web.BaseRequest,
-    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
-) -> str:
-    """The client's address: the peer, or the last untrusted hop of X-Forwarded-For."""
-    peer = request.remote or "-"
+def client_address(request: web.BaseRequest, trusted: tuple[Network | str, ...]) -> str:
+    """The client's address: the peer, or the last untrusted hop of X-Forwarded-For.
+
+    A peer on the unix socket is called "unix"; `trusted` may hold "unix" to believe it.
+    """
+    peer = request.remote or UNIX_PEER
     if not trusted or not _is_trusted(peer, trusted):
         return peer
     hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
@@ -150,19 +154,22 @@ def client_address(
     return hops[0] if hops else peer
 
 
-def _is_trusted(
-    address: str, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-) -> bool:
+def _is_trusted(address: str, trusted: tuple[Network | str, ...]) -> bool:
+    if address == UNIX_PEER:
+        return UNIX_PEER in trusted
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(ip in network for network in trusted)
+    return any(not isinstance(network, str) and ip in network for network in trusted)
 
 
 def access_logger_for(config: Config) -> type[AccessLogger]:
-    networks = tuple(ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies)
-    return type("ConfiguredAccessLogger", (AccessLogger,), {"trusted": networks})
+    trusted = tuple(
+        p if p == UNIX_PEER else ipaddress.ip_network(p, strict=False)
+        for p in config.trusted_proxies
+    )
+    return type("ConfiguredAccessLogger", (AccessLogger,), {"trusted": trusted})
 
 
 async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str) -> None:

@@ -40,6 +40,7 @@ class Config:
     auth_tokens: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
+    accel_redirect_prefix: str = ""
     log_level: str = "info"
     access_log: bool = True
 
@@ -95,16 +96,27 @@ def validate(config: Config) -> Config:
         ("host", config.host.strip() != "", "must not be empty"),
         ("log_level", config.log_level.lower() in LOG_LEVELS, f"must be one of {LOG_LEVELS}"),
         ("auth_tokens", all(t.strip() for t in config.auth_tokens), "must not hold empty tokens"),
+        (
+            "accel_redirect_prefix",
+            config.accel_redirect_prefix == ""
+            or (
+                config.accel_redirect_prefix.startswith("/")
+                and config.accel_redirect_prefix.endswith("/")
+            ),
+            "must be empty or a path that starts and ends with '/'",
+        ),
     ]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why}, got {getattr(config, key)!r}")
     for proxy in config.trusted_proxies:
+        if proxy == "unix":  # whatever connects over the unix socket (nginx, on one host)
+            continue
         try:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             raise ConfigError(
-                f"trusted_proxies: {proxy!r} is not an IP address or network"
+                f"trusted_proxies: {proxy!r} is not an IP address, a network or 'unix'"
             ) from None
     return config
 

@@ -133,9 +133,15 @@ async def download_file(request: web.Request) -> web.StreamResponse:
     if found is None:
         raise FileNotFound()
     path, record = found
-    return web.FileResponse(
-        path, headers={hdrs.CONTENT_DISPOSITION: content_disposition(record.filename)}
-    )
+    disposition = content_disposition(record.filename)
+    prefix = request.app[CONFIG].accel_redirect_prefix
+    if prefix:
+        # Behind nginx: it sends the file from its internal location, with sendfile and Range.
+        location = f"{prefix}{file_id}/{quote(record.filename, safe='')}"
+        return web.Response(
+            headers={"X-Accel-Redirect": location, hdrs.CONTENT_DISPOSITION: disposition}
+        )
+    return web.FileResponse(path, headers={hdrs.CONTENT_DISPOSITION: disposition})
 
 
 async def delete_upload(request: web.Request) -> web.Response:

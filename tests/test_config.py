@@ -49,6 +49,7 @@ def test_overrides_win_and_none_is_ignored(tmp_path: Path) -> None:
         ('log_level = "loud"', "log_level"),
         ("upload_ttl_seconds = 0", "upload_ttl_seconds"),
         ('trusted_proxies = ["not-an-ip"]', "trusted_proxies"),
+        ('accel_redirect_prefix = "no-slashes"', "accel_redirect_prefix"),
         ("max_total_chunks = true", "max_total_chunks"),
     ],
 )

@@ -107,6 +107,11 @@ def test_client_address_trusts_only_configured_proxies() -> None:
     # an untrusted peer cannot claim another address
     assert client_address(request("192.0.2.7", "203.0.113.9"), trusted) == "192.0.2.7"
     assert client_address(request("127.0.0.1", "203.0.113.9"), ()) == "127.0.0.1"
+    # "unix" trusts the peer on the unix socket (nginx on the same host)
+    unix = access_logger_for(Config(trusted_proxies=("unix",))).trusted
+    assert client_address(request("", "198.51.100.1, 127.0.0.1"), unix) == "127.0.0.1"
+    assert client_address(request("", None), unix) == "unix"
+    assert client_address(request("", "203.0.113.9"), ()) == "unix"
 
 
 def test_access_log_shows_the_forwarded_client(

@@ -162,3 +162,14 @@ async def test_upload_page_and_static_files_need_no_token(make_client: ClientFac
     assert module.headers["Content-Type"] in ("application/javascript", "text/javascript")
     assert "export class ChunkedUploader" in await module.text()
     assert (await client.get("/static/%2e%2e/config.py")).status in (401, 403, 404)
+
+
+async def test_download_behind_nginx_answers_x_accel_redirect(make_client: ClientFactory) -> None:
+    client = await make_client(accel_redirect_prefix="/_files/")
+    await send(client, "acc", 0, 1, b"data", filename="a b.txt")
+    resp = await client.get("/files/acc")
+    assert resp.status == 200
+    assert resp.headers["X-Accel-Redirect"] == "/_files/acc/a%20b.txt"
+    assert resp.headers["Content-Disposition"].startswith("attachment;")
+    assert await resp.read() == b""
+    assert (await client.get("/files/none")).status == 404
