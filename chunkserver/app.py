@@ -35,8 +35,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = await handler(request)
     except ChunkServerError as e:
         response = json_answer({"detail": e.detail}, status=e.status)
-        if e.status == 401:
-            response.headers[hdrs.WWW_AUTHENTICATE] = "Bearer"
+        response.headers.update(e.headers)
+        if e.close_connection:
+            # Send the answer, then hang up at once: aiohttp would otherwise linger, reading
+            # what is left of the body for seconds, which is what a stalled client wants.
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            if request.transport is not None:
+                request.transport.close()
     except web.HTTPException as e:
         if e.status < 400:
             raise

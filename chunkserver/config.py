@@ -36,6 +36,8 @@ class Config:
     min_free_bytes: int = 256 * MiB
     upload_ttl_seconds: float = 86_400.0
     sweep_interval_seconds: float = 300.0
+    idle_timeout_seconds: float = 60.0
+    max_inflight_chunks: int = 256
     fsync: bool = False
     auth_tokens: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
@@ -92,6 +94,8 @@ def validate(config: Config) -> Config:
         ("min_free_bytes", config.min_free_bytes >= 0, "must not be negative"),
         ("upload_ttl_seconds", config.upload_ttl_seconds > 0, "must be positive"),
         ("sweep_interval_seconds", config.sweep_interval_seconds > 0, "must be positive"),
+        ("idle_timeout_seconds", config.idle_timeout_seconds > 0, "must be positive"),
+        ("max_inflight_chunks", config.max_inflight_chunks >= 1, "must be at least 1"),
         ("data_dir", config.data_dir.strip() != "", "must not be empty"),
         ("host", config.host.strip() != "", "must not be empty"),
         ("log_level", config.log_level.lower() in LOG_LEVELS, f"must be one of {LOG_LEVELS}"),

@@ -11,6 +11,8 @@ class ChunkServerError(Exception):
     """Base of every error that has an HTTP answer."""
 
     status: int = 500
+    headers: dict[str, str] = {}  # noqa: RUF012 - read-only defaults, replaced per instance
+    close_connection = False
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -23,9 +25,20 @@ class BadRequest(ChunkServerError):
 
 class NotAuthenticated(ChunkServerError):
     status = 401
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012
 
     def __init__(self, detail: str = "Not authenticated") -> None:
         super().__init__(detail)
+
+
+class ClientTooSlow(ChunkServerError):
+    """No byte of the request body arrived for `idle_timeout_seconds` (a stalled client)."""
+
+    status = 408
+    close_connection = True
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"Chunk upload failed: no data received for {seconds:g} seconds")
 
 
 class FileNotFound(ChunkServerError):
@@ -62,3 +75,13 @@ class StorageFailure(ChunkServerError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"Chunk upload failed: {reason}")
+
+
+class ServerBusy(ChunkServerError):
+    """More chunks in flight than `max_inflight_chunks`; the client should retry later."""
+
+    status = 503
+    headers = {"Retry-After": "1"}  # noqa: RUF012
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Server busy: {limit} chunks already in flight (max_inflight_chunks)")

@@ -5,6 +5,7 @@ No handler builds a path or touches the disk; that is the store's job.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,10 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
-from .errors import BadRequest, FileNotFound
+from .errors import BadRequest, ClientTooSlow, FileNotFound
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkFields, ChunkForm, check_file_id
 from .keys import CONFIG, UPLOADS
-from .multipart import MultipartParser, boundary_from_content_type
+from .multipart import MultipartParser, ReadFunction, boundary_from_content_type
 from .store import CompletedUpload, TempChunk, UploadProgress
 
 JSON = "application/json"
@@ -40,11 +41,30 @@ def _completed_chunk_answer(record: CompletedUpload) -> dict[str, Any]:
     }
 
 
+def read_with_idle_timeout(request: web.Request, seconds: float) -> ReadFunction:
+    """`request.content.readany`, cut off with ClientTooSlow when no byte comes for `seconds`."""
+    read = request.content.readany
+
+    async def read_or_give_up() -> bytes:
+        try:
+            async with asyncio.timeout(seconds):
+                return await read()
+        except TimeoutError:
+            raise ClientTooSlow(seconds) from None
+
+    return read_or_give_up
+
+
 async def upload_chunk(request: web.Request) -> web.Response:
+    with request.app[UPLOADS].admit():
+        return await _upload_chunk(request)
+
+
+async def _upload_chunk(request: web.Request) -> web.Response:
     uploads = request.app[UPLOADS]
     config = request.app[CONFIG]
     boundary = boundary_from_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
-    parser = MultipartParser(request.content.readany, boundary)
+    parser = MultipartParser(read_with_idle_timeout(request, config.idle_timeout_seconds), boundary)
     form = ChunkForm(max_total_chunks=config.max_total_chunks)
     temp: TempChunk | None = None
     computed_sha256: str | None = None

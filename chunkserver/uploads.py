@@ -8,15 +8,16 @@ the store's flock does the same across processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 from .config import Config
-from .errors import ChecksumMismatch, DiskFull, PayloadTooLarge, UploadConflict
+from .errors import ChecksumMismatch, DiskFull, PayloadTooLarge, ServerBusy, UploadConflict
 from .forms import ChunkFields, check_total_size
 from .locks import KeyedLocks
 from .manifest import ChunkSet, Manifest
@@ -56,6 +57,7 @@ class Uploads:
         self.manifest = Manifest()
         self.locks = KeyedLocks()
         self.metrics = Metrics()
+        self.inflight = 0  # chunk requests being handled now
 
     @classmethod
     def open(cls, config: Config) -> Uploads:
@@ -72,13 +74,12 @@ class Uploads:
         self.commit_executor.shutdown(wait=True)
 
     async def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        """Run a blocking store call in the I/O executor."""
+        return await _in_executor(self.executor, fn, *args, **kwargs)
 
     async def _run_commit(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
-        loop = asyncio.get_running_loop()
-        call = functools.partial(fn, *args, **kwargs)
-        return await loop.run_in_executor(self.commit_executor, call)
+        """Run a commit, merge, delete or sweep: they may wait on the cross-process lock."""
+        return await _in_executor(self.commit_executor, fn, *args, **kwargs)
 
     async def rebuild_manifest(self) -> None:
         """Fill the manifest from the disk (at start)."""
@@ -96,6 +97,17 @@ class Uploads:
         return found
 
     # -- receiving a chunk --
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a chunk request in flight; refuse it (503) past `max_inflight_chunks`."""
+        if self.inflight >= self.config.max_inflight_chunks:
+            raise ServerBusy(self.config.max_inflight_chunks)
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     async def check_before_chunk(
         self, fields: ChunkFields, content_length: int | None
@@ -260,3 +272,10 @@ class Uploads:
 
     async def is_healthy(self) -> bool:
         return await self._run(self.store.is_writable)
+
+
+async def _in_executor(
+    executor: ThreadPoolExecutor, fn: Callable[..., T], *args: object, **kwargs: object
+) -> T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
