@@ -26,6 +26,15 @@ from chunkserver import Config, create_app
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-seconds",
+        type=float,
+        default=60.0,
+        help="how long tests/soak runs its load (60 s in CI; 600 for the long soak)",
+    )
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return Config(data_dir=str(tmp_path / "data"), min_free_bytes=0, access_log=False)
@@ -110,6 +119,14 @@ class ServerProcess:
             self.process.kill()
             self.process.wait(10)
 
+    def close(self) -> None:
+        """Kill the process if it still runs and release its output pipe."""
+        self.kill()
+        if self.reader is not None:
+            self.reader.join(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
 
 def start_server(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
     """Run `chunkserver serve` for real on a free port; wait until it says where it listens."""
@@ -165,11 +182,7 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in started:
         try:
-            os.killpg(server.process.pid, signal.SIGKILL)
+            os.killpg(server.process.pid, signal.SIGKILL)  # with its workers, if any
         except ProcessLookupError:
             pass
-        server.process.wait(10)
-        if server.reader is not None:
-            server.reader.join(10)
-        assert server.process.stdout is not None
-        server.process.stdout.close()
+        server.close()

@@ -122,11 +122,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     except subprocess.TimeoutExpired:
         nginx.kill()
     for server in servers:
-        server.kill()
-        if server.reader is not None:
-            server.reader.join(5)
-        if server.process.stdout is not None:
-            server.process.stdout.close()
+        server.close()
 
 
 def posts_seen_by(server: ServerProcess) -> int:
