@@ -51,14 +51,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         for name in (hdrs.ALLOW, hdrs.RETRY_AFTER):
             if name in e.headers:
                 response.headers[name] = e.headers[name]
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
+    except ConnectionResetError:
+        # The client went away mid-request (its temp file is already removed): nobody is
+        # left to answer, so no traceback either; the status is for the metrics only.
+        log.info("Client disconnected during %s %s", request.method, request.path)
+        response = json_answer({"detail": "Client disconnected"}, status=400)
     except Exception:
         log.exception("Unexpected error on %s %s", request.method, request.path)
         detail = "Internal server error"
         if request.path == "/upload-chunk":
             detail = "Chunk upload failed: internal error"
         response = json_answer({"detail": detail}, status=500)
+    if uploads.draining:
+        response.force_close()
     uploads.metrics.count_request(response.status)
     if request.path == "/upload-chunk" and response.status >= 400:
         uploads.metrics.inc("chunks_rejected")

@@ -24,8 +24,14 @@ from aiohttp import web
 
 from .app import access_logger_for, create_app
 from .config import Config
+from .keys import UPLOADS
+from .uploads import Uploads
 
 SHUTDOWN_TIMEOUT = 30.0
+# aiohttp's own shutdown comes after our drain of the chunks in flight. It can wait out its
+# whole timeout on a keep-alive connection that went idle as it began, so keep it short;
+# what it still cuts is a download in progress, which the client resumes with Range.
+AIOHTTP_SHUTDOWN_TIMEOUT = 2.0
 READ_BUFSIZE = 256 * 1024
 log = logging.getLogger("chunkserver")
 
@@ -86,7 +92,7 @@ async def _serve_async(config: Config, sock: socket.socket, announce: bool) -> N
         handle_signals=False,
         access_log_class=access_logger_for(config),
         access_log=logging.getLogger("chunkserver.access") if config.access_log else None,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
+        shutdown_timeout=AIOHTTP_SHUTDOWN_TIMEOUT,
         read_bufsize=READ_BUFSIZE,
     )
     await runner.setup()
@@ -102,7 +108,26 @@ async def _serve_async(config: Config, sock: socket.socket, announce: bool) -> N
         await stop.wait()
     finally:
         log.info("Stopping: finishing requests in flight")
+        await _drain(app[UPLOADS], site)
         await runner.cleanup()
+
+
+async def _drain(uploads: Uploads, site: web.BaseSite) -> None:
+    """Stop accepting, then let the chunks in flight finish (up to SHUTDOWN_TIMEOUT).
+
+    This comes before aiohttp's own shutdown because that one stops reading from every
+    connection at once, so a chunk whose body is still arriving would never get its last
+    bytes and would be cut only when the timeout ends. Meanwhile answers say
+    `Connection: close`, so that clients take their next chunk elsewhere.
+    """
+    uploads.draining = True
+    await site.stop()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SHUTDOWN_TIMEOUT
+    while uploads.inflight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if uploads.inflight:
+        log.warning("Cutting %d chunk requests still in flight", uploads.inflight)
 
 
 def run_one(config: Config, sock: socket.socket, *, announce: bool) -> None:

@@ -58,6 +58,7 @@ class Uploads:
         self.locks = KeyedLocks()
         self.metrics = Metrics()
         self.inflight = 0  # chunk requests being handled now
+        self.draining = False  # the process is stopping: answers close their connection
 
     @classmethod
     def open(cls, config: Config) -> Uploads:

@@ -35,6 +35,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The soak's own time limit follows --soak-seconds (the default limit is 120 s)."""
+    seconds = config.getoption("--soak-seconds")
+    for item in items:
+        if item.nodeid.startswith("tests/soak/"):
+            item.add_marker(pytest.mark.timeout(seconds + 240))
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return Config(data_dir=str(tmp_path / "data"), min_free_bytes=0, access_log=False)

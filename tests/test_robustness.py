@@ -129,3 +129,39 @@ def test_access_log_shows_the_forwarded_client(
             break
         time.sleep(0.05)
     assert any('203.0.113.9 "GET /healthz HTTP/1.1" 200' in line for line in server.output)
+
+
+def test_sigterm_lets_a_chunk_in_flight_finish(
+    servers: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = servers()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    fields = {"file_id": "drain", "chunk_index": 0, "total_chunks": 2, "filename": "f"}
+    head = (
+        "".join(
+            f'--b\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+            for k, v in fields.items()
+        )
+        + '--b\r\nContent-Disposition: form-data; name="chunk"; filename="b"\r\n\r\n'
+    )
+    tail = b"\r\n--b--\r\n"
+    body = head.encode() + b"y" * 400_000 + tail
+    sock.sendall(
+        b"POST /upload-chunk HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body[:200_000]
+    )
+    time.sleep(0.3)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the server is stopping while the chunk is still arriving
+    sock.sendall(body[200_000:])
+    answer = sock.recv(65536).decode()
+    sock.close()
+    assert answer.startswith("HTTP/1.1 200"), answer
+    assert "Connection: close" in answer
+    assert '"uploaded_chunks": 1' in answer
+    started = time.monotonic()
+    assert server.process.wait(20) == 0
+    assert time.monotonic() - started < 5
+    assert (tmp_path / "data" / "chunks" / "drain" / "chunk_000000").stat().st_size == 400_000
