@@ -217,6 +217,7 @@ def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterato
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await uploads.stop_assembling()
         with contextlib.suppress(OSError):
             uploads.metrics.unpublish(uploads.metrics_dir)
         uploads.close()

@@ -42,13 +42,21 @@ def _completed_chunk_answer(record: CompletedUpload) -> dict[str, Any]:
 
 
 def read_with_idle_timeout(request: web.Request, seconds: float) -> ReadFunction:
-    """`request.content.readany`, cut off with ClientTooSlow when no byte comes for `seconds`."""
-    read = request.content.readany
+    """The body's next received piece; ClientTooSlow when no byte comes for `seconds`.
+
+    `readchunk` hands over one received buffer as it is, where `readany` would join all the
+    buffers waiting into a new one: a copy of every byte whenever the loop falls behind.
+    """
+    content = request.content
 
     async def read_or_give_up() -> bytes:
         try:
             async with asyncio.timeout(seconds):
-                return await read()
+                while True:
+                    data, end_of_http_chunk = await content.readchunk()
+                    # (b"", True) only marks the end of a chunked-encoding chunk.
+                    if data or not end_of_http_chunk:
+                        return data
         except TimeoutError:
             raise ClientTooSlow(seconds) from None
 

@@ -14,6 +14,7 @@ framing. Limits are keyword-only arguments.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from email.message import Message
@@ -52,23 +53,46 @@ class PartHeaders:
     content_type: str | None
 
 
+# What browsers and HTTP clients send for form fields and files; anything else (escapes,
+# RFC 2231 extended parameters, other spacing) goes through the email package's parser.
+_SIMPLE_DISPOSITION = re.compile(r'form-data; name="([^"\\%]*)"(?:; filename="([^"\\%]*)")?', re.I)
+
+
 def parse_part_headers(block: bytes) -> PartHeaders:
     """Parse the header block of one part (without its final blank line)."""
-    message = Message()
+    headers: list[tuple[str, str]] = []
     for line in block.split(_CRLF):
         if not line:
             continue
         key, sep, value = line.decode("utf-8", "replace").partition(":")
         if not sep:
             raise MalformedMultipart("Malformed multipart part header")
-        message[key.strip()] = value.strip()
-    if message.get("content-disposition") is None:
+        headers.append((key.strip(), value.strip()))
+    disposition = content_type = None
+    for key, value in headers:
+        lowered = key.lower()
+        if lowered == "content-disposition" and disposition is None:
+            disposition = value
+        elif lowered == "content-type" and content_type is None:
+            content_type = value
+    if disposition is None:
         raise MalformedMultipart("A multipart part has no Content-Disposition header")
+    simple = _SIMPLE_DISPOSITION.fullmatch(disposition)
+    # A parameter of Content-Type can stand in for the filename: leave that to email.
+    if simple is not None and (content_type is None or ";" not in content_type):
+        filename = simple[2].strip() if simple[2] is not None else None  # as email does
+        return PartHeaders(name=simple[1], filename=filename, content_type=content_type)
+    return _parse_with_email(headers, content_type)
+
+
+def _parse_with_email(headers: list[tuple[str, str]], content_type: str | None) -> PartHeaders:
+    message = Message()
+    for key, value in headers:
+        message[key] = value
     name = message.get_param("name", header="content-disposition")
     filename = message.get_filename()
     if not isinstance(name, str):
         raise MalformedMultipart("A multipart part has no name")
-    content_type = message.get("content-type")
     return PartHeaders(name=name, filename=filename, content_type=content_type)
 
 

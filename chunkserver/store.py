@@ -6,6 +6,7 @@ Layout under the data folder (see the README):
     chunks/<file_id>/.meta.json            filename, total_chunks, total_size, identity
     chunks/<file_id>/.lock                 the cross-process lock (flock)
     chunks/<file_id>/.chunk_000003.<pid>.<rand>.part    a chunk being received
+    chunks/<file_id>/.assembly.<pid>.<rand>.assembling  the merged file built ahead (assembly.py)
     chunks/.incoming/<pid>.<rand>.part     a chunk received before its form fields
     uploads/<file_id>/<filename>           the merged file
     uploads/<file_id>.json                 the completion record: size and sha256
@@ -20,24 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
-import mmap
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .assembly import Assembly
 from .errors import (
     DiskFull,
     PayloadTooLarge,
     StorageFailure,
     UploadConflict,
 )
+from .fileio import fsync_dir
 from .locks import FileLock, pid_alive
 from .manifest import ChunkSet
 
@@ -45,7 +46,7 @@ CHUNK_PREFIX = "chunk_"
 META_NAME = ".meta.json"
 LOCK_NAME = ".lock"
 INCOMING = ".incoming"
-TEMP_SUFFIXES = (".part", ".merging", ".tmp")
+TEMP_SUFFIXES = (".part", ".merging", ".tmp", ".assembling")
 # A folder with no metadata and no live temporary file is a leftover after this long.
 ORPHAN_GRACE_SECONDS = 60.0
 
@@ -152,7 +153,12 @@ class Store(Protocol):
         chunks: ChunkSet,
         *,
         max_file_bytes: int,
+        assembly: Assembly | None = None,
     ) -> Committed: ...
+    def start_assembly(self, meta: UploadMeta) -> Assembly | None: ...
+    def advance_assembly(
+        self, assembly: Assembly, meta: UploadMeta, budget: int, *, keep_free: int
+    ) -> bool: ...
     def completed_file(self, file_id: str) -> tuple[Path, CompletedUpload] | None: ...
     def delete(self, file_id: str) -> bool: ...
     def sweep(self, *, ttl_seconds: float, max_file_bytes: int) -> SweepReport: ...
@@ -267,12 +273,14 @@ class FileStore:
         chunks: ChunkSet,
         *,
         max_file_bytes: int,
+        assembly: Assembly | None = None,
     ) -> Committed:
         """Move a received chunk into place; merge when it was the last one missing.
 
         `chunks` is the caller's cache of this upload's stored chunks; it is brought up to
         date here, under the cross-process lock, and may be reset if the upload on disk is
-        not the one it describes. Consumes `temp` whatever happens.
+        not the one it describes. The merge continues `assembly` when it is still good.
+        Consumes `temp` whatever happens.
         """
         file_id = proposed.file_id
         try:
@@ -296,10 +304,10 @@ class FileStore:
                     )
                 os.rename(temp.path, self._chunk_path(file_id, index))
                 if self.fsync:
-                    _fsync_dir(self._chunk_dir(file_id))
+                    fsync_dir(self._chunk_dir(file_id))
                 chunks.add(index, temp.size)
                 if self._all_chunks_stored(meta, chunks):
-                    record = self._merge(meta, max_file_bytes=max_file_bytes)
+                    record = self._merge(meta, max_file_bytes=max_file_bytes, assembly=assembly)
                     return Committed(meta=meta, chunks=chunks, record=record, merged_here=True)
                 return Committed(meta=meta, chunks=chunks)
         except OSError as e:
@@ -341,48 +349,136 @@ class FileStore:
 
     # -- merging --
 
-    def _merge(self, meta: UploadMeta, *, max_file_bytes: int) -> CompletedUpload:
-        """Join the chunks in index order, record size and sha256, remove the chunks."""
-        file_id = meta.file_id
-        temp_path = self.uploads_dir / self._temp_name(file_id, ".merging")
-        out = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        digest = hashlib.sha256()
-        size = 0
+    def start_assembly(self, meta: UploadMeta) -> Assembly | None:
+        """Create an empty assembly for `meta`'s upload; None when its folder is gone."""
+        path = self._chunk_dir(meta.file_id) / self._temp_name(".assembly", ".assembling")
         try:
-            for index in range(meta.total_chunks):
-                size += _append_file(self._chunk_path(file_id, index), out, digest)
-            if size > max_file_bytes:
-                raise PayloadTooLarge(f"Upload exceeds max_file_bytes ({max_file_bytes} bytes)")
-            if meta.total_size is not None and size != meta.total_size:
-                raise UploadConflict(
-                    f"The merged size {size} does not match total_size {meta.total_size}"
+            assembly = Assembly.create(meta.token, path)
+            assembly.close_file()
+            return assembly
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise storage_error(e) from e
+
+    def advance_assembly(
+        self, assembly: Assembly, meta: UploadMeta, budget: int, *, keep_free: int
+    ) -> bool:
+        """Copy and hash the next stored chunks into `assembly`, about `budget` bytes.
+
+        Stops before a copy that would leave less than `keep_free` bytes free on the disk.
+
+        Returns True when there may be more to do at once. On a storage error the assembly
+        is discarded (the merge will read the chunks itself) and the error is not raised:
+        no request is waiting for this work.
+        """
+        with assembly.mutex:
+            if assembly.finished:
+                return False
+            try:
+                if not assembly.open():  # removed or changed under us: of no use now
+                    assembly.close()
+                    return False
+                return assembly.append_available(
+                    lambda index: self._chunk_path(meta.file_id, index),
+                    meta.total_chunks,
+                    budget,
+                    lambda size: self.free_bytes() - size >= keep_free,
                 )
-            if self.fsync:
-                os.fsync(out)
-        except BaseException:
-            os.close(out)
-            os.unlink(temp_path)
-            raise
-        os.close(out)
-        final_dir = self.uploads_dir / file_id
-        if final_dir.exists():
-            shutil.rmtree(final_dir)  # a leftover from a merge cut short before its record
-        final_dir.mkdir()
-        os.rename(temp_path, final_dir / meta.filename)
-        if self.fsync:
-            _fsync_dir(final_dir)
-            _fsync_dir(self.uploads_dir)
+            except OSError:
+                assembly.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(assembly.path)
+                return False
+            finally:
+                assembly.close_file()
+
+    def _merge(
+        self, meta: UploadMeta, *, max_file_bytes: int, assembly: Assembly | None = None
+    ) -> CompletedUpload:
+        """Join the chunks in index order, record size and sha256, remove the chunks.
+
+        Continues `assembly` (the prefix already copied and hashed) when it belongs to this
+        upload and is intact; otherwise starts from the first chunk.
+        """
+        file_id = meta.file_id
+
+        def chunk_path(index: int) -> Path:
+            return self._chunk_path(file_id, index)
+
+        merging = self._assembly_for_merge(meta, assembly, chunk_path)
+        try:
+            self._finish_merge(merging, meta, max_file_bytes, chunk_path)
+        finally:
+            merging.mutex.release()
         record = CompletedUpload(
             file_id=file_id,
             filename=meta.filename,
-            size=size,
-            sha256=digest.hexdigest(),
+            size=merging.size,
+            sha256=merging.digest.hexdigest(),
             total_chunks=meta.total_chunks,
             completed_at=time.time(),
         )
         self._write_json(self._record_path(file_id), asdict(record))
         self._remove_chunk_dir(file_id)
         return record
+
+    def _assembly_for_merge(
+        self, meta: UploadMeta, assembly: Assembly | None, chunk_path: Callable[[int], Path]
+    ) -> Assembly:
+        """`assembly` when it can be continued, else a new one; returned with its mutex held."""
+        if assembly is not None:
+            assembly.mutex.acquire()  # waits for a background step in progress
+            try:
+                reusable = assembly.token == meta.token and not assembly.finished
+                if reusable and assembly.open():
+                    if not assembly.chunks_unchanged(chunk_path):
+                        assembly.restart()
+                    return assembly
+            except BaseException:
+                assembly.mutex.release()
+                raise
+            assembly.mutex.release()
+        fresh = Assembly.create(
+            meta.token, self.uploads_dir / self._temp_name(meta.file_id, ".merging")
+        )
+        fresh.mutex.acquire()
+        return fresh
+
+    def _finish_merge(
+        self,
+        assembly: Assembly,
+        meta: UploadMeta,
+        max_file_bytes: int,
+        chunk_path: Callable[[int], Path],
+    ) -> None:
+        """Append the chunks `assembly` lacks, check the size, move it into place."""
+        try:
+            while assembly.next_index < meta.total_chunks:
+                if not assembly.append_chunk(chunk_path(assembly.next_index)):
+                    raise StorageFailure(f"chunk {assembly.next_index} vanished during the merge")
+            if assembly.size > max_file_bytes:
+                raise PayloadTooLarge(f"Upload exceeds max_file_bytes ({max_file_bytes} bytes)")
+            if meta.total_size is not None and assembly.size != meta.total_size:
+                raise UploadConflict(
+                    f"The merged size {assembly.size} does not match total_size {meta.total_size}"
+                )
+            if self.fsync:
+                os.fsync(assembly.fd)
+        except BaseException:
+            assembly.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(assembly.path)
+            raise
+        assembly.close()
+        final_dir = self.uploads_dir / meta.file_id
+        if final_dir.exists():
+            shutil.rmtree(final_dir)  # a leftover from a merge cut short before its record
+        final_dir.mkdir()
+        os.rename(assembly.path, final_dir / meta.filename)
+        if self.fsync:
+            fsync_dir(final_dir)
+            fsync_dir(self.uploads_dir)
 
     # -- completed files --
 
@@ -422,11 +518,13 @@ class FileStore:
         report.removed_temp_files += self._remove_stray_temps(self.incoming_dir, now, ttl_seconds)
         report.removed_temp_files += self._remove_stray_temps(self.uploads_dir, now, ttl_seconds)
         for file_id in self.uploads_in_progress():
+            # Expiry first: removing a stray file touches the folder, which would count as
+            # activity and put the expiry off by a whole TTL.
+            with contextlib.suppress(FileNotFoundError):
+                self._sweep_upload(file_id, now, ttl_seconds, max_file_bytes, report)
             report.removed_temp_files += self._remove_stray_temps(
                 self._chunk_dir(file_id), now, ttl_seconds
             )
-            with contextlib.suppress(FileNotFoundError):
-                self._sweep_upload(file_id, now, ttl_seconds, max_file_bytes, report)
         return report
 
     def _sweep_upload(
@@ -501,64 +599,7 @@ class FileStore:
                 os.fsync(f.fileno())
         os.replace(temp, path)
         if self.fsync:
-            _fsync_dir(path.parent)
-
-
-def _append_file(path: Path, out: int, digest: hashlib._Hash) -> int:
-    """Hash `path` and append it to `out`; the kernel moves the bytes where it can."""
-    src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(src).st_size
-        if size == 0:
-            return 0
-        hash_file(src, size, digest)
-        _copy_range(src, out, size)
-        return size
-    finally:
-        os.close(src)
-
-
-HASH_WINDOW_BYTES = 4 * 1024 * 1024
-
-
-def hash_file(fd: int, size: int, digest: hashlib._Hash) -> None:
-    """Feed the first `size` bytes of `fd` to `digest`.
-
-    Read-only maps of the page cache, a window at a time: no copy into Python, and at most
-    one window counted in the process's resident memory whatever the file size.
-    """
-    for offset in range(0, size, HASH_WINDOW_BYTES):
-        length = min(HASH_WINDOW_BYTES, size - offset)
-        with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=offset) as view:
-            digest.update(view)
-
-
-def _copy_range(src: int, out: int, size: int) -> None:
-    """Copy `size` bytes from the start of `src` to the end of `out` inside the kernel."""
-    copied = 0
-    try:
-        while copied < size:
-            n = os.copy_file_range(src, out, size - copied, copied)
-            if n == 0:
-                raise OSError(errno.EIO, "copy_file_range stopped early")
-            copied += n
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    while copied < size:  # other filesystems: sendfile still avoids user space
-        n = os.sendfile(out, src, copied, size - copied)
-        if n == 0:
-            raise OSError(errno.EIO, "sendfile stopped early")
-        copied += n
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_dir(path.parent)
 
 
 def _writer_alive(temp_name: str) -> bool:

@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
 from .errors import PayloadTooLarge
-from .store import TempChunk, hash_file, storage_error
+from .fileio import hash_file
+from .store import TempChunk, storage_error
 
 WRITE_BATCH_BYTES = 1024 * 1024
 # Stay well below IOV_MAX (1024) however small the pieces a slow client sends.

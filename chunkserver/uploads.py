@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from .assembly import Assembly
 from .config import Config
 from .errors import ChecksumMismatch, DiskFull, PayloadTooLarge, ServerBusy, UploadConflict
 from .forms import ChunkFields, check_total_size
@@ -35,6 +37,10 @@ from .store import (
 from .streaming import receive_into, sha256_of_file
 
 T = TypeVar("T")
+log = logging.getLogger("chunkserver")
+
+# How much one background assembly step copies and hashes before it lets a merge in.
+ASSEMBLY_STEP_BYTES = 8 * 1024 * 1024
 
 # Room for the form fields and multipart framing around a chunk, when judging Content-Length.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -47,6 +53,7 @@ class Uploads:
         store: Store,
         executor: ThreadPoolExecutor,
         commit_executor: ThreadPoolExecutor,
+        assembly_executor: ThreadPoolExecutor,
     ) -> None:
         self.config = config
         self.store = store
@@ -54,6 +61,11 @@ class Uploads:
         # Commits wait on the cross-process lock and merges run for seconds: they get threads
         # of their own, so that they never hold up the writes of chunks being received.
         self.commit_executor = commit_executor
+        # Building merged files ahead of their last chunk (assembly.py) is background work:
+        # its own threads, so that it never delays a commit or a write.
+        self.assembly_executor = assembly_executor
+        self.assemblies: dict[str, Assembly] = {}
+        self.assembling: dict[str, asyncio.Task[None]] = {}
         self.manifest = Manifest()
         self.locks = KeyedLocks()
         self.metrics = Metrics()
@@ -68,11 +80,23 @@ class Uploads:
             store,
             ThreadPoolExecutor(max_workers=16, thread_name_prefix="chunkserver-io"),
             ThreadPoolExecutor(max_workers=8, thread_name_prefix="chunkserver-commit"),
+            ThreadPoolExecutor(max_workers=4, thread_name_prefix="chunkserver-assembly"),
         )
 
+    async def stop_assembling(self) -> None:
+        """Stop the background assembly (at shutdown); the chunks stay the truth."""
+        tasks = list(self.assembling.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def close(self) -> None:
+        self.assembly_executor.shutdown(wait=True)
         self.executor.shutdown(wait=True)
         self.commit_executor.shutdown(wait=True)
+        for assembly in self.assemblies.values():
+            assembly.discard()
+        self.assemblies.clear()
 
     async def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run a blocking store call in the I/O executor."""
@@ -180,6 +204,7 @@ class Uploads:
         except BaseException:
             await self._run(temp.discard)
             raise
+        assembly = self.assemblies.get(fields.file_id)
         async with self.locks.hold(fields.file_id):
             proposed, chunks = self._proposal(fields)
             # Shielded: once the commit has started, a cancelled request must not leave it
@@ -192,12 +217,15 @@ class Uploads:
                     fields.chunk_index,
                     chunks,
                     max_file_bytes=self.config.max_file_bytes,
+                    assembly=assembly,
                 )
             )
         if result.record is not None:
             self.manifest.forget(fields.file_id)
+            await self._drop_assembly(fields.file_id)
         elif result.meta is not None:
             self.manifest.remember(result.meta, result.chunks)
+            self._assemble_ahead(result.meta, result.chunks)
         if result.record is None or result.merged_here:
             self.metrics.inc("chunks_stored")
         if result.merged_here:
@@ -216,6 +244,61 @@ class Uploads:
             fields.file_id, fields.filename, fields.total_chunks, fields.total_size
         )
         return meta, ChunkSet(meta.token)
+
+    # -- building the merged file ahead --
+
+    def _assemble_ahead(self, meta: UploadMeta, chunks: ChunkSet) -> None:
+        """Start copying the stored prefix into the upload's assembly, unless it is running."""
+        if meta.file_id in self.assembling or self.draining:
+            return
+        assembly = self.assemblies.get(meta.file_id)
+        copied = assembly.next_index if assembly is not None else 0
+        if chunks.first_missing() > copied:
+            task = asyncio.create_task(self._assemble(meta))
+            self.assembling[meta.file_id] = task
+
+    async def _assemble(self, meta: UploadMeta) -> None:
+        file_id = meta.file_id
+        try:
+            assembly = self.assemblies.get(file_id)
+            if assembly is None or assembly.finished or assembly.token != meta.token:
+                await self._drop_assembly(file_id)
+                assembly = await _in_executor(
+                    self.assembly_executor, self.store.start_assembly, meta
+                )
+                if assembly is None:
+                    return
+                self.assemblies[file_id] = assembly
+            while True:
+                more = await _in_executor(
+                    self.assembly_executor,
+                    self.store.advance_assembly,
+                    assembly,
+                    meta,
+                    ASSEMBLY_STEP_BYTES,
+                    keep_free=self._assembly_keep_free(),
+                )
+                if assembly.finished:
+                    break
+                entry = self.manifest.get(file_id)
+                known = entry.chunks.first_missing() if entry is not None else 0
+                # Go on while chunks committed during the step extend the prefix.
+                if not more and known <= assembly.next_index:
+                    break
+        except Exception:
+            # Only a head start is lost: the merge reads whatever the assembly lacks.
+            log.warning("Building the merged file of %s ahead failed", file_id, exc_info=True)
+        finally:
+            self.assembling.pop(file_id, None)
+
+    def _assembly_keep_free(self) -> int:
+        """Free space the head start must leave: room for a chunk to come, and the margin."""
+        return self.config.min_free_bytes + self.config.max_chunk_bytes
+
+    async def _drop_assembly(self, file_id: str) -> None:
+        assembly = self.assemblies.pop(file_id, None)
+        if assembly is not None:
+            await _in_executor(self.assembly_executor, assembly.discard)
 
     async def discard(self, temp: TempChunk) -> None:
         await self._run(temp.discard)
@@ -237,6 +320,7 @@ class Uploads:
         async with self.locks.hold(file_id):
             existed = await self._run_commit(self.store.delete, file_id)
         self.manifest.forget(file_id)
+        await self._drop_assembly(file_id)
         if existed:
             self.metrics.inc("uploads_aborted")
         return existed
@@ -248,7 +332,10 @@ class Uploads:
             max_file_bytes=self.config.max_file_bytes,
         )
         # Forget what ended anywhere: expired, merged here or by another process, deleted.
-        self.manifest.retain(await self._run(self.store.uploads_in_progress))
+        in_progress = await self._run(self.store.uploads_in_progress)
+        self.manifest.retain(in_progress)
+        for file_id in set(self.assemblies) - set(in_progress) - set(self.assembling):
+            await self._drop_assembly(file_id)
         self.metrics.inc("uploads_failed", len(report.expired))
         self.metrics.inc("uploads_completed", len(report.merged))
         return report

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from chunkserver.multipart import (
     MalformedMultipart,
     MultipartParser,
+    _parse_with_email,
     boundary_from_content_type,
+    parse_part_headers,
 )
 
 # Bodies rich in near-boundaries, so that split reads cut through them.
@@ -120,3 +122,33 @@ def test_boundary_from_content_type() -> None:
         boundary_from_content_type("application/json")
     with pytest.raises(Exception, match="boundary"):
         boundary_from_content_type("multipart/form-data")
+
+
+header_text = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\r\n"), max_size=20
+)
+
+
+@given(
+    name=header_text,
+    filename=st.one_of(st.none(), header_text),
+    content_type=st.sampled_from([None, "application/octet-stream", "text/plain; name=x.txt"]),
+    spacing=st.sampled_from(["; ", ";", " ; "]),
+)
+def test_header_fast_path_agrees_with_the_email_parser(
+    name: str, filename: str | None, content_type: str | None, spacing: str
+) -> None:
+    disposition = f'form-data{spacing}name="{name}"'
+    if filename is not None:
+        disposition += f'{spacing}filename="{filename}"'
+    headers = [("Content-Disposition", disposition)]
+    if content_type is not None:
+        headers.append(("Content-Type", content_type))
+    block = "\r\n".join(f"{k}: {v}" for k, v in headers).encode()
+    try:
+        expected = _parse_with_email(headers, content_type)
+    except MalformedMultipart:
+        with pytest.raises(MalformedMultipart):
+            parse_part_headers(block)
+        return
+    assert parse_part_headers(block) == expected

@@ -1,0 +1,141 @@
+"""The merged file built ahead of the last chunk: right whatever happens to its chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+from chunkserver import Config
+from chunkserver.keys import UPLOADS
+from chunkserver.store import FileStore, UploadMeta
+
+from .conftest import ClientFactory, chunk_form, sha256, temp_files
+
+KiB = 1024
+
+
+def assembly_files(data_dir: Path, file_id: str) -> list[Path]:
+    return list((data_dir / "chunks" / file_id).glob(".assembly.*.assembling"))
+
+
+async def wait_for_assembly(data_dir: Path, file_id: str, size: int) -> Path:
+    """The upload's assembly once it holds `size` bytes (the background work is done)."""
+    for _ in range(200):
+        found = assembly_files(data_dir, file_id)
+        if found and found[0].stat().st_size == size:
+            return found[0]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no assembly of {size} bytes: {found}")
+
+
+async def send(client, file_id: str, index: int, total: int, data: bytes) -> dict:
+    resp = await client.post("/upload-chunk", data=chunk_form(file_id, index, total, data))
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+def open_assembly_files() -> list[str]:
+    """Assembly files this process holds open (the test server runs in it)."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return [link for link in links if ".assembl" in link]
+
+
+def deleted_open_files() -> list[str]:
+    return [link for link in open_assembly_files() if link.endswith("(deleted)")]
+
+
+async def test_prefix_is_copied_and_hashed_as_chunks_arrive(
+    make_client: ClientFactory, config: Config
+) -> None:
+    client = await make_client()
+    data_dir = Path(config.data_dir)
+    chunks = [os.urandom(300 * KiB) for _ in range(5)]
+    file_id = uuid.uuid4().hex
+    # out of order: 2 and 1 wait for 0, then the prefix 0..2 is assembled
+    for index in (2, 1, 0):
+        await send(client, file_id, index, 5, chunks[index])
+    assembly = await wait_for_assembly(data_dir, file_id, 3 * 300 * KiB)
+    assert assembly.read_bytes() == b"".join(chunks[:3])
+    await asyncio.sleep(0.1)
+    assert open_assembly_files() == []  # between steps an upload holds no descriptor
+    await send(client, file_id, 3, 5, chunks[3])
+    await wait_for_assembly(data_dir, file_id, 4 * 300 * KiB)
+    answer = await send(client, file_id, 4, 5, chunks[4])
+    assert answer["status"] == "completed"
+    assert answer["sha256"] == sha256(b"".join(chunks))
+    merged = data_dir / "uploads" / file_id / "file.bin"
+    assert merged.read_bytes() == b"".join(chunks)
+    assert not (data_dir / "chunks" / file_id).exists()
+    assert temp_files(data_dir) == [] and deleted_open_files() == []
+
+
+async def test_a_chunk_sent_again_with_other_bytes_restarts_the_assembly(
+    make_client: ClientFactory, config: Config
+) -> None:
+    client = await make_client()
+    data_dir = Path(config.data_dir)
+    chunks = [os.urandom(200 * KiB) for _ in range(4)]
+    file_id = uuid.uuid4().hex
+    for index in range(3):
+        await send(client, file_id, index, 4, chunks[index])
+    await wait_for_assembly(data_dir, file_id, 3 * 200 * KiB)
+    chunks[1] = os.urandom(200 * KiB)  # the last write of a chunk wins, as before
+    await send(client, file_id, 1, 4, chunks[1])
+    answer = await send(client, file_id, 3, 4, chunks[3])
+    assert answer["sha256"] == sha256(b"".join(chunks))
+    assert (data_dir / "uploads" / file_id / "file.bin").read_bytes() == b"".join(chunks)
+
+
+async def test_an_assembly_removed_under_the_server_is_not_used(
+    make_client: ClientFactory, config: Config
+) -> None:
+    client = await make_client()
+    data_dir = Path(config.data_dir)
+    chunks = [os.urandom(100 * KiB) for _ in range(3)]
+    file_id = uuid.uuid4().hex
+    for index in range(2):
+        await send(client, file_id, index, 3, chunks[index])
+    (await wait_for_assembly(data_dir, file_id, 2 * 100 * KiB)).unlink()  # as a sweep might
+    answer = await send(client, file_id, 2, 3, chunks[2])
+    assert answer["sha256"] == sha256(b"".join(chunks))
+    assert (data_dir / "uploads" / file_id / "file.bin").read_bytes() == b"".join(chunks)
+    assert deleted_open_files() == []
+
+
+async def test_abort_and_expiry_drop_the_assembly(
+    make_client: ClientFactory, config: Config
+) -> None:
+    client = await make_client(upload_ttl_seconds=1)
+    data_dir = Path(config.data_dir)
+    aborted, expired = uuid.uuid4().hex, uuid.uuid4().hex
+    for file_id in (aborted, expired):
+        await send(client, file_id, 0, 2, os.urandom(64 * KiB))
+        await wait_for_assembly(data_dir, file_id, 64 * KiB)
+    assert (await client.delete(f"/uploads/{aborted}")).status == 204
+    await asyncio.sleep(1.5)
+    uploads = client.server.app[UPLOADS]
+    await uploads.sweep()
+    assert not (data_dir / "chunks").joinpath(expired).exists()
+    assert uploads.assemblies == {} and deleted_open_files() == []
+
+
+def test_the_head_start_leaves_room_for_chunks_to_come(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    meta = UploadMeta.new("f", "f.bin", 2, None)
+    (tmp_path / "chunks" / "f").mkdir()
+    (tmp_path / "chunks" / "f" / "chunk_000000").write_bytes(b"x" * 1000)
+    assembly = store.start_assembly(meta)
+    assert assembly is not None
+    more = store.advance_assembly(assembly, meta, 1 << 20, keep_free=store.free_bytes() + 1)
+    assert not more and assembly.next_index == 0 and assembly.size == 0
+    store.advance_assembly(assembly, meta, 1 << 20, keep_free=0)
+    assert assembly.next_index == 1 and assembly.size == 1000
+    assembly.discard()
+    assert assembly_files(tmp_path, "f") == []
