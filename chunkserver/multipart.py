@@ -78,8 +78,8 @@ def parse_part_headers(block: bytes) -> PartHeaders:
     if disposition is None:
         raise MalformedMultipart("A multipart part has no Content-Disposition header")
     simple = _SIMPLE_DISPOSITION.fullmatch(disposition)
-    # A parameter of Content-Type can stand in for the filename: leave that to email.
-    if simple is not None and (content_type is None or ";" not in content_type):
+    # Content-Type's `name` parameter can stand in for the filename: leave that to email.
+    if simple is not None and (content_type is None or "name" not in content_type.lower()):
         filename = simple[2].strip() if simple[2] is not None else None  # as email does
         return PartHeaders(name=simple[1], filename=filename, content_type=content_type)
     return _parse_with_email(headers, content_type)

@@ -80,7 +80,7 @@ class Uploads:
             store,
             ThreadPoolExecutor(max_workers=16, thread_name_prefix="chunkserver-io"),
             ThreadPoolExecutor(max_workers=8, thread_name_prefix="chunkserver-commit"),
-            ThreadPoolExecutor(max_workers=4, thread_name_prefix="chunkserver-assembly"),
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="chunkserver-assembly"),
         )
 
     async def stop_assembling(self) -> None:

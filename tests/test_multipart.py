@@ -132,7 +132,15 @@ header_text = st.text(
 @given(
     name=header_text,
     filename=st.one_of(st.none(), header_text),
-    content_type=st.sampled_from([None, "application/octet-stream", "text/plain; name=x.txt"]),
+    content_type=st.sampled_from(
+        [
+            None,
+            "application/octet-stream",
+            "text/plain; charset=utf-8",
+            "text/plain; name=x.txt",
+            'text/plain; NAME="y.txt"',
+        ]
+    ),
     spacing=st.sampled_from(["; ", ";", " ; "]),
 )
 def test_header_fast_path_agrees_with_the_email_parser(
