@@ -88,7 +88,7 @@ async def _upload_chunk(request: web.Request) -> web.Response:
                     if record is not None:
                         return json_answer(_completed_chunk_answer(record))
                     checked_early = True
-                temp = await uploads.open_temp(early)
+                temp = uploads.new_temp(early)
                 computed_sha256 = await uploads.receive(parser.body(), temp, form.expected_sha256())
             elif part.name in TEXT_FIELDS:
                 form.set(part.name, await parser.read_text(limit=MAX_FIELD_BYTES))

@@ -106,11 +106,24 @@ class UploadProgress:
 
 @dataclass(slots=True)
 class TempChunk:
-    """A chunk being received: an open file under a hidden name."""
+    """A chunk being received: a file under a hidden name, created by `create`.
 
-    fd: int
+    The receiving code creates it in the thread that writes its first bytes, which spares
+    each chunk a round trip to a thread (two context switches) just to open a file.
+    """
+
     path: Path
+    fd: int = -1
     size: int = 0
+
+    def create(self) -> None:
+        """Create the file, and its folder if it is missing; blocks."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, flags, 0o644)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -143,6 +156,7 @@ class SweepReport:
 class Store(Protocol):
     """The verbs the upload service needs from storage."""
 
+    def temp_chunk(self, file_id: str | None, index: int | None) -> TempChunk: ...
     def create_temp_chunk(self, file_id: str | None, index: int | None) -> TempChunk: ...
     def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None: ...
     def status(self, file_id: str) -> CompletedUpload | UploadProgress | None: ...
@@ -202,20 +216,22 @@ class FileStore:
 
     # -- receiving --
 
-    def create_temp_chunk(self, file_id: str | None, index: int | None) -> TempChunk:
-        """Open a new hidden file beside the chunk's final place (or in .incoming)."""
+    def temp_chunk(self, file_id: str | None, index: int | None) -> TempChunk:
+        """Name a new hidden file beside the chunk's final place (or in .incoming); no I/O."""
         if file_id is None or index is None:
             folder, stem = self.incoming_dir, "chunk"
         else:
             folder, stem = self._chunk_dir(file_id), f".{CHUNK_PREFIX}{index:06d}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        for _ in range(2):
-            path = folder / self._temp_name(stem, ".part")
-            try:
-                return TempChunk(fd=os.open(path, flags, 0o644), path=path)
-            except FileNotFoundError:
-                folder.mkdir(parents=True, exist_ok=True)
-        raise StorageFailure(f"cannot create a temporary file in {folder.name}")
+        return TempChunk(path=folder / self._temp_name(stem, ".part"))
+
+    def create_temp_chunk(self, file_id: str | None, index: int | None) -> TempChunk:
+        """A new hidden file beside the chunk's final place, created."""
+        temp = self.temp_chunk(file_id, index)
+        try:
+            temp.create()
+        except OSError as e:
+            raise storage_error(e) from e
+        return temp
 
     # -- reading state --
 

@@ -27,14 +27,17 @@ WRITE_BATCH_BYTES = 1024 * 1024
 MAX_BATCH_PIECES = 256
 
 
-def _write_batch(fd: int, pieces: list[memoryview], digest: hashlib._Hash | None) -> None:
-    """Hash (optionally) and write `pieces` in order; runs in an executor thread."""
+def _write_batch(temp: TempChunk, pieces: list[memoryview], digest: hashlib._Hash | None) -> None:
+    """Hash (optionally) and write `pieces` in order, creating the file at the first batch;
+    runs in an executor thread."""
     if digest is not None:
         for piece in pieces:
             digest.update(piece)
     try:
+        if temp.fd < 0:
+            temp.create()
         while pieces:
-            written = os.writev(fd, pieces)
+            written = os.writev(temp.fd, pieces)
             # A short write is rare for regular files; drop what went out and go on.
             while pieces and written >= len(pieces[0]):
                 written -= len(pieces[0])
@@ -71,12 +74,12 @@ async def receive_into(
             if batch_bytes >= WRITE_BATCH_BYTES or len(batch) >= MAX_BATCH_PIECES:
                 if in_flight is not None:
                     await asyncio.wrap_future(in_flight)
-                in_flight = executor.submit(_write_batch, temp.fd, batch, digest)
+                in_flight = executor.submit(_write_batch, temp, batch, digest)
                 batch, batch_bytes = [], 0
-        if batch:
+        if batch or temp.fd < 0:  # an empty chunk still gets its (empty) file
             if in_flight is not None:
                 await asyncio.wrap_future(in_flight)
-            in_flight = executor.submit(_write_batch, temp.fd, batch, digest)
+            in_flight = executor.submit(_write_batch, temp, batch, digest)
         if in_flight is not None:
             await asyncio.wrap_future(in_flight)
     finally:

@@ -164,10 +164,11 @@ class Uploads:
             raise DiskFull()
         return None
 
-    async def open_temp(self, fields: ChunkFields | None) -> TempChunk:
+    def new_temp(self, fields: ChunkFields | None) -> TempChunk:
+        """The temporary file a chunk will be received into (created by its first write)."""
         if fields is None:
-            return await self._run(self.store.create_temp_chunk, None, None)
-        return await self._run(self.store.create_temp_chunk, fields.file_id, fields.chunk_index)
+            return self.store.temp_chunk(None, None)
+        return self.store.temp_chunk(fields.file_id, fields.chunk_index)
 
     async def receive(
         self, pieces: AsyncIterator[memoryview], temp: TempChunk, expected_sha256: str | None

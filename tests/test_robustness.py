@@ -75,11 +75,12 @@ def test_sigterm_with_a_chunk_in_flight_leaves_no_partial_chunk(
     )
     sock.sendall(
         b"POST /upload-chunk HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-        b"Content-Length: 1000000\r\n\r\n" + head.encode() + b"x" * 300_000
+        b"Content-Length: 3000000\r\n\r\n" + head.encode() + b"x" * 1_200_000
     )
     deadline = time.monotonic() + 10
     while not temp_files(tmp_path / "data") and time.monotonic() < deadline:
         time.sleep(0.05)
+    # past the first 1 MiB write batch, the chunk is streaming to its temporary file
     assert temp_files(tmp_path / "data"), "the chunk should be streaming to a temp file"
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
