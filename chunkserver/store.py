@@ -48,6 +48,7 @@ LOCK_NAME = ".lock"
 INCOMING = ".incoming"
 TEMP_SUFFIXES = (".part", ".merging", ".tmp", ".assembling")
 FREE_BYTES_MAX_AGE = 0.05  # seconds
+FREE_BYTES_CACHED_ABOVE = 4 * 1024**3
 # A folder with no metadata and no live temporary file is a leftover after this long.
 ORPHAN_GRACE_SECONDS = 60.0
 
@@ -596,13 +597,16 @@ class FileStore:
         return removed
 
     def free_bytes(self) -> int:
-        """Free bytes on the data folder's filesystem, at most FREE_BYTES_MAX_AGE old.
+        """Free bytes on the data folder's filesystem.
 
         statvfs costs tens of microseconds on a busy ext4 and is asked several times per
-        chunk; a write that still runs out of room answers 507 anyway.
+        chunk, so a figure up to FREE_BYTES_MAX_AGE old is reused while the disk has plenty
+        of room; near full, every call asks the kernel, so that space freed or taken is seen
+        at once where it decides an answer.
         """
         now = time.monotonic()
-        if now - self._free_bytes_at > FREE_BYTES_MAX_AGE:
+        fresh_enough = now - self._free_bytes_at <= FREE_BYTES_MAX_AGE
+        if not (fresh_enough and self._free_bytes >= FREE_BYTES_CACHED_ABOVE):
             stats = os.statvfs(self.root)
             self._free_bytes = stats.f_bavail * stats.f_frsize
             self._free_bytes_at = now

@@ -156,3 +156,24 @@ def test_chunk_in_flight_when_its_upload_is_deleted(tmp_path: Path) -> None:
     with pytest.raises(UploadConflict, match="removed"):
         store.commit_chunk(temp, meta, 1, ChunkSet(), max_file_bytes=2**40)
     assert store.status("gone") is None  # no upload is left behind, not even an empty one
+
+
+def test_free_bytes_is_reused_only_while_the_disk_is_roomy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileStore(tmp_path)
+    free = {"bytes": 100 * 1024**3}
+    calls = []
+
+    def fake_statvfs(path: object) -> os.statvfs_result:
+        calls.append(path)
+        blocks = free["bytes"] // 4096
+        return os.statvfs_result((4096, 4096, 0, 0, blocks, 0, 0, 0, 0, 255))
+
+    monkeypatch.setattr(os, "statvfs", fake_statvfs)
+    assert store.free_bytes() == store.free_bytes() == 100 * 1024**3
+    assert len(calls) == 1  # roomy: the figure is reused for a few ms
+    free["bytes"] = 10 * 1024**2
+    store._free_bytes_at = -1.0  # let the cached figure age
+    assert store.free_bytes() == store.free_bytes() == 10 * 1024**2
+    assert len(calls) == 3  # near full: every call asks the kernel
