@@ -160,12 +160,16 @@ class Assembly:
         self.close_file()
         self.finished = True
 
+    def remove(self) -> None:
+        """Close and remove the file; call with `mutex` held."""
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
     def discard(self) -> None:
         """Close and remove the file; the merge will not use this assembly."""
         with self.mutex:
-            self.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            self.remove()
 
 
 def _open_existing(path: Path) -> int | None:

@@ -158,7 +158,6 @@ class Store(Protocol):
     """The verbs the upload service needs from storage."""
 
     def temp_chunk(self, file_id: str | None, index: int | None) -> TempChunk: ...
-    def create_temp_chunk(self, file_id: str | None, index: int | None) -> TempChunk: ...
     def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None: ...
     def status(self, file_id: str) -> CompletedUpload | UploadProgress | None: ...
     def commit_chunk(
@@ -224,15 +223,6 @@ class FileStore:
         else:
             folder, stem = self._chunk_dir(file_id), f".{CHUNK_PREFIX}{index:06d}"
         return TempChunk(path=folder / self._temp_name(stem, ".part"))
-
-    def create_temp_chunk(self, file_id: str | None, index: int | None) -> TempChunk:
-        """A new hidden file beside the chunk's final place, created."""
-        temp = self.temp_chunk(file_id, index)
-        try:
-            temp.create()
-        except OSError as e:
-            raise storage_error(e) from e
-        return temp
 
     # -- reading state --
 
@@ -406,9 +396,7 @@ class FileStore:
                     lambda size: self.free_bytes() - size >= keep_free,
                 )
             except OSError:
-                assembly.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(assembly.path)
+                assembly.remove()
                 return False
             finally:
                 assembly.close_file()
@@ -486,9 +474,7 @@ class FileStore:
             if self.fsync:
                 os.fsync(assembly.fd)
         except BaseException:
-            assembly.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(assembly.path)
+            assembly.remove()
             raise
         assembly.close()
         final_dir = self.uploads_dir / meta.file_id

@@ -76,7 +76,7 @@ async def receive_into(
                     await asyncio.wrap_future(in_flight)
                 in_flight = executor.submit(_write_batch, temp, batch, digest)
                 batch, batch_bytes = [], 0
-        if batch or temp.fd < 0:  # an empty chunk still gets its (empty) file
+        if batch or in_flight is None:  # an empty chunk still gets its (empty) file
             if in_flight is not None:
                 await asyncio.wrap_future(in_flight)
             in_flight = executor.submit(_write_batch, temp, batch, digest)

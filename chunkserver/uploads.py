@@ -106,6 +106,10 @@ class Uploads:
         """Run a commit, merge, delete or sweep: they may wait on the cross-process lock."""
         return await _in_executor(self.commit_executor, fn, *args, **kwargs)
 
+    async def _run_assembly(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run a step of building a merged file ahead (background work)."""
+        return await _in_executor(self.assembly_executor, fn, *args, **kwargs)
+
     async def rebuild_manifest(self) -> None:
         """Fill the manifest from the disk (at start)."""
         for file_id in await self._run(self.store.uploads_in_progress):
@@ -166,7 +170,7 @@ class Uploads:
 
     def new_temp(self, fields: ChunkFields | None) -> TempChunk:
         """The temporary file a chunk will be received into (created by its first write)."""
-        if fields is None:
+        if fields is None:  # the chunk came before its fields: it waits in .incoming
             return self.store.temp_chunk(None, None)
         return self.store.temp_chunk(fields.file_id, fields.chunk_index)
 
@@ -264,15 +268,12 @@ class Uploads:
             assembly = self.assemblies.get(file_id)
             if assembly is None or assembly.finished or assembly.token != meta.token:
                 await self._drop_assembly(file_id)
-                assembly = await _in_executor(
-                    self.assembly_executor, self.store.start_assembly, meta
-                )
+                assembly = await self._run_assembly(self.store.start_assembly, meta)
                 if assembly is None:
                     return
                 self.assemblies[file_id] = assembly
             while True:
-                more = await _in_executor(
-                    self.assembly_executor,
+                more = await self._run_assembly(
                     self.store.advance_assembly,
                     assembly,
                     meta,
@@ -299,10 +300,7 @@ class Uploads:
     async def _drop_assembly(self, file_id: str) -> None:
         assembly = self.assemblies.pop(file_id, None)
         if assembly is not None:
-            await _in_executor(self.assembly_executor, assembly.discard)
-
-    async def discard(self, temp: TempChunk) -> None:
-        await self._run(temp.discard)
+            await self._run_assembly(assembly.discard)
 
     # -- the other verbs --
 

@@ -19,7 +19,8 @@ from .conftest import sha256, temp_files
 
 
 def put(store: FileStore, meta: UploadMeta, index: int, data: bytes, chunks: ChunkSet) -> Committed:
-    temp = store.create_temp_chunk(meta.file_id, index)
+    temp = store.temp_chunk(meta.file_id, index)
+    temp.create()
     os.write(temp.fd, data)
     temp.size = len(data)
     return store.commit_chunk(temp, meta, index, chunks, max_file_bytes=2**40)
@@ -140,7 +141,8 @@ def test_sweep_finishes_a_merge_cut_short_and_removes_dead_temps(tmp_path: Path)
 
 def test_live_writers_temp_files_are_kept(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
-    temp = store.create_temp_chunk("live", 0)
+    temp = store.temp_chunk("live", 0)
+    temp.create()
     store.sweep(ttl_seconds=600, max_file_bytes=2**40)
     assert temp.path.exists()
     temp.discard()
@@ -150,7 +152,8 @@ def test_chunk_in_flight_when_its_upload_is_deleted(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     meta = UploadMeta.new("gone", "f", 3, None)
     put(store, meta, 0, b"a", ChunkSet())
-    temp = store.create_temp_chunk("gone", 1)
+    temp = store.temp_chunk("gone", 1)
+    temp.create()
     os.write(temp.fd, b"b")
     assert store.delete("gone")
     with pytest.raises(UploadConflict, match="removed"):
