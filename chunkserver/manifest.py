@@ -40,6 +40,10 @@ class ChunkSet:
     def size_of(self, index: int) -> int:
         return self._sizes.get(index, 0)
 
+    def bytes_between(self, start: int, stop: int) -> int:
+        """The bytes of the known chunks with indexes in [start, stop)."""
+        return sum(self._sizes.get(index, 0) for index in range(start, stop))
+
     def first_missing(self) -> int:
         while self._low in self._sizes:
             self._low += 1

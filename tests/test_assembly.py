@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import threading
 import uuid
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from chunkserver import Config
+from chunkserver import uploads as uploads_module
 from chunkserver.keys import UPLOADS
 from chunkserver.store import FileStore, UploadMeta
 
@@ -139,3 +145,68 @@ def test_the_head_start_leaves_room_for_chunks_to_come(tmp_path: Path) -> None:
     assert assembly.next_index == 1 and assembly.size == 1000
     assembly.discard()
     assert assembly_files(tmp_path, "f") == []
+
+
+async def test_answers_wait_while_the_assembly_trails_too_far(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client must not outrun the merge built ahead: the last chunk would inherit it all."""
+    monkeypatch.setattr(uploads_module, "MAX_ASSEMBLY_LAG_BYTES", 0)
+    client = await make_client()
+    store = client.server.app[UPLOADS].store
+    gate = threading.Event()
+    advance = store.advance_assembly
+
+    def held_back(*args: Any, **kwargs: Any) -> bool:
+        gate.wait(10)
+        return advance(*args, **kwargs)
+
+    monkeypatch.setattr(store, "advance_assembly", held_back)
+    file_id = uuid.uuid4().hex
+    chunks = [os.urandom(64 * KiB) for _ in range(2)]
+    answer = asyncio.ensure_future(send(client, file_id, 0, 2, chunks[0]))
+    await asyncio.sleep(0.5)
+    assert not answer.done()  # chunk 0 is stored, but its copy has not been made
+    gate.set()
+    assert (await answer)["uploaded_chunks"] == 1
+    final = await send(client, file_id, 1, 2, chunks[1])
+    assert final["sha256"] == sha256(b"".join(chunks))
+
+
+async def test_a_finished_upload_leaves_the_tree_at_once_and_its_chunks_go_after(
+    client: Any, config: Config
+) -> None:
+    data_dir = Path(config.data_dir)
+    file_id = uuid.uuid4().hex
+    for index in range(3):
+        answer = await send(client, file_id, index, 3, os.urandom(100 * KiB))
+    assert answer["status"] == "completed"
+    assert not (data_dir / "chunks" / file_id).exists()
+    await send(client, file_id, 1, 3, os.urandom(100 * KiB))  # a late retry
+    other = uuid.uuid4().hex
+    await send(client, other, 0, 2, b"x")
+    assert (await client.delete(f"/uploads/{other}")).status == 204
+    trash = data_dir / "chunks" / ".trash"
+    for _ in range(100):
+        if not any(trash.iterdir()):
+            break
+        await asyncio.sleep(0.02)
+    assert list(trash.iterdir()) == []
+    assert not (data_dir / "chunks" / file_id).exists()
+
+
+def test_the_sweep_empties_the_trash_of_dead_processes_only(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    child = subprocess.Popen(["true"])
+    child.wait()
+    dead_pid = child.pid
+    trash = tmp_path / "chunks" / ".trash"
+    dead = trash / f"a.{dead_pid}.0123456789ab.removing"
+    alive = trash / f"b.{os.getppid()}.0123456789ab.removing"
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "chunk_000000").write_bytes(b"x" * 1000)
+    report = store.sweep(ttl_seconds=3600, max_file_bytes=2**40)
+    assert report.expired == [] and store.uploads_in_progress() == []
+    assert not dead.exists()
+    assert alive.exists()  # another live process is removing it
