@@ -61,3 +61,17 @@ def test_smallest_run_counts_every_byte_and_completes_every_upload(tmp_path: Pat
     assert "| shape | chunk | conc |" in (tmp_path / "t.md").read_text()
     assert "| files | 1 MiB | 2 |" in done.stdout
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_floor_times_each_step_the_protocol_requires(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/floor.py", "--size", "4MiB", "--chunk-sizes", "1",
+         "--repeats", "1", "--dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| 1 MiB |"))
+    write, copy, hashing, unlink, total = (float(cell) for cell in row.split("|")[2:7])
+    assert min(write, copy, hashing, unlink) >= 0
+    assert total == pytest.approx(copy + hashing, abs=0.011)
+    assert list(tmp_path.iterdir()) == []  # its files are gone
