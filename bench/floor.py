@@ -55,34 +55,27 @@ def one_round(folder: Path, size: int, chunk: int) -> dict[str, float]:
     count = size // chunk
     paths = [folder / f"chunk_{index:06d}" for index in range(count)]
 
-    def write() -> None:
+    def each_chunk(use: Callable[[int], object], flags: int = os.O_RDONLY) -> None:
         for path in paths:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(path, flags, 0o644)
             try:
-                os.write(fd, payload)
+                use(fd)
             finally:
                 os.close(fd)
+
+    def write() -> None:
+        each_chunk(lambda fd: os.write(fd, payload), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
 
     def copy() -> None:
         out = os.open(folder / "merged", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for path in paths:
-                src = os.open(path, os.O_RDONLY)
-                try:
-                    copy_range(src, out, chunk)
-                finally:
-                    os.close(src)
+            each_chunk(lambda src: copy_range(src, out, chunk))
         finally:
             os.close(out)
 
     def hash_chunks() -> None:
         digest = hashlib.sha256()
-        for path in paths:
-            src = os.open(path, os.O_RDONLY)
-            try:
-                hash_file(src, chunk, digest)
-            finally:
-                os.close(src)
+        each_chunk(lambda src: hash_file(src, chunk, digest))
 
     def unlink() -> None:
         for path in paths:
