@@ -272,8 +272,13 @@ def verify(cluster: Cluster, uploads: list[Upload], data_dir: Path) -> dict:
             assert not list((data_dir / "chunks" / upload.file_id).glob("chunk_*"))
     open_ids = {u.file_id for u in uploads if u.state == "open"}
     for folder in (data_dir / "chunks").iterdir():
-        if folder.name != ".incoming" and folder.name not in open_ids:
+        if folder.name not in (".incoming", ".trash") and folder.name not in open_ids:
             assert not list(folder.glob("chunk_*")), f"chunks left for {folder.name}"
+    # Finished chunk folders wait in .trash only while a live process unlinks them; a
+    # killed process's are removed by the sweep that starts its successor.
+    live = {str(server.process.pid) for server in cluster.servers}
+    for folder in (data_dir / "chunks" / ".trash").iterdir():
+        assert folder.name.split(".")[-3] in live, f"trash left by a dead process: {folder}"
     assert temp_files(data_dir) == []
     servers = []
     for server in cluster.servers:
