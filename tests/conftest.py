@@ -102,7 +102,12 @@ def sha256(data: bytes) -> str:
 
 
 def temp_files(data_dir: Path) -> list[Path]:
-    return [p for p in data_dir.rglob("*") if p.name.endswith((".part", ".merging", ".tmp"))]
+    """Temporary files left in the data folder, outside the trash (emptied after answers)."""
+    found = []
+    for folder, _, names in os.walk(data_dir):
+        if Path(folder).relative_to(data_dir).parts[:2] != ("chunks", ".trash"):
+            found += [Path(folder, n) for n in names if n.endswith((".part", ".merging", ".tmp"))]
+    return found
 
 
 # -- real processes ------------------------------------------------------------------------
