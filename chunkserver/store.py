@@ -522,10 +522,8 @@ class FileStore:
         them back, so a rename keeps that off the answer; the caller empties the trash later.
         """
         trash = self.trash_dir / self._temp_name(file_id, ".removing")
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.rename(self._chunk_dir(file_id), trash)
-        except FileNotFoundError:
-            pass
 
     def empty_trash(self) -> None:
         """Remove the folders this process put in the trash, and those of dead processes."""

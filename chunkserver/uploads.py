@@ -240,7 +240,7 @@ class Uploads:
             self.metrics.inc("chunks_stored")
         if result.merged_here:
             self.metrics.inc("uploads_completed")
-        if result.meta is not None and result.record is None:
+        if result.record is None:
             await self._keep_pace_with_assembly(fields.file_id)
         return result
 

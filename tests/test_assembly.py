@@ -42,6 +42,18 @@ async def send(client, file_id: str, index: int, total: int, data: bytes) -> dic
     return await resp.json()
 
 
+async def send_first(client, file_id: str, chunks: list[bytes], count: int) -> None:
+    """Send chunks 0 to count - 1 of an upload of `len(chunks)` chunks, in order."""
+    for index in range(count):
+        await send(client, file_id, index, len(chunks), chunks[index])
+
+
+def assert_merged(data_dir: Path, file_id: str, chunks: list[bytes], answer: dict) -> None:
+    """The completed answer's sha256 and the merged file are those of all the chunks."""
+    assert answer["sha256"] == sha256(b"".join(chunks))
+    assert (data_dir / "uploads" / file_id / "file.bin").read_bytes() == b"".join(chunks)
+
+
 def open_assembly_files() -> list[str]:
     """Assembly files this process holds open (the test server runs in it)."""
     links = []
@@ -75,9 +87,7 @@ async def test_prefix_is_copied_and_hashed_as_chunks_arrive(
     await wait_for_assembly(data_dir, file_id, 4 * 300 * KiB)
     answer = await send(client, file_id, 4, 5, chunks[4])
     assert answer["status"] == "completed"
-    assert answer["sha256"] == sha256(b"".join(chunks))
-    merged = data_dir / "uploads" / file_id / "file.bin"
-    assert merged.read_bytes() == b"".join(chunks)
+    assert_merged(data_dir, file_id, chunks, answer)
     assert not (data_dir / "chunks" / file_id).exists()
     assert temp_files(data_dir) == [] and deleted_open_files() == []
 
@@ -89,14 +99,11 @@ async def test_a_chunk_sent_again_with_other_bytes_restarts_the_assembly(
     data_dir = Path(config.data_dir)
     chunks = [os.urandom(200 * KiB) for _ in range(4)]
     file_id = uuid.uuid4().hex
-    for index in range(3):
-        await send(client, file_id, index, 4, chunks[index])
+    await send_first(client, file_id, chunks, 3)
     await wait_for_assembly(data_dir, file_id, 3 * 200 * KiB)
     chunks[1] = os.urandom(200 * KiB)  # the last write of a chunk wins, as before
     await send(client, file_id, 1, 4, chunks[1])
-    answer = await send(client, file_id, 3, 4, chunks[3])
-    assert answer["sha256"] == sha256(b"".join(chunks))
-    assert (data_dir / "uploads" / file_id / "file.bin").read_bytes() == b"".join(chunks)
+    assert_merged(data_dir, file_id, chunks, await send(client, file_id, 3, 4, chunks[3]))
 
 
 async def test_an_assembly_removed_under_the_server_is_not_used(
@@ -106,12 +113,9 @@ async def test_an_assembly_removed_under_the_server_is_not_used(
     data_dir = Path(config.data_dir)
     chunks = [os.urandom(100 * KiB) for _ in range(3)]
     file_id = uuid.uuid4().hex
-    for index in range(2):
-        await send(client, file_id, index, 3, chunks[index])
+    await send_first(client, file_id, chunks, 2)
     (await wait_for_assembly(data_dir, file_id, 2 * 100 * KiB)).unlink()  # as a sweep might
-    answer = await send(client, file_id, 2, 3, chunks[2])
-    assert answer["sha256"] == sha256(b"".join(chunks))
-    assert (data_dir / "uploads" / file_id / "file.bin").read_bytes() == b"".join(chunks)
+    assert_merged(data_dir, file_id, chunks, await send(client, file_id, 2, 3, chunks[2]))
     assert deleted_open_files() == []
 
 
