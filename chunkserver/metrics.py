@@ -87,9 +87,10 @@ def _other_processes(folder: Path) -> list[dict[str, dict[str, int]]]:
             continue
         if pid == os.getpid():
             continue
-        if not pid_alive(pid):
-            with contextlib.suppress(OSError):
-                path.unlink()
+        if not pid_alive(pid):  # its figures died with it; so did any write it had begun
+            for leftover in (path, folder / f".{pid}.json.tmp"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
             continue
         with contextlib.suppress(OSError, ValueError):
             snapshots.append(json.loads(path.read_text()))

@@ -102,10 +102,15 @@ def sha256(data: bytes) -> str:
 
 
 def temp_files(data_dir: Path) -> list[Path]:
-    """Temporary files left in the data folder, outside the trash (emptied after answers)."""
+    """Temporary files left in the data folder.
+
+    Skipped: the trash (emptied after the answer) and `.metrics`, where each process rewrites
+    its figures through a temporary file every few seconds, whatever the test is doing.
+    """
     found = []
     for folder, _, names in os.walk(data_dir):
-        if Path(folder).relative_to(data_dir).parts[:2] != ("chunks", ".trash"):
+        parts = Path(folder).relative_to(data_dir).parts
+        if parts[:2] != ("chunks", ".trash") and parts[:1] != (".metrics",):
             found += [Path(folder, n) for n in names if n.endswith((".part", ".merging", ".tmp"))]
     return found
 
