@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,8 +43,12 @@ log = logging.getLogger("chunkserver")
 # How much one background assembly step copies and hashes before it lets a merge in.
 ASSEMBLY_STEP_BYTES = 8 * 1024 * 1024
 
-# How far the merged file built ahead may trail the stored prefix before answers wait for it:
-# the most the last chunk's merge can inherit (copy and hash run at 0.7 to 1 GiB/s here).
+# How far the merged file built ahead may trail the stored prefix before answers wait for it,
+# which is the most the last chunk's merge can inherit: what the background copy does in
+# ASSEMBLY_LAG_SECONDS at its measured pace, within these bounds. A fixed 64 MiB took the
+# merge 0.3 to 0.4 s when the kernel throttled writes (many dirty pages), 0.1 s otherwise.
+ASSEMBLY_LAG_SECONDS = 0.08
+MIN_ASSEMBLY_LAG_BYTES = 8 * 1024 * 1024
 MAX_ASSEMBLY_LAG_BYTES = 64 * 1024 * 1024
 
 # Room for the form fields and multipart framing around a chunk, when judging Content-Length.
@@ -70,6 +75,7 @@ class Uploads:
         self.assembly_executor = assembly_executor
         self.assemblies: dict[str, Assembly] = {}
         self.assembling: dict[str, AssemblyRun] = {}
+        self.assembly_pace = CopyPace()
         self.manifest = Manifest()
         self.locks = KeyedLocks()
         self.metrics = Metrics()
@@ -281,6 +287,7 @@ class Uploads:
                     return
                 self.assemblies[file_id] = assembly
             while True:
+                size_before, started = assembly.size, time.monotonic()
                 more = await self._run_assembly(
                     self.store.advance_assembly,
                     assembly,
@@ -288,6 +295,7 @@ class Uploads:
                     ASSEMBLY_STEP_BYTES,
                     keep_free=self._assembly_keep_free(),
                 )
+                self.assembly_pace.record(assembly.size - size_before, time.monotonic() - started)
                 run.pulse()
                 if assembly.finished:
                     break
@@ -311,7 +319,7 @@ class Uploads:
         client's next chunk waits instead, and the work is the same.
         """
         while (run := self.assembling.get(file_id)) is not None:
-            if self._assembly_lag(file_id) <= MAX_ASSEMBLY_LAG_BYTES:
+            if self._assembly_lag(file_id) <= self.assembly_pace.allowed_lag():
                 return
             await run.stepped.wait()
 
@@ -409,6 +417,31 @@ class AssemblyRun:
         """Wake whoever waits for a step; set and clear, so later waits wait for the next."""
         self.stepped.set()
         self.stepped.clear()
+
+
+class CopyPace:
+    """How fast the background assembly copies and hashes, over its recent steps.
+
+    The disk's pace is shared by every upload of the process, so one estimate serves all.
+    """
+
+    DECAY = 0.7  # the weight of the past at each step
+
+    def __init__(self) -> None:
+        self.bytes = 0.0
+        self.seconds = 0.0
+
+    def record(self, copied: int, seconds: float) -> None:
+        if copied > 0 and seconds > 0:
+            self.bytes = self.bytes * self.DECAY + copied
+            self.seconds = self.seconds * self.DECAY + seconds
+
+    def allowed_lag(self) -> int:
+        """The bytes the copy does in ASSEMBLY_LAG_SECONDS, within the configured bounds."""
+        if self.seconds == 0:
+            return MAX_ASSEMBLY_LAG_BYTES
+        lag = int(self.bytes / self.seconds * ASSEMBLY_LAG_SECONDS)
+        return max(MIN_ASSEMBLY_LAG_BYTES, min(MAX_ASSEMBLY_LAG_BYTES, lag))
 
 
 async def _in_executor(

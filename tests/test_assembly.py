@@ -20,6 +20,7 @@ from chunkserver.store import FileStore, UploadMeta
 from .conftest import ClientFactory, chunk_form, sha256, temp_files
 
 KiB = 1024
+MiB = 1024 * KiB
 
 
 def assembly_files(data_dir: Path, file_id: str) -> list[Path]:
@@ -151,10 +152,28 @@ def test_the_head_start_leaves_room_for_chunks_to_come(tmp_path: Path) -> None:
     assert assembly_files(tmp_path, "f") == []
 
 
+def test_the_allowed_lag_follows_the_pace_of_the_copy() -> None:
+    pace = uploads_module.CopyPace()
+    assert pace.allowed_lag() == uploads_module.MAX_ASSEMBLY_LAG_BYTES  # nothing measured
+    for _ in range(20):  # 1 GiB/s: capped
+        pace.record(8 * MiB, 8 / 1024)
+    assert pace.allowed_lag() == uploads_module.MAX_ASSEMBLY_LAG_BYTES
+    for _ in range(20):  # the kernel throttles writes: 200 MiB/s
+        pace.record(8 * MiB, 8 / 200)
+    expected = 200 * MiB * uploads_module.ASSEMBLY_LAG_SECONDS
+    assert abs(pace.allowed_lag() - expected) < 0.05 * expected
+    for _ in range(20):  # a crawl: never below the floor
+        pace.record(1 * MiB, 1.0)
+    assert pace.allowed_lag() == uploads_module.MIN_ASSEMBLY_LAG_BYTES
+    pace.record(0, 5.0)  # a step that copied nothing says nothing of the pace
+    assert pace.allowed_lag() == uploads_module.MIN_ASSEMBLY_LAG_BYTES
+
+
 async def test_answers_wait_while_the_assembly_trails_too_far(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client must not outrun the merge built ahead: the last chunk would inherit it all."""
+    monkeypatch.setattr(uploads_module, "MIN_ASSEMBLY_LAG_BYTES", 0)
     monkeypatch.setattr(uploads_module, "MAX_ASSEMBLY_LAG_BYTES", 0)
     client = await make_client()
     store = client.server.app[UPLOADS].store
