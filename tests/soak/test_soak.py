@@ -54,6 +54,7 @@ class Cluster:
     data_dir: Path
     servers: list[ServerProcess] = field(default_factory=list)
     baselines: dict[int, tuple[int, int]] = field(default_factory=dict)  # pid -> (fds, rss)
+    replaced: list[ServerProcess] = field(default_factory=list)
 
     def start(self, slot: int | None = None) -> None:
         server = start_server(self.data_dir)
@@ -61,7 +62,18 @@ class Cluster:
             self.servers.append(server)
         else:
             self.servers[slot].close()
+            self.replaced.append(self.servers[slot])
             self.servers[slot] = server
+
+    def unexpected_errors(self) -> list[str]:
+        """Every error a server logged with its traceback (an answer of 500), all processes."""
+        found = []
+        for server in self.replaced + self.servers:
+            text = "".join(server.output)
+            found += [
+                "Unexpected error" + part[:3000] for part in text.split("Unexpected error")[1:]
+            ]
+        return found
 
     def urls(self) -> list[str]:
         return [s.url for s in self.servers if s.process.poll() is None]
@@ -255,6 +267,8 @@ def test_soak(tmp_path: Path, pytestconfig: pytest.Config) -> None:
         f"servers at the end: {report['servers']}\n"
         f"lost: {report['lost']}"
     )
+    for error in cluster.unexpected_errors():  # answered 500, which the clients retried
+        print(f"\nserver error:\n{error}")
     assert report["lost"] == 0
 
 
