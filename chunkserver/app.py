@@ -14,7 +14,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
 
 from .config import Config
-from .errors import ChunkServerError, NotAuthenticated
+from .errors import ChunkServerError, NotAuthenticated, StorageFailure
 from .handlers import add_routes, json_answer
 from .keys import CONFIG, UPLOADS
 from .uploads import Uploads
@@ -34,6 +34,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         response = await handler(request)
     except ChunkServerError as e:
+        if isinstance(e, StorageFailure):  # the disk failed us, not the client: say how
+            log.error("Storage failure on %s %s", request.method, request.path, exc_info=e)
         response = json_answer({"detail": e.detail}, status=e.status)
         response.headers.update(e.headers)
         if e.close_connection:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import aiohttp
 import pytest
 
 from chunkserver import Config
+from chunkserver.store import TempChunk
 
 from .conftest import ClientFactory, chunk_form, sha256, split, temp_files
 
@@ -363,3 +365,18 @@ async def test_file_id_and_filename_cannot_escape(client, config: Config, tmp_pa
     resp = await client.get("/upload-status/..%2F..%2Fetc")
     assert resp.status in (400, 404)
     assert not (tmp_path / "evil").exists()
+
+
+async def test_a_storage_failure_answers_500_in_json_and_is_logged(
+    client, config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing_disk(self: TempChunk) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(TempChunk, "create", failing_disk)
+    resp = await client.post("/upload-chunk", data=chunk_form("eio", 0, 1, b"abc"))
+    assert resp.status == 500
+    assert await resp.json() == {"detail": "Chunk upload failed: Input/output error"}
+    failures = [r for r in caplog.records if r.getMessage().startswith("Storage failure")]
+    assert failures and failures[0].exc_info is not None
+    assert temp_files(Path(config.data_dir)) == []

@@ -70,9 +70,8 @@ class Cluster:
         found = []
         for server in self.replaced + self.servers:
             text = "".join(server.output)
-            found += [
-                "Unexpected error" + part[:3000] for part in text.split("Unexpected error")[1:]
-            ]
+            for marker in ("Unexpected error", "Storage failure"):
+                found += [marker + part[:3000] for part in text.split(marker)[1:]]
         return found
 
     def urls(self) -> list[str]:
