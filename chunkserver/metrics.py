@@ -44,14 +44,13 @@ class Metrics:
     def publish(self, folder: Path) -> None:
         """Write this process's figures for the others to read (atomically)."""
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{os.getpid()}.json"
-        temp = folder / f".{os.getpid()}.json.tmp"
+        temp = _unfinished_path(folder, os.getpid())
         temp.write_text(json.dumps(self.snapshot()))
-        os.replace(temp, path)
+        os.replace(temp, _figures_path(folder, os.getpid()))
 
     def unpublish(self, folder: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
-            (folder / f"{os.getpid()}.json").unlink()
+            _figures_path(folder, os.getpid()).unlink()
 
     def render(self, folder: Path, gauges: dict[str, tuple[str, int]]) -> str:
         counters = Counter(self.counters)
@@ -74,6 +73,15 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def _figures_path(folder: Path, pid: int) -> Path:
+    return folder / f"{pid}.json"
+
+
+def _unfinished_path(folder: Path, pid: int) -> Path:
+    """Where a process writes its figures before renaming them into place."""
+    return folder / f".{pid}.json.tmp"
+
+
 def _other_processes(folder: Path) -> list[dict[str, dict[str, int]]]:
     snapshots = []
     try:
@@ -88,7 +96,7 @@ def _other_processes(folder: Path) -> list[dict[str, dict[str, int]]]:
         if pid == os.getpid():
             continue
         if not pid_alive(pid):  # its figures died with it; so did any write it had begun
-            for leftover in (path, folder / f".{pid}.json.tmp"):
+            for leftover in (path, _unfinished_path(folder, pid)):
                 with contextlib.suppress(OSError):
                     leftover.unlink()
             continue

@@ -101,6 +101,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def dead_pid() -> int:
+    """The pid of a process that has just exited."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def temp_files(data_dir: Path) -> list[Path]:
     """Temporary files left in the data folder.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -17,7 +16,7 @@ from chunkserver import uploads as uploads_module
 from chunkserver.keys import UPLOADS
 from chunkserver.store import FileStore, UploadMeta
 
-from .conftest import ClientFactory, chunk_form, sha256, temp_files
+from .conftest import ClientFactory, chunk_form, dead_pid, sha256, temp_files
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -220,11 +219,9 @@ async def test_a_finished_upload_leaves_the_tree_at_once_and_its_chunks_go_after
 
 def test_the_sweep_empties_the_trash_of_dead_processes_only(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
-    child = subprocess.Popen(["true"])
-    child.wait()
-    dead_pid = child.pid
+    pid = dead_pid()
     trash = tmp_path / "chunks" / ".trash"
-    dead = trash / f"a.{dead_pid}.0123456789ab.removing"
+    dead = trash / f"a.{pid}.0123456789ab.removing"
     alive = trash / f"b.{os.getppid()}.0123456789ab.removing"
     for folder in (dead, alive):
         folder.mkdir()

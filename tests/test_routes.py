@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 from chunkserver import Config
 
-from .conftest import ClientFactory, chunk_form, sha256
+from .conftest import ClientFactory, chunk_form, dead_pid, sha256
 
 
 async def send(client, file_id: str, index: int, total: int, data: bytes, **kw) -> dict:
@@ -108,13 +107,12 @@ async def test_healthz_and_metrics(client) -> None:
 async def test_metrics_forget_a_dead_process_and_its_unfinished_write(
     client, config: Config
 ) -> None:
-    child = subprocess.Popen(["true"])
-    child.wait()
+    pid = dead_pid()
     folder = Path(config.data_dir) / ".metrics"
     folder.mkdir(parents=True, exist_ok=True)
-    figures = folder / f"{child.pid}.json"
+    figures = folder / f"{pid}.json"
     figures.write_text(json.dumps({"counters": {"chunks_stored": 7}, "requests": {}}))
-    unfinished = folder / f".{child.pid}.json.tmp"
+    unfinished = folder / f".{pid}.json.tmp"
     unfinished.write_text('{"coun')
     text = await (await client.get("/metrics")).text()
     assert "chunkserver_chunks_stored_total 0" in text
