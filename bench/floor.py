@@ -68,8 +68,9 @@ def one_round(folder: Path, size: int, chunk: int) -> dict[str, float]:
 
     def copy() -> None:
         out = os.open(folder / "merged", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        positions = iter(range(0, size, chunk))
         try:
-            each_chunk(lambda src: copy_range(src, out, chunk))
+            each_chunk(lambda src: copy_range(src, 0, out, next(positions), chunk))
         finally:
             os.close(out)
 

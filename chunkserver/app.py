@@ -17,7 +17,7 @@ from .config import Config
 from .errors import ChunkServerError, NotAuthenticated, StorageFailure
 from .handlers import add_routes, json_answer
 from .keys import CONFIG, UPLOADS
-from .uploads import Uploads
+from .service import Uploads
 
 log = logging.getLogger("chunkserver")
 
@@ -198,11 +198,11 @@ async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str
 def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     async def uploads_context(app: web.Application) -> AsyncIterator[None]:
         uploads = app[UPLOADS]
-        report = await uploads.sweep()  # finish merges and clear strays a crash left
-        if report.merged or report.expired or report.removed_temp_files:
+        report = await uploads.sweep()  # finish completions and clear strays a crash left
+        if report.completed or report.expired or report.removed_temp_files:
             log.info(
-                "Recovery at start: %d merged, %d expired, %d stray temp files removed",
-                len(report.merged),
+                "Recovery at start: %d completed, %d expired, %d stray temp files removed",
+                len(report.completed),
                 len(report.expired),
                 report.removed_temp_files,
             )
@@ -219,10 +219,9 @@ def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterato
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await uploads.stop_assembling()
         with contextlib.suppress(OSError):
             uploads.metrics.unpublish(uploads.metrics_dir)
-        uploads.close()
+        await uploads.close()
 
     return uploads_context
 

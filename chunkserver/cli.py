@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "upload",
         help="upload a file in parallel chunks, resuming and verifying",
         description="Upload PATH; prints the result as JSON on its last line; exit 0 only "
-        "when the server's sha256 matches the file's.",
+        "when the server's crc64nvme (and sha256, when it gives one) matches the file's.",
     )
     upload.add_argument("path", metavar="PATH")
     upload.add_argument("--url", default=DEFAULT_URL, help=f"server (default {DEFAULT_URL})")

@@ -5,9 +5,11 @@
 
 `upload_file_async` is the async API; `upload_file` runs it in a fresh event loop. Each chunk
 is read from disk when it is sent, so memory holds at most `concurrency` chunks whatever the
-file size. The file's sha256 is computed from those same reads, in index order, and checked
-against the server's at the end; only when resuming (some chunks not sent) is the file read
-a second time to hash it.
+file size. Each chunk's CRC-64/NVME is computed from that same read and sent with it
+(`chunk_crc64nvme`, checked by the server); the file's CRC is combined from the chunks' and
+checked against the server's `crc64nvme` at the end. Chunks not sent (a resume) are read once
+for their CRC. When the server also answers `sha256` (its `checksums` hold "sha256"), the file
+is read once more to check that too.
 
 Retries: connection errors, timeouts, 408, 429, 5xx and 507 are retried up to `retries`
 times per chunk, waiting `min(backoff_cap, backoff_base * 2**attempt)` seconds times a random
@@ -24,11 +26,13 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from . import checksums
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 507})
@@ -101,21 +105,18 @@ class Backoff:
         return min(self.cap, exponential) * random.uniform(0.5, 1.0)
 
 
-@dataclass(slots=True)
-class _OrderedHasher:
-    """Hashes chunks in index order whatever order they are read in."""
-
-    digest: Any = field(default_factory=hashlib.sha256)
-    next_index: int = 0
-    waiting: dict[int, bytes] = field(default_factory=dict)
-
-    def feed(self, index: int, data: bytes) -> None:
-        if index < self.next_index:
-            return
-        self.waiting[index] = data
-        while self.next_index in self.waiting:
-            self.digest.update(self.waiting.pop(self.next_index))
-            self.next_index += 1
+def crc64nvme_of_range(path: Path, offset: int, length: int) -> int:
+    """The CRC-64/NVME of `length` bytes of the file from `offset`."""
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while length > 0:
+            block = f.read(min(length, 4 * 1024 * 1024))
+            if not block:
+                raise UploadError(f"{path} changed size while it was being uploaded")
+            crc = checksums.crc64nvme(block, crc)
+            length -= len(block)
+    return crc
 
 
 def sha256_of(path: Path) -> str:
@@ -173,7 +174,7 @@ class Uploader:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.progress = progress
         self.backoff = backoff
-        self.hasher = _OrderedHasher()
+        self.chunk_crcs: dict[int, int] = {}
         self.completed: dict[str, Any] | None = None
         self.started = time.monotonic()
         self.bytes_done = 0
@@ -213,41 +214,46 @@ class Uploader:
         already = [i for i in range(self.total_chunks) if i not in to_send]
         self.chunks_done = len(already)
         self.bytes_done = sum(self._chunk_length(i) for i in already)
-        # Chunks not sent now are not read now: then hash the whole file apart, alongside.
-        whole_file_hash = (
-            asyncio.ensure_future(asyncio.to_thread(sha256_of, self.path)) if already else None
-        )
         queue: asyncio.Queue[int] = asyncio.Queue()
         for index in missing:
             queue.put_nowait(index)
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.concurrency)]
         try:
             await asyncio.gather(*workers)
-        except BaseException:
-            if whole_file_hash is not None:
-                whole_file_hash.cancel()
-            raise
         finally:
             for worker in workers:
                 worker.cancel()
-        if whole_file_hash is not None:
-            local_sha256 = await whole_file_hash
-        else:
-            local_sha256 = self.hasher.digest.hexdigest()
+        for index in already:  # not sent now, so not read now: read them for their CRC
+            self.chunk_crcs[index] = await asyncio.to_thread(
+                crc64nvme_of_range, self.path, index * self.chunk_size, self._chunk_length(index)
+            )
+        local_crc = checksums.to_s3(
+            checksums.combine(
+                (self.chunk_crcs[i], self._chunk_length(i)) for i in range(self.total_chunks)
+            )
+        )
         if self.completed is None:
             self.completed = await self.status()
         if self.completed.get("status") != "completed":
             raise UploadError(f"every chunk was sent but the server says {self.completed}")
-        if self.completed.get("sha256") != local_sha256:
+        if self.completed.get("crc64nvme") != local_crc:
             raise UploadError(
-                f"sha256 mismatch: server {self.completed.get('sha256')}, local {local_sha256}"
+                f"crc64nvme mismatch: server {self.completed.get('crc64nvme')}, local {local_crc}"
             )
+        verified = {"crc64nvme": local_crc}
+        if "sha256" in self.completed:
+            local_sha256 = await asyncio.to_thread(sha256_of, self.path)
+            if self.completed["sha256"] != local_sha256:
+                raise UploadError(
+                    f"sha256 mismatch: server {self.completed['sha256']}, local {local_sha256}"
+                )
+            verified["sha256"] = local_sha256
         return {
             "status": "completed",
             "file_id": self.file_id,
             "filename": self.completed.get("filename", self.path.name),
             "size": self.completed.get("size", self.size),
-            "sha256": local_sha256,
+            **verified,
             "verified": True,
             "chunks_sent": len(missing),
             "requests": self.requests_sent,
@@ -266,8 +272,9 @@ class Uploader:
                 )
                 if len(data) != length:
                     raise UploadError(f"{self.path} changed size while it was being uploaded")
-                self.hasher.feed(index, data)
-                answer = await self._send(index, data)
+                crc = checksums.crc64nvme(data)
+                self.chunk_crcs[index] = crc
+                answer = await self._send(index, data, crc)
                 if answer.get("status") == "completed":
                     self.completed = answer
                 self.chunks_done += 1
@@ -286,14 +293,15 @@ class Uploader:
         finally:
             os.close(fd)
 
-    async def _send(self, index: int, data: bytes) -> dict[str, Any]:
+    async def _send(self, index: int, data: bytes, crc: int) -> dict[str, Any]:
         fields = {
             "file_id": self.file_id,
             "chunk_index": str(index),
             "total_chunks": str(self.total_chunks),
             "filename": self.path.name,
             "total_size": str(self.size),
-            "chunk_sha256": hashlib.sha256(data).hexdigest(),
+            "chunk_size": str(self.chunk_size),
+            "chunk_crc64nvme": checksums.to_s3(crc),
         }
         attempt = 0
         while True:

@@ -45,6 +45,7 @@ class Config:
     accel_redirect_prefix: str = ""
     log_level: str = "info"
     access_log: bool = True
+    checksums: tuple[str, ...] = ("crc64nvme",)
 
     @property
     def data_path(self) -> Path:
@@ -56,7 +57,8 @@ class Config:
 
 # The TOML type each key accepts; integers are also accepted where floats are.
 _KEY_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
-_TUPLE_KEYS = {"auth_tokens", "cors_origins", "trusted_proxies"}
+_TUPLE_KEYS = {"auth_tokens", "cors_origins", "trusted_proxies", "checksums"}
+CHECKSUMS = ("crc64nvme", "sha256")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -100,6 +102,11 @@ def validate(config: Config) -> Config:
         ("host", config.host.strip() != "", "must not be empty"),
         ("log_level", config.log_level.lower() in LOG_LEVELS, f"must be one of {LOG_LEVELS}"),
         ("auth_tokens", all(t.strip() for t in config.auth_tokens), "must not hold empty tokens"),
+        (
+            "checksums",
+            "crc64nvme" in config.checksums and set(config.checksums) <= set(CHECKSUMS),
+            f'must hold "crc64nvme" and may add "sha256" (known: {CHECKSUMS})',
+        ),
         (
             "accel_redirect_prefix",
             config.accel_redirect_prefix == ""

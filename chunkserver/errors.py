@@ -52,6 +52,15 @@ class UploadConflict(ChunkServerError):
     status = 409
 
 
+class UploadGone(UploadConflict):
+    """The upload was completed, deleted or expired while this request was handled."""
+
+    def __init__(
+        self, detail: str = "The upload was removed while this chunk was being received"
+    ) -> None:
+        super().__init__(detail)
+
+
 class PayloadTooLarge(ChunkServerError):
     status = 413
 

@@ -1,4 +1,4 @@
-"""Moving and hashing file bytes without bringing them into Python: mmap and the kernel."""
+"""Moving and hashing file bytes: vectored writes at an offset, kernel copies, mmap hashing."""
 
 from __future__ import annotations
 
@@ -9,34 +9,46 @@ import os
 from pathlib import Path
 
 HASH_WINDOW_BYTES = 4 * 1024 * 1024
+COPY_STEP_BYTES = 8 * 1024 * 1024
 
 
-def hash_file(fd: int, size: int, digest: hashlib._Hash) -> None:
-    """Feed the first `size` bytes of `fd` to `digest`.
+def pwritev_all(fd: int, pieces: list[memoryview], offset: int) -> None:
+    """Write `pieces` in order at `offset`, going on after a short write."""
+    while pieces:
+        written = os.pwritev(fd, pieces, offset)
+        offset += written
+        # A short write is rare for regular files; drop what went out and go on.
+        while pieces and written >= len(pieces[0]):
+            written -= len(pieces[0])
+            pieces = pieces[1:]
+        if written:
+            pieces[0] = pieces[0][written:]
+
+
+def hash_file(fd: int, size: int, digest: hashlib._Hash, offset: int = 0) -> None:
+    """Feed `size` bytes of `fd` from `offset` to `digest`.
 
     Read-only maps of the page cache, a window at a time: no copy into Python, and at most
     one window counted in the process's resident memory whatever the file size.
     """
-    for offset in range(0, size, HASH_WINDOW_BYTES):
-        length = min(HASH_WINDOW_BYTES, size - offset)
-        with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=offset) as view:
-            digest.update(view)
+    end = offset + size
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    while start < end:
+        length = min(HASH_WINDOW_BYTES, end - start)
+        with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=start) as view:
+            skip = max(0, offset - start)
+            digest.update(memoryview(view)[skip:])
+        start += length
 
 
-def append_file(src: int, size: int, out: int, digest: hashlib._Hash) -> None:
-    """Hash the first `size` bytes of `src` and append them to `out`."""
-    if size == 0:
-        return
-    hash_file(src, size, digest)
-    copy_range(src, out, size)
-
-
-def copy_range(src: int, out: int, size: int) -> None:
-    """Copy `size` bytes from the start of `src` to `out`'s position inside the kernel."""
+def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, size: int) -> None:
+    """Copy `size` bytes between two files at given offsets, inside the kernel if it can."""
     copied = 0
     try:
         while copied < size:
-            n = os.copy_file_range(src, out, size - copied, copied)
+            n = os.copy_file_range(
+                src, dst, size - copied, src_offset + copied, dst_offset + copied
+            )
             if n == 0:
                 raise OSError(errno.EIO, "copy_file_range stopped early")
             copied += n
@@ -44,11 +56,12 @@ def copy_range(src: int, out: int, size: int) -> None:
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise
-    while copied < size:  # other filesystems: sendfile still avoids user space
-        n = os.sendfile(out, src, copied, size - copied)
-        if n == 0:
-            raise OSError(errno.EIO, "sendfile stopped early")
-        copied += n
+    while copied < size:  # other filesystems: through user space, a step at a time
+        data = os.pread(src, min(COPY_STEP_BYTES, size - copied), src_offset + copied)
+        if not data:
+            raise OSError(errno.EIO, "source ended early")
+        pwritev_all(dst, [memoryview(data)], dst_offset + copied)
+        copied += len(data)
 
 
 def fsync_dir(path: Path) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import BadRequest, PayloadTooLarge
+from . import checksums
+from .errors import BadRequest
 
 FILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 REQUIRED_FIELDS = ("file_id", "chunk_index", "total_chunks", "filename")
-OPTIONAL_FIELDS = ("chunk_sha256", "total_size")
+OPTIONAL_FIELDS = ("chunk_sha256", "chunk_crc64nvme", "total_size", "chunk_size")
 TEXT_FIELDS = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
 MAX_FIELD_BYTES = 4096
 MAX_FILENAME_BYTES = 255
@@ -48,7 +49,9 @@ class ChunkFields:
     total_chunks: int
     filename: str
     chunk_sha256: str | None = None
+    chunk_crc64nvme: int | None = None
     total_size: int | None = None
+    chunk_size: int | None = None
 
 
 class ChunkForm:
@@ -63,6 +66,9 @@ class ChunkForm:
 
     def has_required(self) -> bool:
         return all(name in self.values for name in REQUIRED_FIELDS)
+
+    def wants_sha256(self) -> bool:
+        return "chunk_sha256" in self.values
 
     def expected_sha256(self) -> str | None:
         value = self.values.get("chunk_sha256")
@@ -88,19 +94,27 @@ class ChunkForm:
                 f"Invalid chunk_index: must be in [0, {total_chunks}), got {chunk_index}"
             )
         filename = check_filename(self.values["filename"])
-        total_size = None
-        if "total_size" in self.values:
-            total_size = _integer("total_size", self.values["total_size"])
-            if total_size < 0:
-                raise BadRequest("Invalid total_size: must not be negative")
+        total_size = self._optional_integer("total_size", minimum=0)
+        chunk_size = self._optional_integer("chunk_size", minimum=1)
+        crc = self.values.get("chunk_crc64nvme")
         return ChunkFields(
             file_id=file_id,
             chunk_index=chunk_index,
             total_chunks=total_chunks,
             filename=filename,
             chunk_sha256=self.expected_sha256(),
+            chunk_crc64nvme=_checked_crc64nvme(crc) if crc is not None else None,
             total_size=total_size,
+            chunk_size=chunk_size,
         )
+
+    def _optional_integer(self, name: str, *, minimum: int) -> int | None:
+        if name not in self.values:
+            return None
+        value = _integer(name, self.values[name])
+        if value < minimum:
+            raise BadRequest(f"Invalid {name}: must be at least {minimum}")
+        return value
 
 
 def _checked_sha256(value: str) -> str:
@@ -110,8 +124,10 @@ def _checked_sha256(value: str) -> str:
     return value.lower()
 
 
-def check_total_size(total_size: int | None, *, max_file_bytes: int) -> None:
-    if total_size is not None and total_size > max_file_bytes:
-        raise PayloadTooLarge(
-            f"total_size {total_size} exceeds max_file_bytes ({max_file_bytes} bytes)"
-        )
+def _checked_crc64nvme(value: str) -> int:
+    try:
+        return checksums.from_s3(value)
+    except ValueError:
+        raise BadRequest(
+            "Invalid chunk_crc64nvme: must be the base64 of 8 bytes (S3's form)"
+        ) from None

@@ -14,10 +14,12 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from .errors import BadRequest, ClientTooSlow, FileNotFound
-from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkFields, ChunkForm, check_file_id
+from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkForm, check_file_id
 from .keys import CONFIG, UPLOADS
+from .model import CompletedUpload, UploadProgress
 from .multipart import MultipartParser, ReadFunction, boundary_from_content_type
-from .store import CompletedUpload, TempChunk, UploadProgress
+from .service import Prepared
+from .store import Received
 
 JSON = "application/json"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -28,6 +30,14 @@ def json_answer(data: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(data).encode(), status=status, content_type=JSON)
 
 
+def completed_fields(record: CompletedUpload) -> dict[str, Any]:
+    """What every completed answer says of the file."""
+    fields: dict[str, Any] = {"size": record.size, "crc64nvme": record.crc64nvme}
+    if record.sha256 is not None:
+        fields["sha256"] = record.sha256
+    return fields
+
+
 def _completed_chunk_answer(record: CompletedUpload) -> dict[str, Any]:
     return {
         "file_id": record.file_id,
@@ -36,8 +46,7 @@ def _completed_chunk_answer(record: CompletedUpload) -> dict[str, Any]:
         "status": "completed",
         "uploaded_chunks": record.total_chunks,
         "total_chunks": record.total_chunks,
-        "size": record.size,
-        "sha256": record.sha256,
+        **completed_fields(record),
     }
 
 
@@ -74,45 +83,51 @@ async def _upload_chunk(request: web.Request) -> web.Response:
     boundary = boundary_from_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
     parser = MultipartParser(read_with_idle_timeout(request, config.idle_timeout_seconds), boundary)
     form = ChunkForm(max_total_chunks=config.max_total_chunks)
-    temp: TempChunk | None = None
-    computed_sha256: str | None = None
-    checked_early = False
+    prepared: Prepared | None = None
+    received: Received | None = None
     try:
         while (part := await parser.next_part()) is not None:
             if part.name == "chunk":
-                if temp is not None:
+                if received is not None:
                     raise BadRequest("More than one chunk part in the request")
-                early: ChunkFields | None = form.fields() if form.has_required() else None
-                if early is not None:
-                    record = await uploads.check_before_chunk(early, request.content_length)
-                    if record is not None:
-                        return json_answer(_completed_chunk_answer(record))
-                    checked_early = True
-                temp = uploads.new_temp(early)
-                computed_sha256 = await uploads.receive(parser.body(), temp, form.expected_sha256())
+                if not form.has_required():  # its upload is not known yet: kept aside
+                    received = await uploads.receive_unplaced(
+                        parser.body(), want_sha256=form.wants_sha256()
+                    )
+                    continue
+                early = form.fields()
+                found = await uploads.prepare(early, request.content_length)
+                if isinstance(found, CompletedUpload):
+                    return json_answer(_completed_chunk_answer(found))
+                prepared = found
+                outcome = await uploads.receive(prepared, early, parser.body())
+                if isinstance(outcome, CompletedUpload):
+                    return json_answer(_completed_chunk_answer(outcome))
+                prepared, received = outcome
             elif part.name in TEXT_FIELDS:
                 form.set(part.name, await parser.read_text(limit=MAX_FIELD_BYTES))
         fields = form.fields()
-        if temp is None:
+        if received is None:
             raise BadRequest("Missing required parameter: chunk")
-        if not checked_early:
-            record = await uploads.check_before_chunk(fields, None)
-            if record is not None:
-                return json_answer(_completed_chunk_answer(record))
-        owned, temp = temp, None  # the commit owns the file from here on
-        result = await uploads.commit(fields, owned, computed_sha256)
-    finally:
-        if temp is not None:
-            temp.discard()
-    if result.record is not None:
-        return json_answer(_completed_chunk_answer(result.record))
+        if prepared is None:
+            found = await uploads.prepare(fields, None)
+            if isinstance(found, CompletedUpload):
+                return json_answer(_completed_chunk_answer(found))
+            prepared = found
+        owned, received = received, None  # store_chunk owns it from here on
+        result = await uploads.store_chunk(fields, prepared, owned)
+    except BaseException:
+        await uploads.fail(prepared, received)
+        raise
+    if isinstance(result, CompletedUpload):
+        return json_answer(_completed_chunk_answer(result))
     return json_answer(
         {
             "file_id": fields.file_id,
             "filename": fields.filename,
             "type": "file",
             "status": "uploading",
-            "uploaded_chunks": len(result.chunks),
+            "uploaded_chunks": result.uploaded_chunks,
             "total_chunks": fields.total_chunks,
         }
     )
@@ -128,8 +143,7 @@ async def upload_status(request: web.Request) -> web.Response:
                 "file_exists": True,
                 "file_id": file_id,
                 "filename": found.filename,
-                "size": found.size,
-                "sha256": found.sha256,
+                **completed_fields(found),
                 "uploaded_chunks": found.total_chunks,
                 "total_chunks": found.total_chunks,
             }
@@ -157,7 +171,7 @@ def content_disposition(filename: str) -> str:
 
 async def download_file(request: web.Request) -> web.StreamResponse:
     file_id = check_file_id(request.match_info["file_id"])
-    found = await request.app[UPLOADS].completed_file(file_id)
+    found = await request.app[UPLOADS].download(file_id)
     if found is None:
         raise FileNotFound()
     path, record = found

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .config import Config
-from .uploads import Uploads
+from .service import Uploads
 
 CONFIG = web.AppKey("config", Config)
 UPLOADS = web.AppKey("uploads", Uploads)

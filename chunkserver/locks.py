@@ -1,4 +1,5 @@
-"""Locking, apart from the store: per-file asyncio locks inside a process, flock across them.
+"""Locking, apart from the store: per-file asyncio locks inside a process, flock across them,
+and byte-range locks over a region of a data file.
 
 `KeyedLocks` gives one `asyncio.Lock` per file id, dropped when nobody holds or waits for it,
 so the loop never blocks more than one executor thread per file on the cross-process lock.
@@ -7,6 +8,10 @@ so the loop never blocks more than one executor thread per file on the cross-pro
 drops it when its holder dies, so a crash never leaves an upload locked. Because the folder may
 be removed by the holder (after a merge, an abort or an expiry), a waiter that gets the lock
 checks that its file is still the one at the path, and starts over if not.
+
+`lock_range` takes an open-file-description (OFD) write lock on a byte range of a file: it holds
+across processes and between two descriptors of one process alike, and the kernel drops it
+when the descriptor is closed or its process dies, so a killed writer never leaves it behind.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -107,4 +113,22 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+# struct flock on Linux (x86_64 and aarch64): l_type, l_whence, l_start, l_len, l_pid, padding.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def lock_range(fd: int, start: int, length: int, *, wait: bool) -> bool:
+    """Write-lock `length` bytes of `fd` from `start` (0: to the end and beyond).
+
+    Returns False when another descriptor holds a lock there and `wait` is False; with
+    `wait` it blocks until the range is free (call it from a thread).
+    """
+    command = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
+    try:
+        fcntl.fcntl(fd, command, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held elsewhere
+        return False
     return True

@@ -25,7 +25,7 @@ from aiohttp import web
 from .app import access_logger_for, create_app
 from .config import Config
 from .keys import UPLOADS
-from .uploads import Uploads
+from .service import Uploads
 
 SHUTDOWN_TIMEOUT = 30.0
 # aiohttp's own shutdown comes after our drain of the chunks in flight. It can wait out its

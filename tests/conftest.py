@@ -3,6 +3,7 @@ test client, helpers to build chunk requests, and real `chunkserver serve` proce
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from awscrt import checksums
 
 from chunkserver import Config, create_app
 
@@ -99,6 +101,11 @@ def split(data: bytes, chunk_size: int) -> list[bytes]:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def crc64(data: bytes) -> str:
+    """CRC-64/NVME in S3's form, computed apart from the server's code."""
+    return base64.b64encode(checksums.crc64nvme(data).to_bytes(8, "big")).decode()
 
 
 def dead_pid() -> int:

@@ -25,7 +25,7 @@ from chunkserver.client import (
     upload_file_async,
 )
 
-from .conftest import ServerProcess, sha256
+from .conftest import ServerProcess, crc64
 
 FAST = Backoff(base=0.01, cap=0.05)
 
@@ -96,7 +96,7 @@ async def test_upload_arrives_identical_with_chunks_in_parallel(
     result = await upload_file_async(
         path, url, chunk_size=65536, concurrency=4, progress=seen.append
     )
-    assert result["verified"] is True and result["sha256"] == sha256(data)
+    assert result["verified"] is True and result["crc64nvme"] == crc64(data)
     stored = Path(config.data_dir) / "uploads" / result["file_id"] / "payload.bin"
     assert stored.read_bytes() == data
     assert recorder.posts == 11 and recorder.max_in_flight > 1
@@ -108,7 +108,7 @@ async def test_retries_through_503s_and_dropped_connections(make_server, big_fil
     url, recorder = await make_server(Recorder(fail_every=3, drop_every=5))
     path, data = big_file
     result = await upload_file_async(path, url, chunk_size=65536, concurrency=3, backoff=FAST)
-    assert result["sha256"] == sha256(data)
+    assert result["crc64nvme"] == crc64(data)
     assert recorder.faults >= 3
     assert result["requests"] > 11
 
@@ -136,7 +136,7 @@ async def test_interrupted_upload_resumes_sending_only_missing_chunks(
         path, url, chunk_size=65536, concurrency=3, file_id="resume-me"
     )
     assert result["chunks_sent"] == 6 and recorder.posts - posts_before == 6
-    assert result["sha256"] == sha256(data)
+    assert result["crc64nvme"] == crc64(data)
     # and once complete, asking again sends nothing and still verifies
     again = await upload_file_async(path, url, chunk_size=65536, file_id="resume-me")
     assert again["chunks_sent"] == 0 and again["verified"]
@@ -209,7 +209,7 @@ def test_cli_upload_and_status(servers: Callable[..., ServerProcess], big_file) 
     done = run_cli("upload", str(path), "--url", server.url, "--chunk-size", "64KiB")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["verified"] is True and result["sha256"] == sha256(data)
+    assert result["verified"] is True and result["crc64nvme"] == crc64(data)
     assert "\r[" not in done.stderr  # no progress bar when not on a terminal
     # rerunning the same command finds the upload by the file's path, size and mtime
     again = run_cli("upload", str(path), "--url", server.url, "--chunk-size", "64KiB", "--quiet")

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL_KEYS = {
     "host", "port", "unix_socket", "data_dir", "workers", "max_chunk_bytes", "max_file_bytes",
     "max_total_chunks", "min_free_bytes", "upload_ttl_seconds", "sweep_interval_seconds",
-    "fsync", "auth_tokens", "cors_origins", "log_level", "access_log",
+    "fsync", "auth_tokens", "cors_origins", "log_level", "access_log", "checksums",
 }  # fmt: skip
 
 
@@ -51,6 +51,9 @@ def test_overrides_win_and_none_is_ignored(tmp_path: Path) -> None:
         ('trusted_proxies = ["not-an-ip"]', "trusted_proxies"),
         ('accel_redirect_prefix = "no-slashes"', "accel_redirect_prefix"),
         ("max_total_chunks = true", "max_total_chunks"),
+        ('checksums = ["md5"]', "checksums"),
+        ('checksums = ["sha256"]', "checksums"),
+        ('checksums = "crc64nvme"', "checksums"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:

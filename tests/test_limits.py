@@ -13,7 +13,7 @@ import pytest
 
 from chunkserver import Config
 
-from .conftest import ClientFactory, chunk_form, sha256, temp_files
+from .conftest import ClientFactory, chunk_form, crc64, temp_files
 
 MiB = 2**20
 
@@ -120,11 +120,11 @@ async def test_disk_full_mid_chunk_then_recovery(aiohttp_client, small_disk: Pat
     assert temp_files(data_dir) == []
     status = await (await client.get(f"/upload-status/{file_id}")).json()
     assert status["uploaded_chunks"] == 2 and status["missing_chunks"] == [2]
-    for i in range(2):
-        stored = data_dir / "chunks" / file_id / f"chunk_{i:06d}"
-        assert stored.read_bytes() == chunks[i]
+    stored = (data_dir / "chunks" / file_id / ".data").read_bytes()
+    for i in range(2):  # in place in the upload's data file, intact
+        assert stored[i * 4 * MiB : (i + 1) * 4 * MiB] == chunks[i]
     assert (await client.get("/healthz")).status in (200, 503)
     filler.unlink()  # space comes back: the upload finishes
     resp = await client.post("/upload-chunk", data=chunk_form(file_id, 2, 3, chunks[2]))
     body = await resp.json()
-    assert body["status"] == "completed" and body["sha256"] == sha256(b"".join(chunks))
+    assert body["status"] == "completed" and body["crc64nvme"] == crc64(b"".join(chunks))

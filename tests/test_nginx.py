@@ -20,7 +20,7 @@ import requests
 
 from chunkserver.client import Backoff, upload_file_async
 
-from .conftest import ServerProcess, sha256, start_server
+from .conftest import ServerProcess, crc64, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
@@ -138,14 +138,14 @@ def test_100_mib_through_nginx_spreads_over_both_processes(
     result = asyncio.run(
         upload_file_async(path, deployment.url, chunk_size=5 * MiB, concurrency=8, file_id="big")
     )
-    assert result["verified"] and result["sha256"] == sha256(data)
+    assert result["verified"] and result["crc64nvme"] == crc64(data)
     assert (deployment.data_dir / "uploads" / "big" / "big.bin").read_bytes() == data
     time.sleep(0.3)  # let the access log lines arrive
     counts = [posts_seen_by(s) for s in deployment.servers]
     assert sum(counts) >= 20 and min(counts) > 0, counts
 
     status = requests.get(f"{deployment.url}/upload-status/big", timeout=10)
-    assert status.status_code == 200 and status.json()["sha256"] == sha256(data)
+    assert status.status_code == 200 and status.json()["crc64nvme"] == crc64(data)
     # the download is sent by nginx itself (X-Accel-Redirect), with Range
     whole = requests.get(f"{deployment.url}/files/big", timeout=60)
     assert whole.status_code == 200 and whole.content == data
@@ -196,7 +196,7 @@ def test_an_upstream_killed_mid_upload(deployment: Deployment, tmp_path: Path) -
         )
     )
     assert killed.is_set()
-    assert result["verified"] and result["sha256"] == sha256(data)
+    assert result["verified"] and result["crc64nvme"] == crc64(data)
     assert (deployment.data_dir / "uploads" / "survivor" / "survivor.bin").read_bytes() == data
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import ServerProcess, sha256, split, temp_files
+from .conftest import ServerProcess, crc64, split, temp_files
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def test_two_processes_share_one_data_folder(
             assert status["uploaded_chunks"] == i + 1
             assert answers[-1]["uploaded_chunks"] == i + 1
     assert answers[-1]["status"] == "completed"
-    assert answers[-1]["sha256"] == sha256(data)
+    assert answers[-1]["crc64nvme"] == crc64(data)
     for server in (a, b):
         status = requests.get(f"{server.url}/upload-status/shared", timeout=10).json()
         assert status["status"] == "completed"
@@ -71,7 +71,7 @@ def test_two_processes_race_on_the_last_chunks(servers: Callable[..., ServerProc
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(send, reversed(range(len(chunks)))))
     completed = [x for x in answers if x["status"] == "completed"]
-    assert completed and all(x["sha256"] == sha256(data) for x in completed)
+    assert completed and all(x["crc64nvme"] == crc64(data) for x in completed)
     assert requests.get(f"{a.url}/files/race", timeout=10).content == data
     merges = sum(
         int(line.split()[-1])
@@ -91,7 +91,7 @@ def test_workers_share_a_port_and_their_metrics(
     chunks = split(data, 5000)
     for i, chunk in enumerate(chunks):
         answer = post_chunk(server.url, "w", i, len(chunks), chunk)
-    assert answer["sha256"] == sha256(data)
+    assert answer["crc64nvme"] == crc64(data)
     # each worker publishes its counters; any of them answers for all
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -147,7 +147,7 @@ def test_sigkill_mid_upload_then_restart(
     assert temp_files(data_dir) == []  # the dead process's partial chunk was swept at start
     for i in status["missing_chunks"]:
         answer = post_chunk(again.url, "crash", i, len(chunks), chunks[i])
-    assert answer["status"] == "completed" and answer["sha256"] == sha256(data)
+    assert answer["status"] == "completed" and answer["crc64nvme"] == crc64(data)
     assert (data_dir / "uploads" / "crash" / "f.bin").read_bytes() == data
 
 

@@ -4,6 +4,7 @@ and the client address behind a trusted proxy."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from chunkserver import Config, streaming
+from chunkserver import Config, localstore
 from chunkserver.app import access_logger_for, client_address
 
-from .conftest import ClientFactory, ServerProcess, chunk_form, sha256, temp_files
+from .conftest import ClientFactory, ServerProcess, chunk_form, crc64, temp_files
 
 
 async def test_fsync_mode_uploads_and_merges(make_client: ClientFactory, config: Config) -> None:
@@ -26,7 +27,7 @@ async def test_fsync_mode_uploads_and_merges(make_client: ClientFactory, config:
     for i, part in enumerate((data[:100_000], data[100_000:200_000], data[200_000:])):
         resp = await client.post("/upload-chunk", data=chunk_form("sync", i, 3, part))
         assert resp.status == 200
-    assert (await resp.json())["sha256"] == sha256(data)
+    assert (await resp.json())["crc64nvme"] == crc64(data)
     assert (Path(config.data_dir) / "uploads" / "sync" / "file.bin").read_bytes() == data
 
 
@@ -36,23 +37,23 @@ async def test_disk_full_while_writing_is_507_and_removes_the_chunk(
     assert (
         await client.post("/upload-chunk", data=chunk_form("full", 0, 3, b"kept"))
     ).status == 200
-    real_writev = os.writev
+    real_write = localstore.pwritev_all
 
-    def full(fd: int, buffers: list) -> int:
+    def full(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(streaming.os, "writev", full)
+    monkeypatch.setattr(localstore, "pwritev_all", full)
     resp = await client.post("/upload-chunk", data=chunk_form("full", 1, 3, b"x" * 2_000_000))
     assert resp.status == 507
     assert await resp.json() == {"detail": "Chunk upload failed: disk space full"}
     assert temp_files(Path(config.data_dir)) == []
-    monkeypatch.setattr(streaming.os, "writev", real_writev)
+    monkeypatch.setattr(localstore, "pwritev_all", real_write)
     status = await (await client.get("/upload-status/full")).json()
     assert status["uploaded_chunks"] == 1 and status["missing_chunks"] == [1, 2]
     # space is back: the upload finishes with its earlier chunk intact
     for i in (1, 2):
         resp = await client.post("/upload-chunk", data=chunk_form("full", i, 3, b"more"))
-    assert (await resp.json())["sha256"] == sha256(b"keptmoremore")
+    assert (await resp.json())["crc64nvme"] == crc64(b"keptmoremore")
 
 
 def test_sigterm_with_a_chunk_in_flight_leaves_no_partial_chunk(
@@ -77,11 +78,14 @@ def test_sigterm_with_a_chunk_in_flight_leaves_no_partial_chunk(
         b"POST /upload-chunk HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         b"Content-Length: 3000000\r\n\r\n" + head.encode() + b"x" * 1_200_000
     )
+    data_file = tmp_path / "data" / "chunks" / "term" / ".data"
     deadline = time.monotonic() + 10
-    while not temp_files(tmp_path / "data") and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if data_file.exists() and data_file.stat().st_size >= 1 << 20:
+            break
         time.sleep(0.05)
-    # past the first 1 MiB write batch, the chunk is streaming to its temporary file
-    assert temp_files(tmp_path / "data"), "the chunk should be streaming to a temp file"
+    # past the first 1 MiB write batch, the chunk is streaming into the upload's data file
+    assert data_file.stat().st_size >= 1 << 20, "the chunk should be streaming in place"
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     sock.close()  # the client gives up: the cut chunk must not stay behind
@@ -165,4 +169,7 @@ def test_sigterm_lets_a_chunk_in_flight_finish(
     started = time.monotonic()
     assert server.process.wait(20) == 0
     assert time.monotonic() - started < 5
-    assert (tmp_path / "data" / "chunks" / "drain" / "chunk_000000").stat().st_size == 400_000
+    folder = tmp_path / "data" / "chunks" / "drain"
+    record = json.loads((folder / "chunk_000000").read_bytes())
+    assert record["length"] == 400_000 and record["aside"] is None
+    assert (folder / ".data").read_bytes()[:400_000] == b"y" * 400_000

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from chunkserver import Config
 
-from .conftest import ClientFactory, chunk_form, dead_pid, sha256
+from .conftest import ClientFactory, chunk_form, crc64, dead_pid
 
 
 async def send(client, file_id: str, index: int, total: int, data: bytes, **kw) -> dict:
@@ -36,7 +36,7 @@ async def test_status_completed(client) -> None:
     body = await (await client.get("/upload-status/u2")).json()
     assert body["status"] == "completed" and body["file_exists"] is True
     assert body["filename"] == "greeting.txt"
-    assert body["size"] == 11 and body["sha256"] == sha256(b"hello world")
+    assert body["size"] == 11 and body["crc64nvme"] == crc64(b"hello world")
 
 
 async def test_status_not_found_and_bad_id(client) -> None:

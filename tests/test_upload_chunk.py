@@ -10,10 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chunkserver import Config
-from chunkserver.store import TempChunk
+from chunkserver import Config, localstore
 
-from .conftest import ClientFactory, chunk_form, sha256, split, temp_files
+from .conftest import ClientFactory, chunk_form, crc64, sha256, split, temp_files
 
 FILE_ID = "550e8400-e29b-41d4-a716-446655440000"
 
@@ -44,7 +43,7 @@ async def test_seed_answers_in_progress_and_complete(client, config: Config) -> 
     last = answers[-1]
     assert last["status"] == "completed"
     assert last["uploaded_chunks"] == last["total_chunks"] == 6
-    assert last["size"] == len(data) and last["sha256"] == sha256(data)
+    assert last["size"] == len(data) and last["crc64nvme"] == crc64(data)
     merged = Path(config.data_dir) / "uploads" / FILE_ID / "large_file.pdf"
     assert merged.read_bytes() == data
     assert not (Path(config.data_dir) / "chunks" / FILE_ID).exists()
@@ -78,7 +77,7 @@ async def test_chunks_out_of_order_and_in_parallel(client, config: Config) -> No
     answers = await asyncio.gather(*(send(i) for i in order))
     completed = [a for a in answers if a["status"] == "completed"]
     assert len(completed) >= 1
-    assert all(a["sha256"] == sha256(data) for a in completed)
+    assert all(a["crc64nvme"] == crc64(data) for a in completed)
     assert (Path(config.data_dir) / "uploads" / "par" / "file.bin").read_bytes() == data
     assert temp_files(Path(config.data_dir)) == []
 
@@ -94,7 +93,7 @@ async def test_same_last_chunk_twice_at_once_merges_once(client, config: Config)
     )
     answers = [await r.json() for r in resps]
     assert [a["status"] for a in answers] == ["completed", "completed"]
-    assert answers[0]["sha256"] == answers[1]["sha256"] == sha256(b"".join(chunks))
+    assert answers[0]["crc64nvme"] == answers[1]["crc64nvme"] == crc64(b"".join(chunks))
     assert (Path(config.data_dir) / "uploads" / "twice" / "file.bin").read_bytes() == b"".join(
         chunks
     )
@@ -114,7 +113,7 @@ async def test_chunk_after_completion_changes_nothing(client, config: Config) ->
     resp = await client.post("/upload-chunk", data=chunk_form("done", 0, 3, b"XXXX"))
     body = await resp.json()
     assert resp.status == 200 and body["status"] == "completed"
-    assert body["sha256"] == sha256(data)
+    assert body["crc64nvme"] == crc64(data)
     assert (Path(config.data_dir) / "uploads" / "done" / "file.bin").read_bytes() == data
     assert not (Path(config.data_dir) / "chunks" / "done").exists()
 
@@ -126,7 +125,7 @@ async def test_chunk_part_before_text_fields(client) -> None:
         form = chunk_form("first", i, 3, chunk, chunk_first=True, chunk_sha256=sha256(chunk))
         resp = await client.post("/upload-chunk", data=form)
         assert resp.status == 200, await resp.text()
-    assert (await resp.json())["sha256"] == sha256(data)
+    assert (await resp.json())["crc64nvme"] == crc64(data)
 
 
 async def test_empty_file_in_one_empty_chunk(client) -> None:
@@ -344,12 +343,14 @@ async def test_client_disconnect_mid_chunk_leaves_nothing(client, config: Config
     await asyncio.sleep(0.3)
     writer.close()
     data_dir = Path(config.data_dir)
-    for _ in range(50):
-        if not temp_files(data_dir):
+    for _ in range(50):  # the server notices the cut when its next read fails
+        if (await client.get("/upload-status/cut")).status == 404:
             break
         await asyncio.sleep(0.1)
     assert temp_files(data_dir) == []
+    # the upload this chunk began is gone with it: nothing of the request remains
     assert (await client.get("/upload-status/cut")).status == 404
+    assert not (data_dir / "chunks" / "cut").exists()
     # the server keeps serving
     resp = await client.post("/upload-chunk", data=chunk_form("cut", 0, 2, b"ok"))
     assert resp.status == 200
@@ -370,10 +371,10 @@ async def test_file_id_and_filename_cannot_escape(client, config: Config, tmp_pa
 async def test_a_storage_failure_answers_500_in_json_and_is_logged(
     client, config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def failing_disk(self: TempChunk) -> None:
+    def failing_disk(*args: object) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(TempChunk, "create", failing_disk)
+    monkeypatch.setattr(localstore, "pwritev_all", failing_disk)
     resp = await client.post("/upload-chunk", data=chunk_form("eio", 0, 1, b"abc"))
     assert resp.status == 500
     assert await resp.json() == {"detail": "Chunk upload failed: Input/output error"}

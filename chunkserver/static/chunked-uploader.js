@@ -8,7 +8,11 @@
 // and adds: parallel chunks, retries with capped exponential backoff and jitter, resume (the
 // file id is remembered in localStorage under the file's name, size and last-modified time, and
 // only the server's missing_chunks are sent), pause (stop), abort (DELETE), progress with bytes
-// and speed, and an optional bearer token.
+// and speed, an optional bearer token, and verification: each chunk is sent with its
+// CRC-64/NVME (checked by the server), and the file's CRC, combined from the chunks', must
+// equal the server's crc64nvme at the end.
+
+import { crc64nvme, crc64Combine, toS3 } from './crc64nvme.js';
 
 const RETRYABLE = new Set([408, 429, 500, 502, 503, 504, 507]);
 
@@ -69,12 +73,14 @@ export class ChunkedUploader {
     });
   }
 
-  async uploadChunk(fileId, chunkIndex, chunk, filename, totalChunks, signal = undefined) {
+  async uploadChunk(fileId, chunkIndex, chunk, filename, totalChunks, signal = undefined,
+    extraFields = {}) {
     const formData = new FormData();
     formData.append('file_id', fileId);
     formData.append('chunk_index', chunkIndex.toString());
     formData.append('total_chunks', totalChunks.toString());
     formData.append('filename', filename);
+    for (const [name, value] of Object.entries(extraFields)) formData.append(name, value);
     formData.append('chunk', chunk);
     const response = await fetch(`${this.apiUrl}/upload-chunk`, {
       method: 'POST',
@@ -136,7 +142,8 @@ export class ChunkedUploader {
   }
 
   // Upload a File or Blob with a name; resumes a remembered upload of the same file.
-  // Resolves with the server's completed answer (file_id, size, sha256, ...); rejects with
+  // Resolves with the server's completed answer (file_id, size, crc64nvme, ...) plus
+  // verified: true once the file's CRC matched; rejects with
   // UploadError, or UploadStopped after pause() or abort(). onProgress gets an object:
   // { fileId, bytesDone, totalBytes, chunksDone, totalChunks, fraction, seconds, bytesPerSecond }.
   async upload(file, { onProgress = null, fileId = null } = {}) {
@@ -149,7 +156,11 @@ export class ChunkedUploader {
     const status = await this.status(fileId);
     if (status.status === 'completed') {
       this.report(onProgress, fileId, file.size, file.size, totalChunks, totalChunks, 0, 0);
-      return { ...status, file_id: fileId };
+      const local = toS3(await this.fileCrc(chunks, new Array(totalChunks)));
+      if (status.crc64nvme !== local) {
+        throw new UploadError(`crc64nvme mismatch: server ${status.crc64nvme}, local ${local}`);
+      }
+      return { ...status, file_id: fileId, verified: true };
     }
     if (status.status === 'uploading') {
       if (status.total_chunks !== totalChunks) {
@@ -175,12 +186,18 @@ export class ChunkedUploader {
     let completed = null;
     this.report(onProgress, fileId, bytesDone, file.size, chunksDone, totalChunks, 0, 0);
 
+    const crcs = new Array(totalChunks);
+    const fields = { total_size: file.size.toString(), chunk_size: this.chunkSize.toString() };
     const queue = [...missing];
     const worker = async () => {
       while (queue.length > 0) {
         const index = queue.shift();
-        const answer = await this.sendWithRetries(fileId, index, chunks[index], file.name,
-          totalChunks, controller.signal);
+        // Read once: the CRC is computed on the bytes that are sent.
+        const bytes = new Uint8Array(await chunks[index].arrayBuffer());
+        crcs[index] = crc64nvme(bytes);
+        const answer = await this.sendWithRetries(fileId, index, new Blob([bytes]), file.name,
+          totalChunks, controller.signal,
+          { ...fields, chunk_crc64nvme: toS3(crcs[index]) });
         if (answer.status === 'completed') completed = answer;
         bytesDone += chunks[index].size;
         chunksDone += 1;
@@ -201,15 +218,30 @@ export class ChunkedUploader {
     if (completed.status !== 'completed') {
       throw new UploadError(`Every chunk was sent but the upload is ${completed.status}`);
     }
+    const local = toS3(await this.fileCrc(chunks, crcs));
+    if (completed.crc64nvme !== local) {
+      throw new UploadError(`crc64nvme mismatch: server ${completed.crc64nvme}, local ${local}`);
+    }
     this.storage?.removeItem(this.resumeKey(file));
-    return { ...completed, file_id: fileId };
+    return { ...completed, file_id: fileId, verified: true };
   }
 
-  async sendWithRetries(fileId, index, chunk, filename, totalChunks, signal) {
+  // The file's CRC-64/NVME from its chunks' (those not sent this time are read for it).
+  async fileCrc(chunks, crcs) {
+    let whole = 0n;
+    for (let i = 0; i < chunks.length; i += 1) {
+      if (crcs[i] === undefined) crcs[i] = crc64nvme(new Uint8Array(await chunks[i].arrayBuffer()));
+      whole = crc64Combine(whole, crcs[i], chunks[i].size);
+    }
+    return whole;
+  }
+
+  async sendWithRetries(fileId, index, chunk, filename, totalChunks, signal, extraFields = {}) {
     for (let attempt = 0; ; attempt += 1) {
       if (signal.aborted) throw new UploadStopped();
       try {
-        return await this.uploadChunk(fileId, index, chunk, filename, totalChunks, signal);
+        return await this.uploadChunk(fileId, index, chunk, filename, totalChunks, signal,
+          extraFields);
       } catch (error) {
         if (signal.aborted || error.name === 'AbortError') throw new UploadStopped();
         // A TypeError is fetch's network failure; other statuses are the client's fault.

@@ -1,0 +1,923 @@
+"""The local-disk backend: the only code that builds paths, and the truth about every upload.
+
+Layout under the data folder:
+
+    chunks/<file_id>/.meta.json         filename, total_chunks, total_size, chunk_size, token
+    chunks/<file_id>/.data              the upload's one data file: chunk N at N x chunk_size
+    chunks/<file_id>/chunk_000003       the record that chunk 3 is stored: length, CRC, place
+    chunks/<file_id>/.lock              the cross-process lock (flock) of the upload's state
+    chunks/<file_id>/.chunk_000003.<pid>.<rand>.part   a chunk kept aside, being received
+    chunks/<file_id>/.chunk_000003.<rand>.aside        a chunk kept aside, stored
+    chunks/<file_id>/.merge.<pid>.<rand>.merging       uneven chunks being joined (rare)
+    chunks/.incoming/<pid>.<rand>.part  a chunk received before its form fields
+    chunks/.trash/...                   finished or removed upload folders, being unlinked
+    uploads/<file_id>/<filename>        the completed file: the data file, renamed
+    uploads/<file_id>.json              the completion record: size, crc64nvme, sha256
+
+Invariants:
+- A chunk's bytes are written once. They stream from the socket to offset N x chunk_size of
+  the data file, under a byte-range lock on that region (`locks.lock_range`), so two requests
+  writing the same chunk never mix their bytes, in one process or several. A chunk whose
+  place is not known yet (chunk_size not fixed), whose region is busy, or that was stored
+  before (a resend) is kept aside in a file of its own and copied into place at completion.
+- A chunk counts exactly when its record exists. The record is written (atomically, by a
+  rename) after its bytes, under the upload's flock; a chunk cut off at any instant has no
+  record and is simply sent again. A region that a record points to is never written again.
+- An upload is completed exactly when its completion record exists. Completion joins nothing
+  in the common case: it copies the chunks kept aside into place, truncates, renames the data
+  file into `uploads/`, then writes the record. A crash between the rename and the record is
+  finished by the next sweep from the renamed file.
+- `meta.json` exists only once the data file does, and meta's chunk_size, once set, never
+  changes.
+
+The hot path (receive, commit) runs on the event loop: writes to the page cache and a few
+small syscalls cost less than handing each chunk to a thread (bench/README.md). Everything
+that may wait (the flock held by another process, fsync, completion, sweep) runs in the
+store's own threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import checksums
+from .errors import DiskFull, PayloadTooLarge, StorageFailure, UploadConflict, UploadGone
+from .fileio import copy_range, fsync_dir, hash_file, pwritev_all
+from .locks import FileLock, lock_range, pid_alive
+from .model import (
+    ChunkRecord,
+    Committed,
+    CompletedUpload,
+    SweepReport,
+    UploadMeta,
+    UploadProgress,
+)
+
+T = TypeVar("T")
+
+RECORD_PREFIX = "chunk_"
+DATA_NAME = ".data"
+META_NAME = ".meta.json"
+LOCK_NAME = ".lock"
+ASIDE_SUFFIX = ".aside"
+INCOMING = ".incoming"
+TRASH = ".trash"
+TEMP_SUFFIXES = (".part", ".merging", ".tmp")
+# Bytes gathered from the socket's buffers before one pwritev: fewer syscalls, and at most
+# this much held per request whatever the chunk size.
+WRITE_BATCH_BYTES = 1024 * 1024
+# Stay well below IOV_MAX (1024) however small the pieces a slow client sends.
+MAX_BATCH_PIECES = 256
+FREE_BYTES_MAX_AGE = 0.05  # seconds
+FREE_BYTES_CACHED_ABOVE = 4 * 1024**3
+# A folder with no metadata and no live temporary file is a leftover after this long.
+ORPHAN_GRACE_SECONDS = 60.0
+OPEN_FLAGS = os.O_CLOEXEC
+
+
+@dataclass(slots=True)
+class ReceivedChunk:
+    """A chunk's bytes on disk, not yet committed; holds its fd (and region lock) till then."""
+
+    fd: int
+    base: int  # where the chunk starts in the file behind `fd`
+    limit: int | None  # bytes the chunk may take at this place; None: no bound
+    aside_path: Path | None  # None: in place in the upload's data file
+    data_identity: tuple[int, int] | None  # (dev, inode) of the data file it belongs to
+    declared_size: bool  # a chunk longer than `limit` is refused, not put aside
+    folder: Path | None
+    index: int | None
+    length: int = 0
+    written: int = 0
+    crc: int = 0
+    digest: Any = None  # hashlib sha256 when asked for
+
+    def sha256_hex(self) -> str | None:
+        return self.digest.hexdigest() if self.digest is not None else None
+
+    @property
+    def in_place(self) -> bool:
+        return self.aside_path is None
+
+
+@dataclass(slots=True)
+class _Known:
+    """What this process has seen stored of one upload: a cache the disk corrects."""
+
+    token: str
+    stored: set[int] = field(default_factory=set)
+    low: int = 0  # every index below is stored
+
+    def first_missing(self) -> int:
+        while self.low in self.stored:
+            self.low += 1
+        return self.low
+
+
+class LocalStore:
+    """Uploads on a local filesystem; safe for several processes sharing `root`."""
+
+    def __init__(
+        self, root: Path, *, fsync: bool = False, sha256: bool = False, threads: int = 8
+    ) -> None:
+        self.root = root
+        self.fsync = fsync
+        self.sha256 = sha256
+        self.chunks_dir = root / "chunks"
+        self.uploads_dir = root / "uploads"
+        self.incoming_dir = self.chunks_dir / INCOMING
+        self.trash_dir = self.chunks_dir / TRASH
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="chunkserver-store")
+        self._known: dict[str, _Known] = {}
+        self._free_bytes = 0
+        self._free_bytes_at = -FREE_BYTES_MAX_AGE
+        self._emptying_trash = threading.Lock()
+        for folder in (self.chunks_dir, self.uploads_dir, self.incoming_dir, self.trash_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    async def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+    # -- paths (file_id and filename are validated by the handlers before they get here) --
+
+    def _folder(self, file_id: str) -> Path:
+        return self.chunks_dir / file_id
+
+    def _record_path(self, file_id: str, index: int) -> Path:
+        return self.chunks_dir / file_id / f"{RECORD_PREFIX}{index:06d}"
+
+    def _completion_path(self, file_id: str) -> Path:
+        return self.uploads_dir / f"{file_id}.json"
+
+    def _final_path(self, meta: UploadMeta) -> Path:
+        return self.uploads_dir / meta.file_id / meta.filename
+
+    def _lock(self, file_id: str, *, blocking: bool = True) -> FileLock:
+        return FileLock(self._folder(file_id) / LOCK_NAME, blocking=blocking)
+
+    @staticmethod
+    def _temp_name(stem: str, suffix: str) -> str:
+        return f"{stem}.{os.getpid()}.{secrets.token_hex(6)}{suffix}"
+
+    # -- reading state --
+
+    def _read_meta(self, file_id: str) -> UploadMeta | None:
+        try:
+            data = json.loads((self._folder(file_id) / META_NAME).read_bytes())
+        except FileNotFoundError:
+            return None
+        return UploadMeta(**data)
+
+    def _read_completion(self, file_id: str) -> CompletedUpload | None:
+        try:
+            data = json.loads(self._completion_path(file_id).read_bytes())
+        except FileNotFoundError:
+            return None
+        return CompletedUpload(**data)
+
+    def _read_record(self, file_id: str, index: int) -> ChunkRecord | None:
+        try:
+            data = json.loads(self._record_path(file_id, index).read_bytes())
+        except FileNotFoundError:
+            return None
+        return ChunkRecord(index=index, **data)
+
+    def _lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
+        return self._read_completion(file_id) or self._read_meta(file_id)
+
+    async def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
+        return self._lookup(file_id)  # two small reads: cheaper than a thread hop
+
+    def _stored_indexes(self, file_id: str, total_chunks: int) -> tuple[frozenset[int], float]:
+        """The chunk indexes recorded on disk and the time of the last write in the folder."""
+        folder = self._folder(file_id)
+        stored: set[int] = set()
+        last = os.stat(folder).st_mtime
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                index = _record_index(name)
+                if index is not None:
+                    if index < total_chunks:
+                        stored.add(index)
+                elif name == DATA_NAME or name.endswith(".part"):
+                    with contextlib.suppress(FileNotFoundError):
+                        last = max(last, entry.stat().st_mtime)
+        return frozenset(stored), last
+
+    def _status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
+        completed = self._read_completion(file_id)
+        if completed is not None:
+            return completed
+        meta = self._read_meta(file_id)
+        if meta is None:
+            return None
+        try:
+            stored, last = self._stored_indexes(file_id, meta.total_chunks)
+        except FileNotFoundError:  # completed, aborted or expired while we looked
+            return self._read_completion(file_id)
+        return UploadProgress(meta=meta, stored=stored, last_activity=last)
+
+    async def status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
+        return await self._run(self._status, file_id)
+
+    # -- beginning --
+
+    async def begin(self, proposed: UploadMeta) -> tuple[CompletedUpload | UploadMeta, bool]:
+        try:
+            return await self._run(self._begin, proposed)
+        except OSError as e:
+            raise storage_error(e) from e
+
+    def _begin(self, proposed: UploadMeta) -> tuple[CompletedUpload | UploadMeta, bool]:
+        file_id = proposed.file_id
+        with self._lock(file_id):
+            completed = self._read_completion(file_id)
+            if completed is not None:
+                return completed, False
+            meta = self._read_meta(file_id)
+            if meta is not None and not (self._folder(file_id) / DATA_NAME).exists():
+                # A completion cut short after its rename: finish it now.
+                completed = self._finish(meta, None)
+                if completed is not None:
+                    return completed, False
+            if meta is not None:
+                if meta.chunk_size is None and proposed.chunk_size_declared:
+                    meta = replace(meta, chunk_size=proposed.chunk_size, chunk_size_declared=True)
+                    self._write_json(self._folder(file_id) / META_NAME, asdict(meta))
+                return meta, False
+            self._create_data_file(proposed)
+            self._write_json(self._folder(file_id) / META_NAME, asdict(proposed))
+            if self.fsync:
+                fsync_dir(self.chunks_dir)
+            return proposed, True
+
+    def _create_data_file(self, meta: UploadMeta) -> None:
+        """The data file, with the whole upload's room reserved when its size is known."""
+        path = self._folder(meta.file_id) / DATA_NAME
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | OPEN_FLAGS, 0o644)
+        try:
+            if meta.total_size:
+                # A full disk answers 507 now, before the client sends a byte of the file.
+                os.posix_fallocate(fd, 0, meta.total_size)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+
+    async def abandon(self, meta: UploadMeta) -> None:
+        await self._run(self._abandon, meta)
+
+    def _abandon(self, meta: UploadMeta) -> None:
+        """Remove the upload if it holds no record, no chunk kept aside and no writer."""
+        folder = self._folder(meta.file_id)
+        with self._lock(meta.file_id):
+            on_disk = self._read_meta(meta.file_id)
+            if on_disk is None or on_disk.token != meta.token:
+                return
+            try:
+                fd = os.open(folder / DATA_NAME, os.O_RDWR | OPEN_FLAGS)
+            except FileNotFoundError:
+                return
+            try:
+                if not lock_range(fd, 0, 0, wait=False):
+                    return  # a chunk is being written in place
+                names = os.listdir(folder)
+                if any(_record_index(n) is not None or n.endswith(".part") for n in names):
+                    return
+                self._remove_folder(meta.file_id)
+            finally:
+                os.close(fd)
+
+    # -- receiving: the hot path --
+
+    async def receive(
+        self,
+        meta: UploadMeta,
+        index: int,
+        body: AsyncIterator[memoryview],
+        *,
+        max_bytes: int,
+        want_sha256: bool,
+    ) -> ReceivedChunk:
+        received = self._open_for_chunk(meta, index)
+        if want_sha256:
+            received.digest = hashlib.sha256()
+        await self._stream(received, body, max_bytes)
+        return received
+
+    async def receive_unplaced(
+        self, body: AsyncIterator[memoryview], *, max_bytes: int, want_sha256: bool
+    ) -> ReceivedChunk:
+        path = self.incoming_dir / self._temp_name("chunk", ".part")
+        received = self._open_aside(path, None, None, None)
+        if want_sha256:
+            received.digest = hashlib.sha256()
+        await self._stream(received, body, max_bytes)
+        return received
+
+    def _open_for_chunk(self, meta: UploadMeta, index: int) -> ReceivedChunk:
+        """Open the chunk's region in the data file, locked; or a file aside when it cannot be
+        written in place. Raises UploadGone when the data file is not there."""
+        folder = self._folder(meta.file_id)
+        data_path = folder / DATA_NAME
+        try:
+            fd = os.open(data_path, os.O_RDWR | OPEN_FLAGS)
+        except FileNotFoundError:
+            raise UploadGone() from None
+        except OSError as e:
+            raise storage_error(e) from e
+        try:
+            held = os.fstat(fd)
+            identity = (held.st_dev, held.st_ino)
+            offset = meta.offset_of(index)
+            last = meta.is_last(index)
+            limit = None if last or meta.chunk_size is None else meta.chunk_size
+            if offset is not None and lock_range(fd, offset, limit or 0, wait=False):
+                on_disk = os.stat(data_path)
+                if (on_disk.st_dev, on_disk.st_ino) != identity:
+                    raise UploadGone()  # completed or removed since we opened it
+                if not self._record_path(meta.file_id, index).exists():
+                    return ReceivedChunk(
+                        fd=fd,
+                        base=offset,
+                        limit=limit,
+                        aside_path=None,
+                        data_identity=identity,
+                        declared_size=meta.chunk_size_declared,
+                        folder=folder,
+                        index=index,
+                    )
+        except FileNotFoundError:
+            os.close(fd)
+            raise UploadGone() from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        # Kept aside: the place is unknown or busy, or the chunk was stored before (a resend,
+        # whose bytes must not touch the region a record points to).
+        path = folder / self._temp_name(f".{RECORD_PREFIX}{index:06d}", ".part")
+        limit = None if meta.is_last(index) or not meta.chunk_size_declared else meta.chunk_size
+        received = self._open_aside(path, identity, folder, index)
+        received.limit = limit
+        return received
+
+    def _open_aside(
+        self, path: Path, identity: tuple[int, int] | None, folder: Path | None, index: int | None
+    ) -> ReceivedChunk:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o644)
+        except FileNotFoundError:
+            raise UploadGone() from None
+        except OSError as e:
+            raise storage_error(e) from e
+        return ReceivedChunk(
+            fd=fd,
+            base=0,
+            limit=None,
+            aside_path=path,
+            data_identity=identity,
+            declared_size=True,
+            folder=folder,
+            index=index,
+        )
+
+    async def _stream(
+        self, received: ReceivedChunk, body: AsyncIterator[memoryview], max_bytes: int
+    ) -> None:
+        """Write the body's pieces at the chunk's place as they come, with the CRC on the way.
+
+        Pieces are views of the socket's buffers (multipart.py): gathered, never joined, into
+        batches of about WRITE_BATCH_BYTES, one pwritev each, on the event loop.
+        """
+        batch: list[memoryview] = []
+        batch_bytes = 0
+        try:
+            async for piece in body:
+                received.length += len(piece)
+                if received.length > max_bytes:
+                    raise PayloadTooLarge(
+                        f"Chunk is larger than max_chunk_bytes ({max_bytes} bytes)"
+                    )
+                if received.limit is not None and received.length > received.limit:
+                    self._overflow(received)
+                received.crc = checksums.crc64nvme(piece, received.crc)
+                if received.digest is not None:
+                    received.digest.update(piece)
+                batch.append(piece)
+                batch_bytes += len(piece)
+                if batch_bytes >= WRITE_BATCH_BYTES or len(batch) >= MAX_BATCH_PIECES:
+                    self._write(received, batch, batch_bytes)
+                    batch, batch_bytes = [], 0
+            if batch:
+                self._write(received, batch, batch_bytes)
+        except BaseException:
+            self._discard(received)
+            raise
+
+    def _write(self, received: ReceivedChunk, batch: list[memoryview], size: int) -> None:
+        try:
+            pwritev_all(received.fd, batch, received.base + received.written)
+        except OSError as e:
+            raise storage_error(e) from e
+        received.written += size
+
+    def _overflow(self, received: ReceivedChunk) -> None:
+        """The chunk outgrows its region: refuse it, or move what is written aside."""
+        if received.declared_size or received.folder is None or received.index is None:
+            raise UploadConflict(
+                f"Chunk {received.index} is larger than the chunk_size "
+                f"({received.limit} bytes) of this upload"
+            )
+        path = received.folder / self._temp_name(f".{RECORD_PREFIX}{received.index:06d}", ".part")
+        aside = self._open_aside(path, received.data_identity, received.folder, received.index)
+        try:
+            copy_range(received.fd, received.base, aside.fd, 0, received.written)
+        except OSError as e:
+            self._discard(aside)
+            raise storage_error(e) from e
+        os.close(received.fd)  # drops the region lock: nothing of ours stays there
+        received.fd, received.base, received.limit = aside.fd, 0, None
+        received.aside_path = aside.aside_path
+
+    async def sha256_of(self, received: ReceivedChunk) -> str:
+        digest = hashlib.sha256()
+        await self._run(hash_file, received.fd, received.length, digest, received.base)
+        return digest.hexdigest()
+
+    async def discard(self, received: ReceivedChunk) -> None:
+        self._discard(received)
+
+    def _discard(self, received: ReceivedChunk) -> None:
+        if received.fd >= 0:
+            os.close(received.fd)
+            received.fd = -1
+        if received.aside_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(received.aside_path)
+
+    # -- committing --
+
+    async def commit(
+        self, received: ReceivedChunk, meta: UploadMeta, index: int
+    ) -> Committed | CompletedUpload:
+        try:
+            if self.fsync:
+                await self._run(os.fdatasync, received.fd)
+            lock = self._lock(meta.file_id, blocking=False)
+            if lock.acquire():  # the common case: nobody else is changing this upload
+                try:
+                    return self._commit(received, meta, index)
+                finally:
+                    lock.release()
+            return await self._run(self._commit_waiting, received, meta, index)
+        except OSError as e:
+            raise storage_error(e) from e
+        finally:
+            self._discard(received)  # after the commit, so the region lock held till here
+
+    def _commit_waiting(
+        self, received: ReceivedChunk, meta: UploadMeta, index: int
+    ) -> Committed | CompletedUpload:
+        with self._lock(meta.file_id):
+            return self._commit(received, meta, index)
+
+    def _commit(
+        self, received: ReceivedChunk, meta: UploadMeta, index: int
+    ) -> Committed | CompletedUpload:
+        """Write chunk `index`'s record; under the upload's flock."""
+        file_id = meta.file_id
+        folder = self._folder(file_id)
+        completed = self._read_completion(file_id)
+        if completed is not None:  # a retry after completion changes nothing
+            return completed
+        try:
+            data = os.stat(folder / DATA_NAME)
+        except FileNotFoundError:
+            on_disk = self._read_meta(file_id)
+            finished = self._finish(on_disk, None) if on_disk is not None else None
+            if finished is not None:  # a completion cut short after its rename
+                return finished
+            raise UploadGone() from None
+        if received.data_identity not in (None, (data.st_dev, data.st_ino)):
+            raise UploadGone()  # removed and begun again meanwhile: not the same upload
+        current = meta
+        if meta.chunk_size is None and not meta.is_last(index):
+            current = self._read_meta(file_id) or meta
+            if current.chunk_size is None:  # learned from the first chunk other than the last
+                current = replace(current, chunk_size=received.length)
+                self._write_json(folder / META_NAME, asdict(current))
+        if (
+            received.in_place
+            and current.chunk_size is not None
+            and not current.is_last(index)
+            and received.length > current.chunk_size
+        ):
+            self._overflow(received)  # its tail crosses into the next chunk's region
+        aside_name = None
+        if received.aside_path is not None:
+            previous = self._read_record(file_id, index)
+            if previous is not None and (previous.length, previous.crc64nvme) == (
+                received.length,
+                received.crc,
+            ):
+                return self._progress(current, index)  # the same bytes again: nothing to do
+            aside_name = f".{RECORD_PREFIX}{index:06d}.{secrets.token_hex(6)}{ASIDE_SUFFIX}"
+            os.rename(received.aside_path, folder / aside_name)
+            received.aside_path = None
+        previous = self._read_record(file_id, index) if aside_name is None else previous
+        record = ChunkRecord(index, received.length, received.crc, aside_name)
+        self._write_json(
+            self._record_path(file_id, index),
+            {"length": record.length, "crc64nvme": record.crc64nvme, "aside": aside_name},
+        )
+        if previous is not None and previous.aside is not None and previous.aside != aside_name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folder / previous.aside)
+        return self._progress(current, index)
+
+    def _progress(self, meta: UploadMeta, index: int) -> Committed:
+        known = self._known.get(meta.file_id)
+        if known is None or known.token != meta.token:
+            known = self._known[meta.file_id] = _Known(meta.token)
+        known.stored.add(index)
+        # Look on disk for chunks other processes stored, lowest first; in one process this
+        # costs one stat per commit.
+        while (missing := known.first_missing()) < meta.total_chunks:
+            if not self._record_path(meta.file_id, missing).exists():
+                break
+            known.stored.add(missing)
+        all_stored = known.first_missing() >= meta.total_chunks
+        return Committed(meta=meta, uploaded_chunks=len(known.stored), all_stored=all_stored)
+
+    # -- completing --
+
+    async def finish(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
+        try:
+            return await self._run(self._finish_locked, meta)
+        except OSError as e:
+            raise storage_error(e) from e
+
+    def _finish_locked(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
+        with self._whole_data_file(meta.file_id, wait=True) as data_fd, self._lock(meta.file_id):
+            completed = self._read_completion(meta.file_id)
+            if completed is not None:
+                return completed, False
+            on_disk = self._read_meta(meta.file_id)
+            if on_disk is None:
+                return None
+            record = self._finish(on_disk, data_fd)
+            return (record, True) if record is not None else None
+
+    @contextlib.contextmanager
+    def _whole_data_file(self, file_id: str, *, wait: bool) -> Iterator[int | None]:
+        """The data file, locked whole once no chunk is being written in place into it.
+
+        Yields None when there is no data file, or it is busy and `wait` is False. The range
+        lock is taken before the upload's flock, in the same order as a chunk's writer (its
+        region, then the flock to commit), so the two never wait for each other.
+        """
+        try:
+            fd = os.open(self._folder(file_id) / DATA_NAME, os.O_RDWR | OPEN_FLAGS)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            yield fd if lock_range(fd, 0, 0, wait=wait) else None
+        finally:
+            os.close(fd)
+
+    def _load_records(self, meta: UploadMeta) -> list[ChunkRecord] | None:
+        records = []
+        for index in range(meta.total_chunks):
+            record = self._read_record(meta.file_id, index)
+            if record is None:
+                return None
+            records.append(record)
+        return records
+
+    def _finish(self, meta: UploadMeta, data_fd: int | None) -> CompletedUpload | None:
+        """Complete an upload whose chunks are all recorded; under its flock, with its data
+        file (when it is still there) locked whole."""
+        records = self._load_records(meta)
+        if records is None:
+            return None
+        size = sum(r.length for r in records)
+        if meta.total_size is not None and size != meta.total_size:
+            raise UploadConflict(
+                f"The merged size {size} does not match total_size {meta.total_size}"
+            )
+        folder = self._folder(meta.file_id)
+        final = self._final_path(meta)
+        data_path = folder / DATA_NAME
+        if data_fd is not None and data_path.exists():
+            placed = self._place_chunks(meta, records, size, data_fd)
+            final.parent.mkdir(exist_ok=True)
+            os.rename(placed, final)
+            if self.fsync:
+                fsync_dir(final.parent)
+                fsync_dir(self.uploads_dir)
+        elif not (final.is_file() and final.stat().st_size == size):
+            # Not renamed by a completion a crash cut short either: the bytes are lost.
+            raise StorageFailure(f"the data file of {meta.file_id} is missing")
+        sha256 = None
+        if self.sha256:
+            digest = hashlib.sha256()
+            with open(final, "rb") as f:
+                hash_file(f.fileno(), size, digest)
+            sha256 = digest.hexdigest()
+        crc = checksums.combine((r.crc64nvme, r.length) for r in records)
+        completed = CompletedUpload(
+            file_id=meta.file_id,
+            filename=meta.filename,
+            size=size,
+            crc64nvme=checksums.to_s3(crc),
+            total_chunks=meta.total_chunks,
+            completed_at=time.time(),
+            sha256=sha256,
+        )
+        self._write_json(self._completion_path(meta.file_id), asdict(completed))
+        self._remove_folder(meta.file_id)
+        self._known.pop(meta.file_id, None)
+        self._run_later(self.empty_trash)
+        return completed
+
+    def _place_chunks(
+        self, meta: UploadMeta, records: list[ChunkRecord], size: int, fd: int
+    ) -> Path:
+        """Make a file holding the chunks in order, exactly `size` bytes; return its path.
+
+        The common case is the data file itself: the chunks kept aside are copied into
+        their regions, the rest is cut off. Uneven chunks are joined into a new file.
+        """
+        folder = self._folder(meta.file_id)
+        cs = meta.chunk_size or 0
+        if all(r.length == cs for r in records[:-1]):
+            for record in records:
+                if record.aside is not None:
+                    self._copy_aside(folder / record.aside, record, fd, record.index * cs)
+            os.ftruncate(fd, size)
+            if self.fsync:
+                os.fsync(fd)
+            return folder / DATA_NAME
+        joined = folder / self._temp_name(".merge", ".merging")
+        out = os.open(joined, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o644)
+        try:
+            position = 0
+            for record in records:
+                if record.aside is not None:
+                    self._copy_aside(folder / record.aside, record, out, position)
+                else:
+                    copy_range(fd, record.index * cs, out, position, record.length)
+                position += record.length
+            if self.fsync:
+                os.fsync(out)
+        finally:
+            os.close(out)
+        return joined
+
+    @staticmethod
+    def _copy_aside(path: Path, record: ChunkRecord, out: int, position: int) -> None:
+        src = os.open(path, os.O_RDONLY | OPEN_FLAGS)
+        try:
+            copy_range(src, 0, out, position, record.length)
+        finally:
+            os.close(src)
+
+    # -- completed files --
+
+    async def download(self, file_id: str) -> tuple[Path, CompletedUpload] | None:
+        completed = self._read_completion(file_id)
+        if completed is None:
+            return None
+        path = self.uploads_dir / file_id / completed.filename
+        return (path, completed) if path.is_file() else None
+
+    # -- removing --
+
+    async def delete(self, file_id: str) -> bool:
+        return await self._run(self._delete, file_id)
+
+    def _delete(self, file_id: str) -> bool:
+        with self._lock(file_id):
+            completion = self._completion_path(file_id)
+            existed = completion.exists() or (self._folder(file_id) / META_NAME).exists()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(completion)
+            shutil.rmtree(self.uploads_dir / file_id, ignore_errors=True)
+            self._remove_folder(file_id)
+        self._known.pop(file_id, None)
+        self._run_later(self.empty_trash)
+        return existed
+
+    def _remove_folder(self, file_id: str) -> None:
+        """Take the upload's folder out of the tree at once; `empty_trash` unlinks it later.
+
+        Unlinking a gigabyte takes 0.1 s, and seconds while the kernel writes it back, so a
+        rename keeps that off the answer.
+        """
+        trash = self.trash_dir / self._temp_name(file_id, ".removing")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self._folder(file_id), trash)
+
+    def _run_later(self, fn: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # stopping: the next start's sweep does it
+            self.executor.submit(fn)
+
+    def empty_trash(self) -> None:
+        """Remove the folders this process put in the trash, and those of dead processes."""
+        with self._emptying_trash:
+            try:
+                with os.scandir(self.trash_dir) as entries:
+                    names = [entry.name for entry in entries]
+            except FileNotFoundError:
+                return
+            for name in names:
+                if _writer_pid(name) == os.getpid() or not _writer_alive(name):
+                    shutil.rmtree(self.trash_dir / name, ignore_errors=True)
+
+    # -- housekeeping --
+
+    def _uploads_in_progress(self) -> list[str]:
+        with os.scandir(self.chunks_dir) as entries:
+            # file ids never start with a dot: those are .incoming and .trash
+            return [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+
+    async def uploads_in_progress(self) -> list[str]:
+        return await self._run(self._uploads_in_progress)
+
+    async def sweep(self, *, ttl_seconds: float) -> SweepReport:
+        return await self._run(self._sweep, ttl_seconds)
+
+    def _sweep(self, ttl_seconds: float) -> SweepReport:
+        """Expire idle uploads, finish completions a crash cut short, remove stray files."""
+        now = time.time()
+        report = SweepReport()
+        report.removed_temp_files += self._remove_stray_temps(self.incoming_dir, now, ttl_seconds)
+        report.removed_temp_files += self._remove_stray_temps(self.uploads_dir, now, ttl_seconds)
+        for file_id in self._uploads_in_progress():
+            # Expiry first: removing a stray file touches the folder, which would count as
+            # activity and put the expiry off by a whole TTL.
+            with contextlib.suppress(FileNotFoundError):
+                self._sweep_upload(file_id, now, ttl_seconds, report)
+            report.removed_temp_files += self._remove_stray_temps(
+                self._folder(file_id), now, ttl_seconds
+            )
+        self.empty_trash()
+        live = set(self._uploads_in_progress())
+        for file_id in [f for f in self._known if f not in live]:
+            self._known.pop(file_id, None)
+        return report
+
+    def _sweep_upload(
+        self, file_id: str, now: float, ttl_seconds: float, report: SweepReport
+    ) -> None:
+        with self._whole_data_file(file_id, wait=False) as data_fd:
+            lock = self._lock(file_id, blocking=False)
+            if not lock.acquire():
+                return  # busy: a commit or a completion is running
+            try:
+                self._sweep_locked(file_id, data_fd, now, ttl_seconds, report)
+            finally:
+                lock.release()
+
+    def _sweep_locked(
+        self, file_id: str, data_fd: int | None, now: float, ttl_seconds: float, report: SweepReport
+    ) -> None:
+        status = self._status(file_id)
+        if isinstance(status, CompletedUpload):
+            self._remove_folder(file_id)  # left over after its completion
+        elif status is None:
+            folder = self._folder(file_id)
+            has_temps = any(n.endswith(".part") for n in os.listdir(folder))
+            if not has_temps and now - os.stat(folder).st_mtime > ORPHAN_GRACE_SECONDS:
+                self._remove_folder(file_id)
+        elif now - status.last_activity > ttl_seconds:
+            self._remove_folder(file_id)
+            self._known.pop(file_id, None)
+            report.expired.append(file_id)
+        elif len(status.stored) == status.meta.total_chunks:
+            # Every chunk is recorded but the upload is not complete: a crash cut it short.
+            with contextlib.suppress(UploadConflict, StorageFailure):
+                completed = self._finish(status.meta, data_fd)
+                if completed is not None:
+                    report.completed.append(completed)
+
+    def _remove_stray_temps(self, folder: Path, now: float, ttl_seconds: float) -> int:
+        """Remove temp files whose writer died, or that nobody touched for the TTL."""
+        removed = 0
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not entry.name.endswith(TEMP_SUFFIXES) or not entry.is_file():
+                continue
+            try:
+                idle = now - entry.stat().st_mtime
+                if not _writer_alive(entry.name) or idle > ttl_seconds:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def free_bytes(self) -> int:
+        """Free bytes on the data folder's filesystem.
+
+        statvfs costs tens of microseconds on a busy ext4 and is asked on every chunk, so a
+        figure up to FREE_BYTES_MAX_AGE old is reused while the disk has plenty of room; near
+        full, every call asks the kernel, so that space freed or taken is seen at once.
+        """
+        now = time.monotonic()
+        fresh_enough = now - self._free_bytes_at <= FREE_BYTES_MAX_AGE
+        if not (fresh_enough and self._free_bytes >= FREE_BYTES_CACHED_ABOVE):
+            stats = os.statvfs(self.root)
+            self._free_bytes = stats.f_bavail * stats.f_frsize
+            self._free_bytes_at = now
+        return self._free_bytes
+
+    async def is_healthy(self) -> bool:
+        return await self._run(self._is_writable)
+
+    def _is_writable(self) -> bool:
+        try:
+            probe = self.incoming_dir / self._temp_name("healthz", ".tmp")
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
+
+    def _write_json(self, path: Path, data: object) -> None:
+        """Write `data` to `path` atomically: a temp file beside it, then a rename."""
+        temp = path.with_name(self._temp_name(f".{path.name}", ".tmp"))
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o644)
+        try:
+            os.write(fd, json.dumps(data).encode())
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+        if self.fsync:
+            fsync_dir(path.parent)
+
+
+def _record_index(name: str) -> int | None:
+    """The index of a record's file name (`chunk_000003`), or None for any other name."""
+    if name.startswith(RECORD_PREFIX):
+        digits = name[len(RECORD_PREFIX) :]
+        if digits.isdigit():
+            return int(digits)
+    return None
+
+
+def _writer_pid(temp_name: str) -> int | None:
+    """The pid in a temporary name (`stem.<pid>.<rand>.suffix`)."""
+    parts = temp_name.split(".")
+    try:
+        return int(parts[-3])
+    except (IndexError, ValueError):
+        return None
+
+
+def _writer_alive(temp_name: str) -> bool:
+    """True when the process named in a temporary name runs."""
+    pid = _writer_pid(temp_name)
+    return pid is not None and pid_alive(pid)
+
+
+def storage_error(error: OSError) -> DiskFull | StorageFailure:
+    """The HTTP error for an OSError met while storing."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull()
+    return StorageFailure(error.strerror or str(error))
+
+
+def iter_temp_files(root: Path) -> Iterator[Path]:
+    """Every temporary file under `root` (used by tests)."""
+    for path in root.rglob("*"):
+        if path.name.endswith(TEMP_SUFFIXES):
+            yield path

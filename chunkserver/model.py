@@ -1,0 +1,135 @@
+"""The nouns every layer shares: an upload's metadata, a stored chunk, a completed upload.
+
+Both the store backends and the service import this module; it imports nothing of theirs, so
+data flows one way: the service proposes, the store decides from the disk and answers with
+these values.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class UploadMeta:
+    """What the first chunk of an upload fixes for all the others."""
+
+    file_id: str
+    filename: str
+    total_chunks: int
+    total_size: int | None
+    created_at: float
+    token: str  # tells a re-created upload of the same id from the one a cache knew
+    # The size of every chunk but the last: given by the client (declared) or learned from
+    # the first chunk other than the last that was stored. None until then.
+    chunk_size: int | None = None
+    chunk_size_declared: bool = False
+
+    @classmethod
+    def new(
+        cls,
+        file_id: str,
+        filename: str,
+        total_chunks: int,
+        total_size: int | None,
+        chunk_size: int | None = None,
+    ) -> UploadMeta:
+        return cls(
+            file_id,
+            filename,
+            total_chunks,
+            total_size,
+            time.time(),
+            secrets.token_hex(8),
+            chunk_size,
+            chunk_size is not None,
+        )
+
+    def is_last(self, index: int) -> bool:
+        return index == self.total_chunks - 1
+
+    def offset_of(self, index: int) -> int | None:
+        """Where chunk `index` starts in the upload's data file, when that is known."""
+        if index == 0:
+            return 0
+        if self.chunk_size is None:
+            return None
+        return index * self.chunk_size
+
+    def conflict_with(
+        self,
+        filename: str,
+        total_chunks: int,
+        total_size: int | None,
+        chunk_size: int | None = None,
+    ) -> str | None:
+        """Say which field differs from this upload's, or None when they agree."""
+        if total_chunks != self.total_chunks:
+            return (
+                f"total_chunks {total_chunks} differs from {self.total_chunks} "
+                "given by earlier chunks of this file_id"
+            )
+        if filename != self.filename:
+            return f"filename {filename!r} differs from {self.filename!r} given by earlier chunks"
+        if None not in (total_size, self.total_size) and total_size != self.total_size:
+            return f"total_size {total_size} differs from {self.total_size} given by earlier chunks"
+        if None not in (chunk_size, self.chunk_size) and chunk_size != self.chunk_size:
+            source = "given" if self.chunk_size_declared else "learned"
+            return (
+                f"chunk_size {chunk_size} differs from {self.chunk_size} {source} by earlier chunks"
+            )
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    """That chunk `index` is stored: its length, its CRC-64/NVME, and where its bytes are.
+
+    `aside` is None when the bytes are in place in the upload's data file (at index x
+    chunk_size), or the name of the separate file that holds them (the rare path).
+    """
+
+    index: int
+    length: int
+    crc64nvme: int
+    aside: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedUpload:
+    file_id: str
+    filename: str
+    size: int
+    crc64nvme: str  # S3's form: base64 of the 8 big-endian bytes
+    total_chunks: int
+    completed_at: float
+    sha256: str | None = None  # when the configuration's checksums hold "sha256"
+
+
+@dataclass(frozen=True, slots=True)
+class UploadProgress:
+    meta: UploadMeta
+    stored: frozenset[int]
+    last_activity: float
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i in range(self.meta.total_chunks) if i not in self.stored]
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """A chunk's commit: how many chunks this process knows stored, and whether all are."""
+
+    meta: UploadMeta  # the upload as on disk after the commit (chunk_size may be learned)
+    uploaded_chunks: int
+    all_stored: bool
+
+
+@dataclass(slots=True)
+class SweepReport:
+    expired: list[str] = field(default_factory=list)
+    completed: list[CompletedUpload] = field(default_factory=list)
+    removed_temp_files: int = 0

@@ -1,0 +1,340 @@
+"""The upload service: the policy above the store, with the manifest, locks and metrics.
+
+Handlers call this and nothing below it. Every check that can refuse a chunk (limits, free
+space, conflicts with earlier chunks, checksums) is made here, in `_check_before` before its
+bytes are read and `_check_received` after; the store only stores. The service holds no
+threads: the store runs its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import (
+    ChecksumMismatch,
+    DiskFull,
+    PayloadTooLarge,
+    ServerBusy,
+    UploadConflict,
+    UploadGone,
+)
+from .forms import ChunkFields
+from .localstore import LocalStore
+from .locks import KeyedLocks
+from .manifest import Manifest
+from .metrics import Metrics
+from .model import Committed, CompletedUpload, SweepReport, UploadMeta, UploadProgress
+from .store import Received, Store
+
+log = logging.getLogger("chunkserver")
+
+# Room for the form fields and multipart framing around a chunk, when judging Content-Length.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+# How often a chunk looks its upload up again when it ended under it (see `receive`).
+RECEIVE_ATTEMPTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The upload a chunk goes into, and whether this request created it."""
+
+    meta: UploadMeta
+    created: bool
+
+
+class Uploads:
+    def __init__(self, config: Config, store: Store[Any]) -> None:
+        self.config = config
+        self.store = store
+        self.manifest = Manifest()
+        self.locks = KeyedLocks()
+        self.metrics = Metrics()
+        self.inflight = 0  # chunk requests being handled now
+        self.draining = False  # the process is stopping: answers close their connection
+
+    @classmethod
+    def open(cls, config: Config) -> Uploads:
+        store = LocalStore(
+            Path(config.data_dir), fsync=config.fsync, sha256="sha256" in config.checksums
+        )
+        return cls(config, store)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def rebuild_manifest(self) -> None:
+        """Fill the manifest from the store (at start)."""
+        for file_id in await self.store.uploads_in_progress():
+            found = await self.store.lookup(file_id)
+            if isinstance(found, UploadMeta):
+                self.manifest.remember(found)
+
+    # -- receiving a chunk --
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a chunk request in flight; refuse it (503) past `max_inflight_chunks`."""
+        if self.inflight >= self.config.max_inflight_chunks:
+            raise ServerBusy(self.config.max_inflight_chunks)
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    async def prepare(
+        self, fields: ChunkFields, content_length: int | None, *, ask_store: bool = False
+    ) -> Prepared | CompletedUpload:
+        """Check a chunk before its bytes are read; find or begin its upload.
+
+        Returns the upload's record when it is already complete (the answer to a late retry).
+        With `ask_store`, the upload is looked up under the store's lock (begin), which sees
+        it either before or after a completion running elsewhere, never halfway.
+        """
+        self._check_limits(fields, content_length)
+        known: CompletedUpload | UploadMeta | None = None
+        if not ask_store:
+            known = self.manifest.get(fields.file_id) or await self.store.lookup(fields.file_id)
+        if isinstance(known, CompletedUpload):
+            return known
+        if known is not None and known.chunk_size is None and fields.chunk_index != 0:
+            # Another process may have learned the chunk size since this one cached it.
+            known = await self.store.lookup(fields.file_id)
+            if isinstance(known, CompletedUpload):
+                return known
+        if known is not None:
+            self._check_conflicts(known, fields)
+        self._check_free_space(known, fields, content_length)
+        created = False
+        if known is None or (known.chunk_size is None and fields.chunk_size is not None):
+            proposed = UploadMeta.new(
+                fields.file_id,
+                fields.filename,
+                fields.total_chunks,
+                fields.total_size,
+                fields.chunk_size,
+            )
+            async with self.locks.hold(fields.file_id):
+                begun, created = await self.store.begin(proposed)
+            if isinstance(begun, CompletedUpload):
+                return begun
+            self._check_conflicts(begun, fields)
+            known = begun
+        self.manifest.remember(known)
+        return Prepared(known, created)
+
+    def _check_limits(self, fields: ChunkFields, content_length: int | None) -> None:
+        limits = self.config
+        if content_length is not None and (
+            content_length > limits.max_chunk_bytes + MULTIPART_OVERHEAD_BYTES
+        ):
+            raise PayloadTooLarge(
+                f"Chunk is larger than max_chunk_bytes ({limits.max_chunk_bytes} bytes)"
+            )
+        if fields.total_size is not None and fields.total_size > limits.max_file_bytes:
+            raise PayloadTooLarge(
+                f"total_size {fields.total_size} exceeds max_file_bytes "
+                f"({limits.max_file_bytes} bytes)"
+            )
+        if (
+            fields.chunk_size is not None
+            and fields.total_chunks > 1
+            and fields.chunk_size > limits.max_chunk_bytes
+        ):
+            raise PayloadTooLarge(
+                f"chunk_size {fields.chunk_size} exceeds max_chunk_bytes "
+                f"({limits.max_chunk_bytes} bytes)"
+            )
+
+    @staticmethod
+    def _check_conflicts(meta: UploadMeta, fields: ChunkFields) -> None:
+        conflict = meta.conflict_with(
+            fields.filename, fields.total_chunks, fields.total_size, fields.chunk_size
+        )
+        if conflict is not None:
+            raise UploadConflict(conflict)
+
+    def _check_free_space(
+        self, known: UploadMeta | None, fields: ChunkFields, content_length: int | None
+    ) -> None:
+        if known is not None and known.total_size is not None:
+            needed = 0  # the whole file's room was reserved when the upload began
+        elif known is None and fields.total_size is not None:
+            needed = fields.total_size
+        else:
+            needed = content_length or 0
+        if self.store.free_bytes() - needed < self.config.min_free_bytes:
+            raise DiskFull()
+
+    async def receive(
+        self, prepared: Prepared, fields: ChunkFields, body: AsyncIterator[memoryview]
+    ) -> tuple[Prepared, Received] | CompletedUpload:
+        """Stream the chunk's bytes to the store.
+
+        When the upload has ended since it was looked up (the manifest knew a completed or
+        removed upload, or a completion elsewhere was under way), the store raises UploadGone
+        before reading a byte, and the upload is asked for again under the store's lock.
+        """
+        for _ in range(RECEIVE_ATTEMPTS - 1):
+            try:
+                return prepared, await self._receive(prepared.meta, fields, body)
+            except UploadGone:
+                self.manifest.forget(fields.file_id)
+            again = await self.prepare(fields, None, ask_store=True)
+            if isinstance(again, CompletedUpload):
+                return again
+            prepared = again
+        return prepared, await self._receive(prepared.meta, fields, body)
+
+    async def _receive(
+        self, meta: UploadMeta, fields: ChunkFields, body: AsyncIterator[memoryview]
+    ) -> Received:
+        offset = meta.offset_of(fields.chunk_index)
+        if offset is not None and offset >= self.config.max_file_bytes:
+            raise PayloadTooLarge(
+                f"Upload would exceed max_file_bytes ({self.config.max_file_bytes} bytes)"
+            )
+        received: Received = await self.store.receive(
+            meta,
+            fields.chunk_index,
+            body,
+            max_bytes=self.config.max_chunk_bytes,
+            want_sha256=fields.chunk_sha256 is not None,
+        )
+        self.metrics.inc("bytes_received", received.length)
+        return received
+
+    async def receive_unplaced(
+        self, body: AsyncIterator[memoryview], *, want_sha256: bool
+    ) -> Received:
+        """A chunk that came before the fields saying which upload it belongs to."""
+        received: Received = await self.store.receive_unplaced(
+            body, max_bytes=self.config.max_chunk_bytes, want_sha256=want_sha256
+        )
+        self.metrics.inc("bytes_received", received.length)
+        return received
+
+    async def store_chunk(
+        self, fields: ChunkFields, prepared: Prepared, received: Received
+    ) -> Committed | CompletedUpload:
+        """Check and commit a received chunk; complete the upload when it was the last.
+
+        Takes ownership of `received`: it is committed or discarded.
+        """
+        try:
+            await self._check_received(fields, prepared.meta, received)
+        except BaseException:
+            await self.store.discard(received)
+            raise
+        # Shielded: once the commit has started, a cancelled request must not leave it half
+        # done; it finishes either way.
+        result = await asyncio.shield(
+            self.store.commit(received, prepared.meta, fields.chunk_index)
+        )
+        if isinstance(result, CompletedUpload):
+            self.manifest.forget(fields.file_id)
+            return result
+        self.manifest.remember(result.meta)
+        self.metrics.inc("chunks_stored")
+        if not result.all_stored:
+            return result
+        async with self.locks.hold(fields.file_id):
+            finished = await asyncio.shield(self.store.finish(result.meta))
+        if finished is None:
+            return result
+        completed, here = finished
+        self.manifest.forget(fields.file_id)
+        if here:
+            self.metrics.inc("uploads_completed")
+        return completed
+
+    async def _check_received(
+        self, fields: ChunkFields, meta: UploadMeta, received: Received
+    ) -> None:
+        cs = meta.chunk_size if meta.chunk_size_declared else fields.chunk_size
+        if cs is not None and not meta.is_last(fields.chunk_index) and received.length != cs:
+            raise UploadConflict(
+                f"Chunk {fields.chunk_index} has {received.length} bytes; every chunk but "
+                f"the last must have chunk_size ({cs}) bytes"
+            )
+        if fields.chunk_crc64nvme is not None and fields.chunk_crc64nvme != received.crc:
+            raise ChecksumMismatch()
+        if fields.chunk_sha256 is not None:
+            computed = received.sha256_hex()
+            if computed is None:  # the checksum field came after the chunk
+                computed = await self.store.sha256_of(received)
+            if computed != fields.chunk_sha256:
+                raise ChecksumMismatch()
+        if meta.chunk_size is not None:
+            end = fields.chunk_index * meta.chunk_size + received.length
+            if end > self.config.max_file_bytes:
+                raise PayloadTooLarge(
+                    f"Upload would exceed max_file_bytes ({self.config.max_file_bytes} bytes)"
+                )
+        if self.store.free_bytes() < self.config.min_free_bytes:
+            raise DiskFull()
+
+    async def fail(self, prepared: Prepared | None, received: Received | None) -> None:
+        """A chunk request failed: nothing of it may remain, not even an upload it began."""
+        if received is not None:
+            await self.store.discard(received)
+        if prepared is not None and prepared.created:
+            self.manifest.forget(prepared.meta.file_id)
+            await asyncio.shield(self.store.abandon(prepared.meta))
+
+    # -- the other verbs --
+
+    async def status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
+        found = await self.store.status(file_id)
+        if isinstance(found, UploadProgress):
+            self.manifest.remember(found.meta)
+        else:
+            self.manifest.forget(file_id)
+        return found
+
+    async def download(self, file_id: str) -> tuple[Path, CompletedUpload] | None:
+        return await self.store.download(file_id)
+
+    async def delete(self, file_id: str) -> bool:
+        async with self.locks.hold(file_id):
+            existed = await self.store.delete(file_id)
+        self.manifest.forget(file_id)
+        if existed:
+            self.metrics.inc("uploads_aborted")
+        return existed
+
+    async def sweep(self) -> SweepReport:
+        report = await self.store.sweep(ttl_seconds=self.config.upload_ttl_seconds)
+        # Forget what ended anywhere: expired, completed here or elsewhere, deleted.
+        self.manifest.retain(await self.store.uploads_in_progress())
+        self.metrics.inc("uploads_failed", len(report.expired))
+        self.metrics.inc("uploads_completed", len(report.completed))
+        return report
+
+    @property
+    def metrics_dir(self) -> Path:
+        return Path(self.config.data_dir) / ".metrics"
+
+    async def publish_metrics(self) -> None:
+        await asyncio.to_thread(self.metrics.publish, self.metrics_dir)
+
+    async def render_metrics(self) -> str:
+        in_progress = len(await self.store.uploads_in_progress())
+        gauges = {
+            "uploads_in_progress": ("Uploads with chunks stored, not yet complete", in_progress),
+            "free_disk_bytes": (
+                "Free bytes on the data folder's filesystem",
+                self.store.free_bytes(),
+            ),
+        }
+        return await asyncio.to_thread(self.metrics.render, self.metrics_dir, gauges)
+
+    async def is_healthy(self) -> bool:
+        return await self.store.is_healthy()
