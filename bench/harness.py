@@ -29,6 +29,7 @@ from .targets import (
     Target,
     clear_nginx_store,
     start_chunkserver,
+    start_fastapi,
     start_nginx,
     start_sink,
 )
@@ -54,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shapes", help="files,parallel (default both)")
     parser.add_argument("--no-sink", action="store_true", help="skip the sink (client ceiling)")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx limit")
+    parser.add_argument(
+        "--no-fastapi", action="store_true", help="skip the seed's FastAPI endpoint"
+    )
+    parser.add_argument(
+        "--checksums", help='the started server\'s checksums, e.g. "crc64nvme,sha256"'
+    )
     parser.add_argument("--data-root", type=Path, help="where temporary data folders go")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     parser.add_argument("--name", help="base name of the result files (default: a timestamp)")
@@ -70,10 +77,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.chunk_sizes = [int(x) for x in str(args.chunk_sizes).split(",")]
+    # MiB; fractions allowed (0.015625 is 16 KiB, for the cost per request)
+    args.chunk_sizes = [_mib(x) for x in str(args.chunk_sizes).split(",")]
     args.concurrency = [int(x) for x in str(args.concurrency).split(",")]
     args.shapes = str(args.shapes).split(",")
     return args
+
+
+def _mib(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def describe_machine(folder: Path) -> dict[str, Any]:
@@ -158,7 +171,7 @@ async def measure(
     try:
         run: CellRun = await generator.run_cell(
             shape=cell["shape"],
-            chunk_size=cell["chunk_mib"] * MiB,
+            chunk_size=int(cell["chunk_mib"] * MiB),
             concurrency=cell["concurrency"],
             volume=volume,
         )
@@ -190,6 +203,13 @@ async def measure(
         "completion_max_ms": max(run.completion_waits) * 1000 if run.completion_waits else None,
         "peak_rss_mib": sampler.peak_rss / MiB if sampler else None,
         "cpu_s_per_gib": sampler.cpu_seconds / gib if sampler and gib else None,
+        "cpu_ms_per_request": (
+            sampler.cpu_seconds * 1000 / run.requests if sampler and run.requests else None
+        ),
+        "requests_per_s": run.requests / run.seconds,
+        "dirtied_per_byte": (
+            sampler.written_bytes / run.bytes_sent if sampler and run.bytes_sent else None
+        ),
         "uploads": len(run.uploads),
         "uploads_completed_right_size": sum(
             1
@@ -260,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     limits: dict[str, Any] = {"disk_MiB_per_s": {}, "disk_fsync": args.fsync}
     for chunk in args.chunk_sizes:
         speeds = [
-            disk_limit(buffer, data_root, chunk * MiB, args.volume * MiB, args.fsync)
+            disk_limit(buffer, data_root, int(chunk * MiB), args.volume * MiB, args.fsync)
             for _ in range(args.repeats)
         ]
         limits["disk_MiB_per_s"][str(chunk)] = statistics.median(speeds)
@@ -270,8 +290,16 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Target("chunkserver", args.url.rstrip("/")))
         else:
             targets.append(
-                start_chunkserver(workers=args.workers, fsync=args.fsync, data_root=data_root)
+                start_chunkserver(
+                    workers=args.workers,
+                    fsync=args.fsync,
+                    data_root=data_root,
+                    checksums=args.checksums,
+                )
             )
+        fastapi = None if args.no_fastapi else start_fastapi(data_root)
+        if fastapi is not None:
+            targets.append(fastapi)
         if not args.no_sink:
             targets.append(start_sink())
         nginx = None if args.no_nginx else start_nginx(data_root)
@@ -292,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "url": args.url,
             "workers": None if args.url else args.workers,
             "fsync": args.fsync,
+            "checksums": args.checksums,
             "volume_mib": args.volume,
             "repeats": args.repeats,
             "chunk_sizes_mib": args.chunk_sizes,

@@ -46,6 +46,10 @@ def _head(boundary: str, fields: dict[str, str]) -> bytes:
     return (text + "Content-Type: application/octet-stream\r\n\r\n").encode()
 
 
+# Targets that speak the seed's protocol and answer JSON (the others take any body).
+ANSWERING = ("chunkserver", "fastapi")
+
+
 class LoadGenerator:
     def __init__(self, url: str, *, target: str, buffer: memoryview, token: str | None = None):
         self.url = url.rstrip("/")
@@ -88,7 +92,7 @@ class LoadGenerator:
         run.latencies.append(finished - started)
         run.bytes_sent += len(data)
         run.requests += 1
-        if self.target != "chunkserver":
+        if self.target not in ANSWERING:
             return {}
         import json
 
@@ -133,7 +137,7 @@ class LoadGenerator:
                 "file_id": file_id,
                 "size": size,
                 "answered_size": completed[0].get("size") if completed else None,
-                "completed": bool(completed) or self.target != "chunkserver",
+                "completed": bool(completed) or self.target not in ANSWERING,
             }
         )
 
@@ -167,7 +171,7 @@ class LoadGenerator:
 
     async def delete_uploads(self, run: CellRun) -> None:
         """Free the disk after a cell (not timed)."""
-        if self.target != "chunkserver":
+        if self.target not in ANSWERING:
             return
         async with aiohttp.ClientSession() as session:
             for upload in run.uploads:

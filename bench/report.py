@@ -18,6 +18,8 @@ def add_fractions(result: dict[str, Any]) -> None:
         ours_cpu = cell["targets"].get("chunkserver", {}).get("cpu_s_per_gib")
         nginx_cpu = cell["targets"].get("nginx", {}).get("cpu_s_per_gib")
         cell["cpu_vs_nginx"] = ours_cpu / nginx_cpu if ours_cpu and nginx_cpu else None
+        fastapi = cell["targets"].get("fastapi", {}).get("MiB_per_s")
+        cell["fraction_of_fastapi"] = ours / fastapi if ours and fastapi else None
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -45,9 +47,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{k} MiB: {v:.0f} MiB/s" for k, v in result["limits"]["disk_MiB_per_s"].items()
         ),
         "",
-        "| shape | chunk | conc | chunkserver MiB/s | x disk | x nginx | nginx MiB/s | sink MiB/s "
-        "| p50 ms | p99 ms | completion ms | peak RSS MiB | CPU s/GiB | nginx CPU s/GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| shape | chunk | conc | chunkserver MiB/s | x disk | x nginx | x FastAPI | nginx MiB/s "
+        "| FastAPI MiB/s | sink MiB/s | req/s (nginx, FastAPI) | p50 ms | p99 ms "
+        "| completion ms | peak RSS MiB | CPU s/GiB (nginx, FastAPI) | CPU ms/req "
+        "| dirtied/byte |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- | --- | --- | --- |",
     ]
     for cell in result["cells"]:
         ours = cell["targets"].get("chunkserver", {})
@@ -58,19 +63,31 @@ def markdown(result: dict[str, Any]) -> str:
             if ours
             else "-"
         )
+        fastapi = cell["targets"].get("fastapi", {})
+        chunk = cell["chunk_mib"]
+        chunk_text = f"{chunk} MiB" if chunk >= 1 else f"{round(chunk * 1024)} KiB"
         lines.append(
-            f"| {cell['shape']} | {cell['chunk_mib']} MiB | {cell['concurrency']} | {speed} "
+            f"| {cell['shape']} | {chunk_text} | {cell['concurrency']} | {speed} "
             f"| {_num(cell['fraction_of_disk'], 2)} | {_num(cell['fraction_of_nginx'], 2)} "
-            f"| {_num(nginx.get('MiB_per_s'))} | {_num(sink.get('MiB_per_s'))} "
+            f"| {_num(cell.get('fraction_of_fastapi'), 2)} "
+            f"| {_num(nginx.get('MiB_per_s'))} | {_num(fastapi.get('MiB_per_s'))} "
+            f"| {_num(sink.get('MiB_per_s'))} "
+            f"| {_num(ours.get('requests_per_s'))} ({_num(nginx.get('requests_per_s'))}, "
+            f"{_num(fastapi.get('requests_per_s'))}) "
             f"| {_num(ours.get('latency_p50_ms'), 1)} | {_num(ours.get('latency_p99_ms'), 1)} "
             f"| {_num(ours.get('completion_p50_ms'), 1)} | {_num(ours.get('peak_rss_mib'), 1)} "
-            f"| {_num(ours.get('cpu_s_per_gib'), 2)} | {_num(nginx.get('cpu_s_per_gib'), 2)} |"
+            f"| {_num(ours.get('cpu_s_per_gib'), 2)} ({_num(nginx.get('cpu_s_per_gib'), 2)}, "
+            f"{_num(fastapi.get('cpu_s_per_gib'), 2)}) "
+            f"| {_num(ours.get('cpu_ms_per_request'), 2)} "
+            f"| {_num(ours.get('dirtied_per_byte'), 2)} |"
         )
     lines += [
         "",
         "completion ms: from the last byte of an upload's last chunk sent to its completed "
-        "answer (the merge and the sha256), median over uploads. CPU s/GiB and peak RSS: the "
-        "server's processes, from /proc (left out with --url).",
+        "answer, median over uploads. CPU s/GiB, CPU ms/req, peak RSS and dirtied/byte (page "
+        "cache dirtied, /proc/PID/io write_bytes, per byte uploaded): the server's processes, "
+        "from /proc (left out with --url). FastAPI: the seed's endpoint on uvicorn "
+        "(bench/fastapi_seed.py).",
         "",
     ]
     return "\n".join(lines)

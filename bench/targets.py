@@ -91,12 +91,15 @@ def _wait_for_url(process: subprocess.Popen[str], pattern: re.Pattern[str]) -> s
     raise RuntimeError("did not start:\n" + "".join(lines))
 
 
-def start_chunkserver(*, workers: int, fsync: bool, data_root: Path | None) -> Target:
+def start_chunkserver(
+    *, workers: int, fsync: bool, data_root: Path | None, checksums: str | None = None
+) -> Target:
     folder = Path(tempfile.mkdtemp(prefix="bench-data-", dir=data_root))
     config = folder / "bench.toml"
+    names = ", ".join(f'"{n.strip()}"' for n in (checksums or "crc64nvme").split(","))
     config.write_text(
         f'fsync = {"true" if fsync else "false"}\naccess_log = false\nlog_level = "warning"\n'
-        "min_free_bytes = 0\nmax_chunk_bytes = 67108864\n"
+        f"min_free_bytes = 0\nmax_chunk_bytes = 67108864\nchecksums = [{names}]\n"
     )
     process = subprocess.Popen(
         [
@@ -118,6 +121,24 @@ def start_chunkserver(*, workers: int, fsync: bool, data_root: Path | None) -> T
         text=True,
     )
     return Target("chunkserver", _wait_for_url(process, LISTENING), process, [folder])
+
+
+def start_fastapi(data_root: Path | None) -> Target | None:
+    """The seed's FastAPI endpoint (bench/fastapi_seed.py) on uvicorn; None without FastAPI."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="bench-fastapi-", dir=data_root))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.fastapi_seed", "--port", "0", "--data-dir", str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    return Target("fastapi", _wait_for_url(process, LISTENING), process, [folder])
 
 
 def start_sink() -> Target:
@@ -189,6 +210,17 @@ class ResourceSampler:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._cpu_start = self._cpu()
 
+    def _written(self) -> int:
+        """Bytes the processes caused to be written to storage (/proc/PID/io write_bytes):
+        page cache dirtied, whether or not it has reached the disk yet."""
+        total = 0
+        for process in self.processes:
+            try:
+                total += process.io_counters().write_bytes
+            except (psutil.Error, AttributeError):
+                pass
+        return total
+
     def _cpu(self) -> float:
         total = 0.0
         for process in self.processes:
@@ -212,6 +244,7 @@ class ResourceSampler:
 
     def __enter__(self) -> ResourceSampler:
         self._cpu_start = self._cpu()
+        self._written_start = self._written()
         self._thread.start()
         return self
 
@@ -219,3 +252,4 @@ class ResourceSampler:
         self._stop.set()
         self._thread.join()
         self.cpu_seconds = self._cpu() - self._cpu_start
+        self.written_bytes = self._written() - self._written_start

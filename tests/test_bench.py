@@ -18,7 +18,8 @@ TARGET_FIELDS = {
     "bytes_counted", "requests", "latency_p50_ms", "latency_p99_ms", "completion_p50_ms",
     "peak_rss_mib", "cpu_s_per_gib", "uploads", "uploads_completed_right_size",
     "bytes_sent_total", "bytes_counted_total", "uploads_total",
-    "uploads_completed_right_size_total",
+    "uploads_completed_right_size_total", "cpu_ms_per_request", "requests_per_s",
+    "dirtied_per_byte",
 }  # fmt: skip
 
 
@@ -58,6 +59,10 @@ def test_smallest_run_counts_every_byte_and_completes_every_upload(tmp_path: Pat
         assert ours["uploads_completed_right_size_total"] == ours["uploads_total"]
         assert ours["peak_rss_mib"] > 0 and ours["cpu_s_per_gib"] > 0
         assert ours["completion_p50_ms"] is not None
+        assert ours["dirtied_per_byte"] is not None
+        if "fastapi" in cell["targets"]:  # the seed's endpoint, when FastAPI is installed
+            assert cell["targets"]["fastapi"]["uploads_total"] >= 1
+            assert cell["fraction_of_fastapi"] is not None
     assert "| shape | chunk | conc |" in (tmp_path / "t.md").read_text()
     assert "| files | 1 MiB | 2 |" in done.stdout
     assert (tmp_path / "t.png").stat().st_size > 1000
