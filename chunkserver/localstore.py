@@ -19,7 +19,10 @@ Invariants:
   the data file, under a byte-range lock on that region (`locks.lock_range`), so two requests
   writing the same chunk never mix their bytes, in one process or several. A chunk whose
   place is not known yet (chunk_size not fixed), whose region is busy, or that was stored
-  before (a resend) is kept aside in a file of its own and copied into place at completion.
+  before (a resend) is kept aside in a file of its own and copied into place at completion;
+  its writer holds a shared lock on the data file's GUARD_OFFSET byte meanwhile.
+- Every chunk in flight thus holds a lock on the data file, so completing or abandoning an
+  upload, which lock the whole file, never happens under a chunk still being received.
 - A chunk counts exactly when its record exists. The record is written (atomically, by a
   rename) after its bytes, under the upload's flock; a chunk cut off at any instant has no
   record and is simply sent again. A region that a record points to is never written again.
@@ -83,6 +86,8 @@ TEMP_SUFFIXES = (".part", ".merging", ".tmp")
 WRITE_BATCH_BYTES = 1024 * 1024
 # Stay well below IOV_MAX (1024) however small the pieces a slow client sends.
 MAX_BATCH_PIECES = 256
+# A byte far past any data: chunks kept aside hold a shared lock on it while they are received.
+GUARD_OFFSET = 1 << 62
 FREE_BYTES_MAX_AGE = 0.05  # seconds
 FREE_BYTES_CACHED_ABOVE = 4 * 1024**3
 # A folder with no metadata and no live temporary file is a leftover after this long.
@@ -96,9 +101,12 @@ class ReceivedChunk:
 
     fd: int
     base: int  # where the chunk starts in the file behind `fd`
+    guard_fd: int  # the data file, locked (see GUARD_OFFSET), when the bytes are aside; or -1
     limit: int | None  # bytes the chunk may take at this place; None: no bound
     aside_path: Path | None  # None: in place in the upload's data file
-    data_identity: tuple[int, int] | None  # (dev, inode) of the data file it belongs to
+    # (dev, inode) of the data file that holds the bytes; None when they are kept aside, in a
+    # file of the upload's folder that leaves with the folder if the upload is removed.
+    data_identity: tuple[int, int] | None
     declared_size: bool  # a chunk longer than `limit` is refused, not put aside
     folder: Path | None
     index: int | None
@@ -320,23 +328,23 @@ class LocalStore:
         max_bytes: int,
         want_sha256: bool,
     ) -> ReceivedChunk:
-        received = self._open_for_chunk(meta, index)
-        if want_sha256:
-            received.digest = hashlib.sha256()
-        await self._stream(received, body, max_bytes)
+        received = self._open_for_chunk(meta, index, max_bytes)
+        await self._stream(received, body, max_bytes, want_sha256)
         return received
 
     async def receive_unplaced(
         self, body: AsyncIterator[memoryview], *, max_bytes: int, want_sha256: bool
     ) -> ReceivedChunk:
         path = self.incoming_dir / self._temp_name("chunk", ".part")
-        received = self._open_aside(path, None, None, None)
-        if want_sha256:
-            received.digest = hashlib.sha256()
-        await self._stream(received, body, max_bytes)
+        received = self._open_aside(path, None, None)
+        await self._stream(received, body, max_bytes, want_sha256)
         return received
 
-    def _open_for_chunk(self, meta: UploadMeta, index: int) -> ReceivedChunk:
+    def _aside_path(self, folder: Path, index: int) -> Path:
+        """A new file beside the data file for chunk `index`, kept aside while received."""
+        return folder / self._temp_name(f".{RECORD_PREFIX}{index:06d}", ".part")
+
+    def _open_for_chunk(self, meta: UploadMeta, index: int, max_bytes: int) -> ReceivedChunk:
         """Open the chunk's region in the data file, locked; or a file aside when it cannot be
         written in place. Raises UploadGone when the data file is not there."""
         folder = self._folder(meta.file_id)
@@ -353,39 +361,42 @@ class LocalStore:
             offset = meta.offset_of(index)
             last = meta.is_last(index)
             limit = None if last or meta.chunk_size is None else meta.chunk_size
-            if offset is not None and lock_range(fd, offset, limit or 0, wait=False):
-                on_disk = os.stat(data_path)
-                if (on_disk.st_dev, on_disk.st_ino) != identity:
-                    raise UploadGone()  # completed or removed since we opened it
-                if not self._record_path(meta.file_id, index).exists():
-                    return ReceivedChunk(
-                        fd=fd,
-                        base=offset,
-                        limit=limit,
-                        aside_path=None,
-                        data_identity=identity,
-                        declared_size=meta.chunk_size_declared,
-                        folder=folder,
-                        index=index,
-                    )
+            in_place = offset is not None and lock_range(fd, offset, limit or max_bytes, wait=False)
+            if not in_place and not lock_range(fd, GUARD_OFFSET, 1, wait=False, shared=True):
+                raise UploadGone()  # the whole file is locked: being completed or abandoned
+            on_disk = os.stat(data_path)
+            if (on_disk.st_dev, on_disk.st_ino) != identity:
+                raise UploadGone()  # completed or removed since we opened it
+            if (
+                offset is not None
+                and in_place
+                and not self._record_path(meta.file_id, index).exists()
+            ):
+                return ReceivedChunk(
+                    fd=fd,
+                    base=offset,
+                    guard_fd=-1,
+                    limit=limit,
+                    aside_path=None,
+                    data_identity=identity,
+                    declared_size=meta.chunk_size_declared,
+                    folder=folder,
+                    index=index,
+                )
+            # Kept aside: the place is unknown or busy, or the chunk was stored before (a
+            # resend, whose bytes must not touch the region; its region lock guards instead).
+            received = self._open_aside(self._aside_path(folder, index), folder, index)
         except FileNotFoundError:
             os.close(fd)
             raise UploadGone() from None
         except BaseException:
             os.close(fd)
             raise
-        os.close(fd)
-        # Kept aside: the place is unknown or busy, or the chunk was stored before (a resend,
-        # whose bytes must not touch the region a record points to).
-        path = folder / self._temp_name(f".{RECORD_PREFIX}{index:06d}", ".part")
-        limit = None if meta.is_last(index) or not meta.chunk_size_declared else meta.chunk_size
-        received = self._open_aside(path, identity, folder, index)
-        received.limit = limit
+        received.guard_fd = fd
+        received.limit = None if last or not meta.chunk_size_declared else meta.chunk_size
         return received
 
-    def _open_aside(
-        self, path: Path, identity: tuple[int, int] | None, folder: Path | None, index: int | None
-    ) -> ReceivedChunk:
+    def _open_aside(self, path: Path, folder: Path | None, index: int | None) -> ReceivedChunk:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o644)
         except FileNotFoundError:
@@ -395,22 +406,29 @@ class LocalStore:
         return ReceivedChunk(
             fd=fd,
             base=0,
+            guard_fd=-1,
             limit=None,
             aside_path=path,
-            data_identity=identity,
+            data_identity=None,
             declared_size=True,
             folder=folder,
             index=index,
         )
 
     async def _stream(
-        self, received: ReceivedChunk, body: AsyncIterator[memoryview], max_bytes: int
+        self,
+        received: ReceivedChunk,
+        body: AsyncIterator[memoryview],
+        max_bytes: int,
+        want_sha256: bool,
     ) -> None:
         """Write the body's pieces at the chunk's place as they come, with the CRC on the way.
 
         Pieces are views of the socket's buffers (multipart.py): gathered, never joined, into
         batches of about WRITE_BATCH_BYTES, one pwritev each, on the event loop.
         """
+        if want_sha256:
+            received.digest = hashlib.sha256()
         batch: list[memoryview] = []
         batch_bytes = 0
         try:
@@ -450,16 +468,21 @@ class LocalStore:
                 f"Chunk {received.index} is larger than the chunk_size "
                 f"({received.limit} bytes) of this upload"
             )
-        path = received.folder / self._temp_name(f".{RECORD_PREFIX}{received.index:06d}", ".part")
-        aside = self._open_aside(path, received.data_identity, received.folder, received.index)
+        path = self._aside_path(received.folder, received.index)
+        aside = self._open_aside(path, received.folder, received.index)
         try:
             copy_range(received.fd, received.base, aside.fd, 0, received.written)
         except OSError as e:
             self._discard(aside)
             raise storage_error(e) from e
-        os.close(received.fd)  # drops the region lock: nothing of ours stays there
-        received.fd, received.base, received.limit = aside.fd, 0, None
-        received.aside_path = aside.aside_path
+        # The data file stays open, its region locked, as the guard until the commit.
+        received.guard_fd, received.fd, received.base, received.limit = (
+            received.fd,
+            aside.fd,
+            0,
+            None,
+        )
+        received.aside_path, received.data_identity = aside.aside_path, None
 
     async def sha256_of(self, received: ReceivedChunk) -> str:
         digest = hashlib.sha256()
@@ -473,6 +496,9 @@ class LocalStore:
         if received.fd >= 0:
             os.close(received.fd)
             received.fd = -1
+        if received.guard_fd >= 0:
+            os.close(received.guard_fd)
+            received.guard_fd = -1
         if received.aside_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(received.aside_path)
@@ -535,18 +561,20 @@ class LocalStore:
             and received.length > current.chunk_size
         ):
             self._overflow(received)  # its tail crosses into the next chunk's region
+        previous = self._read_record(file_id, index)
         aside_name = None
         if received.aside_path is not None:
-            previous = self._read_record(file_id, index)
             if previous is not None and (previous.length, previous.crc64nvme) == (
                 received.length,
                 received.crc,
             ):
                 return self._progress(current, index)  # the same bytes again: nothing to do
             aside_name = f".{RECORD_PREFIX}{index:06d}.{secrets.token_hex(6)}{ASIDE_SUFFIX}"
-            os.rename(received.aside_path, folder / aside_name)
+            try:
+                os.rename(received.aside_path, folder / aside_name)
+            except FileNotFoundError:  # the folder it was received in was removed meanwhile
+                raise UploadGone() from None
             received.aside_path = None
-        previous = self._read_record(file_id, index) if aside_name is None else previous
         record = ChunkRecord(index, received.length, received.crc, aside_name)
         self._write_json(
             self._record_path(file_id, index),
@@ -592,11 +620,11 @@ class LocalStore:
 
     @contextlib.contextmanager
     def _whole_data_file(self, file_id: str, *, wait: bool) -> Iterator[int | None]:
-        """The data file, locked whole once no chunk is being written in place into it.
+        """The data file, locked whole once no chunk is being received into the upload.
 
-        Yields None when there is no data file, or it is busy and `wait` is False. The range
-        lock is taken before the upload's flock, in the same order as a chunk's writer (its
-        region, then the flock to commit), so the two never wait for each other.
+        Yields None when there is no data file, or it is busy and `wait` is False. Waiting,
+        take it before the upload's flock, in the same order as a chunk's writer (its range
+        lock, then the flock to commit), so the two never wait for each other.
         """
         try:
             fd = os.open(self._folder(file_id) / DATA_NAME, os.O_RDWR | OPEN_FLAGS)
@@ -793,34 +821,39 @@ class LocalStore:
     def _sweep_upload(
         self, file_id: str, now: float, ttl_seconds: float, report: SweepReport
     ) -> None:
-        with self._whole_data_file(file_id, wait=False) as data_fd:
-            lock = self._lock(file_id, blocking=False)
-            if not lock.acquire():
-                return  # busy: a commit or a completion is running
-            try:
-                self._sweep_locked(file_id, data_fd, now, ttl_seconds, report)
-            finally:
-                lock.release()
+        lock = self._lock(file_id, blocking=False)
+        if not lock.acquire():
+            return  # busy: a commit or a completion is running
+        try:
+            status = self._status(file_id)
+            if isinstance(status, CompletedUpload):
+                self._remove_folder(file_id)  # left over after its completion
+            elif status is None:
+                folder = self._folder(file_id)
+                has_temps = any(n.endswith(".part") for n in os.listdir(folder))
+                if not has_temps and now - os.stat(folder).st_mtime > ORPHAN_GRACE_SECONDS:
+                    self._remove_folder(file_id)
+            else:
+                expired = now - status.last_activity > ttl_seconds
+                if expired or len(status.stored) == status.meta.total_chunks:
+                    self._expire_or_finish(status.meta, expired, report)
+        finally:
+            lock.release()
 
-    def _sweep_locked(
-        self, file_id: str, data_fd: int | None, now: float, ttl_seconds: float, report: SweepReport
-    ) -> None:
-        status = self._status(file_id)
-        if isinstance(status, CompletedUpload):
-            self._remove_folder(file_id)  # left over after its completion
-        elif status is None:
-            folder = self._folder(file_id)
-            has_temps = any(n.endswith(".part") for n in os.listdir(folder))
-            if not has_temps and now - os.stat(folder).st_mtime > ORPHAN_GRACE_SECONDS:
-                self._remove_folder(file_id)
-        elif now - status.last_activity > ttl_seconds:
-            self._remove_folder(file_id)
-            self._known.pop(file_id, None)
-            report.expired.append(file_id)
-        elif len(status.stored) == status.meta.total_chunks:
-            # Every chunk is recorded but the upload is not complete: a crash cut it short.
+    def _expire_or_finish(self, meta: UploadMeta, expired: bool, report: SweepReport) -> None:
+        """Expire an idle upload, or complete one a crash cut short (every chunk recorded, no
+        completion record); only while no chunk is being received into it. Without waiting:
+        the upload's flock is held, and writers take their range lock before it."""
+        with self._whole_data_file(meta.file_id, wait=False) as data_fd:
+            if data_fd is None and (self._folder(meta.file_id) / DATA_NAME).exists():
+                return  # a chunk is in flight: neither idle nor ready
+            if expired:
+                self._remove_folder(meta.file_id)
+                self._known.pop(meta.file_id, None)
+                report.expired.append(meta.file_id)
+                return
             with contextlib.suppress(UploadConflict, StorageFailure):
-                completed = self._finish(status.meta, data_fd)
+                completed = self._finish(meta, data_fd)
                 if completed is not None:
                     report.completed.append(completed)
 
@@ -914,10 +947,3 @@ def storage_error(error: OSError) -> DiskFull | StorageFailure:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull()
     return StorageFailure(error.strerror or str(error))
-
-
-def iter_temp_files(root: Path) -> Iterator[Path]:
-    """Every temporary file under `root` (used by tests)."""
-    for path in root.rglob("*"):
-        if path.name.endswith(TEMP_SUFFIXES):
-            yield path

@@ -120,15 +120,17 @@ def pid_alive(pid: int) -> bool:
 _FLOCK = struct.Struct("hhqqi4x")
 
 
-def lock_range(fd: int, start: int, length: int, *, wait: bool) -> bool:
-    """Write-lock `length` bytes of `fd` from `start` (0: to the end and beyond).
+def lock_range(fd: int, start: int, length: int, *, wait: bool, shared: bool = False) -> bool:
+    """Write-lock (or with `shared`, read-lock) `length` bytes of `fd` from `start` (0: to the
+    end and beyond).
 
-    Returns False when another descriptor holds a lock there and `wait` is False; with
-    `wait` it blocks until the range is free (call it from a thread).
+    Returns False when another descriptor holds a conflicting lock there and `wait` is False;
+    with `wait` it blocks until the range is free (call it from a thread).
     """
     command = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
+    kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
     try:
-        fcntl.fcntl(fd, command, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+        fcntl.fcntl(fd, command, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
     except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held elsewhere
         return False
     return True

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from chunkserver import checksums
 from chunkserver.errors import UploadConflict, UploadGone
 from chunkserver.localstore import DATA_NAME, LocalStore
+from chunkserver.locks import lock_range
 from chunkserver.model import Committed, CompletedUpload, UploadMeta, UploadProgress
 
 from .conftest import crc64, sha256, temp_files
@@ -214,3 +215,22 @@ async def test_expiry_removes_an_idle_upload(tmp_path: Path) -> None:
     await put(store, meta, 0, b"a")
     report = await store.sweep(ttl_seconds=1e-9)
     assert report.expired == ["old"] and await store.status("old") is None
+
+
+async def test_a_chunk_kept_aside_guards_its_upload_until_committed(tmp_path: Path) -> None:
+    """Completing or abandoning an upload locks its whole data file: a chunk in flight, even
+    one kept aside, holds part of it, so neither happens under it."""
+    store = LocalStore(tmp_path)
+    meta, created = await store.begin(UploadMeta.new("guard", "f", 3, None))
+    assert created and isinstance(meta, UploadMeta)
+    received = await store.receive(meta, 1, pieces(b"x" * 10), max_bytes=2**30, want_sha256=False)
+    assert not received.in_place  # chunk_size unknown: its place is not known yet
+    fd = os.open(tmp_path / "chunks" / "guard" / DATA_NAME, os.O_RDWR)
+    try:
+        assert not lock_range(fd, 0, 0, wait=False)
+        await store.abandon(meta)
+        assert isinstance(await store.status("guard"), UploadProgress)
+        await store.commit(received, meta, 1)
+        assert lock_range(fd, 0, 0, wait=False)
+    finally:
+        os.close(fd)
