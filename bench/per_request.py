@@ -83,8 +83,10 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=4, help="uploads at once")
     parser.add_argument("--chunks", type=int, default=500, help="chunks per upload")
     parser.add_argument("--chunk-kib", type=int, default=16, help="chunk size in KiB")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; the median is printed")
+    parser.add_argument("--data-root", type=Path, help="where the temporary data folder goes")
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="bench-per-request-"))
+    folder = Path(tempfile.mkdtemp(prefix="bench-per-request-", dir=args.data_root))
     config = folder / "bench.toml"
     config.write_text('access_log = false\nlog_level = "warning"\nmin_free_bytes = 0\n')
     server = subprocess.Popen(
@@ -101,15 +103,30 @@ def main() -> None:
                 raise SystemExit("the server stopped before listening")
             if match := LISTENING.search(line):
                 url = match.group(1)
-        before = thread_times(server.pid)
-        seconds = asyncio.run(send_all(url, args.files, args.chunks, args.chunk_kib * 1024))
-        after = thread_times(server.pid)
+        rounds = []
+        for _ in range(args.repeats):
+            before = thread_times(server.pid)
+            seconds = asyncio.run(send_all(url, args.files, args.chunks, args.chunk_kib * 1024))
+            rounds.append((before, thread_times(server.pid), seconds))
         names = thread_names(server.pid)
     finally:
         server.terminate()
         server.wait()
         shutil.rmtree(folder, ignore_errors=True)
     requests = args.files * args.chunks
+    # The median round by total CPU: this machine's timings are noisy.
+    rounds.sort(
+        key=lambda r: sum(u + s for u, s in r[1].values()) - sum(u + s for u, s in r[0].values())
+    )
+    before, after, seconds = rounds[len(rounds) // 2]
+    totals = sorted(
+        (sum(u + s for u, s in a.values()) - sum(u + s for u, s in b.values())) / requests * 1e6
+        for b, a, _ in rounds
+    )
+    print(
+        f"{len(rounds)} rounds, server CPU per request (us): "
+        + " ".join(f"{t:.0f}" for t in totals)
+    )
     groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for tid, (user, system) in after.items():
         user0, system0 = before.get(tid, (0.0, 0.0))

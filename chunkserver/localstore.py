@@ -21,11 +21,15 @@ Invariants:
   place is not known yet (chunk_size not fixed), whose region is busy, or that was stored
   before (a resend) is kept aside in a file of its own and copied into place at completion;
   its writer holds a shared lock on the data file's GUARD_OFFSET byte meanwhile.
-- Every chunk in flight thus holds a lock on the data file, so completing or abandoning an
-  upload, which lock the whole file, never happens under a chunk still being received.
+- Every chunk in flight thus holds a lock on the data file, so completing, abandoning,
+  expiring or deleting an upload, which lock the whole file, never happens under a chunk
+  still being received.
 - A chunk counts exactly when its record exists. The record is written (atomically, by a
-  rename) after its bytes, under the upload's flock; a chunk cut off at any instant has no
-  record and is simply sent again. A region that a record points to is never written again.
+  rename) after its bytes; a chunk cut off at any instant has no record and is simply sent
+  again. A region that a record points to is never written again. A chunk written in place
+  whose region is known writes its record with no other lock than its region's: nothing can
+  end the upload under it. The others (the chunk that fixes chunk_size, chunks kept aside)
+  commit under the upload's flock.
 - An upload is completed exactly when its completion record exists. Completion joins nothing
   in the common case: it copies the chunks kept aside into place, truncates, renames the data
   file into `uploads/`, then writes the record. A crash between the rename and the record is
@@ -110,6 +114,10 @@ class ReceivedChunk:
     declared_size: bool  # a chunk longer than `limit` is refused, not put aside
     folder: Path | None
     index: int | None
+    # The upload's folder, opened before its data file: the in-place commit writes
+    # the record through it, so the record lands in the folder that holds these bytes even if
+    # that folder has been removed (and its file_id begun again) meanwhile. Or -1.
+    folder_fd: int = -1
     length: int = 0
     written: int = 0
     crc: int = 0
@@ -171,7 +179,7 @@ class LocalStore:
         return self.chunks_dir / file_id
 
     def _record_path(self, file_id: str, index: int) -> Path:
-        return self.chunks_dir / file_id / f"{RECORD_PREFIX}{index:06d}"
+        return self.chunks_dir / file_id / _record_name(index)
 
     def _completion_path(self, file_id: str) -> Path:
         return self.uploads_dir / f"{file_id}.json"
@@ -348,14 +356,15 @@ class LocalStore:
         """Open the chunk's region in the data file, locked; or a file aside when it cannot be
         written in place. Raises UploadGone when the data file is not there."""
         folder = self._folder(meta.file_id)
-        data_path = folder / DATA_NAME
         try:
-            fd = os.open(data_path, os.O_RDWR | OPEN_FLAGS)
+            folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | OPEN_FLAGS)
         except FileNotFoundError:
             raise UploadGone() from None
         except OSError as e:
             raise storage_error(e) from e
+        fd = -1
         try:
+            fd = os.open(DATA_NAME, os.O_RDWR | OPEN_FLAGS, dir_fd=folder_fd)
             held = os.fstat(fd)
             identity = (held.st_dev, held.st_ino)
             offset = meta.offset_of(index)
@@ -364,14 +373,10 @@ class LocalStore:
             in_place = offset is not None and lock_range(fd, offset, limit or max_bytes, wait=False)
             if not in_place and not lock_range(fd, GUARD_OFFSET, 1, wait=False, shared=True):
                 raise UploadGone()  # the whole file is locked: being completed or abandoned
-            on_disk = os.stat(data_path)
+            on_disk = os.stat(DATA_NAME, dir_fd=folder_fd)
             if (on_disk.st_dev, on_disk.st_ino) != identity:
                 raise UploadGone()  # completed or removed since we opened it
-            if (
-                offset is not None
-                and in_place
-                and not self._record_path(meta.file_id, index).exists()
-            ):
+            if offset is not None and in_place and not _exists_at(folder_fd, _record_name(index)):
                 return ReceivedChunk(
                     fd=fd,
                     base=offset,
@@ -382,16 +387,21 @@ class LocalStore:
                     declared_size=meta.chunk_size_declared,
                     folder=folder,
                     index=index,
+                    folder_fd=folder_fd,
                 )
             # Kept aside: the place is unknown or busy, or the chunk was stored before (a
             # resend, whose bytes must not touch the region; its region lock guards instead).
             received = self._open_aside(self._aside_path(folder, index), folder, index)
         except FileNotFoundError:
-            os.close(fd)
+            _close_all(fd, folder_fd)
             raise UploadGone() from None
+        except OSError as e:
+            _close_all(fd, folder_fd)
+            raise storage_error(e) from e
         except BaseException:
-            os.close(fd)
+            _close_all(fd, folder_fd)
             raise
+        os.close(folder_fd)
         received.guard_fd = fd
         received.limit = None if last or not meta.chunk_size_declared else meta.chunk_size
         return received
@@ -499,6 +509,9 @@ class LocalStore:
         if received.guard_fd >= 0:
             os.close(received.guard_fd)
             received.guard_fd = -1
+        if received.folder_fd >= 0:
+            os.close(received.folder_fd)
+            received.folder_fd = -1
         if received.aside_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(received.aside_path)
@@ -511,6 +524,8 @@ class LocalStore:
         try:
             if self.fsync:
                 await self._run(os.fdatasync, received.fd)
+            if received.in_place and (meta.chunk_size is not None or meta.is_last(index)):
+                return self._commit_in_place(received, meta, index)
             lock = self._lock(meta.file_id, blocking=False)
             if lock.acquire():  # the common case: nobody else is changing this upload
                 try:
@@ -528,6 +543,18 @@ class LocalStore:
     ) -> Committed | CompletedUpload:
         with self._lock(meta.file_id):
             return self._commit(received, meta, index)
+
+    def _commit_in_place(self, received: ReceivedChunk, meta: UploadMeta, index: int) -> Committed:
+        """Write the record of a chunk written in place, whose region is known: no flock.
+
+        Its region lock, held since before the data file's identity was checked, keeps every
+        completion, abandon and expiry of this data file waiting, and the record goes through
+        the folder's descriptor, so it cannot land in another upload's folder. A resend kept
+        aside at the same time may replace the record; either is a whole copy of the chunk.
+        """
+        record = {"length": received.length, "crc64nvme": received.crc, "aside": None}
+        self._write_json_at(received.folder_fd, _record_name(index), record)
+        return self._progress(meta, index, received.folder_fd)
 
     def _commit(
         self, received: ReceivedChunk, meta: UploadMeta, index: int
@@ -585,7 +612,7 @@ class LocalStore:
                 os.unlink(folder / previous.aside)
         return self._progress(current, index)
 
-    def _progress(self, meta: UploadMeta, index: int) -> Committed:
+    def _progress(self, meta: UploadMeta, index: int, folder_fd: int = -1) -> Committed:
         known = self._known.get(meta.file_id)
         if known is None or known.token != meta.token:
             known = self._known[meta.file_id] = _Known(meta.token)
@@ -593,7 +620,11 @@ class LocalStore:
         # Look on disk for chunks other processes stored, lowest first; in one process this
         # costs one stat per commit.
         while (missing := known.first_missing()) < meta.total_chunks:
-            if not self._record_path(meta.file_id, missing).exists():
+            if folder_fd >= 0:
+                stored = _exists_at(folder_fd, _record_name(missing))
+            else:
+                stored = self._record_path(meta.file_id, missing).exists()
+            if not stored:
                 break
             known.stored.add(missing)
         all_stored = known.first_missing() >= meta.total_chunks
@@ -748,7 +779,8 @@ class LocalStore:
         return await self._run(self._delete, file_id)
 
     def _delete(self, file_id: str) -> bool:
-        with self._lock(file_id):
+        # Like a completion, it waits for the chunks being received to be committed.
+        with self._whole_data_file(file_id, wait=True), self._lock(file_id):
             completion = self._completion_path(file_id)
             existed = completion.exists() or (self._folder(file_id) / META_NAME).exists()
             with contextlib.suppress(FileNotFoundError):
@@ -903,6 +935,22 @@ class LocalStore:
             return False
         return True
 
+    def _write_json_at(self, folder_fd: int, name: str, data: object) -> None:
+        """Write `data` to `name` in the folder `folder_fd` atomically: a temp file, a rename."""
+        temp = self._temp_name(f".{name}", ".tmp")
+        fd = os.open(
+            temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o644, dir_fd=folder_fd
+        )
+        try:
+            os.write(fd, json.dumps(data).encode())
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        if self.fsync:
+            os.fsync(folder_fd)
+
     def _write_json(self, path: Path, data: object) -> None:
         """Write `data` to `path` atomically: a temp file beside it, then a rename."""
         temp = path.with_name(self._temp_name(f".{path.name}", ".tmp"))
@@ -916,6 +964,24 @@ class LocalStore:
         os.replace(temp, path)
         if self.fsync:
             fsync_dir(path.parent)
+
+
+def _record_name(index: int) -> str:
+    return f"{RECORD_PREFIX}{index:06d}"
+
+
+def _close_all(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _exists_at(folder_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=folder_fd)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _record_index(name: str) -> int | None:

@@ -31,8 +31,20 @@ class MalformedMultipart(BadRequest):
     """The request body is not valid multipart/form-data."""
 
 
+# What clients send (`multipart/form-data; boundary=...`, quoted or not); anything else goes
+# through the email package's parser, which costs about 20 us more per request.
+_SIMPLE_CONTENT_TYPE = re.compile(
+    r"multipart/form-data;\s*boundary="
+    r"""(?:"([0-9A-Za-z'()+_,./:=?-]{1,70})"|([0-9A-Za-z'+_.-]{1,70}))""",
+    re.I,
+)
+
+
 def boundary_from_content_type(content_type: str) -> bytes:
     """Return the boundary of a `multipart/form-data` Content-Type, or raise BadRequest."""
+    simple = _SIMPLE_CONTENT_TYPE.fullmatch(content_type)
+    if simple is not None:
+        return (simple[1] or simple[2]).encode("ascii")
     message = Message()
     message["content-type"] = content_type
     if message.get_content_type() != "multipart/form-data":

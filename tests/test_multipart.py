@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Iterator
+from email.message import Message
 
 import aiohttp
 import pytest
@@ -12,6 +13,7 @@ from aiohttp import MultipartReader
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chunkserver.errors import BadRequest
 from chunkserver.multipart import (
     MalformedMultipart,
     MultipartParser,
@@ -160,3 +162,23 @@ def test_header_fast_path_agrees_with_the_email_parser(
             parse_part_headers(block)
         return
     assert parse_part_headers(block) == expected
+
+
+@given(
+    boundary=st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=80),
+    quoted=st.booleans(),
+    spacing=st.sampled_from(["; ", ";", ";  "]),
+)
+def test_boundary_fast_path_agrees_with_the_email_parser(
+    boundary: str, quoted: bool, spacing: str
+) -> None:
+    value = f'"{boundary}"' if quoted else boundary
+    content_type = f"multipart/form-data{spacing}boundary={value}"
+    message = Message()
+    message["content-type"] = content_type
+    expected = message.get_param("boundary")
+    if not isinstance(expected, str) or not 1 <= len(expected) <= 200:
+        with pytest.raises(BadRequest):
+            boundary_from_content_type(content_type)
+        return
+    assert boundary_from_content_type(content_type) == expected.encode("ascii")

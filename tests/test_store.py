@@ -203,10 +203,24 @@ async def test_recreated_upload_is_a_new_one(tmp_path: Path) -> None:
     new = await begin(store, UploadMeta.new("re", "f", 2, None, 1))
     result = await put(store, new, 1, b"b")
     assert result.uploaded_chunks == 1 and not result.all_stored
-    with pytest.raises(UploadConflict):  # the old upload's chunk cannot land in the new one
-        received = await store.receive(new, 0, pieces(b"a"), max_bytes=2**30, want_sha256=False)
-        await store.delete("re")
-        await store.commit(received, new, 0)
+
+
+async def test_a_delete_waits_for_the_chunks_in_flight(tmp_path: Path) -> None:
+    """A chunk being received holds its region: the DELETE removes it once committed, and a
+    record never lands in an upload begun again under the same file_id."""
+    store = LocalStore(tmp_path)
+    meta = await begin(store, UploadMeta.new("del", "f", 3, None, 1))
+    received = await store.receive(meta, 1, pieces(b"b"), max_bytes=2**30, want_sha256=False)
+    assert received.in_place
+    deleting = asyncio.create_task(store.delete("del"))
+    await asyncio.sleep(0.3)
+    assert not deleting.done()
+    assert (await store.commit(received, meta, 1)).uploaded_chunks == 1
+    assert await deleting
+    assert await store.status("del") is None
+    again = await begin(store, UploadMeta.new("del", "f", 3, None, 1))
+    result = await put(store, again, 0, b"a")
+    assert result.uploaded_chunks == 1
 
 
 async def test_expiry_removes_an_idle_upload(tmp_path: Path) -> None:
