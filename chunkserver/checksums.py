@@ -22,11 +22,16 @@ def crc64nvme(data: bytes | memoryview, previous: int = 0) -> int:
     return crc
 
 
+def combine_two(first: int, second: int, second_length: int) -> int:
+    """The CRC of two consecutive pieces, from their CRCs and the second one's length."""
+    return int(checksums.combine_crc64nvme(first, second, second_length))
+
+
 def combine(parts: Iterable[tuple[int, int]]) -> int:
     """The CRC of consecutive pieces given as (crc, length) pairs, in order."""
     whole = 0
     for crc, length in parts:
-        whole = int(checksums.combine_crc64nvme(whole, crc, length))
+        whole = combine_two(whole, crc, length)
     return whole
 
 

@@ -81,6 +81,7 @@ RECORD_PREFIX = "chunk_"
 DATA_NAME = ".data"
 META_NAME = ".meta.json"
 LOCK_NAME = ".lock"
+REPLACED_NAME = ".replaced"  # made before any chunk's record is replaced (see _Known)
 ASIDE_SUFFIX = ".aside"
 INCOMING = ".incoming"
 TRASH = ".trash"
@@ -132,17 +133,63 @@ class ReceivedChunk:
 
 
 @dataclass(slots=True)
+class _Run:
+    """Consecutive chunks whose records this process wrote in place: their size and CRC,
+    combined."""
+
+    end: int  # one past the last index
+    size: int
+    crc: int
+
+
+@dataclass(slots=True)
 class _Known:
-    """What this process has seen stored of one upload: a cache the disk corrects."""
+    """What this process has seen stored of one upload: a cache the disk corrects.
+
+    It also folds the records this process writes in place into runs of consecutive chunks
+    as they come, so that completing reads no record of those, only the others (kept aside,
+    or written by another process). A record is only ever replaced after the upload's
+    REPLACED_NAME marker is made, so the runs hold exactly while there is no marker.
+    """
 
     token: str
     stored: set[int] = field(default_factory=set)
     low: int = 0  # every index below is stored
+    runs: dict[int, _Run] = field(default_factory=dict)  # by first index
+    run_ending: dict[int, int] = field(default_factory=dict)  # run end: its first index
+    exact: bool = True  # False once this process replaced a record, or wrote one uneven
 
     def first_missing(self) -> int:
         while self.low in self.stored:
             self.low += 1
         return self.low
+
+    def wrote(self, index: int, length: int, crc: int, even: bool) -> None:
+        """This process wrote the first record of chunk `index`, in place."""
+        if not even:
+            self.exact = False
+        if not self.exact:
+            return
+        start, run = index, _Run(index + 1, length, crc)
+        left_start = self.run_ending.pop(index, None)
+        if left_start is not None:  # join the run that ends here
+            left = self.runs.pop(left_start)
+            run = _Run(
+                run.end,
+                left.size + run.size,
+                checksums.combine_two(left.crc, run.crc, run.size),
+            )
+            start = left_start
+        right = self.runs.pop(run.end, None)
+        if right is not None:  # and the run that starts right after
+            del self.run_ending[right.end]
+            run = _Run(
+                right.end,
+                run.size + right.size,
+                checksums.combine_two(run.crc, right.crc, right.size),
+            )
+        self.runs[start] = run
+        self.run_ending[run.end] = start
 
 
 class LocalStore:
@@ -554,6 +601,8 @@ class LocalStore:
         """
         record = {"length": received.length, "crc64nvme": received.crc, "aside": None}
         self._write_json_at(received.folder_fd, _record_name(index), record)
+        even = meta.is_last(index) or received.length == meta.chunk_size
+        self._known_of(meta).wrote(index, received.length, received.crc, even)
         return self._progress(meta, index, received.folder_fd)
 
     def _commit(
@@ -602,20 +651,46 @@ class LocalStore:
             except FileNotFoundError:  # the folder it was received in was removed meanwhile
                 raise UploadGone() from None
             received.aside_path = None
+        if previous is not None or (
+            aside_name is not None and not self._hold_place(received, current, index)
+        ):
+            # A record is replaced, or may be by a writer in place of the same chunk right
+            # now: tell every process's runs (see _Known).
+            os.close(os.open(folder / REPLACED_NAME, os.O_WRONLY | os.O_CREAT | OPEN_FLAGS, 0o644))
         record = ChunkRecord(index, received.length, received.crc, aside_name)
         self._write_json(
             self._record_path(file_id, index),
             {"length": record.length, "crc64nvme": record.crc64nvme, "aside": aside_name},
         )
+        known = self._known_of(current)
+        if previous is not None:
+            known.exact = False  # a record replaced: its run, if any, no longer holds
+        elif aside_name is None:
+            even = current.is_last(index) or received.length == current.chunk_size
+            known.wrote(index, received.length, received.crc, even)
         if previous is not None and previous.aside is not None and previous.aside != aside_name:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(folder / previous.aside)
         return self._progress(current, index)
 
-    def _progress(self, meta: UploadMeta, index: int, folder_fd: int = -1) -> Committed:
+    @staticmethod
+    def _hold_place(received: ReceivedChunk, meta: UploadMeta, index: int) -> bool:
+        """Lock the first byte of a chunk kept aside's place in the data file, until its
+        commit ends, so no writer in place of the same chunk runs beside this commit. False
+        when one does (or the data file is not held)."""
+        offset = meta.offset_of(index)
+        if offset is None:
+            return True  # nobody can be writing it in place either
+        return received.guard_fd >= 0 and lock_range(received.guard_fd, offset, 1, wait=False)
+
+    def _known_of(self, meta: UploadMeta) -> _Known:
         known = self._known.get(meta.file_id)
         if known is None or known.token != meta.token:
             known = self._known[meta.file_id] = _Known(meta.token)
+        return known
+
+    def _progress(self, meta: UploadMeta, index: int, folder_fd: int = -1) -> Committed:
+        known = self._known_of(meta)
         known.stored.add(index)
         # Look on disk for chunks other processes stored, lowest first; in one process this
         # costs one stat per commit.
@@ -676,13 +751,51 @@ class LocalStore:
             records.append(record)
         return records
 
+    def _folded_records(self, meta: UploadMeta) -> tuple[int, int, list[ChunkRecord]] | None:
+        """(size, crc, records kept aside) from the runs this process folded, reading only the
+        records outside them; None when a record was replaced (then all are read), or when a
+        record is missing or uneven."""
+        known = self._known.get(meta.file_id)
+        if known is None or known.token != meta.token or not known.exact or not known.runs:
+            return None
+        if (self._folder(meta.file_id) / REPLACED_NAME).exists():
+            return None
+        size = crc = 0
+        aside: list[ChunkRecord] = []
+        index = 0
+        while index < meta.total_chunks:
+            run = known.runs.get(index)
+            if run is not None:
+                size, crc = size + run.size, checksums.combine_two(crc, run.crc, run.size)
+                index = run.end
+                continue
+            record = self._read_record(meta.file_id, index)
+            if record is None:
+                return None
+            if not meta.is_last(index) and record.length != meta.chunk_size:
+                return None
+            if record.aside is not None:
+                aside.append(record)
+            size, crc = (
+                size + record.length,
+                checksums.combine_two(crc, record.crc64nvme, record.length),
+            )
+            index += 1
+        return size, crc, aside
+
     def _finish(self, meta: UploadMeta, data_fd: int | None) -> CompletedUpload | None:
         """Complete an upload whose chunks are all recorded; under its flock, with its data
         file (when it is still there) locked whole."""
-        records = self._load_records(meta)
-        if records is None:
-            return None
-        size = sum(r.length for r in records)
+        folded = self._folded_records(meta)
+        records: list[ChunkRecord] | None
+        if folded is not None:
+            size, crc, records = folded  # every chunk even; the records are those kept aside
+        else:
+            records = self._load_records(meta)
+            if records is None:
+                return None
+            size = sum(r.length for r in records)
+            crc = checksums.combine((r.crc64nvme, r.length) for r in records)
         if meta.total_size is not None and size != meta.total_size:
             raise UploadConflict(
                 f"The merged size {size} does not match total_size {meta.total_size}"
@@ -706,7 +819,6 @@ class LocalStore:
             with open(final, "rb") as f:
                 hash_file(f.fileno(), size, digest)
             sha256 = digest.hexdigest()
-        crc = checksums.combine((r.crc64nvme, r.length) for r in records)
         completed = CompletedUpload(
             file_id=meta.file_id,
             filename=meta.filename,

@@ -120,6 +120,80 @@ async def test_chunks_go_in_place_and_completion_is_a_rename(tmp_path: Path) -> 
     assert final.read_bytes() == b"x" * 1000 + b"y" * 1000 + b"z" * 500
 
 
+async def test_a_completion_of_records_written_here_reads_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's size and CRC are folded as the records are written: completing 300 chunks
+    lists the folder once and reads no record."""
+    store = LocalStore(tmp_path)
+    chunks = [bytes([i % 256]) * 100 for i in range(299)] + [b"end"]
+    meta = await begin(store, UploadMeta.new("fold", "f", 300, None, 100))
+    for index in [*range(1, 300, 2), *range(0, 300, 2)]:
+        result = await put(store, meta, index, chunks[index])
+
+    def no_record_read(*args: object) -> None:
+        raise AssertionError("a record was read")
+
+    monkeypatch.setattr(store, "_read_record", no_record_read)
+    done = await store.finish(result.meta)
+    assert done is not None and done[0].crc64nvme == crc64(b"".join(chunks))
+    assert done[0].size == 299 * 100 + 3
+
+
+async def test_a_completion_reads_only_the_records_outside_its_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No chunk_size given: chunk 1 comes first, before its place is known, so it is kept
+    aside (and fixes chunk_size); completing reads that record and no other."""
+    store = LocalStore(tmp_path)
+    chunks = [bytes([i]) * 50 for i in range(99)] + [b"last"]
+    meta = await begin(store, UploadMeta.new("runs", "f", 100, None))
+    for index in [1, 2, 3, 0, *range(4, 100)]:
+        result = await put(store, meta, index, chunks[index])
+        meta = result.meta
+    read = []
+    real_read = store._read_record
+    monkeypatch.setattr(store, "_read_record", lambda f, i: read.append(i) or real_read(f, i))
+    done = await store.finish(meta)
+    assert done is not None and done[0].crc64nvme == crc64(b"".join(chunks))
+    assert read == [1]
+    assert (tmp_path / "uploads" / "runs" / "f").read_bytes() == b"".join(chunks)
+
+
+async def test_a_record_replaced_by_another_process_is_read_at_completion(
+    tmp_path: Path,
+) -> None:
+    """Another process's resend of other bytes replaces a record this one wrote: the folded
+    CRC no longer describes the folder, so the records are read and the answer is right."""
+    a, b = LocalStore(tmp_path), LocalStore(tmp_path)
+    meta = await begin(a, UploadMeta.new("swap", "f", 3, None, 2))
+    await put(a, meta, 0, b"aa")
+    await put(a, meta, 1, b"bb")
+    await put(b, meta, 1, b"XY")  # kept aside (already recorded), replaces the record
+    result = await put(a, meta, 2, b"c")
+    assert result.all_stored
+    done = await a.finish(result.meta)
+    assert done is not None and done[0].crc64nvme == crc64(b"aaXYc")
+    assert (tmp_path / "uploads" / "swap" / "f").read_bytes() == b"aaXYc"
+
+
+async def test_two_writers_of_one_chunk_leave_a_consistent_answer(tmp_path: Path) -> None:
+    """A writer in place of chunk 1 in one process, a resend of other bytes kept aside in
+    another, committed first: whichever record stays, the file and its CRC agree."""
+    a, b = LocalStore(tmp_path), LocalStore(tmp_path)
+    meta = await begin(a, UploadMeta.new("both", "f", 3, None, 2))
+    await put(a, meta, 0, b"aa")
+    in_place = await a.receive(meta, 1, pieces(b"bb"), max_bytes=2**30, want_sha256=False)
+    assert in_place.in_place
+    await put(b, meta, 1, b"XY")  # the region is busy: kept aside, and the folder marked
+    await a.commit(in_place, meta, 1)
+    result = await put(a, meta, 2, b"c")
+    done = await a.finish(result.meta)
+    assert done is not None
+    data = (tmp_path / "uploads" / "both" / "f").read_bytes()
+    assert data in (b"aabbc", b"aaXYc") and done[0].crc64nvme == crc64(data)
+
+
 async def test_two_stores_on_one_folder_see_each_others_chunks(tmp_path: Path) -> None:
     """Two processes: each knows only its own commits; the disk tells them the rest."""
     a, b = LocalStore(tmp_path), LocalStore(tmp_path)
