@@ -6,6 +6,7 @@ Layout under the data folder:
     chunks/<file_id>/.data              the upload's one data file: chunk N at N x chunk_size
     chunks/<file_id>/chunk_000003       the record that chunk 3 is stored: length, CRC, place
     chunks/<file_id>/.lock              the cross-process lock (flock) of the upload's state
+    chunks/<file_id>/.replaced          made before any chunk's record is replaced
     chunks/<file_id>/.chunk_000003.<pid>.<rand>.part   a chunk kept aside, being received
     chunks/<file_id>/.chunk_000003.<rand>.aside        a chunk kept aside, stored
     chunks/<file_id>/.merge.<pid>.<rand>.merging       uneven chunks being joined (rare)
@@ -33,7 +34,9 @@ Invariants:
 - An upload is completed exactly when its completion record exists. Completion joins nothing
   in the common case: it copies the chunks kept aside into place, truncates, renames the data
   file into `uploads/`, then writes the record. A crash between the rename and the record is
-  finished by the next sweep from the renamed file.
+  finished by the next sweep from the renamed file. It reads no record of the chunks this
+  process wrote in place (their sizes and CRCs are folded as they are committed, see
+  `_Known`) unless the folder says, by `.replaced`, that a record may have changed.
 - `meta.json` exists only once the data file does, and meta's chunk_size, once set, never
   changes.
 
