@@ -316,7 +316,7 @@ class LocalStore:
 
     def _begin(self, proposed: UploadMeta) -> tuple[CompletedUpload | UploadMeta, bool]:
         file_id = proposed.file_id
-        with self._lock(file_id):
+        with self._settled(file_id), self._lock(file_id):
             completed = self._read_completion(file_id)
             if completed is not None:
                 return completed, False
@@ -726,6 +726,23 @@ class LocalStore:
                 return None
             record = self._finish(on_disk, data_fd)
             return (record, True) if record is not None else None
+
+    @contextlib.contextmanager
+    def _settled(self, file_id: str) -> Iterator[None]:
+        """Wait until no completion, abandon, expiry or delete of the upload is under way, and
+        keep them from starting (a shared lock on the data file's GUARD_OFFSET byte, as a
+        chunk kept aside holds). A chunk that found its upload ending asks again through
+        `begin`, which then sees the upload before or after, never while it ends."""
+        try:
+            fd = os.open(self._folder(file_id) / DATA_NAME, os.O_RDWR | OPEN_FLAGS)
+        except FileNotFoundError:
+            yield
+            return
+        try:
+            lock_range(fd, GUARD_OFFSET, 1, wait=True, shared=True)
+            yield
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _whole_data_file(self, file_id: str, *, wait: bool) -> Iterator[int | None]:

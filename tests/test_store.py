@@ -322,3 +322,23 @@ async def test_a_chunk_kept_aside_guards_its_upload_until_committed(tmp_path: Pa
         assert lock_range(fd, 0, 0, wait=False)
     finally:
         os.close(fd)
+
+
+async def test_begin_waits_while_the_upload_is_ending(tmp_path: Path) -> None:
+    """A chunk that found its upload being completed or removed asks again through begin,
+    which waits for that to end instead of answering halfway."""
+    store = LocalStore(tmp_path)
+    meta = await begin(store, UploadMeta.new("end", "f", 2, None, 1))
+    fd = os.open(tmp_path / "chunks" / "end" / DATA_NAME, os.O_RDWR)
+    try:
+        assert lock_range(fd, 0, 0, wait=False)  # held whole, as a completion holds it
+        with pytest.raises(UploadGone):  # a chunk cannot start meanwhile
+            await store.receive(meta, 0, pieces(b"a"), max_bytes=2**30, want_sha256=False)
+        asking = asyncio.create_task(store.begin(meta))
+        await asyncio.sleep(0.3)
+        assert not asking.done()
+    finally:
+        os.close(fd)
+    found, created = await asking
+    assert found == meta and not created
+    assert (await put(store, meta, 0, b"a")).uploaded_chunks == 1

@@ -38,10 +38,23 @@ class Upload:
     chunk_size: int
     state: str = "open"  # open, completed, aborted
     answered_crc64nvme: str | None = None
+    size: int = 0
+    sha256: str = ""
+    crc64nvme: str = ""
+
+    def __post_init__(self) -> None:
+        self.size = len(self.data)
 
     @property
     def total(self) -> int:
-        return max(1, -(-len(self.data) // self.chunk_size))
+        return max(1, -(-self.size // self.chunk_size))
+
+    def seal(self) -> None:
+        """Keep the digests and drop the bytes once sent: a long soak makes tens of
+        thousands of uploads, more than this machine's memory holds."""
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+        self.crc64nvme = crc64(self.data)
+        self.data = b""
 
     def chunk(self, index: int) -> bytes:
         return self.data[index * self.chunk_size : (index + 1) * self.chunk_size]
@@ -205,6 +218,7 @@ async def client_loop(
                 tally.faults["abort"] += 1
                 await delete_upload(session, cluster, upload.file_id)
                 upload.state = "aborted"
+            upload.seal()
 
 
 async def restarter(cluster: Cluster, tally: Tally, deadline: float, rng: random.Random) -> None:
@@ -276,10 +290,9 @@ def verify(cluster: Cluster, uploads: list[Upload], data_dir: Path) -> dict:
     for upload in uploads:
         if upload.state == "completed":
             path = data_dir / "uploads" / upload.file_id / "soak.bin"
-            digest = hashlib.sha256(upload.data).hexdigest()
-            if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != upload.sha256:
                 lost += 1
-            assert upload.answered_crc64nvme == crc64(upload.data)
+            assert upload.answered_crc64nvme == upload.crc64nvme
         elif upload.state == "aborted":
             assert not (data_dir / "uploads" / upload.file_id).exists()
             assert not list((data_dir / "chunks" / upload.file_id).glob("chunk_*"))
