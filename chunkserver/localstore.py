@@ -423,7 +423,9 @@ class LocalStore:
             in_place = offset is not None and lock_range(fd, offset, limit or max_bytes, wait=False)
             if not in_place and not lock_range(fd, GUARD_OFFSET, 1, wait=False, shared=True):
                 raise UploadGone()  # the whole file is locked: being completed or abandoned
-            on_disk = os.stat(DATA_NAME, dir_fd=folder_fd)
+            # By its path from the data folder, not through folder_fd: the folder may have
+            # been moved to the trash (abandoned, deleted) between the open and the lock.
+            on_disk = os.stat(f"{folder}/{DATA_NAME}")
             if (on_disk.st_dev, on_disk.st_ino) != identity:
                 raise UploadGone()  # completed or removed since we opened it
             if offset is not None and in_place and not _exists_at(folder_fd, _record_name(index)):

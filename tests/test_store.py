@@ -342,3 +342,28 @@ async def test_begin_waits_while_the_upload_is_ending(tmp_path: Path) -> None:
     found, created = await asking
     assert found == meta and not created
     assert (await put(store, meta, 0, b"a")).uploaded_chunks == 1
+
+
+async def test_an_upload_removed_between_open_and_lock_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that began an upload fails and removes it (its folder to the trash) just
+    after another chunk opened the data file, before it locked its region: that chunk must
+    find the upload gone, not be stored in the trash and answered as stored."""
+    import chunkserver.localstore as localstore
+
+    store = LocalStore(tmp_path)
+    meta = await begin(store, UploadMeta.new("race", "f", 3, None, 1))
+    real_lock_range = localstore.lock_range
+    removed = []
+
+    def remove_then_lock(*args: object, **kwargs: object) -> bool:
+        if not removed:
+            removed.append(True)
+            store._remove_folder("race")  # what an abandon does, between open and lock
+        return real_lock_range(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(localstore, "lock_range", remove_then_lock)
+    with pytest.raises(UploadGone):
+        await store.receive(meta, 1, pieces(b"b"), max_bytes=2**30, want_sha256=False)
+    assert removed
