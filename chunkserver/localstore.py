@@ -1087,17 +1087,11 @@ class LocalStore:
 
     def _write_json(self, path: Path, data: object) -> None:
         """Write `data` to `path` atomically: a temp file beside it, then a rename."""
-        temp = path.with_name(self._temp_name(f".{path.name}", ".tmp"))
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o644)
+        folder_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | OPEN_FLAGS)
         try:
-            os.write(fd, json.dumps(data).encode())
-            if self.fsync:
-                os.fsync(fd)
+            self._write_json_at(folder_fd, path.name, data)
         finally:
-            os.close(fd)
-        os.replace(temp, path)
-        if self.fsync:
-            fsync_dir(path.parent)
+            os.close(folder_fd)
 
 
 def _record_name(index: int) -> str:
