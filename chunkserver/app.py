@@ -198,6 +198,7 @@ async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str
 def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     async def uploads_context(app: web.Application) -> AsyncIterator[None]:
         uploads = app[UPLOADS]
+        await uploads.start()
         report = await uploads.sweep()  # finish completions and clear strays a crash left
         if report.completed or report.expired or report.removed_temp_files:
             log.info(

@@ -46,6 +46,16 @@ class Config:
     log_level: str = "info"
     access_log: bool = True
     checksums: tuple[str, ...] = ("crc64nvme",)
+    # Beyond one machine (PROTOCOL.md, storage = "s3"): bytes in a bucket, state in PostgreSQL.
+    storage: str = "local"
+    s3_endpoint_url: str = ""  # empty: AWS S3 itself
+    s3_bucket: str = ""
+    s3_region: str = ""  # empty: botocore's own default (AWS_REGION, ~/.aws/config)
+    s3_prefix: str = ""
+    s3_access_key_id: str = ""  # empty: the usual AWS_* variables, profiles or roles
+    s3_secret_access_key: str = ""
+    s3_max_parts: int = 10_000  # S3's limit; Swift's s3api defaults to 1000
+    database_url: str = ""
 
     @property
     def data_path(self) -> Path:
@@ -59,6 +69,7 @@ class Config:
 _KEY_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
 _TUPLE_KEYS = {"auth_tokens", "cors_origins", "trusted_proxies", "checksums"}
 CHECKSUMS = ("crc64nvme", "sha256")
+STORAGES = ("local", "s3")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -99,6 +110,25 @@ def validate(config: Config) -> Config:
         ("idle_timeout_seconds", config.idle_timeout_seconds > 0, "must be positive"),
         ("max_inflight_chunks", config.max_inflight_chunks >= 1, "must be at least 1"),
         ("data_dir", config.data_dir.strip() != "", "must not be empty"),
+        ("storage", config.storage in STORAGES, f"must be one of {STORAGES}"),
+        (
+            "s3_bucket",
+            config.storage != "s3" or config.s3_bucket.strip() != "",
+            'must be set when storage = "s3"',
+        ),
+        (
+            "database_url",
+            config.storage != "s3"
+            or config.database_url.startswith(("postgresql://", "postgres://")),
+            'must be a postgresql:// URL when storage = "s3"',
+        ),
+        (
+            "s3_endpoint_url",
+            config.s3_endpoint_url == ""
+            or config.s3_endpoint_url.startswith(("http://", "https://")),
+            "must be empty (AWS S3) or an http:// or https:// URL",
+        ),
+        ("s3_max_parts", 1 <= config.s3_max_parts <= 10_000, "must be between 1 and 10000"),
         ("host", config.host.strip() != "", "must not be empty"),
         ("log_level", config.log_level.lower() in LOG_LEVELS, f"must be one of {LOG_LEVELS}"),
         ("auth_tokens", all(t.strip() for t in config.auth_tokens), "must not hold empty tokens"),

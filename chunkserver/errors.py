@@ -94,3 +94,13 @@ class ServerBusy(ChunkServerError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"Server busy: {limit} chunks already in flight (max_inflight_chunks)")
+
+
+class StoreUnavailable(ChunkServerError):
+    """The object store or the database cannot be reached now: nothing was acknowledged."""
+
+    status = 503
+    headers = {"Retry-After": "5"}  # noqa: RUF012
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Storage unavailable, retry later: {reason}")

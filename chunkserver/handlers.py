@@ -13,10 +13,10 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
-from .errors import BadRequest, ClientTooSlow, FileNotFound
+from .errors import BadRequest, ClientTooSlow, FileNotFound, StorageFailure
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkForm, check_file_id
 from .keys import CONFIG, UPLOADS
-from .model import CompletedUpload, UploadProgress
+from .model import CompletedUpload, StoredObject, UploadProgress
 from .multipart import MultipartParser, ReadFunction, boundary_from_content_type
 from .service import Prepared
 from .store import Received
@@ -100,7 +100,8 @@ async def _upload_chunk(request: web.Request) -> web.Response:
                 if isinstance(found, CompletedUpload):
                     return json_answer(_completed_chunk_answer(found))
                 prepared = found
-                outcome = await uploads.receive(prepared, early, parser.body())
+                hint = parser.body_length_if_last(request.content_length)
+                outcome = await uploads.receive(prepared, early, parser.body(), hint)
                 if isinstance(outcome, CompletedUpload):
                     return json_answer(_completed_chunk_answer(outcome))
                 prepared, received = outcome
@@ -176,6 +177,8 @@ async def download_file(request: web.Request) -> web.StreamResponse:
         raise FileNotFound()
     path, record = found
     disposition = content_disposition(record.filename)
+    if isinstance(path, StoredObject):
+        return await stream_object(request, path, disposition)
     prefix = request.app[CONFIG].accel_redirect_prefix
     if prefix:
         # Behind nginx: it sends the file from its internal location, with sendfile and Range.
@@ -186,6 +189,34 @@ async def download_file(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={hdrs.CONTENT_DISPOSITION: disposition})
 
 
+# What a download passes on from the object store's answer.
+OBJECT_HEADERS = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_RANGE, hdrs.ETAG, hdrs.LAST_MODIFIED)
+
+
+async def stream_object(
+    request: web.Request, stored: StoredObject, disposition: str
+) -> web.StreamResponse:
+    """A completed file from the object store, streamed through with its Range answer."""
+    async with stored.open(request.headers.get(hdrs.RANGE)) as answer:
+        if answer.status == 416:
+            return web.Response(status=416, headers={hdrs.CONTENT_RANGE: f"bytes */{stored.size}"})
+        if answer.status not in (200, 206):
+            raise StorageFailure(f"the object store answered {answer.status} to a download")
+        response = web.StreamResponse(status=answer.status)
+        for name in OBJECT_HEADERS:
+            if name in answer.headers:
+                response.headers[name] = answer.headers[name]
+        response.headers[hdrs.CONTENT_TYPE] = "application/octet-stream"
+        response.headers[hdrs.ACCEPT_RANGES] = "bytes"
+        response.headers[hdrs.CONTENT_DISPOSITION] = disposition
+        await response.prepare(request)
+        if request.method != hdrs.METH_HEAD:
+            async for piece in answer.pieces():
+                await response.write(piece)
+        await response.write_eof()
+        return response
+
+
 async def delete_upload(request: web.Request) -> web.Response:
     file_id = check_file_id(request.match_info["file_id"])
     if not await request.app[UPLOADS].delete(file_id):
@@ -194,9 +225,17 @@ async def delete_upload(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    if await request.app[UPLOADS].is_healthy():
+    uploads = request.app[UPLOADS]
+    if await uploads.is_healthy():
         return json_answer({"status": "ok"})
-    return json_answer({"status": "error", "detail": "The data folder is not writable"}, 503)
+    detail = (
+        "The object store or the database cannot be reached"
+        if request.app[CONFIG].storage == "s3"
+        else "The data folder is not writable"
+    )
+    response = json_answer({"status": "error", "detail": detail}, 503)
+    response.headers[hdrs.RETRY_AFTER] = "5"
+    return response
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -198,6 +198,8 @@ class _Known:
 class LocalStore:
     """Uploads on a local filesystem; safe for several processes sharing `root`."""
 
+    keeps_bytes_locally = True
+
     def __init__(
         self, root: Path, *, fsync: bool = False, sha256: bool = False, threads: int = 8
     ) -> None:
@@ -219,6 +221,9 @@ class LocalStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    async def open(self) -> None:
+        """Nothing to connect to: the folders are made in the constructor."""
 
     async def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -385,6 +390,7 @@ class LocalStore:
         *,
         max_bytes: int,
         want_sha256: bool,
+        length_hint: int | None = None,  # a file needs none: its offset is enough
     ) -> ReceivedChunk:
         received = self._open_for_chunk(meta, index, max_bytes)
         await self._stream(received, body, max_bytes, want_sha256)

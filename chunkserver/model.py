@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,3 +136,22 @@ class SweepReport:
     expired: list[str] = field(default_factory=list)
     completed: list[CompletedUpload] = field(default_factory=list)
     removed_temp_files: int = 0
+
+
+class ObjectAnswer(Protocol):
+    """An object store's answer to a GET (aiohttp's ClientResponse fits)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    def pieces(self) -> AsyncIterator[bytes]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """A completed file kept in an object store; `open(range_header)` reads it."""
+
+    key: str
+    size: int
+    open: Callable[[str | None], AbstractAsyncContextManager[ObjectAnswer]]

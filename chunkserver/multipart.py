@@ -126,12 +126,14 @@ class MultipartParser:
         self._in_body = False
         self._finished = False
         self._started = False
+        self._read_total = 0  # bytes of the body read so far
 
     async def _fill(self) -> None:
         """Append the next read to the unconsumed bytes; raise at a premature end."""
         more = await self._read()
         if not more:
             raise MalformedMultipart("Request body ended before the closing multipart boundary")
+        self._read_total += len(more)
         if self._pos >= len(self._buf):
             self._buf = more
         else:
@@ -184,6 +186,15 @@ class MultipartParser:
         self._pos = end + len(_HEADERS_END)
         self._in_body = True
         return parse_part_headers(block)
+
+    def body_length_if_last(self, content_length: int | None) -> int | None:
+        """The current part's length if only the closing boundary follows it (as every
+        common client sends a file part last), from the body's Content-Length."""
+        if content_length is None or not self._in_body:
+            return None
+        consumed = self._read_total - (len(self._buf) - self._pos)
+        remaining = content_length - consumed - len(self._delimiter) - len(b"--\r\n")
+        return remaining if remaining >= 0 else None
 
     async def body(self) -> AsyncIterator[memoryview]:
         """Yield the current part's body as views of the received buffers, in order."""

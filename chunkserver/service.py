@@ -30,7 +30,16 @@ from .localstore import LocalStore
 from .locks import KeyedLocks
 from .manifest import Manifest
 from .metrics import Metrics
-from .model import Committed, CompletedUpload, SweepReport, UploadMeta, UploadProgress
+from .model import (
+    Committed,
+    CompletedUpload,
+    StoredObject,
+    SweepReport,
+    UploadMeta,
+    UploadProgress,
+)
+from .s3objects import Settings
+from .s3store import S3Store
 from .store import Received, Store
 
 log = logging.getLogger("chunkserver")
@@ -61,10 +70,30 @@ class Uploads:
 
     @classmethod
     def open(cls, config: Config) -> Uploads:
-        store = LocalStore(
-            Path(config.data_dir), fsync=config.fsync, sha256="sha256" in config.checksums
-        )
+        """The service on the configured backend (connected later, by `start`)."""
+        sha256 = "sha256" in config.checksums
+        store: Store[Any]
+        if config.storage == "s3":
+            store = S3Store(
+                Settings(
+                    bucket=config.s3_bucket,
+                    endpoint_url=config.s3_endpoint_url or None,
+                    region=config.s3_region or None,
+                    access_key_id=config.s3_access_key_id or None,
+                    secret_access_key=config.s3_secret_access_key or None,
+                ),
+                config.database_url,
+                prefix=config.s3_prefix,
+                scratch=Path(config.data_dir) / "scratch",
+                sha256=sha256,
+                max_parts=config.s3_max_parts,
+            )
+        else:
+            store = LocalStore(Path(config.data_dir), fsync=config.fsync, sha256=sha256)
         return cls(config, store)
+
+    async def start(self) -> None:
+        await self.store.open()
 
     async def close(self) -> None:
         await self.store.close()
@@ -164,7 +193,9 @@ class Uploads:
     def _check_free_space(
         self, known: UploadMeta | None, fields: ChunkFields, content_length: int | None
     ) -> None:
-        if known is not None and known.total_size is not None:
+        if not self.store.keeps_bytes_locally:
+            needed = 0  # only scratch files, gone with their request
+        elif known is not None and known.total_size is not None:
             needed = 0  # the whole file's room was reserved when the upload began
         elif known is None and fields.total_size is not None:
             needed = fields.total_size
@@ -174,7 +205,11 @@ class Uploads:
             raise DiskFull()
 
     async def receive(
-        self, prepared: Prepared, fields: ChunkFields, body: AsyncIterator[memoryview]
+        self,
+        prepared: Prepared,
+        fields: ChunkFields,
+        body: AsyncIterator[memoryview],
+        length_hint: int | None = None,
     ) -> tuple[Prepared, Received] | CompletedUpload:
         """Stream the chunk's bytes to the store.
 
@@ -184,17 +219,21 @@ class Uploads:
         """
         for _ in range(RECEIVE_ATTEMPTS - 1):
             try:
-                return prepared, await self._receive(prepared.meta, fields, body)
+                return prepared, await self._receive(prepared.meta, fields, body, length_hint)
             except UploadGone:
                 self.manifest.forget(fields.file_id)
             again = await self.prepare(fields, None, ask_store=True)
             if isinstance(again, CompletedUpload):
                 return again
             prepared = again
-        return prepared, await self._receive(prepared.meta, fields, body)
+        return prepared, await self._receive(prepared.meta, fields, body, length_hint)
 
     async def _receive(
-        self, meta: UploadMeta, fields: ChunkFields, body: AsyncIterator[memoryview]
+        self,
+        meta: UploadMeta,
+        fields: ChunkFields,
+        body: AsyncIterator[memoryview],
+        length_hint: int | None,
     ) -> Received:
         offset = meta.offset_of(fields.chunk_index)
         if offset is not None and offset >= self.config.max_file_bytes:
@@ -207,6 +246,7 @@ class Uploads:
             body,
             max_bytes=self.config.max_chunk_bytes,
             want_sha256=fields.chunk_sha256 is not None,
+            length_hint=length_hint,
         )
         self.metrics.inc("bytes_received", received.length)
         return received
@@ -299,7 +339,7 @@ class Uploads:
             self.manifest.forget(file_id)
         return found
 
-    async def download(self, file_id: str) -> tuple[Path, CompletedUpload] | None:
+    async def download(self, file_id: str) -> tuple[Path | StoredObject, CompletedUpload] | None:
         return await self.store.download(file_id)
 
     async def delete(self, file_id: str) -> bool:

@@ -16,7 +16,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from .model import Committed, CompletedUpload, SweepReport, UploadMeta, UploadProgress
+from .model import (
+    Committed,
+    CompletedUpload,
+    StoredObject,
+    SweepReport,
+    UploadMeta,
+    UploadProgress,
+)
 
 
 class Received(Protocol):
@@ -34,6 +41,12 @@ R = TypeVar("R", bound=Received)
 
 class Store(Protocol[R]):
     """The verbs; `R` is the backend's own handle of a received chunk."""
+
+    # Whether chunks take room on the local disk (the free-space checks reserve it).
+    keeps_bytes_locally: bool
+
+    async def open(self) -> None:
+        """Connect and check what the backend needs, before the first request."""
 
     async def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
         """What the backend knows of an upload: its metadata, its record once complete."""
@@ -55,9 +68,13 @@ class Store(Protocol[R]):
         *,
         max_bytes: int,
         want_sha256: bool,
+        length_hint: int | None = None,
     ) -> R:
         """Stream a chunk's bytes to their place; raises UploadGone before reading any byte
-        when the upload is no longer there (completed, removed)."""
+        when the upload is no longer there (completed, removed).
+
+        `length_hint` is the chunk's length if it is the form's last part (from the request's
+        Content-Length): an object store needs a length before the first byte."""
 
     async def receive_unplaced(
         self, body: AsyncIterator[memoryview], *, max_bytes: int, want_sha256: bool
@@ -85,8 +102,9 @@ class Store(Protocol[R]):
 
     async def status(self, file_id: str) -> CompletedUpload | UploadProgress | None: ...
 
-    async def download(self, file_id: str) -> tuple[Path, CompletedUpload] | None:
-        """The completed file's path and record, for `FileResponse` or X-Accel-Redirect."""
+    async def download(self, file_id: str) -> tuple[Path | StoredObject, CompletedUpload] | None:
+        """The completed file's path (for `FileResponse` or X-Accel-Redirect) or object, and
+        its record."""
 
     async def delete(self, file_id: str) -> bool:
         """Abort an upload in progress or delete a completed one; False when unknown."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
+import json
 import os
 import re
 import signal
@@ -24,6 +26,8 @@ from aiohttp.test_utils import TestClient
 from awscrt import checksums
 
 from chunkserver import Config, create_app
+
+from . import realstack
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
@@ -46,9 +50,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.timeout(2 * seconds + 240))
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module that sets `BOTH_BACKENDS = True` runs each test on the local disk and on S3
+    (Swift and PostgreSQL), unless the test is marked `local_only`."""
+    if (
+        "backend" in metafunc.fixturenames
+        and getattr(metafunc.module, "BOTH_BACKENDS", False)
+        and metafunc.definition.get_closest_marker("local_only") is None
+    ):
+        metafunc.parametrize("backend", ["local", "s3"], indirect=True)
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
-    return Config(data_dir=str(tmp_path / "data"), min_free_bytes=0, access_log=False)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "local"))
+
+
+@pytest.fixture
+def config(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Config:
+    base = Config(data_dir=str(tmp_path / "data"), min_free_bytes=0, access_log=False)
+    if backend == "s3":
+        base = base.replace(**request.getfixturevalue("s3_settings"))
+    return base
 
 
 @pytest.fixture
@@ -94,6 +117,13 @@ def chunk_form(
     if not chunk_first:
         form.add_field("chunk", body, filename="blob", content_type="application/octet-stream")
     return form
+
+
+async def downloaded(client: TestClient, file_id: str) -> bytes:
+    """A completed file's bytes, read through GET /files/{file_id} (either backend)."""
+    resp = await client.get(f"/files/{file_id}")
+    assert resp.status == 200, await resp.text()
+    return await resp.read()
 
 
 def split(data: bytes, chunk_size: int) -> list[bytes]:
@@ -219,3 +249,55 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         except ProcessLookupError:
             pass
         server.close()
+
+
+# -- the S3 backend's real components (tests/realstack.py) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def swift(tmp_path_factory: pytest.TempPathFactory) -> Iterator[realstack.Swift]:
+    """A real one-node OpenStack Swift with its S3 API, for the whole session."""
+    reason = realstack.why_missing_swift()
+    if reason is not None:
+        pytest.skip(reason)
+    handle = realstack.start_swift(tmp_path_factory.mktemp("swift"))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[realstack.Postgres]:
+    """A real PostgreSQL server, run as the postgres user, for the whole session."""
+    reason = realstack.why_missing_postgres()
+    if reason is not None:
+        pytest.skip(reason)
+    handle = realstack.start_postgres()
+    yield handle
+    handle.stop()
+
+
+_s3_counter = itertools.count()
+
+
+@pytest.fixture
+def s3_settings(swift: realstack.Swift, postgres: realstack.Postgres) -> dict[str, Any]:
+    """Config keys for storage = "s3" on a new bucket and a new database of their own."""
+    n = next(_s3_counter)
+    name = f"t{os.getpid()}x{n}"
+    realstack.create_bucket(swift, name)
+    database_url = realstack.create_database(postgres, name)
+    return {
+        "storage": "s3",
+        "s3_endpoint_url": swift.endpoint_url,
+        "s3_bucket": name,
+        "s3_region": realstack.SWIFT_REGION,
+        "s3_access_key_id": realstack.SWIFT_ACCESS_KEY,
+        "s3_secret_access_key": realstack.SWIFT_SECRET_KEY,
+        "s3_max_parts": realstack.SWIFT_MAX_PARTS,
+        "database_url": database_url,
+    }
+
+
+def s3_flags(settings: dict[str, Any]) -> list[str]:
+    """The same settings as a config file's lines, for real `chunkserver serve` processes."""
+    return [f"{key} = {json.dumps(value)}" for key, value in settings.items()]

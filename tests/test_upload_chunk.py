@@ -12,9 +12,10 @@ import pytest
 
 from chunkserver import Config, localstore
 
-from .conftest import ClientFactory, chunk_form, crc64, sha256, split, temp_files
+from .conftest import ClientFactory, chunk_form, crc64, downloaded, sha256, split, temp_files
 
 FILE_ID = "550e8400-e29b-41d4-a716-446655440000"
+BOTH_BACKENDS = True  # each test runs on the local disk and on S3 (conftest.py)
 
 
 async def upload_all(client, file_id: str, data: bytes, chunk_size: int, **kw) -> list[dict]:
@@ -44,9 +45,11 @@ async def test_seed_answers_in_progress_and_complete(client, config: Config) -> 
     assert last["status"] == "completed"
     assert last["uploaded_chunks"] == last["total_chunks"] == 6
     assert last["size"] == len(data) and last["crc64nvme"] == crc64(data)
-    merged = Path(config.data_dir) / "uploads" / FILE_ID / "large_file.pdf"
-    assert merged.read_bytes() == data
-    assert not (Path(config.data_dir) / "chunks" / FILE_ID).exists()
+    assert await downloaded(client, FILE_ID) == data
+    if config.storage == "local":
+        merged = Path(config.data_dir) / "uploads" / FILE_ID / "large_file.pdf"
+        assert merged.read_bytes() == data
+        assert not (Path(config.data_dir) / "chunks" / FILE_ID).exists()
 
 
 async def test_answers_are_json_with_exact_content_type(client) -> None:
@@ -78,7 +81,7 @@ async def test_chunks_out_of_order_and_in_parallel(client, config: Config) -> No
     completed = [a for a in answers if a["status"] == "completed"]
     assert len(completed) >= 1
     assert all(a["crc64nvme"] == crc64(data) for a in completed)
-    assert (Path(config.data_dir) / "uploads" / "par" / "file.bin").read_bytes() == data
+    assert await downloaded(client, "par") == data
     assert temp_files(Path(config.data_dir)) == []
 
 
@@ -94,9 +97,7 @@ async def test_same_last_chunk_twice_at_once_merges_once(client, config: Config)
     answers = [await r.json() for r in resps]
     assert [a["status"] for a in answers] == ["completed", "completed"]
     assert answers[0]["crc64nvme"] == answers[1]["crc64nvme"] == crc64(b"".join(chunks))
-    assert (Path(config.data_dir) / "uploads" / "twice" / "file.bin").read_bytes() == b"".join(
-        chunks
-    )
+    assert await downloaded(client, "twice") == b"".join(chunks)
     metrics = await (await client.get("/metrics")).text()
     assert "chunkserver_uploads_completed_total 1" in metrics
 
@@ -114,7 +115,7 @@ async def test_chunk_after_completion_changes_nothing(client, config: Config) ->
     body = await resp.json()
     assert resp.status == 200 and body["status"] == "completed"
     assert body["crc64nvme"] == crc64(data)
-    assert (Path(config.data_dir) / "uploads" / "done" / "file.bin").read_bytes() == data
+    assert await downloaded(client, "done") == data
     assert not (Path(config.data_dir) / "chunks" / "done").exists()
 
 
@@ -220,7 +221,8 @@ async def test_bad_fields_are_400_naming_the_field(client, config: Config, overr
     assert resp.status == 400, await resp.text()
     assert word in (await resp.json())["detail"]
     assert temp_files(Path(config.data_dir)) == []
-    assert list((Path(config.data_dir) / "uploads").iterdir()) == []
+    if config.storage == "local":
+        assert list((Path(config.data_dir) / "uploads").iterdir()) == []
 
 
 async def test_not_multipart_is_400(client) -> None:
@@ -350,7 +352,7 @@ async def test_client_disconnect_mid_chunk_leaves_nothing(client, config: Config
     assert temp_files(data_dir) == []
     # the upload this chunk began is gone with it: nothing of the request remains
     assert (await client.get("/upload-status/cut")).status == 404
-    assert not (data_dir / "chunks" / "cut").exists()
+    assert not (data_dir / "chunks" / "cut").exists()  # (S3: tests/test_s3store.py)
     # the server keeps serving
     resp = await client.post("/upload-chunk", data=chunk_form("cut", 0, 2, b"ok"))
     assert resp.status == 200
@@ -368,6 +370,7 @@ async def test_file_id_and_filename_cannot_escape(client, config: Config, tmp_pa
     assert not (tmp_path / "evil").exists()
 
 
+@pytest.mark.local_only
 async def test_a_storage_failure_answers_500_in_json_and_is_logged(
     client, config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

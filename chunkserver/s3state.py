@@ -1,0 +1,450 @@
+"""The state of every upload of the S3 backend, in PostgreSQL, shared by every host.
+
+Each step that two hosts could race on is one atomic statement: an upload is created once
+(`INSERT ... ON CONFLICT DO NOTHING`), its completion is claimed once (`UPDATE ... WHERE
+status = 'uploading' RETURNING`), an expiry removes a row once (`DELETE ... RETURNING`). No
+lock is held across a request to the object store.
+
+An upload's row keeps its S3 multipart UploadId; a chunk's row says where its bytes are: a
+part of that upload (its ETag) or a staging object (its key), with its length and CRC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from .errors import StoreUnavailable
+from .model import CompletedUpload, UploadMeta
+
+SCHEMA_VERSION = 1
+SCHEMA_LOCK = 0x63686B73  # pg_advisory_xact_lock key: one host migrates at a time
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunkserver_schema (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS chunkserver_uploads (
+    file_id text PRIMARY KEY,
+    token text NOT NULL,
+    filename text NOT NULL,
+    total_chunks integer NOT NULL,
+    total_size bigint,
+    chunk_size bigint,
+    chunk_size_declared boolean NOT NULL DEFAULT false,
+    direct boolean,
+    created_at double precision NOT NULL,
+    last_activity double precision NOT NULL,
+    status text NOT NULL DEFAULT 'uploading',
+    claimed_at double precision,
+    object_key text NOT NULL,
+    s3_upload_id text NOT NULL,
+    size bigint,
+    crc64nvme text,
+    sha256 text,
+    completed_at double precision
+);
+CREATE INDEX IF NOT EXISTS chunkserver_uploads_status ON chunkserver_uploads (status);
+CREATE TABLE IF NOT EXISTS chunkserver_chunks (
+    file_id text NOT NULL REFERENCES chunkserver_uploads ON DELETE CASCADE,
+    token text NOT NULL,
+    idx integer NOT NULL,
+    length bigint NOT NULL,
+    crc bigint NOT NULL,
+    etag text,
+    staging_key text,
+    PRIMARY KEY (file_id, token, idx)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class UploadRow:
+    meta: UploadMeta
+    status: str  # uploading | completing | completed
+    direct: bool | None  # chunks are their own parts; None until the first chunk decides
+    object_key: str
+    upload_id: str
+    last_activity: float
+    claimed_at: float | None
+    completed: CompletedUpload | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRow:
+    index: int
+    length: int
+    crc: int
+    etag: str | None
+    staging_key: str | None
+
+
+def _to_signed(crc: int) -> int:
+    return crc - (1 << 64) if crc >= 1 << 63 else crc
+
+
+def _to_unsigned(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+def _upload_row(r: asyncpg.Record) -> UploadRow:
+    meta = UploadMeta(
+        file_id=r["file_id"],
+        filename=r["filename"],
+        total_chunks=r["total_chunks"],
+        total_size=r["total_size"],
+        created_at=r["created_at"],
+        token=r["token"],
+        chunk_size=r["chunk_size"],
+        chunk_size_declared=r["chunk_size_declared"],
+    )
+    completed = None
+    if r["status"] == "completed":
+        completed = CompletedUpload(
+            file_id=r["file_id"],
+            filename=r["filename"],
+            size=r["size"],
+            crc64nvme=r["crc64nvme"],
+            total_chunks=r["total_chunks"],
+            completed_at=r["completed_at"],
+            sha256=r["sha256"],
+        )
+    return UploadRow(
+        meta,
+        r["status"],
+        r["direct"],
+        r["object_key"],
+        r["s3_upload_id"],
+        r["last_activity"],
+        r["claimed_at"],
+        completed,
+    )
+
+
+def _chunk_row(r: asyncpg.Record) -> ChunkRow:
+    return ChunkRow(r["idx"], r["length"], _to_unsigned(r["crc"]), r["etag"], r["staging_key"])
+
+
+@contextlib.contextmanager
+def translated_errors() -> Iterator[None]:
+    """A database that cannot be reached (or is restarting) answers 503, never 500."""
+    try:
+        yield
+    except (
+        OSError,
+        TimeoutError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+    ) as e:
+        raise StoreUnavailable(f"the database cannot be reached ({type(e).__name__})") from e
+
+
+class UploadState:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        with translated_errors():
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=20, command_timeout=30, timeout=10
+            )
+            async with self._pool.acquire() as db, db.transaction():
+                await db.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+                await db.execute(SCHEMA)
+                version = await db.fetchval("SELECT max(version) FROM chunkserver_schema")
+                if version is None:
+                    await db.execute(
+                        "INSERT INTO chunkserver_schema (version) VALUES ($1)", SCHEMA_VERSION
+                    )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _db(self) -> AsyncIterator[asyncpg.Connection]:
+        assert self._pool is not None, "UploadState.open() first"
+        with translated_errors():
+            async with self._pool.acquire() as db:
+                yield db
+
+    async def is_reachable(self) -> bool:
+        try:
+            async with self._db() as db:
+                await db.fetchval("SELECT 1")
+        except StoreUnavailable:
+            return False
+        return True
+
+    # -- uploads --
+
+    async def get(self, file_id: str) -> UploadRow | None:
+        async with self._db() as db:
+            r = await db.fetchrow("SELECT * FROM chunkserver_uploads WHERE file_id = $1", file_id)
+        return None if r is None else _upload_row(r)
+
+    async def insert(
+        self, meta: UploadMeta, object_key: str, upload_id: str, direct: bool | None
+    ) -> bool:
+        """Create the upload unless one of its id exists; whether this call created it."""
+        async with self._db() as db:
+            r = await db.fetchrow(
+                """INSERT INTO chunkserver_uploads (file_id, token, filename, total_chunks,
+                       total_size, chunk_size, chunk_size_declared, direct, created_at,
+                       last_activity, object_key, s3_upload_id)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11)
+                   ON CONFLICT (file_id) DO NOTHING RETURNING file_id""",
+                meta.file_id,
+                meta.token,
+                meta.filename,
+                meta.total_chunks,
+                meta.total_size,
+                meta.chunk_size,
+                meta.chunk_size_declared,
+                direct,
+                meta.created_at,
+                object_key,
+                upload_id,
+            )
+        return r is not None
+
+    async def declare_chunk_size(
+        self, meta: UploadMeta, chunk_size: int, direct: bool
+    ) -> UploadRow | None:
+        """Adopt a declared chunk size when the upload has none yet."""
+        async with self._db() as db:
+            await db.execute(
+                """UPDATE chunkserver_uploads
+                   SET chunk_size = $3, chunk_size_declared = true, direct = COALESCE(direct, $4)
+                   WHERE file_id = $1 AND token = $2 AND chunk_size IS NULL""",
+                meta.file_id,
+                meta.token,
+                chunk_size,
+                direct,
+            )
+        return await self.get(meta.file_id)
+
+    async def fix_layout(self, meta: UploadMeta, direct: bool) -> bool | None:
+        """Decide once whether chunks are parts; the decision as stored (None: gone)."""
+        async with self._db() as db:
+            value: bool | None = await db.fetchval(
+                """UPDATE chunkserver_uploads SET direct = COALESCE(direct, $3)
+                   WHERE file_id = $1 AND token = $2 RETURNING direct""",
+                meta.file_id,
+                meta.token,
+                direct,
+            )
+        return value
+
+    async def remove_if_empty(self, meta: UploadMeta) -> UploadRow | None:
+        async with self._db() as db:
+            r = await db.fetchrow(
+                """DELETE FROM chunkserver_uploads u WHERE file_id = $1 AND token = $2
+                     AND status = 'uploading'
+                     AND NOT EXISTS (SELECT 1 FROM chunkserver_chunks c
+                                     WHERE c.file_id = u.file_id AND c.token = u.token)
+                   RETURNING *""",
+                meta.file_id,
+                meta.token,
+            )
+        return None if r is None else _upload_row(r)
+
+    async def remove(self, file_id: str) -> UploadRow | None:
+        async with self._db() as db:
+            r = await db.fetchrow(
+                "DELETE FROM chunkserver_uploads WHERE file_id = $1 RETURNING *", file_id
+            )
+        return None if r is None else _upload_row(r)
+
+    async def remove_expired(self, older_than: float) -> list[UploadRow]:
+        async with self._db() as db:
+            rows = await db.fetch(
+                """DELETE FROM chunkserver_uploads
+                   WHERE status = 'uploading' AND last_activity < $1 RETURNING *""",
+                older_than,
+            )
+        return [_upload_row(r) for r in rows]
+
+    async def ready_to_finish(self, claimed_before: float) -> list[UploadRow]:
+        """Uploads with every chunk stored and no live completion: a host died before or
+        during it."""
+        async with self._db() as db:
+            rows = await db.fetch(
+                """SELECT * FROM chunkserver_uploads u
+                   WHERE (status = 'uploading' OR (status = 'completing' AND claimed_at < $1))
+                     AND total_chunks = (SELECT count(*) FROM chunkserver_chunks c
+                                         WHERE c.file_id = u.file_id AND c.token = u.token)""",
+                claimed_before,
+            )
+        return [_upload_row(r) for r in rows]
+
+    async def in_progress(self) -> list[str]:
+        async with self._db() as db:
+            rows = await db.fetch(
+                "SELECT file_id FROM chunkserver_uploads WHERE status <> 'completed'"
+            )
+        return [r["file_id"] for r in rows]
+
+    async def live_uploads(self) -> tuple[set[str], set[tuple[str, str]]]:
+        """The S3 UploadIds and (file_id, token) pairs of every upload not yet completed."""
+        async with self._db() as db:
+            rows = await db.fetch(
+                """SELECT file_id, token, s3_upload_id FROM chunkserver_uploads
+                   WHERE status <> 'completed'"""
+            )
+        return {r["s3_upload_id"] for r in rows}, {(r["file_id"], r["token"]) for r in rows}
+
+    # -- chunks --
+
+    async def chunks(self, meta: UploadMeta) -> list[ChunkRow]:
+        async with self._db() as db:
+            rows = await db.fetch(
+                """SELECT * FROM chunkserver_chunks WHERE file_id = $1 AND token = $2
+                   ORDER BY idx""",
+                meta.file_id,
+                meta.token,
+            )
+        return [_chunk_row(r) for r in rows]
+
+    async def stored_indexes(self, meta: UploadMeta) -> list[int]:
+        async with self._db() as db:
+            rows = await db.fetch(
+                "SELECT idx FROM chunkserver_chunks WHERE file_id = $1 AND token = $2",
+                meta.file_id,
+                meta.token,
+            )
+        return [r["idx"] for r in rows]
+
+    async def record_chunk(
+        self, meta: UploadMeta, chunk: ChunkRow, *, is_last: bool
+    ) -> tuple[UploadRow | None, int, str | None]:
+        """Record a stored chunk, in one transaction with the upload's row locked.
+
+        Returns the upload as it is now (None: gone or begun again), how many chunks it has,
+        and the staging key this chunk replaced. A chunk of an upload that is completing or
+        completed is not recorded.
+        """
+        async with self._db() as db, db.transaction():
+            r = await db.fetchrow(
+                "SELECT * FROM chunkserver_uploads WHERE file_id = $1 FOR UPDATE", meta.file_id
+            )
+            if r is None or r["token"] != meta.token:
+                return None, 0, None
+            if r["status"] != "uploading":
+                return _upload_row(r), 0, None
+            replaced = await db.fetchval(
+                """SELECT staging_key FROM chunkserver_chunks
+                   WHERE file_id = $1 AND token = $2 AND idx = $3""",
+                meta.file_id,
+                meta.token,
+                chunk.index,
+            )
+            await db.execute(
+                """INSERT INTO chunkserver_chunks (file_id, token, idx, length, crc, etag,
+                       staging_key)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)
+                   ON CONFLICT (file_id, token, idx) DO UPDATE SET length = $4, crc = $5,
+                       etag = $6, staging_key = $7""",
+                meta.file_id,
+                meta.token,
+                chunk.index,
+                chunk.length,
+                _to_signed(chunk.crc),
+                chunk.etag,
+                chunk.staging_key,
+            )
+            learned = None if is_last else chunk.length
+            r = await db.fetchrow(
+                """UPDATE chunkserver_uploads
+                   SET last_activity = $3, chunk_size = COALESCE(chunk_size, $4)
+                   WHERE file_id = $1 AND token = $2 RETURNING *""",
+                meta.file_id,
+                meta.token,
+                time.time(),
+                learned,
+            )
+            count = await db.fetchval(
+                "SELECT count(*) FROM chunkserver_chunks WHERE file_id = $1 AND token = $2",
+                meta.file_id,
+                meta.token,
+            )
+        return _upload_row(r), int(count), replaced if replaced != chunk.staging_key else None
+
+    # -- completion --
+
+    async def claim_completion(self, meta: UploadMeta, lease_seconds: float) -> UploadRow | None:
+        """Claim the completion when every chunk is stored and nobody (alive) completes it."""
+        now = time.time()
+        async with self._db() as db:
+            r = await db.fetchrow(
+                """UPDATE chunkserver_uploads u SET status = 'completing', claimed_at = $3
+                   WHERE file_id = $1 AND token = $2
+                     AND (status = 'uploading' OR (status = 'completing' AND claimed_at < $4))
+                     AND total_chunks = (SELECT count(*) FROM chunkserver_chunks c
+                                         WHERE c.file_id = u.file_id AND c.token = u.token)
+                   RETURNING *""",
+                meta.file_id,
+                meta.token,
+                now,
+                now - lease_seconds,
+            )
+        return None if r is None else _upload_row(r)
+
+    async def renew_claim(self, meta: UploadMeta) -> None:
+        async with self._db() as db:
+            await db.execute(
+                """UPDATE chunkserver_uploads SET claimed_at = $3
+                   WHERE file_id = $1 AND token = $2 AND status = 'completing'""",
+                meta.file_id,
+                meta.token,
+                time.time(),
+            )
+
+    async def release_claim(self, meta: UploadMeta) -> None:
+        """A completion failed: let the next chunk or sweep try again at once."""
+        async with self._db() as db:
+            await db.execute(
+                """UPDATE chunkserver_uploads SET status = 'uploading', claimed_at = NULL
+                   WHERE file_id = $1 AND token = $2 AND status = 'completing'""",
+                meta.file_id,
+                meta.token,
+            )
+
+    async def forget_chunk(self, meta: UploadMeta, index: int, unless_etag: str) -> None:
+        """A part was overwritten by bytes that were then refused: its chunk is missing."""
+        async with self._db() as db:
+            await db.execute(
+                """DELETE FROM chunkserver_chunks WHERE file_id = $1 AND token = $2
+                   AND idx = $3 AND etag IS DISTINCT FROM $4""",
+                meta.file_id,
+                meta.token,
+                index,
+                unless_etag,
+            )
+
+    async def mark_completed(self, meta: UploadMeta, record: CompletedUpload) -> bool:
+        """Record the completion and forget the chunks; False when the upload was removed."""
+        async with self._db() as db, db.transaction():
+            done = await db.fetchval(
+                """UPDATE chunkserver_uploads SET status = 'completed', size = $3,
+                       crc64nvme = $4, sha256 = $5, completed_at = $6, claimed_at = NULL
+                   WHERE file_id = $1 AND token = $2 AND status = 'completing'
+                   RETURNING file_id""",
+                meta.file_id,
+                meta.token,
+                record.size,
+                record.crc64nvme,
+                record.sha256,
+                record.completed_at,
+            )
+            await db.execute(
+                "DELETE FROM chunkserver_chunks WHERE file_id = $1 AND token = $2",
+                meta.file_id,
+                meta.token,
+            )
+        return done is not None

@@ -1,0 +1,664 @@
+"""The S3 backend: the bytes in an S3-compatible object store, the state in PostgreSQL.
+
+An upload is one S3 multipart upload of its final object, `<prefix>uploads/<id>/<filename>`.
+How its chunks become parts is decided once, by the first chunk other than the last that
+arrives (or by a declared `chunk_size`), and kept in the upload's row:
+
+- direct, when chunks are of 5 MiB or more (S3's smallest part but the last): chunk N is
+  part N + 1, its bytes streamed from the client's socket into the part as they arrive.
+  Resending a chunk replaces its part, so retries are idempotent.
+- gathered, when chunks are smaller (the seed client's 1 MiB): each chunk is stored as a
+  staging object, `<prefix>staging/<id>/<token>/<index>.<random>`, and the completion
+  streams runs of consecutive chunks of at least 5 MiB into one part each, a few at once,
+  through a bounded buffer: a host's memory does not grow with the file.
+
+The completion is claimed once in PostgreSQL, then CompleteMultipartUpload; the file's
+CRC-64/NVME is combined from the chunks' CRCs. Nothing on the local disk outlives a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import math
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO
+
+from . import checksums
+from .errors import (
+    BadRequest,
+    PayloadTooLarge,
+    StorageFailure,
+    StoreUnavailable,
+    UploadConflict,
+    UploadGone,
+)
+from .model import (
+    Committed,
+    CompletedUpload,
+    StoredObject,
+    SweepReport,
+    UploadMeta,
+    UploadProgress,
+)
+from .s3objects import NoSuchUpload, ObjectStore, Settings
+from .s3state import ChunkRow, UploadRow, UploadState
+
+log = logging.getLogger("chunkserver")
+
+MiB = 1024 * 1024
+MIN_PART_BYTES = 5 * MiB  # S3 refuses a smaller part other than the last (EntityTooSmall)
+SPOOL_MEMORY_BYTES = 8 * MiB  # a spooled chunk past this goes to a scratch file
+COMPLETION_LEASE_SECONDS = 120.0  # a claimed completion not renewed for this long is retaken
+GATHER_CONCURRENCY = 4
+ORPHAN_GRACE_SECONDS = 3600.0
+WAIT_STEP_SECONDS = 0.05
+
+
+class Spool:
+    """A chunk's bytes held until their upload's layout is known: in memory up to
+    SPOOL_MEMORY_BYTES, past that in an unlinked scratch file (nothing outlives it)."""
+
+    def __init__(self, scratch: Path) -> None:
+        self._scratch = scratch
+        self._memory = bytearray()
+        self._file: IO[bytes] | None = None
+        self.length = 0
+
+    def write(self, piece: memoryview) -> None:
+        if self._file is None and len(self._memory) + len(piece) <= SPOOL_MEMORY_BYTES:
+            self._memory += piece
+        else:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self._scratch)  # noqa: SIM115
+                self._file.write(self._memory)
+                self._memory = bytearray()
+            self._file.write(piece)
+        self.length += len(piece)
+
+    def payload(self) -> bytes | AsyncIterator[bytes]:
+        if self._file is None:
+            return bytes(self._memory)
+        return self._read_file()
+
+    async def _read_file(self) -> AsyncIterator[bytes]:
+        assert self._file is not None
+        self._file.seek(0)
+        while piece := await asyncio.to_thread(self._file.read, MiB):
+            yield piece
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._memory = bytearray()
+
+
+@dataclass(eq=False)
+class S3Received:
+    """A chunk received: its bytes in a part, a staging object, or still in the spool."""
+
+    length: int = 0
+    crc: int = 0
+    digest: hashlib._Hash | None = None
+    meta: UploadMeta | None = None
+    index: int | None = None
+    etag: str | None = None
+    staging_key: str | None = None
+    spool: Spool | None = None
+    row: UploadRow | None = None  # the upload's row when the bytes were placed
+    failure: BaseException | None = field(default=None, repr=False)
+
+    def sha256_hex(self) -> str | None:
+        return None if self.digest is None else self.digest.hexdigest()
+
+
+class S3Store:
+    keeps_bytes_locally = False
+
+    def __init__(
+        self,
+        settings: Settings,
+        database_url: str,
+        *,
+        prefix: str = "",
+        scratch: Path,
+        sha256: bool = False,
+        max_parts: int = 10_000,
+    ) -> None:
+        self.objects = ObjectStore(settings)
+        self.state = UploadState(database_url)
+        self.prefix = prefix
+        self.scratch = scratch
+        self.sha256 = sha256
+        self.max_parts = max_parts
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def open(self) -> None:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        await self.objects.open()
+        await self.state.open()
+        if not await self.objects.bucket_is_reachable():
+            raise StoreUnavailable(f"bucket {self.objects.bucket!r} cannot be reached")
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
+        await self.state.close()
+        await self.objects.close()
+
+    # -- names --
+
+    def object_key(self, file_id: str, filename: str) -> str:
+        return f"{self.prefix}uploads/{file_id}/{filename}"
+
+    def _staging_prefix(self, meta: UploadMeta) -> str:
+        return f"{self.prefix}staging/{meta.file_id}/{meta.token}/"
+
+    def _staging_key(self, meta: UploadMeta, index: int) -> str:
+        return f"{self._staging_prefix(meta)}{index:06d}.{secrets.token_hex(6)}"
+
+    # -- looking up --
+
+    async def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
+        row = await self.state.get(file_id)
+        if row is None:
+            return None
+        return row.completed or row.meta
+
+    async def status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
+        row = await self.state.get(file_id)
+        if row is None:
+            return None
+        if row.completed is not None:
+            return row.completed
+        stored = await self.state.stored_indexes(row.meta)
+        return UploadProgress(row.meta, frozenset(stored), row.last_activity)
+
+    async def download(self, file_id: str) -> tuple[StoredObject, CompletedUpload] | None:
+        row = await self.state.get(file_id)
+        if row is None or row.completed is None:
+            return None
+        key = row.object_key
+        opener = functools.partial(self.objects.get, key)
+        return StoredObject(key, row.completed.size, opener), row.completed
+
+    async def uploads_in_progress(self) -> list[str]:
+        return await self.state.in_progress()
+
+    # -- beginning and abandoning --
+
+    def _check_fits(self, total_chunks: int, chunk_size: int) -> None:
+        """Refuse (413) an upload whose parts would exceed the store's part limit."""
+        if chunk_size >= MIN_PART_BYTES:
+            parts = total_chunks
+        else:
+            parts = math.ceil(total_chunks / math.ceil(MIN_PART_BYTES / max(chunk_size, 1)))
+        if parts > self.max_parts:
+            raise PayloadTooLarge(
+                f"Upload needs {parts} parts of the object store, more than its limit of "
+                f"{self.max_parts} (s3_max_parts): use larger chunks"
+            )
+
+    async def begin(self, proposed: UploadMeta) -> tuple[CompletedUpload | UploadMeta, bool]:
+        while True:
+            row = await self.state.get(proposed.file_id)
+            if row is not None:
+                if row.completed is not None:
+                    return row.completed, False
+                cs = proposed.chunk_size
+                if row.meta.chunk_size is None and cs is not None:
+                    self._check_fits(row.meta.total_chunks, cs)
+                    declared = await self.state.declare_chunk_size(
+                        row.meta, cs, cs >= MIN_PART_BYTES
+                    )
+                    if declared is not None:
+                        row = declared
+                return row.meta, False
+            direct: bool | None = None
+            if proposed.total_chunks == 1:
+                direct = True  # the only chunk is the last part, whatever its size
+            elif proposed.chunk_size is not None:
+                self._check_fits(proposed.total_chunks, proposed.chunk_size)
+                direct = proposed.chunk_size >= MIN_PART_BYTES
+            key = self.object_key(proposed.file_id, proposed.filename)
+            upload_id = await self.objects.create_multipart(key)
+            if await self.state.insert(proposed, key, upload_id, direct):
+                return proposed, True
+            await self.objects.abort(key, upload_id)  # another request created it first
+
+    async def abandon(self, meta: UploadMeta) -> None:
+        row = await self.state.remove_if_empty(meta)
+        if row is not None:
+            await self._clean(row)
+
+    # -- receiving a chunk --
+
+    async def receive(
+        self,
+        meta: UploadMeta,
+        index: int,
+        body: AsyncIterator[memoryview],
+        *,
+        max_bytes: int,
+        want_sha256: bool,
+        length_hint: int | None = None,
+    ) -> S3Received:
+        row = await self.state.get(meta.file_id)
+        if row is None or row.meta.token != meta.token or row.status != "uploading":
+            raise UploadGone()
+        meta = row.meta
+        received = S3Received(meta=meta, index=index, row=row)
+        if want_sha256:
+            received.digest = hashlib.sha256()
+        last = meta.is_last(index)
+        limit = meta.chunk_size if meta.chunk_size_declared and not last else None
+        direct = row.direct
+        if direct is None and not last and length_hint is not None:
+            direct = await self._fix_layout(meta, length_hint)
+        if direct and length_hint is not None and (last or length_hint >= MIN_PART_BYTES):
+            # The common large-chunk case: straight from the socket into the part.
+            await self._stream_part(received, body, length_hint, max_bytes, limit)
+            return received
+        spool = Spool(self.scratch)
+        try:
+            await self._fill(received, spool, body, max_bytes, limit)
+            await self._place(received, spool, row, index, direct)
+        finally:
+            spool.close()
+        return received
+
+    async def receive_unplaced(
+        self, body: AsyncIterator[memoryview], *, max_bytes: int, want_sha256: bool
+    ) -> S3Received:
+        received = S3Received(digest=hashlib.sha256() if want_sha256 else None)
+        received.spool = Spool(self.scratch)
+        try:
+            await self._fill(received, received.spool, body, max_bytes, None)
+        except BaseException:
+            received.spool.close()
+            raise
+        return received
+
+    def _count(
+        self, received: S3Received, piece: memoryview, max_bytes: int, limit: int | None
+    ) -> None:
+        received.length += len(piece)
+        if received.length > max_bytes:
+            raise PayloadTooLarge(f"Chunk is larger than max_chunk_bytes ({max_bytes} bytes)")
+        if limit is not None and received.length > limit:
+            raise UploadConflict(
+                f"Chunk {received.index} is larger than the chunk_size ({limit} bytes) of "
+                "this upload"
+            )
+        received.crc = checksums.crc64nvme(piece, received.crc)
+        if received.digest is not None:
+            received.digest.update(piece)
+
+    async def _fill(
+        self,
+        received: S3Received,
+        spool: Spool,
+        body: AsyncIterator[memoryview],
+        max_bytes: int,
+        limit: int | None,
+    ) -> None:
+        async for piece in body:
+            self._count(received, piece, max_bytes, limit)
+            spool.write(piece)
+
+    async def _stream_part(
+        self,
+        received: S3Received,
+        body: AsyncIterator[memoryview],
+        expected: int,
+        max_bytes: int,
+        limit: int | None,
+    ) -> None:
+        assert received.row is not None and received.index is not None
+        row, index = received.row, received.index
+
+        async def counted() -> AsyncIterator[memoryview]:
+            try:
+                async for piece in body:
+                    self._count(received, piece, max_bytes, limit)
+                    if received.length > expected:
+                        raise _length_mismatch()
+                    yield piece
+                if received.length != expected:
+                    raise _length_mismatch()
+            except BaseException as e:
+                received.failure = e  # the HTTP client may wrap it: kept to raise as is
+                raise
+
+        try:
+            received.etag = await self.objects.put_part(
+                row.object_key, row.upload_id, index + 1, counted(), expected
+            )
+        except NoSuchUpload:
+            raise UploadGone() from None
+        except BaseException:
+            if received.failure is not None:
+                raise received.failure from None
+            raise
+
+    async def _fix_layout(self, meta: UploadMeta, chunk_length: int) -> bool:
+        """Decide from a chunk other than the last whether chunks are parts (once)."""
+        self._check_fits(meta.total_chunks, chunk_length)
+        direct = await self.state.fix_layout(meta, chunk_length >= MIN_PART_BYTES)
+        if direct is None:
+            raise UploadGone()
+        return direct
+
+    async def _place(
+        self, received: S3Received, spool: Spool, row: UploadRow, index: int, direct: bool | None
+    ) -> None:
+        """Send spooled bytes to their place: the chunk's part, or a staging object."""
+        meta = row.meta
+        last = meta.is_last(index)
+        if direct is None and not last:
+            direct = await self._fix_layout(meta, received.length)
+        if direct and not last and received.length < MIN_PART_BYTES:
+            raise UploadConflict(
+                f"Chunk {index} has {received.length} bytes: with the s3 storage, every chunk "
+                f"but the last of an upload of chunks of 5 MiB or more must have 5 MiB or more"
+            )
+        if direct:
+            try:
+                received.etag = await self.objects.put_part(
+                    row.object_key, row.upload_id, index + 1, spool.payload(), received.length
+                )
+            except NoSuchUpload:
+                raise UploadGone() from None
+        else:
+            key = self._staging_key(meta, index)
+            await self.objects.put_object(key, spool.payload(), received.length)
+            received.staging_key = key
+
+    async def sha256_of(self, received: S3Received) -> str:
+        digest = hashlib.sha256()
+        if received.staging_key is not None:
+            async for piece in self.objects.read_pieces(received.staging_key):
+                digest.update(piece)
+            return digest.hexdigest()
+        if received.spool is not None:
+            payload = received.spool.payload()
+            if isinstance(payload, bytes):
+                digest.update(payload)
+            else:
+                async for piece in payload:
+                    digest.update(piece)
+            return digest.hexdigest()
+        raise BadRequest(
+            "With the s3 storage, chunk_sha256 must come before a chunk of 5 MiB or more"
+        )
+
+    async def commit(
+        self, received: S3Received, meta: UploadMeta, index: int
+    ) -> Committed | CompletedUpload:
+        if received.spool is not None:  # came before its fields: placed now
+            spool, received.spool = received.spool, None
+            try:
+                row = await self.state.get(meta.file_id)
+                if row is None or row.meta.token != meta.token or row.status != "uploading":
+                    raise UploadGone()
+                received.meta, received.index, received.row = row.meta, index, row
+                await self._place(received, spool, row, index, row.direct)
+            finally:
+                spool.close()
+        chunk = ChunkRow(index, received.length, received.crc, received.etag, received.staging_key)
+        row, count, replaced = await self.state.record_chunk(
+            meta, chunk, is_last=meta.is_last(index)
+        )
+        if row is None:
+            await self.discard(received)
+            raise UploadGone()
+        if row.status != "uploading":
+            await self.discard(received)
+            return await self._completed_elsewhere(row.meta)
+        if replaced is not None:
+            self._later(self.objects.delete([replaced]))
+        return Committed(row.meta, count, count == row.meta.total_chunks)
+
+    async def discard(self, received: S3Received) -> None:
+        if received.spool is not None:
+            received.spool.close()
+        if received.staging_key is not None:
+            self._later(self.objects.delete([received.staging_key]))
+        elif received.etag is not None and received.meta is not None:
+            # The part now holds these refused bytes: an earlier copy of the chunk no longer
+            # counts, unless it was the same bytes.
+            assert received.index is not None
+            await self.state.forget_chunk(received.meta, received.index, received.etag)
+
+    # -- completing --
+
+    async def finish(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
+        claimed = await self.state.claim_completion(meta, COMPLETION_LEASE_SECONDS)
+        if claimed is None:
+            row = await self.state.get(meta.file_id)
+            if row is None or row.meta.token != meta.token:
+                return None
+            if row.completed is not None:
+                return row.completed, False
+            if row.status == "completing":
+                return await self._completed_elsewhere(row.meta), False
+            return None  # chunks still missing
+        try:
+            return await self._complete(claimed), True
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.state.release_claim(meta)
+            raise
+
+    async def _completed_elsewhere(self, meta: UploadMeta) -> CompletedUpload:
+        """Wait for a completion another request (or host) is running."""
+        deadline = time.monotonic() + COMPLETION_LEASE_SECONDS
+        while time.monotonic() < deadline:
+            row = await self.state.get(meta.file_id)
+            if row is None or row.meta.token != meta.token:
+                raise UploadGone()
+            if row.completed is not None:
+                return row.completed
+            if row.status == "uploading":  # that completion failed: this chunk may retry
+                raise UploadGone()
+            await asyncio.sleep(WAIT_STEP_SECONDS)
+        raise StoreUnavailable("the upload's completion is taking long")
+
+    async def _complete(self, row: UploadRow) -> CompletedUpload:
+        meta = row.meta
+        chunks = await self.state.chunks(meta)
+        if [c.index for c in chunks] != list(range(meta.total_chunks)):
+            raise StorageFailure(f"the chunk records of {meta.file_id} are incomplete")
+        size = sum(c.length for c in chunks)
+        if meta.total_size is not None and size != meta.total_size:
+            raise UploadConflict(
+                f"The merged file has {size} bytes, not the total_size {meta.total_size} "
+                "given by the client"
+            )
+        parts = await self._build_parts(row, chunks)
+        try:
+            await self.objects.complete(row.object_key, row.upload_id, parts)
+        except NoSuchUpload:
+            pass  # completed by a host that died before recording it: checked below
+        stored = await self.objects.size_of(row.object_key)
+        if stored != size:
+            raise StorageFailure(
+                f"the object {row.object_key} has {stored} bytes after completion, not {size}"
+            )
+        crc = checksums.combine((c.crc, c.length) for c in chunks)
+        record = CompletedUpload(
+            file_id=meta.file_id,
+            filename=meta.filename,
+            size=size,
+            crc64nvme=checksums.to_s3(crc),
+            total_chunks=meta.total_chunks,
+            completed_at=time.time(),
+            sha256=await self._sha256_of_object(row.object_key) if self.sha256 else None,
+        )
+        if not await self.state.mark_completed(meta, record):
+            await self.objects.delete([row.object_key])  # removed while completing
+            raise UploadGone()
+        self._later(self._remove_staging(meta))
+        return record
+
+    async def _sha256_of_object(self, key: str) -> str:
+        digest = hashlib.sha256()
+        async for piece in self.objects.read_pieces(key):
+            await asyncio.to_thread(digest.update, piece)
+        return digest.hexdigest()
+
+    async def _build_parts(self, row: UploadRow, chunks: list[ChunkRow]) -> list[tuple[int, str]]:
+        """Every part of the object, in order: chunks that are parts, and gathered runs."""
+        if row.direct:
+            groups = [(c.index + 1, [c]) for c in chunks]
+        else:
+            groups = list(enumerate(_gather_runs(chunks), start=1))
+        if len(groups) > self.max_parts:
+            raise StorageFailure(f"{len(groups)} parts exceed the store's limit")
+        limit = asyncio.Semaphore(GATHER_CONCURRENCY)
+        last_renewal = time.monotonic()
+
+        async def build(number: int, group: list[ChunkRow]) -> tuple[int, str]:
+            nonlocal last_renewal
+            async with limit:
+                etag = await self._build_part(row, number, group)
+                if time.monotonic() - last_renewal > COMPLETION_LEASE_SECONDS / 4:
+                    last_renewal = time.monotonic()
+                    await self.state.renew_claim(row.meta)
+                return number, etag
+
+        return list(await asyncio.gather(*(build(n, g) for n, g in groups)))
+
+    async def _build_part(self, row: UploadRow, number: int, group: list[ChunkRow]) -> str:
+        if len(group) == 1 and group[0].etag is not None:
+            return group[0].etag
+        if len(group) == 1 and group[0].staging_key is not None:
+            return await self.objects.copy_part(
+                row.object_key, row.upload_id, number, group[0].staging_key
+            )
+
+        async def gathered() -> AsyncIterator[bytes]:
+            for chunk in group:
+                assert chunk.staging_key is not None
+                async for piece in self.objects.read_pieces(chunk.staging_key):
+                    yield piece
+
+        length = sum(c.length for c in group)
+        return await self.objects.put_part(
+            row.object_key, row.upload_id, number, gathered(), length
+        )
+
+    # -- removing --
+
+    async def delete(self, file_id: str) -> bool:
+        row = await self.state.remove(file_id)
+        if row is None:
+            return False
+        await self._clean(row)
+        return True
+
+    async def _clean(self, row: UploadRow) -> None:
+        """Remove what the object store holds of a removed upload."""
+        if row.status == "completed":
+            await self.objects.delete([row.object_key])
+            return
+        await self.objects.abort(row.object_key, row.upload_id)
+        await self._remove_staging(row.meta)
+
+    async def _remove_staging(self, meta: UploadMeta) -> None:
+        listed = await self.objects.list_objects(self._staging_prefix(meta))
+        await self.objects.delete([o.key for o in listed])
+
+    async def sweep(self, *, ttl_seconds: float) -> SweepReport:
+        report = SweepReport()
+        now = time.time()
+        for row in await self.state.remove_expired(now - ttl_seconds):
+            await self._clean(row)
+            report.expired.append(row.meta.file_id)
+        for row in await self.state.ready_to_finish(now - COMPLETION_LEASE_SECONDS):
+            try:
+                finished = await self.finish(row.meta)
+            except (UploadGone, StorageFailure) as e:
+                log.warning("Sweep could not complete %s: %s", row.meta.file_id, e)
+                continue
+            if finished is not None and finished[1]:
+                report.completed.append(finished[0])
+        report.removed_temp_files = await self._remove_orphans(
+            min(ttl_seconds, ORPHAN_GRACE_SECONDS)
+        )
+        return report
+
+    async def _remove_orphans(self, grace_seconds: float) -> int:
+        """Abort multipart uploads and delete staging objects that no upload owns: left by a
+        host killed between creating them and recording them, or while cleaning up."""
+        upload_ids, live = await self.state.live_uploads()
+        cutoff = datetime.now(UTC).timestamp() - grace_seconds
+        removed = 0
+        for upload in await self.objects.list_multipart_uploads(f"{self.prefix}uploads/"):
+            if upload.upload_id not in upload_ids and upload.initiated.timestamp() < cutoff:
+                await self.objects.abort(upload.key, upload.upload_id)
+                removed += 1
+        staging = f"{self.prefix}staging/"
+        stale = []
+        for listed in await self.objects.list_objects(staging):
+            file_id, _, rest = listed.key[len(staging) :].partition("/")
+            token = rest.partition("/")[0]
+            if (file_id, token) not in live and listed.last_modified.timestamp() < cutoff:
+                stale.append(listed.key)
+        await self.objects.delete(stale)
+        return removed + len(stale)
+
+    # -- the rest --
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.scratch).free
+
+    async def is_healthy(self) -> bool:
+        bucket, database = await asyncio.gather(
+            self.objects.bucket_is_reachable(), self.state.is_reachable()
+        )
+        return bucket and database
+
+    def _later(self, work: object) -> None:
+        """Clean-up that the answer need not wait for; failures only logged (the sweep
+        removes what is left)."""
+
+        async def run() -> None:
+            try:
+                await work  # type: ignore[misc]
+            except Exception as e:
+                log.warning("Background clean-up failed: %s", e)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _length_mismatch() -> BadRequest:
+    return BadRequest(
+        "With the s3 storage, a chunk of 5 MiB or more must be the last part of the form"
+    )
+
+
+def _gather_runs(chunks: list[ChunkRow]) -> list[list[ChunkRow]]:
+    """Consecutive chunks in groups of at least MIN_PART_BYTES; the last group may be less."""
+    groups: list[list[ChunkRow]] = [[]]
+    size = 0
+    for chunk in chunks:
+        if size >= MIN_PART_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(chunk)
+        size += chunk.length
+    return groups
