@@ -1,0 +1,194 @@
+"""The store contract on both backends: the local disk, and S3 (a real Swift) with its state in
+a real PostgreSQL. What any backend must do, seen only through the store's verbs: chunks in
+any order, resent, uneven, cut off mid-write, from two stores (two processes or two hosts),
+removed, expired, and completed exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chunkserver import Config
+from chunkserver.errors import UploadConflict, UploadGone
+from chunkserver.model import Committed, CompletedUpload, StoredObject, UploadMeta
+from chunkserver.service import Uploads
+
+from .conftest import crc64, temp_files
+
+BOTH_BACKENDS = True
+
+
+async def pieces(data: bytes, step: int = 7000) -> AsyncIterator[memoryview]:
+    view = memoryview(data)
+    for start in range(0, len(data), step):
+        yield view[start : start + step]
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def open_store(config: Config) -> AsyncIterator[Any]:
+    """Open stores of the configured backend (several: as several processes or hosts)."""
+    opened: list[Any] = []
+
+    async def open_one(**changes: Any) -> Any:
+        store = Uploads.open(config.replace(**changes)).store
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.close()
+
+
+async def read_back(store: Any, file_id: str) -> bytes:
+    found = await store.download(file_id)
+    assert found is not None
+    where, _ = found
+    if isinstance(where, Path):
+        return where.read_bytes()
+    assert isinstance(where, StoredObject)
+    async with where.open(None) as answer:
+        return b"".join([piece async for piece in answer.pieces()])
+
+
+async def begin(store: Any, meta: UploadMeta) -> UploadMeta:
+    found, _ = await store.begin(meta)
+    assert isinstance(found, UploadMeta)
+    return found
+
+
+async def put(store: Any, meta: UploadMeta, index: int, data: bytes, **kw: Any) -> Committed:
+    received = await store.receive(
+        meta, index, pieces(data), max_bytes=2**30, want_sha256=False, **kw
+    )
+    assert received.length == len(data) and received.crc == int.from_bytes(
+        __import__("base64").b64decode(crc64(data)), "big"
+    )
+    result = await store.commit(received, meta, index)
+    assert isinstance(result, Committed)
+    return result
+
+
+async def upload(store: Any, meta: UploadMeta, order: list[int], chunks: list[bytes]) -> list:
+    meta = await begin(store, meta)
+    finished = []
+    for index in order:
+        if finished:  # a resend after completion: the store says the upload is gone
+            with pytest.raises(UploadGone):
+                await put(store, meta, index, chunks[index])
+            continue
+        result = await put(store, meta, index, chunks[index])
+        meta = result.meta
+        if result.all_stored:
+            done = await store.finish(meta)
+            assert done is not None
+            finished.append(done)
+    return finished
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_any_order_with_resends_gives_identical_file(open_store, seed: int) -> None:
+    rng = random.Random(seed)
+    chunk_size, count = rng.randint(1, 20_000), rng.randint(1, 8)
+    chunks = [rng.randbytes(chunk_size) for _ in range(count - 1)] + [
+        rng.randbytes(rng.randint(0, 20_000))
+    ]
+    order = list(range(count)) + [rng.randrange(count) for _ in range(rng.randint(0, 4))]
+    rng.shuffle(order)
+    store = await open_store()
+    declared = chunk_size if seed % 2 else None
+    meta = UploadMeta.new("prop", "out.bin", count, None, declared)
+    finished = await upload(store, meta, order, chunks)
+    whole = b"".join(chunks)
+    assert len(finished) == 1 and finished[0][1] is True
+    record = finished[0][0]
+    assert record.size == len(whole) and record.crc64nvme == crc64(whole)
+    assert await read_back(store, "prop") == whole
+
+
+async def test_uneven_chunks_are_joined_in_order(open_store) -> None:
+    store = await open_store()
+    chunks = [b"a" * 10, b"b" * 3, b"c" * 25, b"d" * 10, b"e" * 1]
+    [(record, _)] = await upload(store, UploadMeta.new("u", "f", 5, None), [4, 0, 2, 1, 3], chunks)
+    assert await read_back(store, "u") == b"".join(chunks)
+    assert record.crc64nvme == crc64(b"".join(chunks))
+
+
+async def test_two_stores_see_each_others_chunks_and_complete_once(open_store) -> None:
+    """Two processes, or two hosts: each finish is asked; exactly one completes."""
+    a, b = await open_store(), await open_store()
+    meta = await begin(a, UploadMeta.new("two", "f", 4, None, 1))
+    assert not (await put(a, meta, 0, b"0")).all_stored
+    assert not (await put(b, meta, 1, b"1")).all_stored
+    assert not (await put(a, meta, 2, b"2")).all_stored
+    assert (await put(b, meta, 3, b"3")).all_stored
+    results = await asyncio.gather(a.finish(meta), b.finish(meta))
+    assert all(r is not None for r in results)
+    assert sorted(here for _, here in results) == [False, True]  # type: ignore[misc]
+    assert await read_back(b, "two") == b"0123"
+
+
+async def test_a_chunk_cut_off_mid_write_never_counts(open_store, config: Config) -> None:
+    store = await open_store()
+    meta = await begin(store, UploadMeta.new("cut", "f", 2, None))
+
+    async def broken() -> AsyncIterator[memoryview]:
+        yield memoryview(b"x" * 50_000)
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await store.receive(meta, 0, broken(), max_bytes=2**30, want_sha256=False)
+    status = await store.status("cut")
+    assert status is not None and status.stored == frozenset()  # type: ignore[union-attr]
+    assert temp_files(Path(config.data_dir)) == []
+
+
+async def test_a_declared_chunk_size_is_enforced_while_streaming(open_store) -> None:
+    store = await open_store()
+    meta = await begin(store, UploadMeta.new("big", "f", 3, None, 1000))
+    with pytest.raises(UploadConflict):
+        await store.receive(meta, 1, pieces(b"x" * 1001), max_bytes=2**30, want_sha256=False)
+    assert (await store.status("big")).stored == frozenset()  # type: ignore[union-attr]
+
+
+async def test_recreated_upload_is_a_new_one(open_store) -> None:
+    store = await open_store()
+    old = await begin(store, UploadMeta.new("re", "f", 2, None, 1))
+    await put(store, old, 0, b"a")
+    assert await store.delete("re")
+    with pytest.raises(UploadGone):  # a chunk of the removed upload never lands in the new
+        received = await store.receive(old, 1, pieces(b"b"), max_bytes=99, want_sha256=False)
+        await store.commit(received, old, 1)
+    new = await begin(store, UploadMeta.new("re", "f", 2, None, 1))
+    result = await put(store, new, 1, b"b")
+    assert result.uploaded_chunks == 1 and not result.all_stored
+
+
+async def test_delete_and_expiry_remove_uploads(open_store) -> None:
+    store = await open_store()
+    meta = await begin(store, UploadMeta.new("old", "f", 2, None, 1))
+    await put(store, meta, 0, b"a")
+    done = await upload(store, UploadMeta.new("done", "f", 1, None), [0], [b"all"])
+    assert isinstance(done[0][0], CompletedUpload)
+    report = await store.sweep(ttl_seconds=1e-9)
+    assert report.expired == ["old"] and await store.status("old") is None
+    assert await store.delete("done") and await store.download("done") is None
+    assert not await store.delete("done")
+    assert await store.uploads_in_progress() == []
+
+
+async def test_a_chunk_after_completion_is_answered_with_the_record(open_store) -> None:
+    store = await open_store()
+    meta = await begin(store, UploadMeta.new("late", "f", 2, None, 2))
+    await put(store, meta, 0, b"ab")
+    await put(store, meta, 1, b"c")
+    assert await store.finish(meta) is not None
+    found, created = await store.begin(UploadMeta.new("late", "f", 2, None))
+    assert isinstance(found, CompletedUpload) and not created
+    assert found.size == 3 and found.crc64nvme == crc64(b"abc")
