@@ -334,13 +334,19 @@ def _start_postgres_server(
     return subprocess.Popen(
         [
             str(binaries / "postgres"),
-            "-D", str(data),
-            "-p", str(port),
-            "-c", "listen_addresses=127.0.0.1",
-            "-c", f"unix_socket_directories={folder}",
-            "-c", "fsync=off",
-            "-c", "max_connections=200",
-        ],  # fmt: skip
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={folder}",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=log,  # type: ignore[arg-type]
         cwd=tempfile.gettempdir(),

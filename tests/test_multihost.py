@@ -50,9 +50,7 @@ def render(text: str, ports: list[int], port: int) -> str:
             continue
         if line.strip().startswith("upstream chunkserver_hosts"):
             lines.append(line)
-            lines += [
-                f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;" for p in ports
-            ]
+            lines += [f"    server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;" for p in ports]
             continue
         lines.append(line)
     rendered = "\n".join(lines)
@@ -67,14 +65,16 @@ def cluster(
     config = tmp_path / "host.toml"
     config.write_text(
         "\n".join(
-            [*s3_flags(s3_settings), "min_free_bytes = 0", "access_log = true",
-             'trusted_proxies = ["127.0.0.1"]']
-        )  # fmt: skip
+            [
+                *s3_flags(s3_settings),
+                "min_free_bytes = 0",
+                "access_log = true",
+                'trusted_proxies = ["127.0.0.1"]',
+            ]
+        )
         + "\n"
     )
-    hosts = [
-        start_server(tmp_path / f"host{i}", "--config", str(config)) for i in (1, 2, 3)
-    ]
+    hosts = [start_server(tmp_path / f"host{i}", "--config", str(config)) for i in (1, 2, 3)]
     ports = [int(h.url.rsplit(":", 1)[1]) for h in hosts]
     prefix = tmp_path / "nginx"
     prefix.mkdir()
