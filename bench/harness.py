@@ -22,15 +22,20 @@ from typing import Any
 import aiohttp
 import uvloop
 
+from chunkserver.s3objects import Settings
+
 from . import report
 from .loadgen import CellRun, LoadGenerator, MiB
+from .s3peer import S3Direct
 from .targets import (
     ResourceSampler,
+    S3Stack,
     Target,
     clear_nginx_store,
     start_chunkserver,
     start_fastapi,
     start_nginx,
+    start_s3_stack,
     start_sink,
 )
 
@@ -60,6 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--checksums", help='the started server\'s checksums, e.g. "crc64nvme,sha256"'
+    )
+    parser.add_argument(
+        "--storage",
+        choices=("local", "s3"),
+        default="local",
+        help="s3: chunkserver on a real Swift and PostgreSQL, beside a plain S3 client",
     )
     parser.add_argument("--data-root", type=Path, help="where temporary data folders go")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
@@ -157,10 +168,22 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def measure(
-    target: Target, buffer: memoryview, token: str | None, cell: dict[str, Any], volume: int
+    target: Target,
+    buffer: memoryview,
+    token: str | None,
+    cell: dict[str, Any],
+    volume: int,
+    store_pids: list[int] | None = None,
 ) -> dict[str, Any]:
     """One run of a cell against one target, with its resource figures where visible."""
-    generator = LoadGenerator(target.url, target=target.name, buffer=buffer, token=token)
+    generator: Any = (
+        target.peer
+        if target.peer is not None
+        else LoadGenerator(target.url, target=target.name, buffer=buffer, token=token)
+    )
+    store_sampler = ResourceSampler(store_pids) if store_pids else None
+    if store_sampler:
+        store_sampler.__enter__()
     counted_before = (
         await server_bytes_received(target.url, token) if target.name == "chunkserver" else None
     )
@@ -178,6 +201,8 @@ async def measure(
     finally:
         if sampler:
             sampler.__exit__(None, None, None)
+        if store_sampler:
+            store_sampler.__exit__(None, None, None)
     counted_after = (
         await server_bytes_received(target.url, token) if target.name == "chunkserver" else None
     )
@@ -203,6 +228,7 @@ async def measure(
         "completion_max_ms": max(run.completion_waits) * 1000 if run.completion_waits else None,
         "peak_rss_mib": sampler.peak_rss / MiB if sampler else None,
         "cpu_s_per_gib": sampler.cpu_seconds / gib if sampler and gib else None,
+        "store_cpu_s_per_gib": (store_sampler.cpu_seconds / gib if store_sampler and gib else None),
         "cpu_ms_per_request": (
             sampler.cpu_seconds * 1000 / run.requests if sampler and run.requests else None
         ),
@@ -250,7 +276,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def run_matrix(
-    args: argparse.Namespace, targets: list[Target], buffer: memoryview
+    args: argparse.Namespace,
+    targets: list[Target],
+    buffer: memoryview,
+    store_pids: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     cells = [
         {"shape": shape, "chunk_mib": chunk, "concurrency": concurrency}
@@ -263,7 +292,9 @@ async def run_matrix(
         runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         for _ in range(args.repeats):
             for target in targets:  # interleaved, so that drift hits every target alike
-                runs[target.name].append(await measure(target, buffer, args.token, cell, volume))
+                runs[target.name].append(
+                    await measure(target, buffer, args.token, cell, volume, store_pids)
+                )
         cell["targets"] = {name: summarize(r) for name, r in runs.items()}
         line = ", ".join(f"{n} {s['MiB_per_s']:.0f}" for n, s in cell["targets"].items())
         where = f"{cell['shape']} {cell['chunk_mib']} MiB x{cell['concurrency']}"
@@ -276,17 +307,44 @@ def main(argv: list[str] | None = None) -> int:
     data_root = args.data_root or Path(tempfile.gettempdir())
     buffer = memoryview(os.urandom(64 * MiB))
     started = datetime.datetime.now(datetime.UTC)
-    print("measuring the disk limit", file=sys.stderr, flush=True)
     limits: dict[str, Any] = {"disk_MiB_per_s": {}, "disk_fsync": args.fsync}
-    for chunk in args.chunk_sizes:
+    if args.storage == "local":
+        print("measuring the disk limit", file=sys.stderr, flush=True)
+    for chunk in args.chunk_sizes if args.storage == "local" else []:
         speeds = [
             disk_limit(buffer, data_root, int(chunk * MiB), args.volume * MiB, args.fsync)
             for _ in range(args.repeats)
         ]
         limits["disk_MiB_per_s"][str(chunk)] = statistics.median(speeds)
     targets: list[Target] = []
+    stack: S3Stack | None = None
     try:
-        if args.url:
+        if args.storage == "s3":
+            # The S3 matrix: chunkserver on a real Swift and PostgreSQL beside a plain S3
+            # client sending the same bytes straight to the same Swift (bench/s3peer.py).
+            stack = start_s3_stack(data_root)
+            targets.append(
+                start_chunkserver(
+                    workers=args.workers,
+                    fsync=args.fsync,
+                    data_root=data_root,
+                    checksums=args.checksums,
+                    extra_config=stack.config_lines(),
+                )
+            )
+            settings = Settings(
+                bucket=stack.settings["s3_bucket"],
+                endpoint_url=stack.settings["s3_endpoint_url"],
+                region=stack.settings["s3_region"],
+                access_key_id=stack.settings["s3_access_key_id"],
+                secret_access_key=stack.settings["s3_secret_access_key"],
+            )
+            targets.append(
+                Target(
+                    "s3-direct", stack.settings["s3_endpoint_url"], peer=S3Direct(settings, buffer)
+                )
+            )
+        elif args.url:
             targets.append(Target("chunkserver", args.url.rstrip("/")))
         else:
             targets.append(
@@ -297,19 +355,23 @@ def main(argv: list[str] | None = None) -> int:
                     checksums=args.checksums,
                 )
             )
-        fastapi = None if args.no_fastapi else start_fastapi(data_root)
-        if fastapi is not None:
-            targets.append(fastapi)
-        if not args.no_sink:
-            targets.append(start_sink())
-        nginx = None if args.no_nginx else start_nginx(data_root)
-        if nginx is not None:
-            targets.append(nginx)
+        if args.storage == "local":
+            fastapi = None if args.no_fastapi else start_fastapi(data_root)
+            if fastapi is not None:
+                targets.append(fastapi)
+            if not args.no_sink:
+                targets.append(start_sink())
+            nginx = None if args.no_nginx else start_nginx(data_root)
+            if nginx is not None:
+                targets.append(nginx)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            cells = runner.run(run_matrix(args, targets, buffer))
+            store_pids = stack.pids() if stack is not None else None
+            cells = runner.run(run_matrix(args, targets, buffer, store_pids))
     finally:
         for target in targets:
             target.stop()
+        if stack is not None:
+            stack.stop()
     result = {
         "schema": 1,
         "started": started.isoformat(timespec="seconds"),
@@ -326,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             "chunk_sizes_mib": args.chunk_sizes,
             "concurrency": args.concurrency,
             "shapes": args.shapes,
+            "storage": args.storage,
         },
         "limits": limits,
         "targets": [t.name for t in targets],

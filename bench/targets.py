@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -49,6 +51,7 @@ class Target:
     url: str
     process: subprocess.Popen[str] | None = None
     cleanup_dirs: list[Path] = field(default_factory=list)
+    peer: Any = None  # the S3 bench's plain client (s3peer.S3Direct), instead of a server
 
     def pids(self) -> list[int]:
         if self.process is None:
@@ -92,14 +95,19 @@ def _wait_for_url(process: subprocess.Popen[str], pattern: re.Pattern[str]) -> s
 
 
 def start_chunkserver(
-    *, workers: int, fsync: bool, data_root: Path | None, checksums: str | None = None
+    *,
+    workers: int,
+    fsync: bool,
+    data_root: Path | None,
+    checksums: str | None = None,
+    extra_config: str = "",
 ) -> Target:
     folder = Path(tempfile.mkdtemp(prefix="bench-data-", dir=data_root))
     config = folder / "bench.toml"
     names = ", ".join(f'"{n.strip()}"' for n in (checksums or "crc64nvme").split(","))
     config.write_text(
         f'fsync = {"true" if fsync else "false"}\naccess_log = false\nlog_level = "warning"\n'
-        f"min_free_bytes = 0\nmax_chunk_bytes = 67108864\nchecksums = [{names}]\n"
+        f"min_free_bytes = 0\nmax_chunk_bytes = 67108864\nchecksums = [{names}]\n" + extra_config
     )
     process = subprocess.Popen(
         [
@@ -253,3 +261,57 @@ class ResourceSampler:
         self._thread.join()
         self.cpu_seconds = self._cpu() - self._cpu_start
         self.written_bytes = self._written() - self._written_start
+
+
+@dataclass
+class S3Stack:
+    """A real one-node Swift (S3 API) and PostgreSQL for `--storage s3`, from tests/realstack."""
+
+    swift: Any
+    postgres: Any
+    settings: dict[str, Any]
+
+    def pids(self) -> list[int]:
+        """Swift's servers, memcached, and PostgreSQL with its backends."""
+        pids = [p.pid for p in self.swift.processes]
+        try:
+            parent = psutil.Process(self.postgres.process.pid)
+            pids += [parent.pid] + [c.pid for c in parent.children(recursive=True)]
+        except psutil.Error:
+            pass
+        return pids
+
+    def config_lines(self) -> str:
+        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.settings.items())
+
+    def stop(self) -> None:
+        self.swift.stop()
+        self.postgres.stop()
+        shutil.rmtree(self.swift.folder, ignore_errors=True)
+
+
+def start_s3_stack(data_root: Path | None) -> S3Stack:
+    from tests import realstack
+
+    for reason in (realstack.why_missing_swift(), realstack.why_missing_postgres()):
+        if reason is not None:
+            raise SystemExit(f"--storage s3: {reason}")
+    folder = Path(tempfile.mkdtemp(prefix="bench-swift-", dir=data_root))
+    swift = realstack.start_swift(folder)
+    try:
+        postgres = realstack.start_postgres()
+    except BaseException:
+        swift.stop()
+        raise
+    realstack.create_bucket(swift, "bench")
+    settings = {
+        "storage": "s3",
+        "s3_endpoint_url": swift.endpoint_url,
+        "s3_bucket": "bench",
+        "s3_region": realstack.SWIFT_REGION,
+        "s3_access_key_id": realstack.SWIFT_ACCESS_KEY,
+        "s3_secret_access_key": realstack.SWIFT_SECRET_KEY,
+        "s3_max_parts": realstack.SWIFT_MAX_PARTS,
+        "database_url": realstack.create_database(postgres, "bench"),
+    }
+    return S3Stack(swift, postgres, settings)

@@ -109,7 +109,9 @@ class ObjectStore:
     async def open(self) -> None:
         s = self.settings
         config = BotoConfig(
-            s3={"addressing_style": "path"},
+            # Path-style for every store but AWS itself (MinIO, Ceph, Swift, R2 behind one
+            # host name); on AWS botocore picks the bucket's virtual host.
+            s3={"addressing_style": "path" if s.endpoint_url else "auto"},
             signature_version="s3v4",
             # Swift (and several other stores) refuse aws-chunked bodies with trailing CRCs.
             request_checksum_calculation="when_required",

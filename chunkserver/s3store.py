@@ -141,6 +141,7 @@ class S3Store:
         self.scratch = scratch
         self.sha256 = sha256
         self.max_parts = max_parts
+        self.lease_seconds = COMPLETION_LEASE_SECONDS
         self._background: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
@@ -444,7 +445,7 @@ class S3Store:
     # -- completing --
 
     async def finish(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
-        claimed = await self.state.claim_completion(meta, COMPLETION_LEASE_SECONDS)
+        claimed = await self.state.claim_completion(meta, self.lease_seconds)
         if claimed is None:
             row = await self.state.get(meta.file_id)
             if row is None or row.meta.token != meta.token:
@@ -454,17 +455,20 @@ class S3Store:
             if row.status == "completing":
                 return await self._completed_elsewhere(row.meta), False
             return None  # chunks still missing
+        return await self._complete_claimed(claimed), True
+
+    async def _complete_claimed(self, claimed: UploadRow) -> CompletedUpload:
         try:
-            return await self._complete(claimed), True
+            return await self._complete(claimed)
         except BaseException:
             with contextlib.suppress(Exception):
-                await self.state.release_claim(meta)
+                await self.state.release_claim(claimed.meta)
             raise
 
     async def _completed_elsewhere(self, meta: UploadMeta) -> CompletedUpload:
-        """Wait for a completion another request (or host) is running."""
-        deadline = time.monotonic() + COMPLETION_LEASE_SECONDS
-        while time.monotonic() < deadline:
+        """Wait for a completion another request (or host) is running; take it over when
+        its claim runs out (that host died)."""
+        while True:
             row = await self.state.get(meta.file_id)
             if row is None or row.meta.token != meta.token:
                 raise UploadGone()
@@ -472,8 +476,10 @@ class S3Store:
                 return row.completed
             if row.status == "uploading":  # that completion failed: this chunk may retry
                 raise UploadGone()
+            claimed = await self.state.claim_completion(row.meta, self.lease_seconds)
+            if claimed is not None:
+                return await self._complete_claimed(claimed)
             await asyncio.sleep(WAIT_STEP_SECONDS)
-        raise StoreUnavailable("the upload's completion is taking long")
 
     async def _complete(self, row: UploadRow) -> CompletedUpload:
         meta = row.meta
@@ -533,7 +539,7 @@ class S3Store:
             nonlocal last_renewal
             async with limit:
                 etag = await self._build_part(row, number, group)
-                if time.monotonic() - last_renewal > COMPLETION_LEASE_SECONDS / 4:
+                if time.monotonic() - last_renewal > self.lease_seconds / 4:
                     last_renewal = time.monotonic()
                     await self.state.renew_claim(row.meta)
                 return number, etag
@@ -586,7 +592,7 @@ class S3Store:
         for row in await self.state.remove_expired(now - ttl_seconds):
             await self._clean(row)
             report.expired.append(row.meta.file_id)
-        for row in await self.state.ready_to_finish(now - COMPLETION_LEASE_SECONDS):
+        for row in await self.state.ready_to_finish(now - self.lease_seconds):
             try:
                 finished = await self.finish(row.meta)
             except (UploadGone, StorageFailure) as e:

@@ -393,3 +393,60 @@ def create_database(postgres: Postgres, name: str) -> str:
         capture_output=True,
     )
     return postgres.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+class CuttableProxy:
+    """A TCP proxy on a free port in the test's event loop, to make a real server look
+    unreachable: `cut()` drops every connection and refuses new ones; `restore()` undoes it."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.cut_off = False
+        self._server: object = None
+        self._writers: set[object] = set()
+
+    async def start(self) -> None:
+        import asyncio
+
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    async def _serve(self, reader: object, writer: object) -> None:
+        import asyncio
+
+        if self.cut_off:
+            writer.close()  # type: ignore[attr-defined]
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()  # type: ignore[attr-defined]
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(source: object, sink: object) -> None:
+            try:
+                while data := await source.read(65536):  # type: ignore[attr-defined]
+                    sink.write(data)  # type: ignore[attr-defined]
+                    await sink.drain()  # type: ignore[attr-defined]
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                sink.close()  # type: ignore[attr-defined]
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+    def cut(self) -> None:
+        self.cut_off = True
+        for writer in list(self._writers):
+            writer.transport.abort()  # type: ignore[attr-defined]
+        self._writers.clear()
+
+    def restore(self) -> None:
+        self.cut_off = False
+
+    async def close(self) -> None:
+        self.cut()
+        self._server.close()  # type: ignore[attr-defined]

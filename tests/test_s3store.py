@@ -1,0 +1,219 @@
+"""What only the S3 backend does, against a real Swift and a real PostgreSQL: chunks of 5 MiB or
+more streamed straight into parts, small chunks gathered into parts of 5 MiB, the part limit,
+a store or database that cannot be reached (503), orphans of dead hosts swept, and a
+completion whose host died taken over."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import pytest
+
+from chunkserver import Config
+from chunkserver.model import UploadMeta
+from chunkserver.s3store import S3Store
+from chunkserver.service import Uploads
+
+from . import realstack
+from .conftest import ClientFactory, chunk_form, crc64, downloaded, split
+
+MiB = 2**20
+
+
+@pytest.fixture
+def s3(swift: realstack.Swift) -> Any:
+    return realstack.s3_client(swift)
+
+
+def keys(s3: Any, bucket: str, prefix: str = "") -> list[str]:
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return [o["Key"] for o in listed]
+
+
+async def post(client: Any, form: aiohttp.FormData) -> tuple[int, dict]:
+    resp = await client.post("/upload-chunk", data=form)
+    return resp.status, await resp.json()
+
+
+async def test_chunks_of_5_mib_stream_straight_into_parts(
+    make_client: ClientFactory, s3_settings: dict, s3: Any
+) -> None:
+    client = await make_client(**s3_settings)
+    bucket = s3_settings["s3_bucket"]
+    data = bytes(range(256)) * (4 * 5 * MiB // 256) + b"tail"
+    chunks = split(data, 5 * MiB)
+    for i, chunk in enumerate(chunks):
+        status, body = await post(client, chunk_form("direct", i, len(chunks), chunk))
+        assert status == 200, body
+        assert keys(s3, bucket, "staging/") == []  # no copy anywhere: the part itself
+    assert body["status"] == "completed" and body["crc64nvme"] == crc64(data)
+    head = s3.head_object(Bucket=bucket, Key="uploads/direct/file.bin")
+    assert head["ContentLength"] == len(data) and head["ETag"].endswith('-5"')
+    assert await downloaded(client, "direct") == data
+
+
+async def test_small_chunks_are_gathered_into_parts_of_5_mib(
+    make_client: ClientFactory, s3_settings: dict, s3: Any
+) -> None:
+    client = await make_client(**s3_settings)
+    bucket = s3_settings["s3_bucket"]
+    data = bytes(range(256)) * (12 * MiB // 256)
+    chunks = split(data, MiB)
+    for i, chunk in enumerate(chunks[:-1]):
+        status, _ = await post(client, chunk_form("small", i, len(chunks), chunk))
+        assert status == 200
+    assert len(keys(s3, bucket, "staging/small/")) == len(chunks) - 1
+    status, body = await post(client, chunk_form("small", 11, len(chunks), chunks[-1]))
+    assert status == 200 and body["status"] == "completed" and body["crc64nvme"] == crc64(data)
+    head = s3.head_object(Bucket=bucket, Key="uploads/small/file.bin")
+    assert head["ETag"].endswith('-3"')  # 5 + 5 + 2 MiB
+    assert await downloaded(client, "small") == data
+    for _ in range(50):  # the staging objects are removed after the answer
+        if not keys(s3, bucket, "staging/"):
+            break
+        await asyncio.sleep(0.1)
+    assert keys(s3, bucket, "staging/") == []
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+async def test_an_upload_needing_too_many_parts_is_413_on_its_first_chunk(
+    make_client: ClientFactory, s3_settings: dict
+) -> None:
+    client = await make_client(**{**s3_settings, "s3_max_parts": 3})
+    status, body = await post(
+        client, chunk_form("many", 0, 4, b"x" * 100, chunk_size=str(5 * MiB))
+    )
+    assert status == 413 and "s3_max_parts" in body["detail"]
+    # learned from the first chunk: 20 chunks of 1 MiB make 4 parts of 5 MiB
+    status, body = await post(client, chunk_form("many", 0, 20, b"x" * MiB))
+    assert status == 413 and "4 parts" in body["detail"]
+    assert (await client.get("/upload-status/many")).status == 404
+
+
+async def test_a_field_after_a_large_chunk_is_refused_clearly(
+    make_client: ClientFactory, s3_settings: dict
+) -> None:
+    client = await make_client(**s3_settings)
+    form = aiohttp.FormData()
+    for name, value in [("file_id", "late"), ("chunk_index", "0"), ("total_chunks", "2"),
+                        ("filename", "f")]:  # fmt: skip
+        form.add_field(name, value)
+    form.add_field("chunk", io.BytesIO(b"x" * (6 * MiB)), filename="blob")
+    form.add_field("chunk_sha256", "0" * 64)
+    status, body = await post(client, form)
+    assert status == 400 and "last part of the form" in body["detail"]
+    assert (await client.get("/upload-status/late")).status == 404
+    # the same chunk as the form's last part goes through
+    status, _ = await post(client, chunk_form("late", 0, 2, b"x" * (6 * MiB)))
+    assert status == 200
+
+
+@pytest.fixture
+async def proxied(s3_settings: dict) -> AsyncIterator[tuple[dict, Any, Any]]:
+    """The settings with the bucket and the database behind proxies a test can cut."""
+    endpoint = urlsplit(s3_settings["s3_endpoint_url"])
+    database = urlsplit(s3_settings["database_url"])
+    to_swift = realstack.CuttableProxy(endpoint.hostname or "", endpoint.port or 80)
+    to_db = realstack.CuttableProxy(database.hostname or "", database.port or 5432)
+    await to_swift.start()
+    await to_db.start()
+    settings = {
+        **s3_settings,
+        "s3_endpoint_url": f"http://127.0.0.1:{to_swift.port}",
+        "database_url": urlunsplit(database._replace(netloc=f"chunkserver@127.0.0.1:{to_db.port}")),
+    }
+    yield settings, to_swift, to_db
+    await to_swift.close()
+    await to_db.close()
+
+
+async def test_the_bucket_or_the_database_unreachable_answers_503(
+    make_client: ClientFactory, proxied: tuple[dict, Any, Any]
+) -> None:
+    settings, to_swift, to_db = proxied
+    client = await make_client(**settings)
+    assert (await post(client, chunk_form("down", 0, 3, b"a")))[0] == 200
+    for proxy in (to_swift, to_db):
+        proxy.cut()
+        resp = await client.post("/upload-chunk", data=chunk_form("down", 1, 3, b"b"))
+        assert resp.status == 503, await resp.text()
+        assert resp.headers["Retry-After"] and "unavailable" in (await resp.json())["detail"]
+        health = await client.get("/healthz")
+        assert health.status == 503 and health.headers["Retry-After"]
+        proxy.restore()
+        for _ in range(20):  # a pooled connection cut off is replaced on its next use
+            resp = await client.post("/upload-chunk", data=chunk_form("down", 1, 3, b"b"))
+            if resp.status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert resp.status == 200, await resp.text()
+        assert (await client.get("/healthz")).status == 200
+    # nothing was acknowledged that is not stored, and the upload completes
+    status = await (await client.get("/upload-status/down")).json()
+    assert status["missing_chunks"] == [2]
+    _, body = await post(client, chunk_form("down", 2, 3, b"c"))
+    assert body["status"] == "completed" and body["crc64nvme"] == crc64(b"abc")
+
+
+async def open_store(config: Config, **settings: Any) -> S3Store:
+    store = Uploads.open(config.replace(**settings)).store
+    assert isinstance(store, S3Store)
+    await store.open()
+    return store
+
+
+async def test_the_sweep_removes_what_dead_hosts_left(
+    config: Config, s3_settings: dict, s3: Any
+) -> None:
+    """A multipart upload begun by a host killed before recording it, and staging objects of
+    an upload removed while its host was cleaning up, are removed by the sweep."""
+    bucket = s3_settings["s3_bucket"]
+    ghost = s3.create_multipart_upload(Bucket=bucket, Key="uploads/ghost/f.bin")["UploadId"]
+    s3.put_object(Bucket=bucket, Key="staging/ghost/0123/000000.aa", Body=b"x")
+    store = await open_store(config, **s3_settings)
+    try:
+        await store.begin(UploadMeta.new("live", "f", 2, None))
+        report = await store.sweep(ttl_seconds=3600)
+        assert report.expired == []  # the live upload is young: kept
+        assert report.removed_temp_files == 0  # the orphans are young too: a grace period
+        await asyncio.sleep(1.1)  # Swift gives listing times rounded up to the second
+        report = await store.sweep(ttl_seconds=1e-9)
+        assert report.expired == ["live"] and report.removed_temp_files == 2
+    finally:
+        await store.close()
+    uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in uploads if u["UploadId"] == ghost] == []
+    assert uploads == [] and keys(s3, bucket) == []
+
+
+async def test_a_completion_whose_host_died_is_taken_over(
+    config: Config, s3_settings: dict
+) -> None:
+    a = await open_store(config, **s3_settings)
+    b = await open_store(config, **s3_settings)
+    try:
+        meta, _ = await a.begin(UploadMeta.new("orphan", "f", 2, None))
+        assert isinstance(meta, UploadMeta)
+        for index, data in [(0, b"ab"), (1, b"c")]:
+
+            async def body(data: bytes = data) -> AsyncIterator[memoryview]:
+                yield memoryview(data)
+
+            received = await a.receive(meta, index, body(), max_bytes=99, want_sha256=False)
+            await a.commit(received, meta, index)
+        # host A claims the completion, then dies before doing it
+        assert await a.state.claim_completion(meta, a.lease_seconds) is not None
+        b.lease_seconds = 0.3
+        assert (await b.sweep(ttl_seconds=3600)).completed == []  # A's claim is still fresh
+        await asyncio.sleep(0.4)
+        report = await b.sweep(ttl_seconds=3600)
+        assert [r.file_id for r in report.completed] == ["orphan"]
+        assert report.completed[0].crc64nvme == crc64(b"abc")
+    finally:
+        await a.close()
+        await b.close()
