@@ -57,6 +57,16 @@ CREATE TABLE IF NOT EXISTS chunkserver_chunks (
     staging_key text,
     PRIMARY KEY (file_id, token, idx)
 );
+CREATE TABLE IF NOT EXISTS chunkserver_parts (
+    file_id text NOT NULL REFERENCES chunkserver_uploads ON DELETE CASCADE,
+    token text NOT NULL,
+    part_number integer NOT NULL,
+    first_idx integer NOT NULL,
+    last_idx integer NOT NULL,
+    sources text NOT NULL DEFAULT '',
+    etag text,
+    PRIMARY KEY (file_id, token, part_number)
+);
 """
 
 
@@ -70,6 +80,17 @@ class UploadRow:
     last_activity: float
     claimed_at: float | None
     completed: CompletedUpload | None
+
+
+@dataclass(frozen=True, slots=True)
+class PartRow:
+    """A part gathered from staged chunks first..last while the upload went on."""
+
+    number: int
+    first: int
+    last: int
+    sources: str  # the staging keys it was built from, in order
+    etag: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +396,67 @@ class UploadState:
             )
         return _upload_row(r), int(count), replaced if replaced != chunk.staging_key else None
 
+    # -- parts gathered ahead of the completion --
+
+    async def claim_group(
+        self, meta: UploadMeta, number: int, first: int, last: int
+    ) -> list[ChunkRow] | None:
+        """Claim the building of part `number` from chunks first..last once they are all
+        stored; their rows, or None when they are not all there or another claimed it."""
+        async with self._db() as db, db.transaction():
+            rows = await db.fetch(
+                """SELECT * FROM chunkserver_chunks WHERE file_id = $1 AND token = $2
+                   AND idx BETWEEN $3 AND $4 ORDER BY idx""",
+                meta.file_id,
+                meta.token,
+                first,
+                last,
+            )
+            if len(rows) != last - first + 1:
+                return None
+            claimed = await db.fetchval(
+                """INSERT INTO chunkserver_parts (file_id, token, part_number, first_idx,
+                       last_idx)
+                   SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM chunkserver_uploads
+                       WHERE file_id = $1 AND token = $2 AND status = 'uploading')
+                   ON CONFLICT DO NOTHING RETURNING part_number""",
+                meta.file_id,
+                meta.token,
+                number,
+                first,
+                last,
+            )
+        return None if claimed is None else [_chunk_row(r) for r in rows]
+
+    async def record_part(self, meta: UploadMeta, part: PartRow) -> None:
+        async with self._db() as db:
+            await db.execute(
+                """UPDATE chunkserver_parts SET sources = $6, etag = $7, first_idx = $4,
+                       last_idx = $5
+                   WHERE file_id = $1 AND token = $2 AND part_number = $3""",
+                meta.file_id,
+                meta.token,
+                part.number,
+                part.first,
+                part.last,
+                part.sources,
+                part.etag,
+            )
+
+    async def parts(self, meta: UploadMeta) -> dict[int, PartRow]:
+        async with self._db() as db:
+            rows = await db.fetch(
+                "SELECT * FROM chunkserver_parts WHERE file_id = $1 AND token = $2",
+                meta.file_id,
+                meta.token,
+            )
+        return {
+            r["part_number"]: PartRow(
+                r["part_number"], r["first_idx"], r["last_idx"], r["sources"], r["etag"]
+            )
+            for r in rows
+        }
+
     # -- completion --
 
     async def claim_completion(self, meta: UploadMeta, lease_seconds: float) -> UploadRow | None:
@@ -442,9 +524,10 @@ class UploadState:
                 record.sha256,
                 record.completed_at,
             )
-            await db.execute(
-                "DELETE FROM chunkserver_chunks WHERE file_id = $1 AND token = $2",
-                meta.file_id,
-                meta.token,
-            )
+            for table in ("chunkserver_chunks", "chunkserver_parts"):
+                await db.execute(
+                    f"DELETE FROM {table} WHERE file_id = $1 AND token = $2",
+                    meta.file_id,
+                    meta.token,
+                )
         return done is not None

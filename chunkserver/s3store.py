@@ -52,7 +52,7 @@ from .model import (
     UploadProgress,
 )
 from .s3objects import NoSuchUpload, ObjectStore, Settings
-from .s3state import ChunkRow, UploadRow, UploadState
+from .s3state import ChunkRow, PartRow, UploadRow, UploadState
 
 log = logging.getLogger("chunkserver")
 
@@ -143,6 +143,7 @@ class S3Store:
         self.max_parts = max_parts
         self.lease_seconds = COMPLETION_LEASE_SECONDS
         self._background: set[asyncio.Task[None]] = set()
+        self._gathering = asyncio.Semaphore(GATHER_CONCURRENCY)  # parts built at once
 
     async def open(self) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -429,7 +430,30 @@ class S3Store:
             return await self._completed_elsewhere(row.meta)
         if replaced is not None:
             self._later(self.objects.delete([replaced]))
+        if received.staging_key is not None and count < row.meta.total_chunks:
+            self._later(self._gather_ahead(row, index))
         return Committed(row.meta, count, count == row.meta.total_chunks)
+
+    async def _gather_ahead(self, row: UploadRow, index: int) -> None:
+        """Build the part of this chunk's run as soon as the run is stored, while the upload
+        goes on, so that the completion only has the last run left to gather.
+
+        Runs are fixed by the chunk size: ceil(5 MiB / chunk_size) chunks each, which is
+        what the completion's plan gives when chunks are even (checked there)."""
+        meta = row.meta
+        if meta.chunk_size is None or meta.chunk_size == 0:
+            return
+        per_part = math.ceil(MIN_PART_BYTES / meta.chunk_size)
+        first = index - index % per_part
+        last = first + per_part - 1
+        if last >= meta.total_chunks - 1:
+            return  # the run with the last chunk: gathered at the completion
+        group = await self.state.claim_group(meta, first // per_part + 1, first, last)
+        if group is None or any(c.length != meta.chunk_size for c in group):
+            return
+        number = first // per_part + 1
+        etag = await self._build_part(row, number, group)
+        await self.state.record_part(meta, PartRow(number, first, last, _sources(group), etag))
 
     async def discard(self, received: S3Received) -> None:
         if received.spool is not None:
@@ -532,23 +556,34 @@ class S3Store:
             groups = list(enumerate(_gather_runs(chunks), start=1))
         if len(groups) > self.max_parts:
             raise StorageFailure(f"{len(groups)} parts exceed the store's limit")
-        limit = asyncio.Semaphore(GATHER_CONCURRENCY)
+        built = {} if row.direct else await self.state.parts(row.meta)
         last_renewal = time.monotonic()
 
         async def build(number: int, group: list[ChunkRow]) -> tuple[int, str]:
             nonlocal last_renewal
-            async with limit:
-                etag = await self._build_part(row, number, group)
-                if time.monotonic() - last_renewal > self.lease_seconds / 4:
-                    last_renewal = time.monotonic()
-                    await self.state.renew_claim(row.meta)
-                return number, etag
+            ahead = built.get(number)
+            if (
+                ahead is not None
+                and ahead.etag is not None
+                and (ahead.first, ahead.last) == (group[0].index, group[-1].index)
+                and ahead.sources == _sources(group)
+            ):
+                return number, ahead.etag  # gathered while the upload went on
+            etag = await self._build_part(row, number, group)
+            if time.monotonic() - last_renewal > self.lease_seconds / 4:
+                last_renewal = time.monotonic()
+                await self.state.renew_claim(row.meta)
+            return number, etag
 
         return list(await asyncio.gather(*(build(n, g) for n, g in groups)))
 
     async def _build_part(self, row: UploadRow, number: int, group: list[ChunkRow]) -> str:
         if len(group) == 1 and group[0].etag is not None:
             return group[0].etag
+        async with self._gathering:
+            return await self._gather(row, number, group)
+
+    async def _gather(self, row: UploadRow, number: int, group: list[ChunkRow]) -> str:
         if len(group) == 1 and group[0].staging_key is not None:
             return await self.objects.copy_part(
                 row.object_key, row.upload_id, number, group[0].staging_key
@@ -655,6 +690,10 @@ def _length_mismatch() -> BadRequest:
     return BadRequest(
         "With the s3 storage, a chunk of 5 MiB or more must be the last part of the form"
     )
+
+
+def _sources(group: list[ChunkRow]) -> str:
+    return " ".join(c.staging_key or "" for c in group)
 
 
 def _gather_runs(chunks: list[ChunkRow]) -> list[list[ChunkRow]]:

@@ -38,8 +38,6 @@ from .model import (
     UploadMeta,
     UploadProgress,
 )
-from .s3objects import Settings
-from .s3store import S3Store
 from .store import Received, Store
 
 log = logging.getLogger("chunkserver")
@@ -74,6 +72,10 @@ class Uploads:
         sha256 = "sha256" in config.checksums
         store: Store[Any]
         if config.storage == "s3":
+            # Imported here: botocore's models cost the local backend ~20 MiB of memory.
+            from .s3objects import Settings
+            from .s3store import S3Store
+
             store = S3Store(
                 Settings(
                     bucket=config.s3_bucket,
