@@ -12,9 +12,11 @@ part of that upload (its ETag) or a staging object (its key), with its length an
 from __future__ import annotations
 
 import contextlib
+import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -57,6 +59,37 @@ CREATE TABLE IF NOT EXISTS chunkserver_chunks (
     staging_key text,
     PRIMARY KEY (file_id, token, idx)
 );
+CREATE OR REPLACE FUNCTION chunkserver_record_chunk(
+    p_file_id text, p_token text, p_idx integer, p_length bigint, p_crc bigint, p_etag text,
+    p_staging_key text, p_learned_chunk_size bigint, p_now double precision)
+RETURNS TABLE (o_upload json, o_replaced text, o_stored bigint) AS $$
+DECLARE
+    u chunkserver_uploads%ROWTYPE;
+BEGIN
+    SELECT * INTO u FROM chunkserver_uploads WHERE file_id = p_file_id FOR UPDATE;
+    IF NOT FOUND OR u.token <> p_token THEN
+        RETURN QUERY SELECT NULL::json, NULL::text, 0::bigint;
+        RETURN;
+    END IF;
+    IF u.status <> 'uploading' THEN
+        RETURN QUERY SELECT row_to_json(u), NULL::text, 0::bigint;
+        RETURN;
+    END IF;
+    SELECT c.staging_key INTO o_replaced FROM chunkserver_chunks c
+        WHERE c.file_id = p_file_id AND c.token = p_token AND c.idx = p_idx;
+    INSERT INTO chunkserver_chunks AS c (file_id, token, idx, length, crc, etag, staging_key)
+        VALUES (p_file_id, p_token, p_idx, p_length, p_crc, p_etag, p_staging_key)
+        ON CONFLICT (file_id, token, idx) DO UPDATE SET length = p_length, crc = p_crc,
+            etag = p_etag, staging_key = p_staging_key;
+    UPDATE chunkserver_uploads SET last_activity = p_now,
+            chunk_size = COALESCE(chunk_size, p_learned_chunk_size)
+        WHERE file_id = p_file_id
+        RETURNING * INTO u;
+    RETURN QUERY SELECT row_to_json(u), o_replaced,
+        (SELECT count(*) FROM chunkserver_chunks c
+         WHERE c.file_id = p_file_id AND c.token = p_token);
+END
+$$ LANGUAGE plpgsql;
 CREATE TABLE IF NOT EXISTS chunkserver_parts (
     file_id text NOT NULL REFERENCES chunkserver_uploads ON DELETE CASCADE,
     token text NOT NULL,
@@ -110,7 +143,7 @@ def _to_unsigned(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
 
 
-def _upload_row(r: asyncpg.Record) -> UploadRow:
+def _upload_row(r: Mapping[str, Any]) -> UploadRow:
     meta = UploadMeta(
         file_id=r["file_id"],
         filename=r["filename"],
@@ -164,6 +197,14 @@ def translated_errors() -> Iterator[None]:
         raise StoreUnavailable(f"the database cannot be reached ({type(e).__name__})") from e
 
 
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """No reset query when a connection goes back to the pool: this code keeps no session
+    state (its one advisory lock is a transaction's), and the query cost a round trip."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 class UploadState:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -172,7 +213,12 @@ class UploadState:
     async def open(self) -> None:
         with translated_errors():
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=20, command_timeout=30, timeout=10
+                self.url,
+                min_size=1,
+                max_size=20,
+                command_timeout=30,
+                timeout=10,
+                connection_class=_Connection,
             )
             async with self._pool.acquire() as db, db.transaction():
                 await db.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
@@ -344,33 +390,16 @@ class UploadState:
     async def record_chunk(
         self, meta: UploadMeta, chunk: ChunkRow, *, is_last: bool
     ) -> tuple[UploadRow | None, int, str | None]:
-        """Record a stored chunk, in one transaction with the upload's row locked.
+        """Record a stored chunk: one call of `chunkserver_record_chunk` (one round trip, one
+        transaction, the upload's row locked).
 
         Returns the upload as it is now (None: gone or begun again), how many chunks it has,
         and the staging key this chunk replaced. A chunk of an upload that is completing or
         completed is not recorded.
         """
-        async with self._db() as db, db.transaction():
+        async with self._db() as db:
             r = await db.fetchrow(
-                "SELECT * FROM chunkserver_uploads WHERE file_id = $1 FOR UPDATE", meta.file_id
-            )
-            if r is None or r["token"] != meta.token:
-                return None, 0, None
-            if r["status"] != "uploading":
-                return _upload_row(r), 0, None
-            replaced = await db.fetchval(
-                """SELECT staging_key FROM chunkserver_chunks
-                   WHERE file_id = $1 AND token = $2 AND idx = $3""",
-                meta.file_id,
-                meta.token,
-                chunk.index,
-            )
-            await db.execute(
-                """INSERT INTO chunkserver_chunks (file_id, token, idx, length, crc, etag,
-                       staging_key)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7)
-                   ON CONFLICT (file_id, token, idx) DO UPDATE SET length = $4, crc = $5,
-                       etag = $6, staging_key = $7""",
+                "SELECT * FROM chunkserver_record_chunk($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 meta.file_id,
                 meta.token,
                 chunk.index,
@@ -378,23 +407,14 @@ class UploadState:
                 _to_signed(chunk.crc),
                 chunk.etag,
                 chunk.staging_key,
-            )
-            learned = None if is_last else chunk.length
-            r = await db.fetchrow(
-                """UPDATE chunkserver_uploads
-                   SET last_activity = $3, chunk_size = COALESCE(chunk_size, $4)
-                   WHERE file_id = $1 AND token = $2 RETURNING *""",
-                meta.file_id,
-                meta.token,
+                None if is_last else chunk.length,
                 time.time(),
-                learned,
             )
-            count = await db.fetchval(
-                "SELECT count(*) FROM chunkserver_chunks WHERE file_id = $1 AND token = $2",
-                meta.file_id,
-                meta.token,
-            )
-        return _upload_row(r), int(count), replaced if replaced != chunk.staging_key else None
+        if r["o_upload"] is None:
+            return None, 0, None
+        row = _upload_row(json.loads(r["o_upload"]))
+        replaced = r["o_replaced"]
+        return row, int(r["o_stored"]), replaced if replaced != chunk.staging_key else None
 
     # -- parts gathered ahead of the completion --
 

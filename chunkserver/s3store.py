@@ -348,7 +348,7 @@ class S3Store:
                 row.object_key, row.upload_id, index + 1, counted(), expected
             )
         except NoSuchUpload:
-            raise UploadGone() from None
+            raise _gone_midway() from None
         except BaseException:
             if received.failure is not None:
                 raise received.failure from None
@@ -365,7 +365,18 @@ class S3Store:
     async def _place(
         self, received: S3Received, spool: Spool, row: UploadRow, index: int, direct: bool | None
     ) -> None:
-        """Send spooled bytes to their place: the chunk's part, or a staging object."""
+        """Send spooled bytes to their place: the chunk's part, or a staging object.
+
+        The body is read by now: an upload that ended meanwhile is a conflict, not
+        UploadGone (which would have the service read the body again)."""
+        try:
+            await self._place_spooled(received, spool, row, index, direct)
+        except (UploadGone, NoSuchUpload):
+            raise _gone_midway() from None
+
+    async def _place_spooled(
+        self, received: S3Received, spool: Spool, row: UploadRow, index: int, direct: bool | None
+    ) -> None:
         meta = row.meta
         last = meta.is_last(index)
         if direct is None and not last:
@@ -376,12 +387,9 @@ class S3Store:
                 f"but the last of an upload of chunks of 5 MiB or more must have 5 MiB or more"
             )
         if direct:
-            try:
-                received.etag = await self.objects.put_part(
-                    row.object_key, row.upload_id, index + 1, spool.payload(), received.length
-                )
-            except NoSuchUpload:
-                raise UploadGone() from None
+            received.etag = await self.objects.put_part(
+                row.object_key, row.upload_id, index + 1, spool.payload(), received.length
+            )
         else:
             key = self._staging_key(meta, index)
             await self.objects.put_object(key, spool.payload(), received.length)
@@ -424,6 +432,11 @@ class S3Store:
         )
         if row is None:
             await self.discard(received)
+            if received.etag is not None and received.row is not None:
+                # A part may land after its upload was aborted (S3 says so; Swift does):
+                # abort again, which frees it.
+                stale = received.row
+                self._later(self.objects.abort(stale.object_key, stale.upload_id))
             raise UploadGone()
         if row.status != "uploading":
             await self.discard(received)
@@ -684,6 +697,13 @@ class S3Store:
         task = asyncio.get_running_loop().create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _gone_midway() -> UploadConflict:
+    return UploadConflict(
+        "The upload was completed or removed while this chunk was being received: "
+        "ask /upload-status for its state"
+    )
 
 
 def _length_mismatch() -> BadRequest:

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from chunkserver import Config
+from chunkserver.errors import UploadConflict, UploadGone
 from chunkserver.model import UploadMeta
 from chunkserver.s3store import S3Store
 from chunkserver.service import Uploads
@@ -85,9 +86,7 @@ async def test_an_upload_needing_too_many_parts_is_413_on_its_first_chunk(
     make_client: ClientFactory, s3_settings: dict
 ) -> None:
     client = await make_client(**{**s3_settings, "s3_max_parts": 3})
-    status, body = await post(
-        client, chunk_form("many", 0, 4, b"x" * 100, chunk_size=str(5 * MiB))
-    )
+    status, body = await post(client, chunk_form("many", 0, 4, b"x" * 100, chunk_size=str(5 * MiB)))
     assert status == 413 and "s3_max_parts" in body["detail"]
     # learned from the first chunk: 20 chunks of 1 MiB make 4 parts of 5 MiB
     status, body = await post(client, chunk_form("many", 0, 20, b"x" * MiB))
@@ -217,3 +216,59 @@ async def test_a_completion_whose_host_died_is_taken_over(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_an_upload_removed_while_a_part_streams_is_a_conflict_not_a_retry(
+    config: Config, s3_settings: dict
+) -> None:
+    """The body is read by then: UploadGone would have the service read it again, from its
+    end, and store an empty chunk. A clear 409 instead, and nothing recorded."""
+    store = await open_store(config, **s3_settings)
+    try:
+        meta, _ = await store.begin(UploadMeta.new("gone", "f", 2, None, 5 * MiB))
+        assert isinstance(meta, UploadMeta)
+
+        async def body() -> AsyncIterator[memoryview]:
+            assert await store.delete("gone")  # a DELETE from another request, meanwhile
+            for _ in range(5):
+                yield memoryview(b"x" * MiB)
+
+        with pytest.raises(UploadConflict) as caught:
+            await store.receive(
+                meta, 0, body(), max_bytes=2**30, want_sha256=False, length_hint=5 * MiB
+            )
+        assert not isinstance(caught.value, UploadGone)
+        assert await store.status("gone") is None
+    finally:
+        await store.close()
+
+
+async def test_a_part_stored_after_its_upload_was_removed_is_not_recorded(
+    config: Config, s3_settings: dict, s3: Any
+) -> None:
+    """S3 may take a part whose upload is aborted while it streams (Swift does): the commit
+    then finds the upload gone, records nothing, and aborts it again to free that part."""
+    store = await open_store(config, **s3_settings)
+    try:
+        meta, _ = await store.begin(UploadMeta.new("late", "f", 2, None, 5 * MiB))
+        assert isinstance(meta, UploadMeta)
+
+        async def body() -> AsyncIterator[memoryview]:
+            yield memoryview(b"x" * MiB)
+            assert await store.delete("late")
+            for _ in range(4):
+                yield memoryview(b"x" * MiB)
+
+        try:
+            received = await store.receive(
+                meta, 0, body(), max_bytes=2**30, want_sha256=False, length_hint=5 * MiB
+            )
+        except UploadConflict as e:  # the store refused the part: as good
+            assert not isinstance(e, UploadGone)
+        else:
+            with pytest.raises(UploadGone):
+                await store.commit(received, meta, 0)
+        assert await store.status("late") is None
+    finally:
+        await store.close()
+    assert s3.list_multipart_uploads(Bucket=s3_settings["s3_bucket"]).get("Uploads", []) == []
