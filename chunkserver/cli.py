@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .config import ConfigError, load_config
+from .errors import StoreUnavailable
 
 DEFAULT_CONFIG = Path("config.toml")
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -39,6 +40,9 @@ def _serve(args: argparse.Namespace) -> int:
         serve(config)
     except OSError as e:
         print(f"chunkserver: cannot serve: {e}", file=sys.stderr)
+        return 1
+    except StoreUnavailable as e:  # storage = "s3": the bucket or the database, at start
+        print(f"chunkserver: cannot serve: {e.detail}", file=sys.stderr)
         return 1
     return 0
 

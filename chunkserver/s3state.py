@@ -211,6 +211,12 @@ class UploadState:
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> None:
+        try:
+            await self._open()
+        except asyncpg.PostgresError as e:  # a wrong password or database name, say
+            raise StoreUnavailable(f"the database refused the connection: {e}") from e
+
+    async def _open(self) -> None:
         with translated_errors():
             self._pool = await asyncpg.create_pool(
                 self.url,

@@ -147,10 +147,17 @@ class S3Store:
 
     async def open(self) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
-        await self.objects.open()
-        await self.state.open()
-        if not await self.objects.bucket_is_reachable():
-            raise StoreUnavailable(f"bucket {self.objects.bucket!r} cannot be reached")
+        try:
+            await self.objects.open()
+            if not await self.objects.bucket_is_reachable():
+                raise StoreUnavailable(
+                    f"the bucket {self.objects.bucket!r} cannot be reached at "
+                    f"{self.objects.settings.endpoint_url or 'AWS S3'}"
+                )
+            await self.state.open()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         for task in list(self._background):

@@ -272,3 +272,25 @@ async def test_a_part_stored_after_its_upload_was_removed_is_not_recorded(
     finally:
         await store.close()
     assert s3.list_multipart_uploads(Bucket=s3_settings["s3_bucket"]).get("Uploads", []) == []
+
+
+def test_a_start_without_its_bucket_or_database_says_which(tmp_path, s3_settings: dict) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import s3_flags
+
+    for key, value, said in [
+        ("s3_bucket", "no-such-bucket", "the bucket 'no-such-bucket' cannot be reached"),
+        ("database_url", s3_settings["database_url"] + "x", "the database refused"),
+    ]:
+        config = tmp_path / "host.toml"
+        config.write_text("\n".join(s3_flags({**s3_settings, key: value})) + "\n")
+        done = subprocess.run(
+            [sys.executable, "-m", "chunkserver", "serve", "--config", str(config),
+             "--port", "0", "--data-dir", str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines()[-1].startswith("chunkserver: cannot serve:")
+        assert said in done.stderr
