@@ -20,6 +20,8 @@ def add_fractions(result: dict[str, Any]) -> None:
         cell["cpu_vs_nginx"] = ours_cpu / nginx_cpu if ours_cpu and nginx_cpu else None
         fastapi = cell["targets"].get("fastapi", {}).get("MiB_per_s")
         cell["fraction_of_fastapi"] = ours / fastapi if ours and fastapi else None
+        direct = cell["targets"].get("s3-direct", {}).get("MiB_per_s")
+        cell["fraction_of_s3_direct"] = ours / direct if ours and direct else None
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -27,6 +29,8 @@ def _num(value: float | None, digits: int = 0) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    if result["options"].get("storage") == "s3":
+        return _s3_markdown(result)
     machine = result["machine"]
     lines = [
         f"# Bench run {result['started']}",
@@ -88,6 +92,64 @@ def markdown(result: dict[str, Any]) -> str:
         "cache dirtied, /proc/PID/io write_bytes, per byte uploaded): the server's processes, "
         "from /proc (left out with --url). FastAPI: the seed's endpoint on uvicorn "
         "(bench/fastapi_seed.py).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _s3_markdown(result: dict[str, Any]) -> str:
+    """`--storage s3`: chunkserver on the object store beside a plain S3 client."""
+    machine = result["machine"]
+    lines = [
+        f"# Bench run {result['started']} (storage = s3)",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Machine: {machine['cores']} cores ({machine['cpu']}), {machine['memory_gib']} GiB, "
+        f"kernel {machine['kernel']}, Python {machine['python']}. The client, chunkserver, a "
+        "one-node OpenStack Swift (s3api) and PostgreSQL share the cores.",
+        "",
+        f"Throughput in {result['unit']}; median of {result['options']['repeats']} runs of "
+        f"{result['options']['volume_mib']} MiB per cell, min-max in brackets. s3-direct: the "
+        "same bytes sent straight to Swift by a plain S3 client (multipart upload, parts of "
+        "the chunk size but at least 5 MiB, the same concurrency; bench/s3peer.py).",
+        "",
+        "| shape | chunk | conc | chunkserver MiB/s | s3-direct MiB/s | x s3-direct "
+        "| completion ms (direct) | peak RSS MiB | chunkserver CPU s/GiB "
+        "| store CPU s/GiB (direct) | CPU ms/req |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell in result["cells"]:
+        ours = cell["targets"].get("chunkserver", {})
+        direct = cell["targets"].get("s3-direct", {})
+        speed = (
+            f"{ours['MiB_per_s']:.0f} ({ours['min_MiB_per_s']:.0f}-{ours['max_MiB_per_s']:.0f})"
+            if ours
+            else "-"
+        )
+        direct_speed = (
+            f"{direct['MiB_per_s']:.0f} ({direct['min_MiB_per_s']:.0f}-"
+            f"{direct['max_MiB_per_s']:.0f})"
+            if direct
+            else "-"
+        )
+        chunk = cell["chunk_mib"]
+        chunk_text = f"{chunk} MiB" if chunk >= 1 else f"{round(chunk * 1024)} KiB"
+        lines.append(
+            f"| {cell['shape']} | {chunk_text} | {cell['concurrency']} | {speed} "
+            f"| {direct_speed} | {_num(cell.get('fraction_of_s3_direct'), 2)} "
+            f"| {_num(ours.get('completion_p50_ms'))} ({_num(direct.get('completion_p50_ms'))}) "
+            f"| {_num(ours.get('peak_rss_mib'), 1)} | {_num(ours.get('cpu_s_per_gib'), 2)} "
+            f"| {_num(ours.get('store_cpu_s_per_gib'), 2)} "
+            f"({_num(direct.get('store_cpu_s_per_gib'), 2)}) "
+            f"| {_num(ours.get('cpu_ms_per_request'), 2)} |"
+        )
+    lines += [
+        "",
+        "completion ms: from the last byte of an upload's last chunk sent to its completed "
+        "answer (direct: the CompleteMultipartUpload call), median over uploads. chunkserver "
+        "CPU and peak RSS: its process, from /proc. store CPU: Swift's servers, memcached and "
+        "PostgreSQL, from /proc, per GiB uploaded, for each target's runs.",
         "",
     ]
     return "\n".join(lines)

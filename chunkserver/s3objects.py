@@ -159,7 +159,7 @@ class ObjectStore:
     # -- bytes --
 
     async def _put(
-        self, url: str, body: bytes | AsyncIterable[bytes | memoryview], length: int, what: str
+        self, url: str, body: bytes | bytearray | AsyncIterable[bytes | memoryview], length: int, what: str
     ) -> str:
         with translated_errors(what):
             async with self.http.put(
@@ -181,7 +181,7 @@ class ObjectStore:
         key: str,
         upload_id: str,
         part_number: int,
-        body: bytes | AsyncIterable[bytes | memoryview],
+        body: bytes | bytearray | AsyncIterable[bytes | memoryview],
         length: int,
     ) -> str:
         """Upload one part of a multipart upload; its ETag."""
@@ -191,7 +191,7 @@ class ObjectStore:
         return await self._put(url, body, length, f"part {part_number} of {key}")
 
     async def put_object(
-        self, key: str, body: bytes | AsyncIterable[bytes | memoryview], length: int
+        self, key: str, body: bytes | bytearray | AsyncIterable[bytes | memoryview], length: int
     ) -> str:
         url = await self._presign("put_object", Key=key)
         return await self._put(url, body, length, f"object {key}")

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +62,7 @@ MIN_PART_BYTES = 5 * MiB  # S3 refuses a smaller part other than the last (Entit
 SPOOL_MEMORY_BYTES = 8 * MiB  # a spooled chunk past this goes to a scratch file
 COMPLETION_LEASE_SECONDS = 120.0  # a claimed completion not renewed for this long is retaken
 GATHER_CONCURRENCY = 4
+STAGED_COPIES_BYTES = 64 * MiB  # local copies of staged chunks, for gathering
 ORPHAN_GRACE_SECONDS = 3600.0
 WAIT_STEP_SECONDS = 0.05
 
@@ -86,10 +88,13 @@ class Spool:
             self._file.write(piece)
         self.length += len(piece)
 
-    def payload(self) -> bytes | AsyncIterator[bytes]:
+    def payload(self) -> bytearray | AsyncIterator[bytes]:
         if self._file is None:
-            return bytes(self._memory)
+            return self._memory  # sent as it is: no copy
         return self._read_file()
+
+    def in_memory(self) -> bytearray | None:
+        return None if self._file is not None else self._memory
 
     async def _read_file(self) -> AsyncIterator[bytes]:
         assert self._file is not None
@@ -101,6 +106,46 @@ class Spool:
         if self._file is not None:
             self._file.close()
         self._memory = bytearray()
+
+
+class StagedCopies:
+    """Copies of the chunks this process staged lately, in unlinked scratch files (the page
+    cache), so that gathering a run into a part reads them here instead of from the store:
+    one pass over the bytes through the store less. Only a cache: a copy may be missing
+    (another host staged the chunk, or it was evicted, or the process restarted), and the
+    store is read then. Nothing of it outlives the process."""
+
+    def __init__(self, scratch: Path, capacity_bytes: int) -> None:
+        self._scratch = scratch
+        self._capacity = capacity_bytes
+        self._copies: OrderedDict[str, tuple[IO[bytes], int]] = OrderedDict()
+        self._bytes = 0
+
+    def keep(self, key: str, data: bytearray) -> None:
+        if len(data) > self._capacity // 4:
+            return
+        copy = tempfile.TemporaryFile(dir=self._scratch)  # noqa: SIM115 - kept open
+        copy.write(data)
+        self._copies[key] = (copy, len(data))
+        self._bytes += len(data)
+        while self._bytes > self._capacity:
+            _, (oldest, length) = self._copies.popitem(last=False)
+            oldest.close()
+            self._bytes -= length
+
+    def take(self, key: str) -> IO[bytes] | None:
+        """The copy of `key`, no longer kept (the caller closes it), or None."""
+        found = self._copies.pop(key, None)
+        if found is None:
+            return None
+        self._bytes -= found[1]
+        return found[0]
+
+    def clear(self) -> None:
+        for copy, _ in self._copies.values():
+            copy.close()
+        self._copies.clear()
+        self._bytes = 0
 
 
 @dataclass(eq=False)
@@ -144,6 +189,7 @@ class S3Store:
         self.lease_seconds = COMPLETION_LEASE_SECONDS
         self._background: set[asyncio.Task[None]] = set()
         self._gathering = asyncio.Semaphore(GATHER_CONCURRENCY)  # parts built at once
+        self.copies = StagedCopies(scratch, STAGED_COPIES_BYTES)
 
     async def open(self) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -163,6 +209,7 @@ class S3Store:
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
+        self.copies.clear()
         await self.state.close()
         await self.objects.close()
 
@@ -401,6 +448,9 @@ class S3Store:
             key = self._staging_key(meta, index)
             await self.objects.put_object(key, spool.payload(), received.length)
             received.staging_key = key
+            data = spool.in_memory()
+            if data is not None:
+                self.copies.keep(key, data)
 
     async def sha256_of(self, received: S3Received) -> str:
         digest = hashlib.sha256()
@@ -410,7 +460,7 @@ class S3Store:
             return digest.hexdigest()
         if received.spool is not None:
             payload = received.spool.payload()
-            if isinstance(payload, bytes):
+            if isinstance(payload, bytearray):
                 digest.update(payload)
             else:
                 async for piece in payload:
@@ -479,6 +529,9 @@ class S3Store:
         if received.spool is not None:
             received.spool.close()
         if received.staging_key is not None:
+            copy = self.copies.take(received.staging_key)
+            if copy is not None:
+                copy.close()
             self._later(self.objects.delete([received.staging_key]))
         elif received.etag is not None and received.meta is not None:
             # The part now holds these refused bytes: an earlier copy of the chunk no longer
@@ -612,8 +665,14 @@ class S3Store:
         async def gathered() -> AsyncIterator[bytes]:
             for chunk in group:
                 assert chunk.staging_key is not None
-                async for piece in self.objects.read_pieces(chunk.staging_key):
-                    yield piece
+                copy = self.copies.take(chunk.staging_key)
+                if copy is None:
+                    async for piece in self.objects.read_pieces(chunk.staging_key):
+                        yield piece
+                    continue
+                with copy:
+                    copy.seek(0)
+                    yield copy.read()  # one chunk of less than 5 MiB, from the page cache
 
         length = sum(c.length for c in group)
         return await self.objects.put_part(
