@@ -159,7 +159,11 @@ class ObjectStore:
     # -- bytes --
 
     async def _put(
-        self, url: str, body: bytes | bytearray | AsyncIterable[bytes | memoryview], length: int, what: str
+        self,
+        url: str,
+        body: bytes | bytearray | AsyncIterable[bytes | memoryview],
+        length: int,
+        what: str,
     ) -> str:
         with translated_errors(what):
             async with self.http.put(

@@ -59,20 +59,23 @@ CREATE TABLE IF NOT EXISTS chunkserver_chunks (
     staging_key text,
     PRIMARY KEY (file_id, token, idx)
 );
+DROP FUNCTION IF EXISTS chunkserver_record_chunk(text, text, integer, bigint, bigint, text,
+    text, bigint, double precision);
 CREATE OR REPLACE FUNCTION chunkserver_record_chunk(
     p_file_id text, p_token text, p_idx integer, p_length bigint, p_crc bigint, p_etag text,
-    p_staging_key text, p_learned_chunk_size bigint, p_now double precision)
-RETURNS TABLE (o_upload json, o_replaced text, o_stored bigint) AS $$
+    p_staging_key text, p_learned_chunk_size bigint, p_now double precision,
+    p_run_first integer, p_run_last integer)
+RETURNS TABLE (o_upload json, o_replaced text, o_stored bigint, o_run_stored bigint) AS $$
 DECLARE
     u chunkserver_uploads%ROWTYPE;
 BEGIN
     SELECT * INTO u FROM chunkserver_uploads WHERE file_id = p_file_id FOR UPDATE;
     IF NOT FOUND OR u.token <> p_token THEN
-        RETURN QUERY SELECT NULL::json, NULL::text, 0::bigint;
+        RETURN QUERY SELECT NULL::json, NULL::text, 0::bigint, 0::bigint;
         RETURN;
     END IF;
     IF u.status <> 'uploading' THEN
-        RETURN QUERY SELECT row_to_json(u), NULL::text, 0::bigint;
+        RETURN QUERY SELECT row_to_json(u), NULL::text, 0::bigint, 0::bigint;
         RETURN;
     END IF;
     SELECT c.staging_key INTO o_replaced FROM chunkserver_chunks c
@@ -87,7 +90,10 @@ BEGIN
         RETURNING * INTO u;
     RETURN QUERY SELECT row_to_json(u), o_replaced,
         (SELECT count(*) FROM chunkserver_chunks c
-         WHERE c.file_id = p_file_id AND c.token = p_token);
+         WHERE c.file_id = p_file_id AND c.token = p_token),
+        (SELECT count(*) FROM chunkserver_chunks c
+         WHERE c.file_id = p_file_id AND c.token = p_token
+           AND c.idx BETWEEN p_run_first AND p_run_last);
 END
 $$ LANGUAGE plpgsql;
 CREATE TABLE IF NOT EXISTS chunkserver_parts (
@@ -394,18 +400,20 @@ class UploadState:
         return [r["idx"] for r in rows]
 
     async def record_chunk(
-        self, meta: UploadMeta, chunk: ChunkRow, *, is_last: bool
-    ) -> tuple[UploadRow | None, int, str | None]:
+        self, meta: UploadMeta, chunk: ChunkRow, *, is_last: bool, run: tuple[int, int]
+    ) -> tuple[UploadRow | None, int, str | None, int]:
         """Record a stored chunk: one call of `chunkserver_record_chunk` (one round trip, one
         transaction, the upload's row locked).
 
         Returns the upload as it is now (None: gone or begun again), how many chunks it has,
-        and the staging key this chunk replaced. A chunk of an upload that is completing or
-        completed is not recorded.
+        the staging key this chunk replaced, and how many chunks of `run` (first, last
+        index) are stored. A chunk of an upload that is completing or completed is not
+        recorded.
         """
         async with self._db() as db:
             r = await db.fetchrow(
-                "SELECT * FROM chunkserver_record_chunk($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                "SELECT * FROM chunkserver_record_chunk($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+                "$10, $11)",
                 meta.file_id,
                 meta.token,
                 chunk.index,
@@ -415,12 +423,15 @@ class UploadState:
                 chunk.staging_key,
                 None if is_last else chunk.length,
                 time.time(),
+                *run,
             )
         if r["o_upload"] is None:
-            return None, 0, None
+            return None, 0, None, 0
         row = _upload_row(json.loads(r["o_upload"]))
         replaced = r["o_replaced"]
-        return row, int(r["o_stored"]), replaced if replaced != chunk.staging_key else None
+        if replaced == chunk.staging_key:
+            replaced = None
+        return row, int(r["o_stored"]), replaced, int(r["o_run_stored"])
 
     # -- parts gathered ahead of the completion --
 

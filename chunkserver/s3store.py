@@ -484,8 +484,9 @@ class S3Store:
             finally:
                 spool.close()
         chunk = ChunkRow(index, received.length, received.crc, received.etag, received.staging_key)
-        row, count, replaced = await self.state.record_chunk(
-            meta, chunk, is_last=meta.is_last(index)
+        run = _run_of(meta, index) if received.staging_key is not None else None
+        row, count, replaced, run_stored = await self.state.record_chunk(
+            meta, chunk, is_last=meta.is_last(index), run=run or (-1, -1)
         )
         if row is None:
             await self.discard(received)
@@ -500,28 +501,19 @@ class S3Store:
             return await self._completed_elsewhere(row.meta)
         if replaced is not None:
             self._later(self.objects.delete([replaced]))
-        if received.staging_key is not None and count < row.meta.total_chunks:
-            self._later(self._gather_ahead(row, index))
+        if run is not None and run_stored == run[1] - run[0] + 1:
+            self._later(self._gather_ahead(row, run))
         return Committed(row.meta, count, count == row.meta.total_chunks)
 
-    async def _gather_ahead(self, row: UploadRow, index: int) -> None:
-        """Build the part of this chunk's run as soon as the run is stored, while the upload
-        goes on, so that the completion only has the last run left to gather.
-
-        Runs are fixed by the chunk size: ceil(5 MiB / chunk_size) chunks each, which is
-        what the completion's plan gives when chunks are even (checked there)."""
+    async def _gather_ahead(self, row: UploadRow, run: tuple[int, int]) -> None:
+        """Build the part of a run of staged chunks as soon as the run is stored, while the
+        upload goes on, so that the completion only has the last run left to gather."""
         meta = row.meta
-        if meta.chunk_size is None or meta.chunk_size == 0:
-            return
-        per_part = math.ceil(MIN_PART_BYTES / meta.chunk_size)
-        first = index - index % per_part
-        last = first + per_part - 1
-        if last >= meta.total_chunks - 1:
-            return  # the run with the last chunk: gathered at the completion
-        group = await self.state.claim_group(meta, first // per_part + 1, first, last)
+        first, last = run
+        number = first // (last - first + 1) + 1
+        group = await self.state.claim_group(meta, number, first, last)
         if group is None or any(c.length != meta.chunk_size for c in group):
             return
-        number = first // per_part + 1
         etag = await self._build_part(row, number, group)
         await self.state.record_part(meta, PartRow(number, first, last, _sources(group), etag))
 
@@ -776,6 +768,19 @@ def _length_mismatch() -> BadRequest:
     return BadRequest(
         "With the s3 storage, a chunk of 5 MiB or more must be the last part of the form"
     )
+
+
+def _run_of(meta: UploadMeta, index: int) -> tuple[int, int] | None:
+    """The run of chunks gathered ahead into one part with chunk `index`: ceil(5 MiB /
+    chunk_size) chunks each, which is the completion's plan when chunks are even (checked
+    there). None for the run holding the last chunk (gathered at the completion) or while
+    the chunk size is unknown."""
+    if not meta.chunk_size:
+        return None
+    per_part = math.ceil(MIN_PART_BYTES / meta.chunk_size)
+    first = index - index % per_part
+    last = first + per_part - 1
+    return None if last >= meta.total_chunks - 1 else (first, last)
 
 
 def _sources(group: list[ChunkRow]) -> str:
