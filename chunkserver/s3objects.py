@@ -261,7 +261,8 @@ class ObjectStore:
                 answer = await self._client.head_object(Bucket=self.bucket, Key=key)
         except StorageFailure:
             return None
-        return int(answer["ContentLength"])
+        length = answer.get("ContentLength")
+        return None if length is None else int(length)
 
     async def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), DELETE_BATCH):

@@ -88,10 +88,15 @@ class Spool:
             self._file.write(piece)
         self.length += len(piece)
 
-    def payload(self) -> bytearray | AsyncIterator[bytes]:
+    def payload(self) -> AsyncIterator[bytes | memoryview]:
+        """The bytes, to send with their length: a view of the memory (no copy), or the
+        scratch file read back piece by piece."""
         if self._file is None:
-            return self._memory  # sent as it is: no copy
+            return self._view()
         return self._read_file()
+
+    async def _view(self) -> AsyncIterator[memoryview]:
+        yield memoryview(self._memory)
 
     def in_memory(self) -> bytearray | None:
         return None if self._file is not None else self._memory
@@ -459,12 +464,8 @@ class S3Store:
                 digest.update(piece)
             return digest.hexdigest()
         if received.spool is not None:
-            payload = received.spool.payload()
-            if isinstance(payload, bytearray):
-                digest.update(payload)
-            else:
-                async for piece in payload:
-                    digest.update(piece)
+            async for spooled in received.spool.payload():
+                digest.update(spooled)
             return digest.hexdigest()
         raise BadRequest(
             "With the s3 storage, chunk_sha256 must come before a chunk of 5 MiB or more"

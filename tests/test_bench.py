@@ -80,3 +80,29 @@ def test_floor_times_each_step_the_protocol_requires(tmp_path: Path) -> None:
     assert min(write, copy, hashing, unlink) >= 0
     assert total == pytest.approx(copy + hashing, abs=0.011)
     assert list(tmp_path.iterdir()) == []  # its files are gone
+
+
+def test_the_s3_matrix_runs_beside_a_plain_s3_client(tmp_path: Path) -> None:
+    """`--storage s3`: chunkserver on a real Swift and PostgreSQL, and the plain client."""
+    from . import realstack
+
+    for reason in (realstack.why_missing_swift(), realstack.why_missing_postgres()):
+        if reason is not None:
+            pytest.skip(reason)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--storage", "s3", "--smallest", "--out", str(tmp_path),
+         "--name", "s3", "--data-root", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "s3.json").read_text())
+    assert result["targets"] == ["chunkserver", "s3-direct"]
+    assert result["options"]["storage"] == "s3"
+    for cell in result["cells"]:
+        assert cell["fraction_of_s3_direct"] > 0
+        ours, direct = cell["targets"]["chunkserver"], cell["targets"]["s3-direct"]
+        assert ours["bytes_counted_total"] == ours["bytes_sent_total"] == 16 * 2**20
+        assert ours["uploads_completed_right_size_total"] == ours["uploads_total"] >= 1
+        assert direct["bytes_sent_total"] == 16 * 2**20
+        assert ours["store_cpu_s_per_gib"] > 0 and direct["store_cpu_s_per_gib"] > 0
+    assert "x s3-direct" in (tmp_path / "s3.md").read_text()

@@ -294,3 +294,59 @@ def test_a_start_without_its_bucket_or_database_says_which(tmp_path, s3_settings
         assert done.returncode == 1
         assert done.stderr.strip().splitlines()[-1].startswith("chunkserver: cannot serve:")
         assert said in done.stderr
+
+
+async def test_a_complete_multipart_upload_answering_200_with_an_error_is_not_a_completion(
+    make_client: ClientFactory, s3_settings: dict, aiohttp_server: Any
+) -> None:
+    """S3 may answer CompleteMultipartUpload with 200 and an <Error> body. It is read as the
+    failure it is (503, retry later); nothing is reported completed; the resend completes."""
+    from aiohttp import web
+
+    target = s3_settings["s3_endpoint_url"]
+    failures = {"left": 100}  # more than botocore's retries
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.method == "POST" and "uploadId" in request.query and failures["left"] > 0:
+            failures["left"] -= 1
+            return web.Response(
+                status=200,
+                content_type="application/xml",
+                text='<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+                "<Message>We encountered an internal error. Please try again.</Message></Error>",
+            )
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.request(
+                request.method, target + request.path_qs, headers=headers, data=io.BytesIO(body)
+            ) as answer,
+        ):
+            payload = await answer.read()
+            kept = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_HEADERS}
+            if request.method == "HEAD":  # no body, but the object's length
+                kept["Content-Length"] = answer.headers.get("Content-Length", "0")
+            return web.Response(status=answer.status, body=payload, headers=kept)
+
+    app = web.Application(client_max_size=64 * MiB)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    proxy = await aiohttp_server(app)
+    client = await make_client(
+        **{**s3_settings, "s3_endpoint_url": f"http://127.0.0.1:{proxy.port}"}
+    )
+    data = b"a" * MiB + b"b" * 100
+    assert (await post(client, chunk_form("err200", 0, 2, data[:MiB])))[0] == 200
+    resp = await client.post("/upload-chunk", data=chunk_form("err200", 1, 2, data[MiB:]))
+    assert resp.status == 503 and resp.headers["Retry-After"], await resp.text()
+    assert failures["left"] < 100  # the proxy answered with the error
+    failures["left"] = 0
+    status = await (await client.get("/upload-status/err200")).json()
+    assert status["status"] == "uploading" and status["missing_chunks"] == []
+    status, body = await post(client, chunk_form("err200", 1, 2, data[MiB:]))
+    assert status == 200 and body["status"] == "completed" and body["crc64nvme"] == crc64(data)
+    assert await downloaded(client, "err200") == data
+
+
+# Not passed on by the test's proxy (Host is: the signature covers it).
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}
