@@ -22,8 +22,6 @@ from typing import Any
 import aiohttp
 import uvloop
 
-from chunkserver.s3objects import Settings
-
 from . import report
 from .loadgen import CellRun, LoadGenerator, MiB
 from .s3peer import S3Direct
@@ -323,28 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             # The S3 matrix: chunkserver on a real Swift and PostgreSQL beside a plain S3
             # client sending the same bytes straight to the same Swift (bench/s3peer.py).
             stack = start_s3_stack(data_root)
-            targets.append(
-                start_chunkserver(
-                    workers=args.workers,
-                    fsync=args.fsync,
-                    data_root=data_root,
-                    checksums=args.checksums,
-                    extra_config=stack.config_lines(),
-                )
-            )
-            settings = Settings(
-                bucket=stack.settings["s3_bucket"],
-                endpoint_url=stack.settings["s3_endpoint_url"],
-                region=stack.settings["s3_region"],
-                access_key_id=stack.settings["s3_access_key_id"],
-                secret_access_key=stack.settings["s3_secret_access_key"],
-            )
-            targets.append(
-                Target(
-                    "s3-direct", stack.settings["s3_endpoint_url"], peer=S3Direct(settings, buffer)
-                )
-            )
-        elif args.url:
+        if args.url:
             targets.append(Target("chunkserver", args.url.rstrip("/")))
         else:
             targets.append(
@@ -353,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
                     fsync=args.fsync,
                     data_root=data_root,
                     checksums=args.checksums,
+                    extra_config=stack.config_lines() if stack is not None else "",
                 )
             )
+        if stack is not None:
+            targets.append(Target("s3-direct", "", peer=S3Direct(stack.object_settings(), buffer)))
         if args.storage == "local":
             fastapi = None if args.no_fastapi else start_fastapi(data_root)
             if fastapi is not None:

@@ -37,6 +37,28 @@ class CellRun:
     errors: list[str] = field(default_factory=list)
 
 
+def files_shape_sizes(volume: int) -> list[int]:
+    """The files of the `files` shape: FILES_SHAPE_FILE_BYTES each, the rest in a last one."""
+    file_size = min(FILES_SHAPE_FILE_BYTES, volume)
+    sizes = [file_size] * (volume // file_size)
+    if volume % file_size:
+        sizes.append(volume % file_size)
+    return sizes
+
+
+def file_slices(buffer: memoryview, size: int, chunk_size: int) -> list[memoryview]:
+    """The chunks of a file: consecutive slices of the shared buffer, wrapping around."""
+    slices = []
+    offset = 0
+    for start in range(0, size, chunk_size):
+        length = min(chunk_size, size - start)
+        if offset + length > len(buffer):
+            offset = 0
+        slices.append(buffer[offset : offset + length])
+        offset += length
+    return slices
+
+
 def _head(boundary: str, fields: dict[str, str]) -> bytes:
     text = "".join(
         f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
@@ -101,24 +123,12 @@ class LoadGenerator:
             run.completion_waits.append(finished - body_done[0])
         return answer
 
-    def _file_slices(self, size: int, chunk_size: int) -> list[memoryview]:
-        """The chunks of a file: consecutive slices of the shared buffer, wrapping around."""
-        slices = []
-        offset = 0
-        for start in range(0, size, chunk_size):
-            length = min(chunk_size, size - start)
-            if offset + length > len(self.buffer):
-                offset = 0
-            slices.append(self.buffer[offset : offset + length])
-            offset += length
-        return slices
-
     async def _one_file(
         self, session: aiohttp.ClientSession, run: CellRun, size: int, chunk_size: int,
         in_flight: int,
     ) -> None:  # fmt: skip
         file_id = uuid.uuid4().hex
-        slices = self._file_slices(size, chunk_size)
+        slices = file_slices(self.buffer, size, chunk_size)
         answers: list[dict] = []
         queue = list(enumerate(slices))
         queue.reverse()
@@ -156,10 +166,7 @@ class LoadGenerator:
                     await self._one_file(session, run, size, chunk_size, concurrency)
                     remaining -= size
             else:
-                file_size = min(FILES_SHAPE_FILE_BYTES, volume)
-                sizes = [file_size] * (volume // file_size)
-                if volume % file_size:
-                    sizes.append(volume % file_size)
+                sizes = files_shape_sizes(volume)
 
                 async def files_worker() -> None:
                     while sizes:

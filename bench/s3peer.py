@@ -13,7 +13,7 @@ import uuid
 
 from chunkserver.s3objects import ObjectStore, Settings
 
-from .loadgen import FILES_SHAPE_FILE_BYTES, CellRun
+from .loadgen import CellRun, file_slices, files_shape_sizes
 
 MiB = 2**20
 MIN_PART = 5 * MiB
@@ -24,22 +24,12 @@ class S3Direct:
         self.settings = settings
         self.buffer = buffer
 
-    def _parts(self, size: int, part_size: int) -> list[memoryview]:
-        parts, offset = [], 0
-        for start in range(0, size, part_size):
-            length = min(part_size, size - start)
-            if offset + length > len(self.buffer):
-                offset = 0
-            parts.append(self.buffer[offset : offset + length])
-            offset += length
-        return parts
-
     async def _one_file(
         self, store: ObjectStore, run: CellRun, size: int, part_size: int, in_flight: int
     ) -> None:
         key = f"bench-direct/{uuid.uuid4().hex}"
         upload_id = await store.create_multipart(key)
-        parts = self._parts(size, part_size)
+        parts = file_slices(self.buffer, size, part_size)
         etags: dict[int, str] = {}
         queue = list(enumerate(parts, start=1))
         queue.reverse()
@@ -72,10 +62,7 @@ class S3Direct:
             if shape == "parallel":
                 await self._one_file(store, run, volume, part_size, concurrency)
             else:
-                file_size = min(FILES_SHAPE_FILE_BYTES, volume)
-                sizes = [file_size] * (volume // file_size)
-                if volume % file_size:
-                    sizes.append(volume % file_size)
+                sizes = files_shape_sizes(volume)
 
                 async def files_worker() -> None:
                     while sizes:

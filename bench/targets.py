@@ -281,6 +281,18 @@ class S3Stack:
             pass
         return pids
 
+    def object_settings(self) -> Any:
+        """The same bucket and keys, for the plain S3 client."""
+        from chunkserver.s3objects import Settings
+
+        return Settings(
+            bucket=self.settings["s3_bucket"],
+            endpoint_url=self.settings["s3_endpoint_url"],
+            region=self.settings["s3_region"],
+            access_key_id=self.settings["s3_access_key_id"],
+            secret_access_key=self.settings["s3_secret_access_key"],
+        )
+
     def config_lines(self) -> str:
         return "".join(f"{k} = {json.dumps(v)}\n" for k, v in self.settings.items())
 

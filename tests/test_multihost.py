@@ -21,7 +21,7 @@ import requests
 
 from . import realstack
 from .conftest import ServerProcess, crc64, s3_flags, split, start_server
-from .test_nginx import MAIN_CONF, NGINX, free_port, posts_seen_by
+from .test_nginx import NGINX, free_port, posts_seen_by, run_nginx, stop_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -80,27 +80,10 @@ def cluster(
     prefix.mkdir()
     port = free_port()
     conf = (ROOT / "deploy" / "nginx-multihost.conf").read_text()
-    (prefix / "chunkserver.conf").write_text(render(conf, ports, port))
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    (prefix / "nginx.conf").write_text(MAIN_CONF.format(prefix=prefix, user=user))
-    assert NGINX is not None
-    nginx = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf")])
+    nginx = run_nginx(prefix, render(conf, ports, port), port)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            requests.get(f"{url}/healthz", timeout=1)
-            break
-        except requests.ConnectionError:
-            assert nginx.poll() is None, (prefix / "error.log").read_text()
-            assert time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.05)
     yield Cluster(url, hosts, s3_settings["s3_bucket"], realstack.s3_client(swift))
-    nginx.send_signal(signal.SIGQUIT)
-    try:
-        nginx.wait(10)
-    except subprocess.TimeoutExpired:
-        nginx.kill()
+    stop_nginx(nginx)
     for host in hosts:
         host.close()
 

@@ -101,7 +101,16 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         for i in (1, 2)
     ]
     port = free_port()
-    (prefix / "chunkserver.conf").write_text(render(prefix, run_dir, data_dir, port))
+    nginx = run_nginx(prefix, render(prefix, run_dir, data_dir, port), port)
+    yield Deployment(f"http://127.0.0.1:{port}", data_dir, servers, nginx, prefix)
+    stop_nginx(nginx)
+    for server in servers:
+        server.close()
+
+
+def run_nginx(prefix: Path, site: str, port: int) -> subprocess.Popen[bytes]:
+    """nginx on `prefix` with `site` as its server block; returns once it listens on `port`."""
+    (prefix / "chunkserver.conf").write_text(site)
     user = "user root;\n" if os.geteuid() == 0 else ""
     (prefix / "nginx.conf").write_text(MAIN_CONF.format(prefix=prefix, user=user))
     assert NGINX is not None
@@ -110,19 +119,19 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
+            return nginx
         except OSError:
             assert nginx.poll() is None, (prefix / "error.log").read_text()
             assert time.monotonic() < deadline, "nginx did not start"
             time.sleep(0.05)
-    yield Deployment(f"http://127.0.0.1:{port}", data_dir, servers, nginx, prefix)
+
+
+def stop_nginx(nginx: subprocess.Popen[bytes]) -> None:
     nginx.send_signal(signal.SIGQUIT)
     try:
         nginx.wait(10)
     except subprocess.TimeoutExpired:
         nginx.kill()
-    for server in servers:
-        server.close()
 
 
 def posts_seen_by(server: ServerProcess) -> int:

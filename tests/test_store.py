@@ -1,66 +1,26 @@
-"""The store contract on a real temporary folder: what any backend must do, shown on the
-local disk. Chunks in any order, resent, uneven, cut off mid-write, from two processes, and
-the completion a crash cut short."""
+"""What only the local disk does, beyond the contract both backends pass
+(tests/test_store_contract.py): chunks written in place and a completion that is a rename,
+runs folded at commit, two writers of one chunk, range locks, a completion cut short, and a
+hypothesis search over orders, resends and sizes."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chunkserver import checksums
-from chunkserver.errors import UploadConflict, UploadGone
+from chunkserver.errors import UploadGone
 from chunkserver.localstore import DATA_NAME, LocalStore
 from chunkserver.locks import lock_range
-from chunkserver.model import Committed, CompletedUpload, UploadMeta, UploadProgress
+from chunkserver.model import CompletedUpload, UploadMeta, UploadProgress
 
 from .conftest import crc64, sha256, temp_files
-
-
-async def pieces(data: bytes, step: int = 7000) -> AsyncIterator[memoryview]:
-    view = memoryview(data)
-    for start in range(0, len(data), step):
-        yield view[start : start + step]
-        await asyncio.sleep(0)
-
-
-async def put(store: LocalStore, meta: UploadMeta, index: int, data: bytes) -> Committed:
-    """Receive and commit one chunk; the upload's state after it."""
-    received = await store.receive(meta, index, pieces(data), max_bytes=2**30, want_sha256=False)
-    assert received.length == len(data) and received.crc == checksums.crc64nvme(data)
-    result = await store.commit(received, meta, index)
-    assert isinstance(result, Committed)
-    return result
-
-
-async def begin(store: LocalStore, meta: UploadMeta) -> UploadMeta:
-    found, _ = await store.begin(meta)
-    assert isinstance(found, UploadMeta)
-    return found
-
-
-async def upload(store: LocalStore, meta: UploadMeta, order: list[int], chunks: list[bytes]):
-    meta = await begin(store, meta)
-    finished = []
-    for index in order:
-        if finished:  # a resend after completion: the store says the upload is gone
-            with pytest.raises(UploadGone):
-                await put(store, meta, index, chunks[index])
-            finished.append((await store.status(meta.file_id), False))
-            continue
-        result = await put(store, meta, index, chunks[index])
-        meta = result.meta
-        if result.all_stored:
-            done = await store.finish(meta)
-            assert done is not None
-            finished.append(done)
-    return finished
+from .test_store_contract import begin, pieces, put, upload
 
 
 @settings(
@@ -87,7 +47,7 @@ def test_any_order_with_resends_gives_identical_file(
         meta = UploadMeta.new("prop", "out.bin", count, None, chunk_size if declared else None)
         finished = await upload(store, meta, order, chunks)
         whole = b"".join(chunks)
-        assert [here for _, here in finished] == [True] + [False] * (len(finished) - 1)
+        assert [here for _, here in finished] == [True]
         record = finished[0][0]
         assert record.size == len(whole) and record.crc64nvme == crc64(whole)
         assert (store.uploads_dir / "prop" / "out.bin").read_bytes() == whole
@@ -95,14 +55,6 @@ def test_any_order_with_resends_gives_identical_file(
         await store.close()
 
     asyncio.run(scenario())
-
-
-async def test_uneven_chunks_are_joined_in_order(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
-    chunks = [b"a" * 10, b"b" * 3, b"c" * 25, b"d" * 10, b"e" * 1]
-    [(record, _)] = await upload(store, UploadMeta.new("u", "f", 5, None), [4, 0, 2, 1, 3], chunks)
-    assert (tmp_path / "uploads" / "u" / "f").read_bytes() == b"".join(chunks)
-    assert record.crc64nvme == crc64(b"".join(chunks))
 
 
 async def test_chunks_go_in_place_and_completion_is_a_rename(tmp_path: Path) -> None:
@@ -194,38 +146,6 @@ async def test_two_writers_of_one_chunk_leave_a_consistent_answer(tmp_path: Path
     assert data in (b"aabbc", b"aaXYc") and done[0].crc64nvme == crc64(data)
 
 
-async def test_two_stores_on_one_folder_see_each_others_chunks(tmp_path: Path) -> None:
-    """Two processes: each knows only its own commits; the disk tells them the rest."""
-    a, b = LocalStore(tmp_path), LocalStore(tmp_path)
-    meta = await begin(a, UploadMeta.new("two", "f", 4, None, 1))
-    assert not (await put(a, meta, 0, b"0")).all_stored
-    assert not (await put(b, meta, 1, b"1")).all_stored
-    assert not (await put(a, meta, 2, b"2")).all_stored
-    assert (await put(b, meta, 3, b"3")).all_stored
-    assert (await a.finish(meta) or (None,))[0] is not None
-    done = await b.finish(meta)
-    assert done is not None and done[1] is False  # completed once, by the other store
-    assert (tmp_path / "uploads" / "two" / "f").read_bytes() == b"0123"
-
-
-async def test_a_chunk_cut_off_mid_write_never_counts(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
-    meta = await begin(store, UploadMeta.new("cut", "f", 2, None, 100_000))
-
-    async def broken() -> AsyncIterator[memoryview]:
-        yield memoryview(b"x" * 50_000)
-        raise ConnectionResetError("client went away")
-
-    with pytest.raises(ConnectionResetError):
-        await store.receive(meta, 0, broken(), max_bytes=2**30, want_sha256=False)
-    status = await store.status("cut")
-    assert isinstance(status, UploadProgress) and status.stored == frozenset()
-    assert temp_files(tmp_path) == []
-    # simply written again
-    await put(store, meta, 0, b"a" * 100_000)
-    assert (await put(store, meta, 1, b"b")).all_stored
-
-
 async def test_two_writers_of_one_chunk_never_mix(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("mix", "f", 2, None, 100_000))
@@ -242,14 +162,6 @@ async def test_two_writers_of_one_chunk_never_mix(tmp_path: Path) -> None:
     assert (tmp_path / "uploads" / "mix" / "f").read_bytes() == b"A" * 100_000 + b"end"
     # the folder, with the chunk kept aside, left the tree; the trash is emptied behind it
     assert temp_files(tmp_path) == [] and not (tmp_path / "chunks" / "mix").exists()
-
-
-async def test_a_declared_chunk_size_is_enforced_while_streaming(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
-    meta = await begin(store, UploadMeta.new("big", "f", 3, None, 1000))
-    with pytest.raises(UploadConflict):
-        await store.receive(meta, 1, pieces(b"x" * 1001), max_bytes=2**30, want_sha256=False)
-    assert (await store.status("big")).stored == frozenset()  # type: ignore[union-attr]
 
 
 async def test_a_completion_cut_short_after_its_rename_is_finished(tmp_path: Path) -> None:
@@ -269,16 +181,6 @@ async def test_a_completion_cut_short_after_its_rename_is_finished(tmp_path: Pat
     assert isinstance(await store.status("crash"), CompletedUpload)
 
 
-async def test_recreated_upload_is_a_new_one(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
-    old = await begin(store, UploadMeta.new("re", "f", 2, None, 1))
-    await put(store, old, 0, b"a")
-    assert await store.delete("re")
-    new = await begin(store, UploadMeta.new("re", "f", 2, None, 1))
-    result = await put(store, new, 1, b"b")
-    assert result.uploaded_chunks == 1 and not result.all_stored
-
-
 async def test_a_delete_waits_for_the_chunks_in_flight(tmp_path: Path) -> None:
     """A chunk being received holds its region: the DELETE removes it once committed, and a
     record never lands in an upload begun again under the same file_id."""
@@ -295,14 +197,6 @@ async def test_a_delete_waits_for_the_chunks_in_flight(tmp_path: Path) -> None:
     again = await begin(store, UploadMeta.new("del", "f", 3, None, 1))
     result = await put(store, again, 0, b"a")
     assert result.uploaded_chunks == 1
-
-
-async def test_expiry_removes_an_idle_upload(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
-    meta = await begin(store, UploadMeta.new("old", "f", 2, None, 1))
-    await put(store, meta, 0, b"a")
-    report = await store.sweep(ttl_seconds=1e-9)
-    assert report.expired == ["old"] and await store.status("old") is None
 
 
 async def test_a_chunk_kept_aside_guards_its_upload_until_committed(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from chunkserver import Config
+from chunkserver import Config, checksums
 from chunkserver.errors import UploadConflict, UploadGone
 from chunkserver.model import Committed, CompletedUpload, StoredObject, UploadMeta
 from chunkserver.service import Uploads
@@ -67,9 +67,7 @@ async def put(store: Any, meta: UploadMeta, index: int, data: bytes, **kw: Any) 
     received = await store.receive(
         meta, index, pieces(data), max_bytes=2**30, want_sha256=False, **kw
     )
-    assert received.length == len(data) and received.crc == int.from_bytes(
-        __import__("base64").b64decode(crc64(data)), "big"
-    )
+    assert received.length == len(data) and received.crc == checksums.crc64nvme(data)
     result = await store.commit(received, meta, index)
     assert isinstance(result, Committed)
     return result
@@ -147,6 +145,9 @@ async def test_a_chunk_cut_off_mid_write_never_counts(open_store, config: Config
     status = await store.status("cut")
     assert status is not None and status.stored == frozenset()  # type: ignore[union-attr]
     assert temp_files(Path(config.data_dir)) == []
+    # simply sent again
+    await put(store, meta, 0, b"a" * 100_000)
+    assert (await put(store, meta, 1, b"b")).all_stored
 
 
 async def test_a_declared_chunk_size_is_enforced_while_streaming(open_store) -> None:
