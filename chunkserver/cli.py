@@ -94,6 +94,13 @@ def _upload(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(json.dumps({"status": "failed", "detail": str(e)}))
         return 2
+    metadata: dict[str, str] = {}
+    for pair in args.metadata:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            print(json.dumps({"status": "failed", "detail": f"--metadata {pair!r}: use KEY=VALUE"}))
+            return 2
+        metadata[key] = value
     file_id = args.file_id or resumable_file_id(path)
     show_progress = not args.quiet and sys.stderr.isatty()
     if not args.quiet:
@@ -108,6 +115,7 @@ def _upload(args: argparse.Namespace) -> int:
             retries=args.retries,
             token=args.token or os.environ.get("CHUNKSERVER_TOKEN"),
             progress=ProgressBar(sys.stderr) if show_progress else None,
+            metadata=metadata or None,
         )
     except (UploadError, OSError) as e:
         print(json.dumps({"status": "failed", "file_id": file_id, "detail": str(e)}))
@@ -165,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--retries", type=int, default=5, help="retries per chunk")
     upload.add_argument("--token", help="bearer token (or CHUNKSERVER_TOKEN)")
     upload.add_argument("--quiet", action="store_true", help="no progress bar")
+    upload.add_argument(
+        "--metadata",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="stored with the upload and passed to hooks (repeatable)",
+    )
     upload.set_defaults(run=_upload)
 
     status = commands.add_parser("status", help="print an upload's status as JSON")

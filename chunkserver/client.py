@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import random
 import time
@@ -161,6 +162,7 @@ class Uploader:
         token: str | None,
         progress: ProgressCallback | None,
         backoff: Backoff,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         self.session = session
         self.url = url.rstrip("/")
@@ -174,6 +176,7 @@ class Uploader:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.progress = progress
         self.backoff = backoff
+        self.metadata = metadata
         self.chunk_crcs: dict[int, int] = {}
         self.completed: dict[str, Any] | None = None
         self.started = time.monotonic()
@@ -303,6 +306,8 @@ class Uploader:
             "chunk_size": str(self.chunk_size),
             "chunk_crc64nvme": checksums.to_s3(crc),
         }
+        if self.metadata is not None:  # on every chunk: whichever arrives first fixes it
+            fields["metadata"] = json.dumps(self.metadata)
         attempt = 0
         while True:
             boundary = uuid.uuid4().hex
@@ -353,10 +358,12 @@ async def upload_file_async(
     timeout: float = 300.0,
     backoff: Backoff | None = None,
     session: aiohttp.ClientSession | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Upload `path` to the server at `url`; return the verified result.
 
     With `file_id` of an earlier attempt, only the chunks the server lacks are sent.
+    `metadata` (string keys and values) is stored with the upload and passed to hooks.
     Raises UploadError when the upload cannot complete or does not verify.
     """
     if chunk_size < 1 or concurrency < 1 or retries < 0:
@@ -379,6 +386,7 @@ async def upload_file_async(
             token=token,
             progress=progress,
             backoff=backoff or Backoff(),
+            metadata=metadata,
         )
         return await uploader.run()
     finally:

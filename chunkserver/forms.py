@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -11,9 +12,9 @@ from .errors import BadRequest
 FILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 REQUIRED_FIELDS = ("file_id", "chunk_index", "total_chunks", "filename")
-OPTIONAL_FIELDS = ("chunk_sha256", "chunk_crc64nvme", "total_size", "chunk_size")
+OPTIONAL_FIELDS = ("chunk_sha256", "chunk_crc64nvme", "total_size", "chunk_size", "metadata")
 TEXT_FIELDS = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
-MAX_FIELD_BYTES = 4096
+MAX_FIELD_BYTES = 4096  # also the limit of `metadata`, encoded
 MAX_FILENAME_BYTES = 255
 
 
@@ -31,6 +32,21 @@ def check_filename(filename: str) -> str:
     if len(filename.encode("utf-8", "surrogatepass")) > MAX_FILENAME_BYTES:
         raise BadRequest(f"Invalid filename: longer than {MAX_FILENAME_BYTES} bytes of UTF-8")
     return filename
+
+
+def check_metadata(text: str) -> dict[str, str]:
+    """The client's metadata: a JSON object of string keys and values, at most 4 KiB."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_FIELD_BYTES:
+        raise BadRequest(f"Invalid metadata: longer than {MAX_FIELD_BYTES} bytes")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise BadRequest("Invalid metadata: must be a JSON object of string keys and values")
+    return value
 
 
 def _integer(name: str, text: str) -> int:
@@ -52,6 +68,7 @@ class ChunkFields:
     chunk_crc64nvme: int | None = None
     total_size: int | None = None
     chunk_size: int | None = None
+    metadata: dict[str, str] | None = None
 
 
 class ChunkForm:
@@ -97,6 +114,7 @@ class ChunkForm:
         total_size = self._optional_integer("total_size", minimum=0)
         chunk_size = self._optional_integer("chunk_size", minimum=1)
         crc = self.values.get("chunk_crc64nvme")
+        metadata = self.values.get("metadata")
         return ChunkFields(
             file_id=file_id,
             chunk_index=chunk_index,
@@ -106,6 +124,7 @@ class ChunkForm:
             chunk_crc64nvme=_checked_crc64nvme(crc) if crc is not None else None,
             total_size=total_size,
             chunk_size=chunk_size,
+            metadata=check_metadata(metadata) if metadata is not None else None,
         )
 
     def _optional_integer(self, name: str, *, minimum: int) -> int | None:

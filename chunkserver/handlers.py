@@ -35,7 +35,12 @@ def completed_fields(record: CompletedUpload) -> dict[str, Any]:
     fields: dict[str, Any] = {"size": record.size, "crc64nvme": record.crc64nvme}
     if record.sha256 is not None:
         fields["sha256"] = record.sha256
-    return fields
+    return fields | metadata_field(record.metadata)
+
+
+def metadata_field(metadata: dict[str, str] | None) -> dict[str, Any]:
+    """`"metadata"` in an answer when the client gave it."""
+    return {} if metadata is None else {"metadata": metadata}
 
 
 def _completed_chunk_answer(record: CompletedUpload) -> dict[str, Any]:
@@ -130,6 +135,7 @@ async def _upload_chunk(request: web.Request) -> web.Response:
             "status": "uploading",
             "uploaded_chunks": result.uploaded_chunks,
             "total_chunks": fields.total_chunks,
+            **metadata_field(result.meta.metadata),
         }
     )
 
@@ -159,6 +165,7 @@ async def upload_status(request: web.Request) -> web.Response:
                 "filename": found.meta.filename,
                 "total_chunks": found.meta.total_chunks,
                 "missing_chunks": found.missing,
+                **metadata_field(found.meta.metadata),
             }
         )
     return json_answer({"status": "not_found", "file_exists": False}, status=404)

@@ -332,8 +332,15 @@ class LocalStore:
                 if completed is not None:
                     return completed, False
             if meta is not None:
+                adopted = meta
                 if meta.chunk_size is None and proposed.chunk_size_declared:
-                    meta = replace(meta, chunk_size=proposed.chunk_size, chunk_size_declared=True)
+                    adopted = replace(
+                        adopted, chunk_size=proposed.chunk_size, chunk_size_declared=True
+                    )
+                if meta.metadata is None and proposed.metadata is not None:
+                    adopted = replace(adopted, metadata=proposed.metadata)
+                if adopted != meta:
+                    meta = adopted
                     self._write_json(self._folder(file_id) / META_NAME, asdict(meta))
                 return meta, False
             self._create_data_file(proposed)
@@ -855,6 +862,7 @@ class LocalStore:
             total_chunks=meta.total_chunks,
             completed_at=time.time(),
             sha256=sha256,
+            metadata=meta.metadata,
         )
         self._write_json(self._completion_path(meta.file_id), asdict(completed))
         self._remove_folder(meta.file_id)

@@ -29,6 +29,8 @@ class UploadMeta:
     # the first chunk other than the last that was stored. None until then.
     chunk_size: int | None = None
     chunk_size_declared: bool = False
+    # The client's own data (the `metadata` field), fixed by the first chunk that gives it.
+    metadata: dict[str, str] | None = None
 
     @classmethod
     def new(
@@ -38,6 +40,7 @@ class UploadMeta:
         total_chunks: int,
         total_size: int | None,
         chunk_size: int | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> UploadMeta:
         return cls(
             file_id,
@@ -48,6 +51,14 @@ class UploadMeta:
             secrets.token_hex(8),
             chunk_size,
             chunk_size is not None,
+            metadata,
+        )
+
+    def adopts(self, chunk_size: int | None, metadata: dict[str, str] | None) -> bool:
+        """Whether a chunk brings what this upload has not fixed yet (a declared chunk size,
+        or metadata): the upload then takes it, once."""
+        return (self.chunk_size is None and chunk_size is not None) or (
+            self.metadata is None and metadata is not None
         )
 
     def is_last(self, index: int) -> bool:
@@ -67,6 +78,7 @@ class UploadMeta:
         total_chunks: int,
         total_size: int | None,
         chunk_size: int | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> str | None:
         """Say which field differs from this upload's, or None when they agree."""
         if total_chunks != self.total_chunks:
@@ -83,6 +95,8 @@ class UploadMeta:
             return (
                 f"chunk_size {chunk_size} differs from {self.chunk_size} {source} by earlier chunks"
             )
+        if None not in (metadata, self.metadata) and metadata != self.metadata:
+            return "metadata differs from that given by earlier chunks of this file_id"
         return None
 
 
@@ -109,6 +123,7 @@ class CompletedUpload:
     total_chunks: int
     completed_at: float
     sha256: str | None = None  # when the configuration's checksums hold "sha256"
+    metadata: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS chunkserver_uploads (
     completed_at double precision
 );
 CREATE INDEX IF NOT EXISTS chunkserver_uploads_status ON chunkserver_uploads (status);
+ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS metadata text;
 CREATE TABLE IF NOT EXISTS chunkserver_chunks (
     file_id text NOT NULL REFERENCES chunkserver_uploads ON DELETE CASCADE,
     token text NOT NULL,
@@ -159,6 +160,7 @@ def _upload_row(r: Mapping[str, Any]) -> UploadRow:
         token=r["token"],
         chunk_size=r["chunk_size"],
         chunk_size_declared=r["chunk_size_declared"],
+        metadata=_metadata(r.get("metadata")),
     )
     completed = None
     if r["status"] == "completed":
@@ -170,6 +172,7 @@ def _upload_row(r: Mapping[str, Any]) -> UploadRow:
             total_chunks=r["total_chunks"],
             completed_at=r["completed_at"],
             sha256=r["sha256"],
+            metadata=meta.metadata,
         )
     return UploadRow(
         meta,
@@ -181,6 +184,10 @@ def _upload_row(r: Mapping[str, Any]) -> UploadRow:
         r["claimed_at"],
         completed,
     )
+
+
+def _metadata(text: str | None) -> dict[str, str] | None:
+    return None if text is None else dict(json.loads(text))
 
 
 def _chunk_row(r: asyncpg.Record) -> ChunkRow:
@@ -275,8 +282,8 @@ class UploadState:
             r = await db.fetchrow(
                 """INSERT INTO chunkserver_uploads (file_id, token, filename, total_chunks,
                        total_size, chunk_size, chunk_size_declared, direct, created_at,
-                       last_activity, object_key, s3_upload_id)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11)
+                       last_activity, object_key, s3_upload_id, metadata)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12)
                    ON CONFLICT (file_id) DO NOTHING RETURNING file_id""",
                 meta.file_id,
                 meta.token,
@@ -289,8 +296,21 @@ class UploadState:
                 meta.created_at,
                 object_key,
                 upload_id,
+                None if meta.metadata is None else json.dumps(meta.metadata),
             )
         return r is not None
+
+    async def adopt_metadata(self, meta: UploadMeta, metadata: dict[str, str]) -> UploadRow | None:
+        """Take the client's metadata when the upload has none yet."""
+        async with self._db() as db:
+            await db.execute(
+                """UPDATE chunkserver_uploads SET metadata = $3
+                   WHERE file_id = $1 AND token = $2 AND metadata IS NULL""",
+                meta.file_id,
+                meta.token,
+                json.dumps(metadata),
+            )
+        return await self.get(meta.file_id)
 
     async def declare_chunk_size(
         self, meta: UploadMeta, chunk_size: int, direct: bool

@@ -285,6 +285,10 @@ class S3Store:
                     )
                     if declared is not None:
                         row = declared
+                if row.meta.metadata is None and proposed.metadata is not None:
+                    adopted = await self.state.adopt_metadata(row.meta, proposed.metadata)
+                    if adopted is not None:
+                        row = adopted
                 return row.meta, False
             direct: bool | None = None
             if proposed.total_chunks == 1:
@@ -601,6 +605,7 @@ class S3Store:
             total_chunks=meta.total_chunks,
             completed_at=time.time(),
             sha256=await self._sha256_of_object(row.object_key) if self.sha256 else None,
+            metadata=meta.metadata,
         )
         if not await self.state.mark_completed(meta, record):
             await self.objects.delete([row.object_key])  # removed while completing

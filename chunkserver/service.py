@@ -144,13 +144,14 @@ class Uploads:
             self._check_conflicts(known, fields)
         self._check_free_space(known, fields, content_length)
         created = False
-        if known is None or (known.chunk_size is None and fields.chunk_size is not None):
+        if known is None or known.adopts(fields.chunk_size, fields.metadata):
             proposed = UploadMeta.new(
                 fields.file_id,
                 fields.filename,
                 fields.total_chunks,
                 fields.total_size,
                 fields.chunk_size,
+                fields.metadata,
             )
             async with self.locks.hold(fields.file_id):
                 begun, created = await self.store.begin(proposed)
@@ -187,7 +188,11 @@ class Uploads:
     @staticmethod
     def _check_conflicts(meta: UploadMeta, fields: ChunkFields) -> None:
         conflict = meta.conflict_with(
-            fields.filename, fields.total_chunks, fields.total_size, fields.chunk_size
+            fields.filename,
+            fields.total_chunks,
+            fields.total_size,
+            fields.chunk_size,
+            fields.metadata,
         )
         if conflict is not None:
             raise UploadConflict(conflict)

@@ -133,6 +133,20 @@ def test_seed_style_upload_file_call(servers: Callable[..., ServerProcess], page
     assert result["status"]["status"] == "completed" and result["status"]["size"] == 2500
 
 
+def test_the_uploader_sends_metadata(servers: Callable[..., ServerProcess], page: Page) -> None:
+    server = servers()
+    page.goto(f"{server.url}/")
+    status = page.evaluate(
+        """async () => {
+            const { ChunkedUploader } = await import('/static/chunked-uploader.js');
+            const uploader = new ChunkedUploader('', { chunkSize: 1000, metadata: { user: '42' } });
+            const file = new File([new Uint8Array(2500).fill(1)], 'meta.bin');
+            return uploader.status(await uploader.uploadFile(file));
+        }"""
+    )
+    assert status["status"] == "completed" and status["metadata"] == {"user": "42"}
+
+
 def test_pause_and_resume_buttons(
     servers: Callable[..., ServerProcess], page: Page, tmp_path: Path
 ) -> None:

@@ -234,3 +234,18 @@ def test_cli_upload_failure_exits_1_with_json(big_file, tmp_path: Path) -> None:
     bad_size = run_cli("upload", str(path), "--chunk-size", "lots")
     assert bad_size.returncode == 2
     assert "not a size" in json.loads(bad_size.stdout.splitlines()[-1])["detail"]
+    bad_metadata = run_cli("upload", str(path), "--metadata", "no-equals-sign")
+    assert bad_metadata.returncode == 2
+    assert "KEY=VALUE" in json.loads(bad_metadata.stdout.splitlines()[-1])["detail"]
+
+
+def test_cli_upload_with_metadata(servers: Callable[..., ServerProcess], big_file) -> None:
+    server = servers()
+    path, _ = big_file
+    done = run_cli(
+        "upload", str(path), "--url", server.url, "--chunk-size", "256KiB", "--quiet",
+        "--metadata", "user=42", "--metadata", "note=a=b", "--file-id", "with-meta",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    status = json.loads(run_cli("status", "with-meta", "--url", server.url).stdout)
+    assert status["metadata"] == {"user": "42", "note": "a=b"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -384,3 +385,44 @@ async def test_a_storage_failure_answers_500_in_json_and_is_logged(
     failures = [r for r in caplog.records if r.getMessage().startswith("Storage failure")]
     assert failures and failures[0].exc_info is not None
     assert temp_files(Path(config.data_dir)) == []
+
+
+async def test_metadata_is_fixed_by_the_first_chunk_and_returned(client) -> None:
+    meta = json.dumps({"user": "42", "document": "Résumé"})
+    resp = await client.post("/upload-chunk", data=chunk_form("m", 1, 3, b"b", metadata=meta))
+    assert (await resp.json())["metadata"] == {"user": "42", "document": "Résumé"}
+    # a chunk without it is fine; one with other metadata is a conflict
+    resp = await client.post("/upload-chunk", data=chunk_form("m", 2, 3, b"c"))
+    assert resp.status == 200
+    other = json.dumps({"user": "43"})
+    resp = await client.post("/upload-chunk", data=chunk_form("m", 0, 3, b"a", metadata=other))
+    assert resp.status == 409 and "metadata" in (await resp.json())["detail"]
+    status = await (await client.get("/upload-status/m")).json()
+    assert status["status"] == "uploading" and status["metadata"]["user"] == "42"
+    resp = await client.post("/upload-chunk", data=chunk_form("m", 0, 3, b"a", metadata=meta))
+    body = await resp.json()
+    assert body["status"] == "completed" and body["metadata"]["document"] == "Résumé"
+    status = await (await client.get("/upload-status/m")).json()
+    assert status["status"] == "completed" and status["metadata"]["user"] == "42"
+
+
+async def test_metadata_given_by_a_later_chunk_is_taken(client) -> None:
+    assert (await client.post("/upload-chunk", data=chunk_form("late", 1, 2, b"b"))).status == 200
+    meta = json.dumps({"user": "7"})
+    resp = await client.post("/upload-chunk", data=chunk_form("late", 0, 2, b"a", metadata=meta))
+    assert (await resp.json())["metadata"] == {"user": "7"}
+    # an upload without metadata answers without the key
+    resp = await client.post("/upload-chunk", data=chunk_form("none", 0, 1, b"x"))
+    assert "metadata" not in await resp.json()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["not json", "[1, 2]", '{"n": 1}', '{"a": null}', '"text"', json.dumps({"k": "v" * 4100})],
+)
+async def test_bad_metadata_is_400(client, value: str) -> None:
+    resp = await client.post("/upload-chunk", data=chunk_form("bad", 0, 1, b"x", metadata=value))
+    assert (resp.status == 400 and "metadata" in (await resp.json())["detail"].lower()) or (
+        "longer than" in (await resp.json())["detail"]
+    )
+    assert (await client.get("/upload-status/bad")).status == 404

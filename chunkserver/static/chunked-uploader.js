@@ -50,6 +50,8 @@ export class ChunkedUploader {
     this.backoffBase = options.backoffBase ?? 250; // ms
     this.backoffCap = options.backoffCap ?? 10000; // ms
     this.token = options.token ?? null;
+    // The upload's own data ({user: "42"}): sent with every chunk as the `metadata` field.
+    this.metadata = options.metadata ?? null;
     this.storage = options.storage ?? (typeof localStorage !== 'undefined' ? localStorage : null);
     this.controllers = new Map(); // fileId -> AbortController of the running upload
   }
@@ -80,6 +82,7 @@ export class ChunkedUploader {
     formData.append('chunk_index', chunkIndex.toString());
     formData.append('total_chunks', totalChunks.toString());
     formData.append('filename', filename);
+    if (this.metadata) formData.append('metadata', JSON.stringify(this.metadata));
     for (const [name, value] of Object.entries(extraFields)) formData.append(name, value);
     formData.append('chunk', chunk);
     const response = await fetch(`${this.apiUrl}/upload-chunk`, {
