@@ -22,7 +22,7 @@ from .service import Uploads
 log = logging.getLogger("chunkserver")
 
 # Routes that answer without a token even when auth_tokens is set.
-PUBLIC_PATHS = ("/healthz",)
+PUBLIC_PATHS = ("/healthz", "/openapi.json")
 PUBLIC_PREFIXES = ("/static/",)
 METRICS_PUBLISH_SECONDS = 2.0
 

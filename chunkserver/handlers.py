@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from aiohttp import hdrs, web
 
+from . import openapi
 from .errors import BadRequest, ClientTooSlow, FileNotFound, StorageFailure
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkForm, check_file_id
 from .keys import CONFIG, UPLOADS
@@ -250,6 +251,21 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=openapi.document_bytes(request.app[CONFIG]), content_type=JSON)
+
+
+STATIC_FILES = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """The page's own files, by name only: nothing else can be reached from here."""
+    path = STATIC_FILES.get(request.match_info["path"])
+    if path is None:
+        raise FileNotFound("No such file")
+    return web.FileResponse(path)
+
+
 async def upload_page(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
@@ -261,5 +277,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/uploads/{file_id}", delete_upload)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/", upload_page)
-    app.router.add_static("/static/", STATIC_DIR)
+    app.router.add_get("/static/{path}", static_file)

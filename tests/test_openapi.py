@@ -1,0 +1,108 @@
+"""GET /openapi.json: the document lists exactly the server's routes, real answers match it,
+and schemathesis finds nothing against a live server (every check and phase, bounded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from chunkserver import Config, create_app
+
+from .conftest import ServerProcess, chunk_form
+
+HERE = Path(__file__).resolve().parent
+BOTH_BACKENDS = True
+
+
+def routes_of_the_server() -> set[tuple[str, str]]:
+    app = create_app(Config(data_dir="/nonexistent-not-opened"))
+    found = set()
+    for route in app.router.routes():
+        if route.method in ("HEAD", "OPTIONS"):
+            continue
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("formatter") or info.get("path")
+        found.add((route.method.lower(), path))
+    return found
+
+
+def test_the_document_lists_exactly_the_servers_routes() -> None:
+    from chunkserver.openapi import document
+
+    doc = document(Config())
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    assert documented == routes_of_the_server()
+    assert doc["openapi"] == "3.1.0"
+
+
+def check(doc: dict[str, Any], path: str, method: str, status: int, body: Any) -> None:
+    answer = doc["paths"][path][method]["responses"][str(status)]
+    schema = answer["content"]["application/json"]["schema"]
+    jsonschema.validate(body, {**schema, "components": doc["components"]})
+
+
+async def test_real_answers_match_the_document(client) -> None:
+    resp = await client.get("/openapi.json")
+    assert resp.status == 200 and resp.headers["Content-Type"] == "application/json"
+    doc = await resp.json()
+    meta = json.dumps({"user": "42"})
+    answers = [
+        ("/upload-chunk", "post", await client.post(
+            "/upload-chunk", data=chunk_form("doc", 0, 2, b"ab", metadata=meta))),
+        ("/upload-status/{file_id}", "get", await client.get("/upload-status/doc")),
+        ("/upload-chunk", "post", await client.post(
+            "/upload-chunk", data=chunk_form("doc", 1, 2, b"c"))),
+        ("/upload-status/{file_id}", "get", await client.get("/upload-status/doc")),
+        ("/upload-status/{file_id}", "get", await client.get("/upload-status/nobody")),
+        ("/upload-chunk", "post", await client.post(
+            "/upload-chunk", data=chunk_form("doc2", 0, 3, b"a"))),
+        ("/upload-chunk", "post", await client.post(
+            "/upload-chunk", data=chunk_form("doc2", 1, 4, b"a"))),  # 409
+        ("/upload-chunk", "post", await client.post("/upload-chunk", data={"x": "1"})),  # 400
+        ("/files/{file_id}", "get", await client.get("/files/nobody")),
+        ("/uploads/{file_id}", "delete", await client.delete("/uploads/nobody")),
+        ("/healthz", "get", await client.get("/healthz")),
+    ]  # fmt: skip
+    statuses = []
+    for path, method, resp in answers:
+        statuses.append(resp.status)
+        check(doc, path, method, resp.status, await resp.json())
+    assert statuses == [200, 200, 200, 200, 404, 200, 409, 400, 404, 404, 200]
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_nothing(
+    servers: Callable[..., ServerProcess], backend: str, request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    st = shutil.which("st") or shutil.which("schemathesis")
+    if st is None:
+        pytest.skip("schemathesis is not installed (pip install -e '.[test]' installs it)")
+    args: list[str] = []
+    if backend == "s3":
+        from .conftest import s3_flags
+
+        config = tmp_path / "s3.toml"
+        config.write_text("\n".join(s3_flags(request.getfixturevalue("s3_settings"))) + "\n")
+        args = ["--config", str(config)]
+    server = servers(*args)
+    seconds = os.environ.get(
+        "CHUNKSERVER_SCHEMATHESIS_SECONDS", "60" if backend == "local" else "30"
+    )
+    done = subprocess.run(
+        [st, "--config-file", str(HERE / "schemathesis.toml"), "run",
+         f"{server.url}/openapi.json", "--max-time", seconds, "--workers", "2",
+         "--seed", "1"],
+        capture_output=True, text=True, timeout=int(seconds) + 120,
+    )  # fmt: skip
+    summary = done.stdout[-8000:]
+    assert done.returncode == 0, summary
+    assert "passed" in summary and "failures" not in summary.lower().split("summary")[-1]
