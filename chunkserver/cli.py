@@ -7,9 +7,10 @@ import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from tqdm import tqdm
 
 from .config import ConfigError, load_config
 from .errors import StoreUnavailable
@@ -48,31 +49,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 class ProgressBar:
-    """`[#####.....]  45.2%  123.4/270.0 MiB  85.3 MB/s  ETA 0:02` on a terminal."""
+    """The upload's progress on a terminal, drawn by tqdm: bytes, percent, speed and ETA."""
 
-    def __init__(self, stream: TextIO, width: int = 30) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.width = width
-        self.last_drawn = 0.0
+        self.bar: tqdm[None] | None = None
 
     def __call__(self, progress: Any) -> None:
-        now = time.monotonic()
-        done = progress.bytes_done >= progress.total_bytes
-        if now - self.last_drawn < 0.1 and not done:
-            return
-        self.last_drawn = now
-        filled = int(self.width * progress.fraction)
-        speed = progress.bytes_done / progress.elapsed if progress.elapsed > 0 else 0.0
-        remaining = (progress.total_bytes - progress.bytes_done) / speed if speed else 0.0
-        eta = f"{int(remaining // 60)}:{int(remaining % 60):02d}"
-        self.stream.write(
-            f"\r[{'#' * filled}{'.' * (self.width - filled)}] {progress.fraction * 100:5.1f}%"
-            f"  {progress.bytes_done / 2**20:.1f}/{progress.total_bytes / 2**20:.1f} MiB"
-            f"  {speed / 1e6:.1f} MB/s  ETA {eta} "
-        )
-        if done:
-            self.stream.write("\n")
-        self.stream.flush()
+        if self.bar is None:
+            self.bar = tqdm(
+                total=progress.total_bytes,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=self.stream,
+                mininterval=0.1,
+                dynamic_ncols=True,
+            )
+        self.bar.update(progress.bytes_done - self.bar.n)
+        if progress.bytes_done >= progress.total_bytes:
+            self.bar.close()
 
 
 def resumable_file_id(path: Path) -> str:

@@ -186,12 +186,12 @@ def test_parse_size() -> None:
 
 def test_progress_bar_draws_bytes_speed_and_eta() -> None:
     out = io.StringIO()
-    bar = ProgressBar(out, width=10)
+    bar = ProgressBar(out)
     bar(Progress("id", 5 * 2**20, 10 * 2**20, 5, 10, 1.0))
     bar(Progress("id", 10 * 2**20, 10 * 2**20, 10, 10, 2.0))
-    text = out.getvalue()
-    assert "[#####.....]  50.0%  5.0/10.0 MiB  5.2 MB/s  ETA 0:01" in text
-    assert "[##########] 100.0%" in text and text.endswith("\n")
+    text = out.getvalue()  # (updates within 0.1 s of the last one are not redrawn)
+    assert "100%|" in text and "10.0M/10.0M" in text and "B/s]" in text
+    assert text.endswith("\n")
 
 
 # -- the command line, on a real server process ----------------------------------------------
