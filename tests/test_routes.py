@@ -172,6 +172,33 @@ async def test_cors(make_client: ClientFactory) -> None:
     assert "Access-Control-Allow-Origin" not in resp.headers
 
 
+async def test_cors_headers_are_on_every_answer_so_browsers_can_read_errors(
+    make_client: ClientFactory,
+) -> None:
+    """Errors too (a browser hides an answer without them): 400, 401, 404 of a route and of
+    an unknown path, 405; preflights of every route pass without a token."""
+    origin = {"Origin": "https://app.example"}
+    client = await make_client(cors_origins=("https://app.example",), auth_tokens=("t",))
+    for path in ("/upload-chunk", "/uploads/x", "/upload-status/x", "/files/x"):
+        resp = await client.options(
+            path, headers={**origin, "Access-Control-Request-Method": "DELETE"}
+        )
+        assert resp.status == 204 and "DELETE" in resp.headers["Access-Control-Allow-Methods"]
+    bearer = {**origin, "Authorization": "Bearer t"}
+    answers = [
+        await client.get("/upload-status/x", headers=origin),  # 401
+        await client.get("/upload-status/bad.id", headers=bearer),  # 400
+        await client.get("/upload-status/x", headers=bearer),  # 404
+        await client.get("/no/such/path", headers=bearer),  # 404
+        await client.put("/upload-chunk", headers=bearer),  # 405
+    ]
+    assert [r.status for r in answers] == [401, 400, 404, 404, 405]
+    for resp in answers:
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "Content-Disposition" in resp.headers["Access-Control-Expose-Headers"]
+        assert resp.headers["Vary"] == "Origin"
+
+
 async def test_upload_page_and_static_files_need_no_token(make_client: ClientFactory) -> None:
     client = await make_client(auth_tokens=("s3cret",))
     page = await client.get("/")
