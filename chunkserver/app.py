@@ -24,7 +24,6 @@ log = logging.getLogger("chunkserver")
 # Routes that answer without a token even when auth_tokens is set.
 PUBLIC_PATHS = ("/healthz", "/openapi.json")
 PUBLIC_PREFIXES = ("/static/",)
-METRICS_PUBLISH_SECONDS = 2.0
 
 
 @web.middleware
@@ -210,9 +209,6 @@ def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterato
         await uploads.rebuild_manifest()
         tasks = [
             asyncio.create_task(_every(config.sweep_interval_seconds, uploads.sweep, "sweep")),
-            asyncio.create_task(
-                _every(METRICS_PUBLISH_SECONDS, uploads.publish_metrics, "metrics")
-            ),
         ]
         yield
         for task in tasks:
@@ -220,8 +216,7 @@ def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterato
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(OSError):
-            uploads.metrics.unpublish(uploads.metrics_dir)
+        uploads.metrics.forget_this_process()
         await uploads.close()
 
     return uploads_context

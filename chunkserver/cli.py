@@ -20,7 +20,6 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
 
     path = args.config
     if path is None and DEFAULT_CONFIG.is_file():
@@ -37,6 +36,12 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"chunkserver: configuration error: {e}", file=sys.stderr)
         return 2
+    # prometheus-client's multiprocess mode, chosen before anything imports the library:
+    # every process on this data folder counts into it, and /metrics sums them.
+    # (metrics.MULTIPROCESS_ENV: that module imports prometheus-client, so not imported here)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path(config.data_dir).resolve() / ".metrics")
+    from .server import serve
+
     try:
         serve(config)
     except OSError as e:

@@ -1,22 +1,37 @@
-"""Counters in Prometheus text format, summed over every server process on one data folder.
+"""Counters in Prometheus text format, with prometheus-client, summed over every server
+process on one data folder.
 
-Each process keeps its own counters in memory and publishes them every few seconds (and at
-exit) as `<data_dir>/.metrics/<pid>.json`; `/metrics` adds up its own live figures and the
-files of the other processes that are still alive. So with `--workers N`, or several
-processes behind nginx, any one of them answers for all.
+A real server process (`chunkserver serve`, its workers, or several processes sharing a data
+folder) runs prometheus-client's multiprocess mode: the command line sets
+`PROMETHEUS_MULTIPROC_DIR` to `<data_dir>/.metrics` before anything imports the library, each
+process keeps its counters in a memory-mapped file there (`counter_<pid>.db`), and `/metrics`
+sums the files of every process still alive. A process's files are removed when it stops or
+is found dead, as its figures go with it. An application made in a process without that
+variable (the tests, an embedding program) counts in memory, in a registry of its own.
+The gauges (uploads in progress, free disk) are read from the store when `/metrics` is asked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-from collections import Counter
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    disable_created_metrics,
+    generate_latest,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from .locks import pid_alive
 
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 COUNTERS: dict[str, str] = {
     "bytes_received": "Chunk bytes received from clients",
     "chunks_stored": "Chunks acknowledged and stored",
@@ -25,81 +40,98 @@ COUNTERS: dict[str, str] = {
     "uploads_aborted": "Uploads aborted or deleted by DELETE /uploads/{file_id}",
     "chunks_rejected": "Chunk requests answered with an error",
 }
+_PROCESS_FILE = re.compile(r"^[a-z_]+_(\d+)\.db$")
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
 
 
-@dataclass(slots=True)
+def multiprocess_folder() -> Path | None:
+    """The folder of the multiprocess mode, when this process runs it."""
+    folder = os.environ.get(MULTIPROCESS_ENV)
+    return Path(folder) if folder else None
+
+
+class _Gauges(Collector):
+    def __init__(self, gauges: dict[str, tuple[str, int]]) -> None:
+        self.gauges = gauges
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(f"chunkserver_{name}", help_text, value=value)
+            for name, (help_text, value) in self.gauges.items()
+        ]
+
+
+def _count_in_files() -> None:
+    """Make prometheus-client keep new values in the multiprocess folder's files.
+
+    The library picks its value class when it is first imported, which, through this
+    package's `__init__`, comes before the command line has set the folder; this is the same
+    choice made again, once the folder is known."""
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
 class Metrics:
-    counters: Counter[str] = field(default_factory=Counter)
-    requests: Counter[str] = field(default_factory=Counter)  # by status code
+    def __init__(self) -> None:
+        self.folder = multiprocess_folder()
+        if self.folder is not None:
+            _count_in_files()
+        # In the multiprocess mode the values live in the folder's files, not in a registry.
+        self.registry = None if self.folder is not None else CollectorRegistry()
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.counters = {
+            name: Counter(f"chunkserver_{name}", text, registry=self.registry)
+            for name, text in COUNTERS.items()
+        }
+        self.requests = Counter(
+            "chunkserver_requests",
+            "HTTP requests answered, by status",
+            ["status"],
+            registry=self.registry,
+        )
 
     def inc(self, name: str, amount: int = 1) -> None:
-        self.counters[name] += amount
+        self.counters[name].inc(amount)
 
     def count_request(self, status: int) -> None:
-        self.requests[str(status)] += 1
+        self.requests.labels(str(status)).inc()
 
-    def snapshot(self) -> dict[str, dict[str, int]]:
-        return {"counters": dict(self.counters), "requests": dict(self.requests)}
+    def render(self, gauges: dict[str, tuple[str, int]]) -> str:
+        """Prometheus text: the counters of every live process, and the gauges."""
+        registry = CollectorRegistry()
+        if self.folder is None:
+            assert self.registry is not None
+            text = generate_latest(self.registry).decode()
+        else:
+            self._forget_dead_processes()
+            MultiProcessCollector(registry, path=str(self.folder))  # type: ignore[no-untyped-call]
+            text = generate_latest(registry).decode()
+            # A counter no process has touched yet is in no file: show it as 0.
+            for name, help_text in COUNTERS.items():
+                if f"chunkserver_{name}_total " not in text:
+                    text += (
+                        f"# HELP chunkserver_{name}_total {help_text}\n"
+                        f"# TYPE chunkserver_{name}_total counter\n"
+                        f"chunkserver_{name}_total 0.0\n"
+                    )
+        gauges_registry = CollectorRegistry()
+        gauges_registry.register(_Gauges(gauges))
+        return text + generate_latest(gauges_registry).decode()
 
-    def publish(self, folder: Path) -> None:
-        """Write this process's figures for the others to read (atomically)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        temp = _unfinished_path(folder, os.getpid())
-        temp.write_text(json.dumps(self.snapshot()))
-        os.replace(temp, _figures_path(folder, os.getpid()))
-
-    def unpublish(self, folder: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            _figures_path(folder, os.getpid()).unlink()
-
-    def render(self, folder: Path, gauges: dict[str, tuple[str, int]]) -> str:
-        counters = Counter(self.counters)
-        requests = Counter(self.requests)
-        for snapshot in _other_processes(folder):
-            counters.update(snapshot.get("counters", {}))
-            requests.update(snapshot.get("requests", {}))
-        lines: list[str] = []
-        for name, help_text in COUNTERS.items():
-            metric = f"chunkserver_{name}_total"
-            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
-            lines.append(f"{metric} {counters.get(name, 0)}")
-        metric = "chunkserver_requests_total"
-        lines += [f"# HELP {metric} HTTP requests answered, by status", f"# TYPE {metric} counter"]
-        for status in sorted(requests):
-            lines.append(f'{metric}{{status="{status}"}} {requests[status]}')
-        for name, (help_text, value) in gauges.items():
-            metric = f"chunkserver_{name}"
-            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge", f"{metric} {value}"]
-        return "\n".join(lines) + "\n"
-
-
-def _figures_path(folder: Path, pid: int) -> Path:
-    return folder / f"{pid}.json"
-
-
-def _unfinished_path(folder: Path, pid: int) -> Path:
-    """Where a process writes its figures before renaming them into place."""
-    return folder / f".{pid}.json.tmp"
-
-
-def _other_processes(folder: Path) -> list[dict[str, dict[str, int]]]:
-    snapshots = []
-    try:
-        paths = list(folder.glob("*.json"))
-    except OSError:
-        return []
-    for path in paths:
-        try:
-            pid = int(path.stem)
-        except ValueError:
-            continue
-        if pid == os.getpid():
-            continue
-        if not pid_alive(pid):  # its figures died with it; so did any write it had begun
-            for leftover in (path, _unfinished_path(folder, pid)):
+    def _forget_dead_processes(self) -> None:
+        assert self.folder is not None
+        for path in self.folder.glob("*.db"):
+            match = _PROCESS_FILE.match(path.name)
+            if match and not pid_alive(int(match.group(1))):
                 with contextlib.suppress(OSError):
-                    leftover.unlink()
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            snapshots.append(json.loads(path.read_text()))
-    return snapshots
+                    path.unlink()
+
+    def forget_this_process(self) -> None:
+        """At a clean stop: this process's figures go with it."""
+        if self.folder is None:
+            return
+        for path in self.folder.glob(f"*_{os.getpid()}.db"):
+            with contextlib.suppress(OSError):
+                path.unlink()

@@ -365,13 +365,6 @@ class Uploads:
         self.metrics.inc("uploads_completed", len(report.completed))
         return report
 
-    @property
-    def metrics_dir(self) -> Path:
-        return Path(self.config.data_dir) / ".metrics"
-
-    async def publish_metrics(self) -> None:
-        await asyncio.to_thread(self.metrics.publish, self.metrics_dir)
-
     async def render_metrics(self) -> str:
         in_progress = len(await self.store.uploads_in_progress())
         gauges = {
@@ -381,7 +374,7 @@ class Uploads:
                 self.store.free_bytes(),
             ),
         }
-        return await asyncio.to_thread(self.metrics.render, self.metrics_dir, gauges)
+        return await asyncio.to_thread(self.metrics.render, gauges)
 
     async def is_healthy(self) -> bool:
         return await self.store.is_healthy()

@@ -74,7 +74,7 @@ def test_two_processes_race_on_the_last_chunks(servers: Callable[..., ServerProc
     assert completed and all(x["crc64nvme"] == crc64(data) for x in completed)
     assert requests.get(f"{a.url}/files/race", timeout=10).content == data
     merges = sum(
-        int(line.split()[-1])
+        float(line.split()[-1])
         for server in (a, b)
         for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines()
         if line.startswith("chunkserver_uploads_completed_total")
@@ -99,9 +99,29 @@ def test_workers_share_a_port_and_their_metrics(
         if f"chunkserver_chunks_stored_total {len(chunks)}" in text:
             break
         time.sleep(0.5)
-    assert f"chunkserver_chunks_stored_total {len(chunks)}" in text
-    assert len(list((tmp_path / "data" / ".metrics").glob("*.json"))) == 2
+    assert f"chunkserver_chunks_stored_total {len(chunks)}.0" in text
+    # prometheus-client's multiprocess files: one set per worker
+    files = list((tmp_path / "data" / ".metrics").glob("counter_*.db"))
+    assert len(files) == 2
     assert server.stop() == 0
+    assert not any(f.exists() for f in files)  # a clean stop takes its figures with it
+
+
+def test_metrics_forget_a_dead_process(
+    servers: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    first = servers()
+    post_chunk(first.url, "dead", 0, 2, b"x")
+    text = requests.get(f"{first.url}/metrics", timeout=10).text
+    assert "chunkserver_chunks_stored_total 1.0" in text
+    first.kill()  # SIGKILL: its file stays behind
+    folder = tmp_path / "data" / ".metrics"
+    left = list(folder.glob(f"counter_{first.process.pid}.db"))
+    assert left
+    second = servers()
+    text = requests.get(f"{second.url}/metrics", timeout=10).text
+    assert "chunkserver_chunks_stored_total 0.0" in text
+    assert not any(f.exists() for f in left)
 
 
 def test_sigkill_mid_upload_then_restart(

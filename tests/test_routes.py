@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 
 from chunkserver import Config
 
-from .conftest import ClientFactory, chunk_form, crc64, dead_pid
+from .conftest import ClientFactory, chunk_form, crc64
 
 BOTH_BACKENDS = True  # each test runs on the local disk and on S3 (conftest.py)
 
@@ -106,21 +105,6 @@ async def test_healthz_and_metrics(client) -> None:
     assert 'chunkserver_requests_total{status="200"}' in text
     assert "chunkserver_free_disk_bytes" in text
     assert "chunkserver_uploads_failed_total 0" in text
-
-
-async def test_metrics_forget_a_dead_process_and_its_unfinished_write(
-    client, config: Config
-) -> None:
-    pid = dead_pid()
-    folder = Path(config.data_dir) / ".metrics"
-    folder.mkdir(parents=True, exist_ok=True)
-    figures = folder / f"{pid}.json"
-    figures.write_text(json.dumps({"counters": {"chunks_stored": 7}, "requests": {}}))
-    unfinished = folder / f".{pid}.json.tmp"
-    unfinished.write_text('{"coun')
-    text = await (await client.get("/metrics")).text()
-    assert "chunkserver_chunks_stored_total 0" in text
-    assert not figures.exists() and not unfinished.exists()
 
 
 async def test_unknown_route_and_method_answer_json(client) -> None:
