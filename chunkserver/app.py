@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -13,6 +12,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
 
+from .addresses import Network, client_address, trusted_proxies
 from .config import Config
 from .errors import ChunkServerError, NotAuthenticated, StorageFailure
 from .handlers import add_routes, json_answer
@@ -129,10 +129,6 @@ def cors_middleware(origins: tuple[str, ...]) -> Middleware:
     return cors
 
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-UNIX_PEER = "unix"
-
-
 class AccessLogger(AbstractAccessLogger):
     """One line per request; the client is X-Forwarded-For's when a trusted proxy sent it."""
 
@@ -152,37 +148,8 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
-def client_address(request: web.BaseRequest, trusted: tuple[Network | str, ...]) -> str:
-    """The client's address: the peer, or the last untrusted hop of X-Forwarded-For.
-
-    A peer on the unix socket is called "unix"; `trusted` may hold "unix" to believe it.
-    """
-    peer = request.remote or UNIX_PEER
-    if not trusted or not _is_trusted(peer, trusted):
-        return peer
-    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
-    for hop in reversed(hops):
-        if not _is_trusted(hop, trusted):
-            return hop
-    return hops[0] if hops else peer
-
-
-def _is_trusted(address: str, trusted: tuple[Network | str, ...]) -> bool:
-    if address == UNIX_PEER:
-        return UNIX_PEER in trusted
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(not isinstance(network, str) and ip in network for network in trusted)
-
-
 def access_logger_for(config: Config) -> type[AccessLogger]:
-    trusted = tuple(
-        p if p == UNIX_PEER else ipaddress.ip_network(p, strict=False)
-        for p in config.trusted_proxies
-    )
-    return type("ConfiguredAccessLogger", (AccessLogger,), {"trusted": trusted})
+    return type("ConfiguredAccessLogger", (AccessLogger,), {"trusted": trusted_proxies(config)})
 
 
 async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str) -> None:

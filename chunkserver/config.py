@@ -56,6 +56,10 @@ class Config:
     s3_secret_access_key: str = ""
     s3_max_parts: int = 10_000  # S3's limit; Swift's s3api defaults to 1000
     database_url: str = ""
+    # Integration (PROTOCOL.md): events POSTed to the application as JSON.
+    hook_url: str = ""  # empty: no hooks
+    hook_events: tuple[str, ...] = ("pre-create", "post-finish", "post-terminate", "post-expire")
+    hook_timeout_seconds: float = 5.0
 
     @property
     def data_path(self) -> Path:
@@ -67,9 +71,10 @@ class Config:
 
 # The TOML type each key accepts; integers are also accepted where floats are.
 _KEY_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
-_TUPLE_KEYS = {"auth_tokens", "cors_origins", "trusted_proxies", "checksums"}
+_TUPLE_KEYS = {"auth_tokens", "cors_origins", "trusted_proxies", "checksums", "hook_events"}
 CHECKSUMS = ("crc64nvme", "sha256")
 STORAGES = ("local", "s3")
+HOOK_EVENTS = ("pre-create", "post-finish", "post-terminate", "post-expire")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -129,6 +134,17 @@ def validate(config: Config) -> Config:
             "must be empty (AWS S3) or an http:// or https:// URL",
         ),
         ("s3_max_parts", 1 <= config.s3_max_parts <= 10_000, "must be between 1 and 10000"),
+        (
+            "hook_url",
+            config.hook_url == "" or config.hook_url.startswith(("http://", "https://")),
+            "must be empty (no hooks) or an http:// or https:// URL",
+        ),
+        (
+            "hook_events",
+            set(config.hook_events) <= set(HOOK_EVENTS),
+            f"must be a list of {HOOK_EVENTS}",
+        ),
+        ("hook_timeout_seconds", config.hook_timeout_seconds > 0, "must be positive"),
         ("host", config.host.strip() != "", "must not be empty"),
         ("log_level", config.log_level.lower() in LOG_LEVELS, f"must be one of {LOG_LEVELS}"),
         ("auth_tokens", all(t.strip() for t in config.auth_tokens), "must not hold empty tokens"),

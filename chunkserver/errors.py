@@ -104,3 +104,21 @@ class StoreUnavailable(ChunkServerError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"Storage unavailable, retry later: {reason}")
+
+
+class HookRefused(ChunkServerError):
+    """The pre-create hook answered 4xx: its status and detail go to the client."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class HookUnavailable(ChunkServerError):
+    """The pre-create hook could not be asked (down, timeout, 5xx): the chunk waits."""
+
+    status = 503
+    headers = {"Retry-After": "5"}  # noqa: RUF012
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"The upload hook cannot be reached, retry later: {reason}")

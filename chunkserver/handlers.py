@@ -14,6 +14,7 @@ from urllib.parse import quote
 from aiohttp import hdrs, web
 
 from . import openapi
+from .addresses import remote_of
 from .errors import BadRequest, ClientTooSlow, FileNotFound, StorageFailure
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkForm, check_file_id
 from .keys import CONFIG, UPLOADS
@@ -89,6 +90,7 @@ async def _upload_chunk(request: web.Request) -> web.Response:
     boundary = boundary_from_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
     parser = MultipartParser(read_with_idle_timeout(request, config.idle_timeout_seconds), boundary)
     form = ChunkForm(max_total_chunks=config.max_total_chunks)
+    remote = remote_of(request, config)
     prepared: Prepared | None = None
     received: Received | None = None
     try:
@@ -102,7 +104,7 @@ async def _upload_chunk(request: web.Request) -> web.Response:
                     )
                     continue
                 early = form.fields()
-                found = await uploads.prepare(early, request.content_length)
+                found = await uploads.prepare(early, request.content_length, remote=remote)
                 if isinstance(found, CompletedUpload):
                     return json_answer(_completed_chunk_answer(found))
                 prepared = found
@@ -117,12 +119,12 @@ async def _upload_chunk(request: web.Request) -> web.Response:
         if received is None:
             raise BadRequest("Missing required parameter: chunk")
         if prepared is None:
-            found = await uploads.prepare(fields, None)
+            found = await uploads.prepare(fields, None, remote=remote)
             if isinstance(found, CompletedUpload):
                 return json_answer(_completed_chunk_answer(found))
             prepared = found
         owned, received = received, None  # store_chunk owns it from here on
-        result = await uploads.store_chunk(fields, prepared, owned)
+        result = await uploads.store_chunk(fields, prepared, owned, remote)
     except BaseException:
         await uploads.fail(prepared, received)
         raise
@@ -227,7 +229,7 @@ async def stream_object(
 
 async def delete_upload(request: web.Request) -> web.Response:
     file_id = check_file_id(request.match_info["file_id"])
-    if not await request.app[UPLOADS].delete(file_id):
+    if not await request.app[UPLOADS].delete(file_id, remote_of(request, request.app[CONFIG])):
         raise FileNotFound()
     return web.Response(status=204)
 

@@ -77,6 +77,7 @@ from .model import (
     UploadMeta,
     UploadProgress,
 )
+from .outbox import FolderOutbox
 
 T = TypeVar("T")
 
@@ -224,6 +225,12 @@ class LocalStore:
 
     async def open(self) -> None:
         """Nothing to connect to: the folders are made in the constructor."""
+
+    def outbox(self) -> FolderOutbox:
+        return FolderOutbox(self.root / "outbox", fsync=self.fsync)
+
+    def location_of(self, file_id: str, filename: str) -> str:
+        return f"uploads/{file_id}/{filename}"
 
     async def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -1031,6 +1038,7 @@ class LocalStore:
                 self._remove_folder(meta.file_id)
                 self._known.pop(meta.file_id, None)
                 report.expired.append(meta.file_id)
+                report.expired_uploads.append(meta)
                 return
             with contextlib.suppress(UploadConflict, StorageFailure):
                 completed = self._finish(meta, data_fd)

@@ -39,6 +39,8 @@ COUNTERS: dict[str, str] = {
     "uploads_failed": "Uploads that failed at merge or expired before completion",
     "uploads_aborted": "Uploads aborted or deleted by DELETE /uploads/{file_id}",
     "chunks_rejected": "Chunk requests answered with an error",
+    "hooks_delivered": "Hook events the receiver took (2xx)",
+    "hooks_retried": "Hook deliveries that failed and were put back for a retry",
 }
 _PROCESS_FILE = re.compile(r"^[a-z_]+_(\d+)\.db$")
 

@@ -149,6 +149,7 @@ class Committed:
 @dataclass(slots=True)
 class SweepReport:
     expired: list[str] = field(default_factory=list)
+    expired_uploads: list[UploadMeta] = field(default_factory=list)  # the same, whole
     completed: list[CompletedUpload] = field(default_factory=list)
     removed_temp_files: int = 0
 

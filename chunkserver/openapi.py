@@ -250,9 +250,11 @@ def _paths(config: Config) -> dict[str, Any]:
                     "409": _error("a field differs from earlier chunks of the file_id"),
                     "413": _error("larger than max_chunk_bytes or max_file_bytes"),
                     "422": _error("chunk_sha256 or chunk_crc64nvme does not match"),
+                    "4XX": _error("the pre-create hook refused the upload: its status and detail"),
                     "500": _error("the storage failed"),
                     "503": _error(
-                        "too many chunks in flight, or the storage cannot be reached",
+                        "too many chunks in flight, the storage or the pre-create hook cannot "
+                        "be reached",
                         RETRY_AFTER,
                     ),
                     "507": _error("free disk would fall below min_free_bytes"),

@@ -52,6 +52,7 @@ from .model import (
     UploadMeta,
     UploadProgress,
 )
+from .outbox import PostgresOutbox
 from .s3objects import NoSuchUpload, ObjectStore, Settings
 from .s3state import ChunkRow, PartRow, UploadRow, UploadState
 
@@ -219,6 +220,12 @@ class S3Store:
         await self.objects.close()
 
     # -- names --
+
+    def outbox(self) -> PostgresOutbox:
+        return PostgresOutbox(self.state)
+
+    def location_of(self, file_id: str, filename: str) -> str:
+        return self.object_key(file_id, filename)
 
     def object_key(self, file_id: str, filename: str) -> str:
         return f"{self.prefix}uploads/{file_id}/{filename}"
@@ -704,6 +711,7 @@ class S3Store:
         for row in await self.state.remove_expired(now - ttl_seconds):
             await self._clean(row)
             report.expired.append(row.meta.file_id)
+            report.expired_uploads.append(row.meta)
         for row in await self.state.ready_to_finish(now - self.lease_seconds):
             try:
                 finished = await self.finish(row.meta)

@@ -26,6 +26,7 @@ from .errors import (
     UploadGone,
 )
 from .forms import ChunkFields
+from .hooks import Hooks, upload_body
 from .localstore import LocalStore
 from .locks import KeyedLocks
 from .manifest import Manifest
@@ -63,6 +64,7 @@ class Uploads:
         self.manifest = Manifest()
         self.locks = KeyedLocks()
         self.metrics = Metrics()
+        self.hooks = Hooks(config, self.metrics)
         self.inflight = 0  # chunk requests being handled now
         self.draining = False  # the process is stopping: answers close their connection
 
@@ -96,9 +98,18 @@ class Uploads:
 
     async def start(self) -> None:
         await self.store.open()
+        await self.hooks.start(self.store.outbox())
 
     async def close(self) -> None:
+        await self.hooks.close()
         await self.store.close()
+
+    def _event_body(self, upload: UploadMeta | CompletedUpload) -> dict[str, Any]:
+        return upload_body(
+            upload,
+            storage=self.config.storage,
+            location=self.store.location_of(upload.file_id, upload.filename),
+        )
 
     async def rebuild_manifest(self) -> None:
         """Fill the manifest from the store (at start)."""
@@ -121,7 +132,12 @@ class Uploads:
             self.inflight -= 1
 
     async def prepare(
-        self, fields: ChunkFields, content_length: int | None, *, ask_store: bool = False
+        self,
+        fields: ChunkFields,
+        content_length: int | None,
+        *,
+        ask_store: bool = False,
+        remote: str | None = None,
     ) -> Prepared | CompletedUpload:
         """Check a chunk before its bytes are read; find or begin its upload.
 
@@ -144,6 +160,16 @@ class Uploads:
             self._check_conflicts(known, fields)
         self._check_free_space(known, fields, content_length)
         created = False
+        if known is None and self.hooks.wants("pre-create"):
+            proposed = UploadMeta.new(
+                fields.file_id,
+                fields.filename,
+                fields.total_chunks,
+                fields.total_size,
+                fields.chunk_size,
+                fields.metadata,
+            )
+            await self.hooks.pre_create(self._event_body(proposed), remote)
         if known is None or known.adopts(fields.chunk_size, fields.metadata):
             proposed = UploadMeta.new(
                 fields.file_id,
@@ -269,7 +295,11 @@ class Uploads:
         return received
 
     async def store_chunk(
-        self, fields: ChunkFields, prepared: Prepared, received: Received
+        self,
+        fields: ChunkFields,
+        prepared: Prepared,
+        received: Received,
+        remote: str | None = None,
     ) -> Committed | CompletedUpload:
         """Check and commit a received chunk; complete the upload when it was the last.
 
@@ -300,6 +330,7 @@ class Uploads:
         self.manifest.forget(fields.file_id)
         if here:
             self.metrics.inc("uploads_completed")
+            await self.hooks.emit("post-finish", self._event_body(completed), remote)
         return completed
 
     async def _check_received(
@@ -349,12 +380,15 @@ class Uploads:
     async def download(self, file_id: str) -> tuple[Path | StoredObject, CompletedUpload] | None:
         return await self.store.download(file_id)
 
-    async def delete(self, file_id: str) -> bool:
+    async def delete(self, file_id: str, remote: str | None = None) -> bool:
         async with self.locks.hold(file_id):
+            known = await self.store.lookup(file_id) if self.hooks.wants("post-terminate") else None
             existed = await self.store.delete(file_id)
         self.manifest.forget(file_id)
         if existed:
             self.metrics.inc("uploads_aborted")
+            if known is not None:
+                await self.hooks.emit("post-terminate", self._event_body(known), remote)
         return existed
 
     async def sweep(self) -> SweepReport:
@@ -363,6 +397,10 @@ class Uploads:
         self.manifest.retain(await self.store.uploads_in_progress())
         self.metrics.inc("uploads_failed", len(report.expired))
         self.metrics.inc("uploads_completed", len(report.completed))
+        for meta in report.expired_uploads:
+            await self.hooks.emit("post-expire", self._event_body(meta), None)
+        for record in report.completed:  # finished by the sweep after a crash
+            await self.hooks.emit("post-finish", self._event_body(record), None)
         return report
 
     async def render_metrics(self) -> str:
@@ -374,6 +412,9 @@ class Uploads:
                 self.store.free_bytes(),
             ),
         }
+        if self.hooks.outbox is not None and self.config.hook_url:
+            pending = await self.hooks.outbox.count()
+            gauges["hooks_pending"] = ("Hook events waiting to be delivered", pending)
         return await asyncio.to_thread(self.metrics.render, gauges)
 
     async def is_healthy(self) -> bool:

@@ -24,6 +24,7 @@ from .model import (
     UploadMeta,
     UploadProgress,
 )
+from .outbox import Outbox
 
 
 class Received(Protocol):
@@ -111,6 +112,12 @@ class Store(Protocol[R]):
 
     async def sweep(self, *, ttl_seconds: float) -> SweepReport:
         """Expire idle uploads and finish what a crash left half done."""
+
+    def outbox(self) -> Outbox:
+        """Where this backend keeps hook events until they are delivered."""
+
+    def location_of(self, file_id: str, filename: str) -> str:
+        """Where a completed file is: a path under data_dir, or an object key."""
 
     async def uploads_in_progress(self) -> list[str]: ...
     def free_bytes(self) -> int: ...

@@ -1,0 +1,171 @@
+"""Hooks: the server POSTs JSON events to the application's `hook_url` (PROTOCOL.md,
+"Hooks").
+
+`pre-create` is asked before the first chunk of a new upload is accepted, and its answer
+decides: 2xx admits, 4xx refuses with the receiver's status and detail, anything else 503.
+The post-events (`post-finish`, `post-terminate`, `post-expire`) go through the store's
+outbox (outbox.py) and are delivered at least once, by one process, retried with exponential
+backoff and full jitter until the receiver answers 2xx, across restarts and crashes. Every
+event has an `id` that stays the same on every retry, for the receiver to drop duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+
+from .config import Config
+from .errors import HookRefused, HookUnavailable
+from .metrics import Metrics
+from .model import CompletedUpload, UploadMeta
+from .outbox import Outbox, Pending
+
+log = logging.getLogger("chunkserver")
+
+RETRY_BASE_SECONDS = 1.0
+RETRY_CAP_SECONDS = 300.0
+IDLE_POLL_SECONDS = 1.0  # how often a process looks for due events when not woken
+CLAIM_BATCH = 16
+
+
+def retry_delay(attempts: int) -> float:
+    """Exponential backoff with full jitter, at least a tenth of a second."""
+    ceiling = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2**attempts)
+    return max(0.1, random.uniform(0, ceiling))
+
+
+def upload_body(
+    upload: UploadMeta | CompletedUpload, *, storage: str, location: str
+) -> dict[str, Any]:
+    """What an event says of its upload."""
+    body: dict[str, Any] = {
+        "file_id": upload.file_id,
+        "filename": upload.filename,
+        "total_chunks": upload.total_chunks,
+    }
+    if isinstance(upload, CompletedUpload):
+        body |= {"size": upload.size, "crc64nvme": upload.crc64nvme}
+        if upload.sha256 is not None:
+            body["sha256"] = upload.sha256
+    elif upload.total_size is not None:
+        body["size"] = upload.total_size
+    if upload.metadata is not None:
+        body["metadata"] = upload.metadata
+    return body | {"storage": storage, "location": location}
+
+
+def new_event(kind: str, upload: dict[str, Any], remote: str | None) -> dict[str, Any]:
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return {
+        "id": uuid.uuid4().hex,
+        "type": kind,
+        "time": now.replace("+00:00", "Z"),
+        "upload": upload,
+        "request": {"remote": remote},
+    }
+
+
+class Hooks:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.url = config.hook_url
+        self.events = frozenset(config.hook_events) if config.hook_url else frozenset()
+        self.timeout = config.hook_timeout_seconds
+        self.metrics = metrics
+        self.outbox: Outbox | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def wants(self, kind: str) -> bool:
+        return kind in self.events
+
+    async def start(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        if not self.url:
+            return
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self._task = asyncio.create_task(self._deliver_forever())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None:
+            await self._session.close()
+
+    # -- pre-create: asked, and its answer decides --
+
+    async def pre_create(self, upload: dict[str, Any], remote: str | None) -> None:
+        if not self.wants("pre-create"):
+            return
+        assert self._session is not None
+        event = new_event("pre-create", upload, remote)
+        try:
+            async with self._session.post(self.url, json=event) as answer:
+                text = await answer.text()
+                status = answer.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise HookUnavailable(f"{type(e).__name__} {e}".strip()) from None
+        if 200 <= status < 300:
+            return
+        if 400 <= status < 500:
+            raise HookRefused(status, _detail_of(text, status))
+        raise HookUnavailable(f"it answered {status}")
+
+    # -- post-events: through the outbox --
+
+    async def emit(self, kind: str, upload: dict[str, Any], remote: str | None) -> None:
+        """Queue an event for delivery (kept until the receiver takes it)."""
+        if not self.wants(kind) or self.outbox is None:
+            return
+        await self.outbox.add(new_event(kind, upload, remote))
+        self._wake.set()
+
+    async def _deliver_forever(self) -> None:
+        while True:
+            try:
+                await self._deliver_due()
+            except Exception:
+                log.exception("Hook delivery failed; trying again")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(IDLE_POLL_SECONDS):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def _deliver_due(self) -> None:
+        assert self.outbox is not None
+        while pending := await self.outbox.claim_due(CLAIM_BATCH):
+            await asyncio.gather(*(self._deliver(p) for p in pending))
+
+    async def _deliver(self, pending: Pending) -> None:
+        assert self.outbox is not None and self._session is not None
+        try:
+            async with self._session.post(self.url, json=pending.event) as answer:
+                await answer.read()
+                ok = 200 <= answer.status < 300
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            ok = False
+        if ok:
+            await self.outbox.delivered(pending)
+            self.metrics.inc("hooks_delivered")
+            return
+        self.metrics.inc("hooks_retried")
+        await self.outbox.retry_at(pending, time.time() + retry_delay(pending.attempts))
+
+
+def _detail_of(text: str, status: int) -> str:
+    with contextlib.suppress(ValueError, AttributeError):
+        detail = json.loads(text).get("detail")
+        if isinstance(detail, str) and detail:
+            return detail
+    return text.strip()[:500] or f"Refused by the upload hook ({status})"

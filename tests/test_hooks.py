@@ -1,0 +1,213 @@
+"""Hooks against a real HTTP receiver: pre-create admits or refuses (relayed), post-events are
+delivered with their bodies, a receiver down then up loses nothing, a server SIGKILLed
+between a completion and its delivery delivers after the restart, and several processes
+deliver each event once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from chunkserver.keys import UPLOADS
+
+from .conftest import ServerProcess, chunk_form, crc64
+from .realstack import free_port
+
+BOTH_BACKENDS = True
+
+
+class Receiver:
+    """The application's hook endpoint: records every event; refuses pre-create for file ids
+    in `refuse` with 403; can be stopped and started again on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.events: list[dict[str, Any]] = []
+        self.refuse: dict[str, tuple[int, str]] = {}
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                event = json.loads(self.rfile.read(length))
+                receiver.events.append(event)
+                status, detail = receiver.refuse.get(event["upload"]["file_id"], (200, ""))
+                if event["type"] != "pre-create":
+                    status = 200
+                body = json.dumps({"detail": detail} if detail else {}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+    def wait_for(self, kind: str, count: int, seconds: float = 20) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + seconds
+        while len(self.of(kind)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.of(kind)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    r.start()
+    yield r
+    r.stop()
+
+
+async def wait_for(receiver: Receiver, kind: str, count: int, seconds: float = 20) -> list:
+    return await asyncio.to_thread(receiver.wait_for, kind, count, seconds)
+
+
+async def test_pre_create_admits_refuses_and_relays(make_client, receiver: Receiver) -> None:
+    client = await make_client(hook_url=receiver.url)
+    receiver.refuse["nope"] = (403, "quota exceeded for user 42")
+    resp = await client.post("/upload-chunk", data=chunk_form("nope", 0, 2, b"ab"))
+    assert resp.status == 403 and await resp.json() == {"detail": "quota exceeded for user 42"}
+    assert (await client.get("/upload-status/nope")).status == 404  # nothing stored
+    meta = json.dumps({"user": "42"})
+    resp = await client.post(
+        "/upload-chunk", data=chunk_form("yes", 0, 2, b"ab", metadata=meta, total_size="3")
+    )
+    assert resp.status == 200
+    resp = await client.post("/upload-chunk", data=chunk_form("yes", 1, 2, b"c"))
+    assert resp.status == 200  # a later chunk asks no more
+    asked = receiver.of("pre-create")
+    assert [e["upload"]["file_id"] for e in asked] == ["nope", "yes"]
+    event = asked[1]
+    assert event["upload"]["metadata"] == {"user": "42"} and event["upload"]["size"] == 3
+    assert event["upload"]["filename"] == "file.bin" and event["request"]["remote"]
+    assert len(event["id"]) >= 16 and event["time"].endswith("Z")
+    receiver.stop()  # unreachable: refused with 503, nothing stored
+    resp = await client.post("/upload-chunk", data=chunk_form("down", 0, 2, b"ab"))
+    assert resp.status == 503 and resp.headers["Retry-After"]
+    assert (await client.get("/upload-status/down")).status == 404
+
+
+async def test_post_events_are_delivered_with_their_bodies(
+    make_client, receiver: Receiver, config
+) -> None:
+    client = await make_client(hook_url=receiver.url, hook_events=("post-finish",
+                               "post-terminate", "post-expire"))  # fmt: skip
+    meta = json.dumps({"doc": "7"})
+    for i, part in enumerate((b"hello ", b"world")):
+        resp = await client.post(
+            "/upload-chunk", data=chunk_form("done", i, 2, part, metadata=meta)
+        )
+        assert resp.status == 200
+    [finished] = await wait_for(receiver, "post-finish", 1)
+    upload = finished["upload"]
+    assert upload["file_id"] == "done" and upload["size"] == 11
+    assert upload["crc64nvme"] == crc64(b"hello world") and upload["metadata"] == {"doc": "7"}
+    assert upload["storage"] == config.storage
+    assert upload["location"].endswith("uploads/done/file.bin")
+    assert receiver.of("pre-create") == []  # not among hook_events
+    assert (await client.delete("/uploads/done")).status == 204
+    [terminated] = await wait_for(receiver, "post-terminate", 1)
+    assert terminated["upload"]["file_id"] == "done"
+    # an idle upload expired by the sweep
+    await client.post("/upload-chunk", data=chunk_form("idle", 0, 2, b"x"))
+    uploads = client.server.app[UPLOADS]
+    uploads.config = uploads.config.replace(upload_ttl_seconds=1e-9)
+    await asyncio.sleep(0.05)
+    await uploads.sweep()
+    [expired] = await wait_for(receiver, "post-expire", 1)
+    assert expired["upload"]["file_id"] == "idle" and expired["request"]["remote"] is None
+    metrics = await (await client.get("/metrics")).text()
+    assert "chunkserver_hooks_delivered_total 3.0" in metrics
+    assert "chunkserver_hooks_pending 0.0" in metrics
+
+
+async def test_a_receiver_down_then_up_loses_nothing(make_client, receiver: Receiver) -> None:
+    client = await make_client(hook_url=receiver.url, hook_events=("post-finish",))
+    receiver.stop()
+    for name in ("a", "b", "c"):
+        resp = await client.post("/upload-chunk", data=chunk_form(name, 0, 1, name.encode()))
+        assert (await resp.json())["status"] == "completed"  # answered at once, queued
+    await asyncio.sleep(1.5)
+    metrics = await (await client.get("/metrics")).text()
+    assert "chunkserver_hooks_pending 3.0" in metrics
+    assert "chunkserver_hooks_retried_total" in metrics
+    receiver.start()
+    events = await wait_for(receiver, "post-finish", 3, seconds=30)
+    assert sorted(e["upload"]["file_id"] for e in events) == ["a", "b", "c"]
+
+
+def post(url: str, file_id: str, index: int, total: int, data: bytes) -> dict:
+    response = requests.post(
+        f"{url}/upload-chunk",
+        files={"chunk": ("chunk", data)},
+        data={"file_id": file_id, "chunk_index": index, "total_chunks": total, "filename": "f"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.slow
+@pytest.mark.local_only
+def test_a_server_killed_before_delivering_delivers_after_its_restart(
+    servers: Callable[..., ServerProcess], receiver: Receiver, tmp_path: Path
+) -> None:
+    config = tmp_path / "hooks.toml"
+    config.write_text(f'hook_url = "{receiver.url}"\nhook_events = ["post-finish"]\n')
+    receiver.stop()
+    first = servers("--config", str(config))
+    assert post(first.url, "kept", 0, 1, b"data")["status"] == "completed"
+    first.kill()  # SIGKILL while the event waits for the receiver
+    receiver.start()
+    servers("--config", str(config))
+    [event] = receiver.wait_for("post-finish", 1)
+    assert event["upload"]["file_id"] == "kept"
+    time.sleep(1.5)
+    assert len(receiver.of("post-finish")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.local_only
+def test_several_processes_deliver_each_event_once(
+    servers: Callable[..., ServerProcess], receiver: Receiver, tmp_path: Path
+) -> None:
+    config = tmp_path / "hooks.toml"
+    config.write_text(f'hook_url = "{receiver.url}"\nhook_events = ["post-finish"]\n')
+    a, b = servers("--config", str(config)), servers("--config", str(config))
+    for n in range(10):
+        post(a.url, f"u{n}", 0, 2, b"x")
+        post(b.url, f"u{n}", 1, 2, b"y")
+    events = receiver.wait_for("post-finish", 10)
+    time.sleep(2)  # any duplicate would have come by now
+    ids = [e["id"] for e in receiver.of("post-finish")]
+    assert sorted(e["upload"]["file_id"] for e in events) == sorted(f"u{n}" for n in range(10))
+    assert len(ids) == len(set(ids)) == 10
