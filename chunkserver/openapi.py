@@ -54,6 +54,25 @@ FILE_ID_PARAMETER = {
 AUTH_ERROR = _error("auth_tokens are configured and no valid Bearer token was sent")
 
 
+def _chunk_answer(status: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """A chunk's answer: the seed's fields, and the file's once it is completed."""
+    required = ["file_id", "filename", "type", "status", "uploaded_chunks", "total_chunks"]
+    return {
+        "type": "object",
+        "required": required + (["size", "crc64nvme"] if extra else []),
+        "properties": {
+            "file_id": FILE_ID,
+            "filename": {"type": "string"},
+            "type": {"const": "file"},
+            "status": {"const": status},
+            "uploaded_chunks": {"type": "integer", "minimum": 1},
+            "total_chunks": {"type": "integer", "minimum": 1},
+            "metadata": METADATA,
+            **extra,
+        },
+    }
+
+
 def _schemas() -> dict[str, Any]:
     completed_fields = {
         "size": {"type": "integer", "minimum": 0},
@@ -67,48 +86,8 @@ def _schemas() -> dict[str, Any]:
             "required": ["detail"],
             "properties": {"detail": {"type": "string"}},
         },
-        "ChunkUploading": {
-            "type": "object",
-            "required": [
-                "file_id",
-                "filename",
-                "type",
-                "status",
-                "uploaded_chunks",
-                "total_chunks",
-            ],
-            "properties": {
-                "file_id": FILE_ID,
-                "filename": {"type": "string"},
-                "type": {"const": "file"},
-                "status": {"const": "uploading"},
-                "uploaded_chunks": {"type": "integer", "minimum": 1},
-                "total_chunks": {"type": "integer", "minimum": 1},
-                "metadata": METADATA,
-            },
-        },
-        "ChunkCompleted": {
-            "type": "object",
-            "required": [
-                "file_id",
-                "filename",
-                "type",
-                "status",
-                "uploaded_chunks",
-                "total_chunks",
-                "size",
-                "crc64nvme",
-            ],
-            "properties": {
-                "file_id": FILE_ID,
-                "filename": {"type": "string"},
-                "type": {"const": "file"},
-                "status": {"const": "completed"},
-                "uploaded_chunks": {"type": "integer", "minimum": 1},
-                "total_chunks": {"type": "integer", "minimum": 1},
-                **completed_fields,
-            },
-        },
+        "ChunkUploading": _chunk_answer("uploading", {}),
+        "ChunkCompleted": _chunk_answer("completed", completed_fields),
         "StatusUploading": {
             "type": "object",
             "required": [

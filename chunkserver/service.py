@@ -160,16 +160,6 @@ class Uploads:
             self._check_conflicts(known, fields)
         self._check_free_space(known, fields, content_length)
         created = False
-        if known is None and self.hooks.wants("pre-create"):
-            proposed = UploadMeta.new(
-                fields.file_id,
-                fields.filename,
-                fields.total_chunks,
-                fields.total_size,
-                fields.chunk_size,
-                fields.metadata,
-            )
-            await self.hooks.pre_create(self._event_body(proposed), remote)
         if known is None or known.adopts(fields.chunk_size, fields.metadata):
             proposed = UploadMeta.new(
                 fields.file_id,
@@ -179,6 +169,8 @@ class Uploads:
                 fields.chunk_size,
                 fields.metadata,
             )
+            if known is None:  # a new upload: the application may refuse it first
+                await self.hooks.pre_create(self._event_body(proposed), remote)
             async with self.locks.hold(fields.file_id):
                 begun, created = await self.store.begin(proposed)
             if isinstance(begun, CompletedUpload):
