@@ -54,6 +54,16 @@ def test_overrides_win_and_none_is_ignored(tmp_path: Path) -> None:
         ('checksums = ["md5"]', "checksums"),
         ('checksums = ["sha256"]', "checksums"),
         ('checksums = "crc64nvme"', "checksums"),
+        ('storage = "s4"', "storage"),
+        ('storage = "s3"', "s3_bucket"),
+        ('storage = "s3"\ns3_bucket = "b"', "database_url"),
+        ('storage = "s3"\ns3_bucket = "b"\ndatabase_url = "mysql://x"', "database_url"),
+        ('s3_endpoint_url = "minio:9000"', "s3_endpoint_url"),
+        ("s3_max_parts = 0", "s3_max_parts"),
+        ("database_url = 5", "database_url"),
+        ('hook_url = "ftp://x"', "hook_url"),
+        ('hook_events = ["pre-finish"]', "hook_events"),
+        ("hook_timeout_seconds = 0", "hook_timeout_seconds"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
