@@ -19,6 +19,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -35,6 +36,7 @@ RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 300.0
 IDLE_POLL_SECONDS = 1.0  # how often a process looks for due events when not woken
 CLAIM_BATCH = 16
+WAIT_FOR_COMPLETION_SECONDS = 1.0  # a post-finish whose upload is still completing
 
 
 def retry_delay(attempts: int) -> float:
@@ -63,10 +65,17 @@ def upload_body(
     return body | {"storage": storage, "location": location}
 
 
-def new_event(kind: str, upload: dict[str, Any], remote: str | None) -> dict[str, Any]:
+def finish_event_id(file_id: str, token: str) -> str:
+    """The one id of an upload's post-finish event, whoever queues it (see `Hooks`)."""
+    return f"post-finish-{file_id}-{token}"
+
+
+def new_event(
+    kind: str, upload: dict[str, Any], remote: str | None, event_id: str | None = None
+) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return {
-        "id": uuid.uuid4().hex,
+        "id": event_id or uuid.uuid4().hex,
         "type": kind,
         "time": now.replace("+00:00", "Z"),
         "upload": upload,
@@ -81,6 +90,10 @@ class Hooks:
         self.timeout = config.hook_timeout_seconds
         self.metrics = metrics
         self.outbox: Outbox | None = None
+        # For a post-finish queued before its completion: the upload as it is now, and the
+        # body an event gives of it (set by the service).
+        self.lookup: Callable[[str], Awaitable[CompletedUpload | UploadMeta | None]] | None = None
+        self.body_of: Callable[[CompletedUpload], dict[str, Any]] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -88,8 +101,13 @@ class Hooks:
     def wants(self, kind: str) -> bool:
         return kind in self.events
 
-    async def start(self, outbox: Outbox) -> None:
-        self.outbox = outbox
+    async def start(
+        self,
+        outbox: Outbox,
+        lookup: Callable[[str], Awaitable[CompletedUpload | UploadMeta | None]],
+        body_of: Callable[[CompletedUpload], dict[str, Any]],
+    ) -> None:
+        self.outbox, self.lookup, self.body_of = outbox, lookup, body_of
         if not self.url:
             return
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
@@ -124,11 +142,18 @@ class Hooks:
 
     # -- post-events: through the outbox --
 
-    async def emit(self, kind: str, upload: dict[str, Any], remote: str | None) -> None:
-        """Queue an event for delivery (kept until the receiver takes it)."""
+    async def emit(
+        self,
+        kind: str,
+        upload: dict[str, Any],
+        remote: str | None,
+        event_id: str | None = None,
+    ) -> None:
+        """Queue an event for delivery (kept until the receiver takes it). An event of an id
+        already queued is not queued again."""
         if not self.wants(kind) or self.outbox is None:
             return
-        await self.outbox.add(new_event(kind, upload, remote))
+        await self.outbox.add(new_event(kind, upload, remote, event_id))
         self._wake.set()
 
     async def _deliver_forever(self) -> None:
@@ -149,8 +174,24 @@ class Hooks:
 
     async def _deliver(self, pending: Pending) -> None:
         assert self.outbox is not None and self._session is not None
+        event = pending.event
+        if event["type"] == "post-finish" and "crc64nvme" not in event["upload"]:
+            # Queued before its completion, so that a crash between the two loses nothing:
+            # sent once the upload is complete, with what the completion says of it.
+            assert self.lookup is not None and self.body_of is not None
+            found = await self.lookup(event["upload"]["file_id"])
+            if isinstance(found, UploadMeta) and found.token in event["id"]:
+                wait = WAIT_FOR_COMPLETION_SECONDS
+                if pending.attempts >= 30:  # not completing soon: back off like a failure
+                    wait = retry_delay(pending.attempts - 30)
+                await self.outbox.retry_at(pending, time.time() + wait)
+                return
+            if not isinstance(found, CompletedUpload) or found.token not in event["id"]:
+                await self.outbox.delivered(pending)  # removed before completing: no event
+                return
+            event = {**event, "upload": self.body_of(found)}
         try:
-            async with self._session.post(self.url, json=pending.event) as answer:
+            async with self._session.post(self.url, json=event) as answer:
                 await answer.read()
                 ok = 200 <= answer.status < 300
         except (aiohttp.ClientError, TimeoutError, OSError):

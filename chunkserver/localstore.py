@@ -870,6 +870,7 @@ class LocalStore:
             completed_at=time.time(),
             sha256=sha256,
             metadata=meta.metadata,
+            token=meta.token,
         )
         self._write_json(self._completion_path(meta.file_id), asdict(completed))
         self._remove_folder(meta.file_id)

@@ -124,6 +124,7 @@ class CompletedUpload:
     completed_at: float
     sha256: str | None = None  # when the configuration's checksums hold "sha256"
     metadata: dict[str, str] | None = None
+    token: str = ""  # the upload's (UploadMeta.token); empty in records made before it
 
 
 @dataclass(frozen=True, slots=True)

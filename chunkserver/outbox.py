@@ -60,8 +60,14 @@ class FolderOutbox:
                 os.fsync(f.fileno())
         os.replace(temp, self.folder / name)
 
+    def _add(self, event: dict[str, Any]) -> None:
+        marker = f"-{event['id']}.json"
+        if any(marker in name for name in os.listdir(self.folder)):
+            return  # queued already (waiting, claimed or being written)
+        self._write(event, 0, time.time())
+
     async def add(self, event: dict[str, Any]) -> None:
-        await asyncio.to_thread(self._write, event, 0, time.time())
+        await asyncio.to_thread(self._add, event)
 
     def _claim_due(self, limit: int) -> list[Pending]:
         now_ms = int(time.time() * 1000)

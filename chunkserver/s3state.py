@@ -181,6 +181,7 @@ def _upload_row(r: Mapping[str, Any]) -> UploadRow:
             completed_at=r["completed_at"],
             sha256=r["sha256"],
             metadata=meta.metadata,
+            token=r["token"],
         )
     return UploadRow(
         meta,

@@ -613,6 +613,7 @@ class S3Store:
             completed_at=time.time(),
             sha256=await self._sha256_of_object(row.object_key) if self.sha256 else None,
             metadata=meta.metadata,
+            token=meta.token,
         )
         if not await self.state.mark_completed(meta, record):
             await self.objects.delete([row.object_key])  # removed while completing

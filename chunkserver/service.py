@@ -26,7 +26,7 @@ from .errors import (
     UploadGone,
 )
 from .forms import ChunkFields
-from .hooks import Hooks, upload_body
+from .hooks import Hooks, finish_event_id, upload_body
 from .localstore import LocalStore
 from .locks import KeyedLocks
 from .manifest import Manifest
@@ -98,7 +98,7 @@ class Uploads:
 
     async def start(self) -> None:
         await self.store.open()
-        await self.hooks.start(self.store.outbox())
+        await self.hooks.start(self.store.outbox(), self.store.lookup, self._event_body)
 
     async def close(self) -> None:
         await self.hooks.close()
@@ -314,6 +314,14 @@ class Uploads:
         self.metrics.inc("chunks_stored")
         if not result.all_stored:
             return result
+        # post-finish is queued before the completion (sent once it is done, with its
+        # figures), so that a process killed between the two loses no event.
+        await self.hooks.emit(
+            "post-finish",
+            self._event_body(result.meta),
+            remote,
+            finish_event_id(result.meta.file_id, result.meta.token),
+        )
         async with self.locks.hold(fields.file_id):
             finished = await asyncio.shield(self.store.finish(result.meta))
         if finished is None:
@@ -322,7 +330,6 @@ class Uploads:
         self.manifest.forget(fields.file_id)
         if here:
             self.metrics.inc("uploads_completed")
-            await self.hooks.emit("post-finish", self._event_body(completed), remote)
         return completed
 
     async def _check_received(
@@ -392,7 +399,8 @@ class Uploads:
         for meta in report.expired_uploads:
             await self.hooks.emit("post-expire", self._event_body(meta), None)
         for record in report.completed:  # finished by the sweep after a crash
-            await self.hooks.emit("post-finish", self._event_body(record), None)
+            event_id = finish_event_id(record.file_id, record.token)
+            await self.hooks.emit("post-finish", self._event_body(record), None, event_id)
         return report
 
     async def render_metrics(self) -> str:

@@ -211,3 +211,30 @@ def test_several_processes_deliver_each_event_once(
     ids = [e["id"] for e in receiver.of("post-finish")]
     assert sorted(e["upload"]["file_id"] for e in events) == sorted(f"u{n}" for n in range(10))
     assert len(ids) == len(set(ids)) == 10
+
+
+async def test_a_post_finish_queued_before_its_completion_waits_for_it(
+    make_client, receiver: Receiver
+) -> None:
+    """post-finish is queued before the completion, so that a process killed between the
+    two loses nothing: the event waits while the upload is incomplete, is sent once with the
+    completion's figures, and a second queueing of it (the same id) adds nothing."""
+    from chunkserver.hooks import finish_event_id
+
+    client = await make_client(hook_url=receiver.url, hook_events=("post-finish",))
+    uploads = client.server.app[UPLOADS]
+    assert (await client.post("/upload-chunk", data=chunk_form("w", 0, 2, b"ab"))).status == 200
+    meta = uploads.manifest.get("w")
+    assert meta is not None
+    # as if a process had queued it and died before completing
+    body = uploads._event_body(meta)
+    await uploads.hooks.emit("post-finish", body, None, finish_event_id("w", meta.token))
+    await asyncio.sleep(1.5)
+    assert receiver.of("post-finish") == []  # not while the upload is incomplete
+    resp = await client.post("/upload-chunk", data=chunk_form("w", 1, 2, b"c"))
+    assert (await resp.json())["status"] == "completed"
+    [event] = await wait_for(receiver, "post-finish", 1)
+    assert event["id"] == finish_event_id("w", meta.token)
+    assert event["upload"]["size"] == 3 and event["upload"]["crc64nvme"] == crc64(b"abc")
+    await asyncio.sleep(1.5)
+    assert len(receiver.of("post-finish")) == 1
