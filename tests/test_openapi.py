@@ -102,6 +102,7 @@ def test_schemathesis_finds_nothing(
          f"{server.url}/openapi.json", "--max-time", seconds, "--workers", "2",
          "--seed", "1"],
         capture_output=True, text=True, timeout=int(seconds) + 120,
+        cwd=tmp_path,  # its cache folder (.schemathesis) goes there, not into the tree
     )  # fmt: skip
     summary = done.stdout[-8000:]
     assert done.returncode == 0, summary
