@@ -93,7 +93,7 @@ class Hooks:
         # For a post-finish queued before its completion: the upload as it is now, and the
         # body an event gives of it (set by the service).
         self.lookup: Callable[[str], Awaitable[CompletedUpload | UploadMeta | None]] | None = None
-        self.body_of: Callable[[CompletedUpload], dict[str, Any]] | None = None
+        self.body_of: Callable[[UploadMeta | CompletedUpload], dict[str, Any]] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -105,7 +105,7 @@ class Hooks:
         self,
         outbox: Outbox,
         lookup: Callable[[str], Awaitable[CompletedUpload | UploadMeta | None]],
-        body_of: Callable[[CompletedUpload], dict[str, Any]],
+        body_of: Callable[[UploadMeta | CompletedUpload], dict[str, Any]],
     ) -> None:
         self.outbox, self.lookup, self.body_of = outbox, lookup, body_of
         if not self.url:
@@ -123,11 +123,11 @@ class Hooks:
 
     # -- pre-create: asked, and its answer decides --
 
-    async def pre_create(self, upload: dict[str, Any], remote: str | None) -> None:
+    async def pre_create(self, upload: UploadMeta, remote: str | None) -> None:
         if not self.wants("pre-create"):
             return
-        assert self._session is not None
-        event = new_event("pre-create", upload, remote)
+        assert self._session is not None and self.body_of is not None
+        event = new_event("pre-create", self.body_of(upload), remote)
         try:
             async with self._session.post(self.url, json=event) as answer:
                 text = await answer.text()
@@ -145,15 +145,16 @@ class Hooks:
     async def emit(
         self,
         kind: str,
-        upload: dict[str, Any],
+        upload: UploadMeta | CompletedUpload,
         remote: str | None,
         event_id: str | None = None,
     ) -> None:
         """Queue an event for delivery (kept until the receiver takes it). An event of an id
-        already queued is not queued again."""
+        already queued is not queued again. Nothing is built when the event is not wanted."""
         if not self.wants(kind) or self.outbox is None:
             return
-        await self.outbox.add(new_event(kind, upload, remote, event_id))
+        assert self.body_of is not None
+        await self.outbox.add(new_event(kind, self.body_of(upload), remote, event_id))
         self._wake.set()
 
     async def _deliver_forever(self) -> None:

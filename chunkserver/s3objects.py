@@ -297,8 +297,3 @@ class ObjectStore:
         except (StoreUnavailable, StorageFailure):
             return False
         return True
-
-    async def create_bucket(self) -> None:
-        """For tests and first runs: make the bucket unless it exists."""
-        with contextlib.suppress(StorageFailure), translated_errors("creating the bucket"):
-            await self._client.create_bucket(Bucket=self.bucket)

@@ -170,7 +170,7 @@ class Uploads:
                 fields.metadata,
             )
             if known is None:  # a new upload: the application may refuse it first
-                await self.hooks.pre_create(self._event_body(proposed), remote)
+                await self.hooks.pre_create(proposed, remote)
             async with self.locks.hold(fields.file_id):
                 begun, created = await self.store.begin(proposed)
             if isinstance(begun, CompletedUpload):
@@ -318,7 +318,7 @@ class Uploads:
         # figures), so that a process killed between the two loses no event.
         await self.hooks.emit(
             "post-finish",
-            self._event_body(result.meta),
+            result.meta,
             remote,
             finish_event_id(result.meta.file_id, result.meta.token),
         )
@@ -387,7 +387,7 @@ class Uploads:
         if existed:
             self.metrics.inc("uploads_aborted")
             if known is not None:
-                await self.hooks.emit("post-terminate", self._event_body(known), remote)
+                await self.hooks.emit("post-terminate", known, remote)
         return existed
 
     async def sweep(self) -> SweepReport:
@@ -397,10 +397,10 @@ class Uploads:
         self.metrics.inc("uploads_failed", len(report.expired))
         self.metrics.inc("uploads_completed", len(report.completed))
         for meta in report.expired_uploads:
-            await self.hooks.emit("post-expire", self._event_body(meta), None)
+            await self.hooks.emit("post-expire", meta, None)
         for record in report.completed:  # finished by the sweep after a crash
             event_id = finish_event_id(record.file_id, record.token)
-            await self.hooks.emit("post-finish", self._event_body(record), None, event_id)
+            await self.hooks.emit("post-finish", record, None, event_id)
         return report
 
     async def render_metrics(self) -> str:

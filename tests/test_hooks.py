@@ -165,6 +165,13 @@ async def test_a_receiver_down_then_up_loses_nothing(make_client, receiver: Rece
     assert sorted(e["upload"]["file_id"] for e in events) == ["a", "b", "c"]
 
 
+def hook_config(tmp_path: Path, receiver: Receiver) -> Path:
+    """A config file sending post-finish events to `receiver`."""
+    config = tmp_path / "hooks.toml"
+    config.write_text(f'hook_url = "{receiver.url}"\nhook_events = ["post-finish"]\n')
+    return config
+
+
 def post(url: str, file_id: str, index: int, total: int, data: bytes) -> dict:
     response = requests.post(
         f"{url}/upload-chunk",
@@ -181,8 +188,7 @@ def post(url: str, file_id: str, index: int, total: int, data: bytes) -> dict:
 def test_a_server_killed_before_delivering_delivers_after_its_restart(
     servers: Callable[..., ServerProcess], receiver: Receiver, tmp_path: Path
 ) -> None:
-    config = tmp_path / "hooks.toml"
-    config.write_text(f'hook_url = "{receiver.url}"\nhook_events = ["post-finish"]\n')
+    config = hook_config(tmp_path, receiver)
     receiver.stop()
     first = servers("--config", str(config))
     assert post(first.url, "kept", 0, 1, b"data")["status"] == "completed"
@@ -200,8 +206,7 @@ def test_a_server_killed_before_delivering_delivers_after_its_restart(
 def test_several_processes_deliver_each_event_once(
     servers: Callable[..., ServerProcess], receiver: Receiver, tmp_path: Path
 ) -> None:
-    config = tmp_path / "hooks.toml"
-    config.write_text(f'hook_url = "{receiver.url}"\nhook_events = ["post-finish"]\n')
+    config = hook_config(tmp_path, receiver)
     a, b = servers("--config", str(config)), servers("--config", str(config))
     for n in range(10):
         post(a.url, f"u{n}", 0, 2, b"x")
@@ -227,8 +232,7 @@ async def test_a_post_finish_queued_before_its_completion_waits_for_it(
     meta = uploads.manifest.get("w")
     assert meta is not None
     # as if a process had queued it and died before completing
-    body = uploads._event_body(meta)
-    await uploads.hooks.emit("post-finish", body, None, finish_event_id("w", meta.token))
+    await uploads.hooks.emit("post-finish", meta, None, finish_event_id("w", meta.token))
     await asyncio.sleep(1.5)
     assert receiver.of("post-finish") == []  # not while the upload is incomplete
     resp = await client.post("/upload-chunk", data=chunk_form("w", 1, 2, b"c"))
