@@ -49,3 +49,14 @@ def trusted_proxies(config: Config) -> tuple[Network | str, ...]:
 def remote_of(request: web.BaseRequest, config: Config) -> str:
     """The client's address for hooks and logs."""
     return client_address(request, trusted_proxies(config))
+
+
+def forwarded_base(request: web.BaseRequest, config: Config) -> str:
+    """`scheme://host` as the client sees it: X-Forwarded-Proto and X-Forwarded-Host when a
+    trusted proxy sent them, the request's own otherwise."""
+    scheme, host = request.scheme, request.host
+    trusted = trusted_proxies(config)
+    if trusted and _is_trusted(request.remote or UNIX_PEER, trusted):
+        scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
+        host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+    return f"{scheme}://{host}"

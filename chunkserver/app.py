@@ -18,6 +18,9 @@ from .errors import ChunkServerError, NotAuthenticated, StorageFailure
 from .handlers import add_routes, json_answer
 from .keys import CONFIG, UPLOADS
 from .service import Uploads
+from .tus import EXPOSED_HEADERS as TUS_EXPOSED_HEADERS
+from .tus import add_routes as add_tus_routes
+from .tus import tus_resumable_header
 
 log = logging.getLogger("chunkserver")
 
@@ -105,7 +108,8 @@ def cors_middleware(origins: tuple[str, ...]) -> Middleware:
             return await handler(request)
         cors_headers = {
             hdrs.ACCESS_CONTROL_ALLOW_ORIGIN: "*" if allow_any else origin,
-            hdrs.ACCESS_CONTROL_EXPOSE_HEADERS: "Content-Disposition, Content-Length",
+            hdrs.ACCESS_CONTROL_EXPOSE_HEADERS: "Content-Disposition, Content-Length, "
+            + TUS_EXPOSED_HEADERS,
             hdrs.VARY: "Origin",
         }
         if request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in (
@@ -113,7 +117,7 @@ def cors_middleware(origins: tuple[str, ...]) -> Middleware:
         ):
             requested = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "")
             cors_headers |= {
-                hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, DELETE, OPTIONS",
+                hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, HEAD, POST, PATCH, DELETE, OPTIONS",
                 hdrs.ACCESS_CONTROL_ALLOW_HEADERS: requested or "Authorization, Content-Type",
                 hdrs.ACCESS_CONTROL_MAX_AGE: "600",
             }
@@ -190,7 +194,7 @@ def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterato
 
 
 def create_app(config: Config) -> web.Application:
-    middlewares: list[Middleware] = [error_middleware]
+    middlewares: list[Middleware] = [tus_resumable_header, error_middleware]
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
     if config.auth_tokens:
@@ -199,5 +203,6 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[UPLOADS] = Uploads.open(config)
     add_routes(app)
+    add_tus_routes(app)
     app.cleanup_ctx.append(_uploads_context(config))
     return app

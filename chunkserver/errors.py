@@ -122,3 +122,58 @@ class HookUnavailable(ChunkServerError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"The upload hook cannot be reached, retry later: {reason}")
+
+
+# -- tus (tus.py): the statuses its specification gives --
+
+
+class OffsetMismatch(UploadConflict):
+    """A PATCH's Upload-Offset is not the upload's offset."""
+
+    def __init__(self, given: int, stored: int) -> None:
+        super().__init__(f"Upload-Offset {given} does not match the upload's offset {stored}")
+        self.headers = {"Upload-Offset": str(stored)}
+
+
+class UploadLocked(ChunkServerError):
+    """Another PATCH of the same upload is being received (by this process or another)."""
+
+    status = 423
+
+    def __init__(self) -> None:
+        super().__init__("Another request is writing to this upload; retry after it ends")
+
+
+class UnsupportedTusVersion(ChunkServerError):
+    status = 412
+    headers = {"Tus-Version": "1.0.0"}  # noqa: RUF012
+
+    def __init__(self, given: str) -> None:
+        super().__init__(f"Tus-Resumable {given!r} is not supported: this server speaks 1.0.0")
+
+
+class UnsupportedMediaType(ChunkServerError):
+    status = 415
+
+    def __init__(self) -> None:
+        super().__init__("A PATCH must have Content-Type: application/offset+octet-stream")
+
+
+class LengthRequired(ChunkServerError):
+    status = 411
+
+    def __init__(self) -> None:
+        super().__init__("A PATCH must have a Content-Length")
+
+
+class Forbidden(ChunkServerError):
+    status = 403
+
+
+class TusChecksumMismatch(ChunkServerError):
+    """Upload-Checksum does not match the PATCH's bytes (tus's own status, 460)."""
+
+    status = 460
+
+    def __init__(self) -> None:
+        super().__init__("Checksum Mismatch")

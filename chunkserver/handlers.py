@@ -18,7 +18,7 @@ from .addresses import remote_of
 from .errors import BadRequest, ClientTooSlow, FileNotFound, StorageFailure
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkForm, check_file_id
 from .keys import CONFIG, UPLOADS
-from .model import CompletedUpload, StoredObject, UploadProgress
+from .model import CompletedUpload, StoredObject, StreamProgress, UploadProgress
 from .multipart import MultipartParser, ReadFunction, boundary_from_content_type
 from .service import Prepared
 from .store import Received
@@ -156,6 +156,20 @@ async def upload_status(request: web.Request) -> web.Response:
                 **completed_fields(found),
                 "uploaded_chunks": found.total_chunks,
                 "total_chunks": found.total_chunks,
+            }
+        )
+    if isinstance(found, StreamProgress):
+        size = {} if found.meta.total_size is None else {"size": found.meta.total_size}
+        return json_answer(
+            {
+                "status": "uploading",
+                "file_exists": False,
+                "file_id": file_id,
+                "protocol": "tus",
+                "offset": found.offset,
+                **size,
+                "filename": found.meta.filename,
+                **metadata_field(found.meta.metadata),
             }
         )
     if isinstance(found, UploadProgress):

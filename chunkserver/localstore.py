@@ -7,6 +7,7 @@ Layout under the data folder:
     chunks/<file_id>/chunk_000003       the record that chunk 3 is stored: length, CRC, place
     chunks/<file_id>/.lock              the cross-process lock (flock) of the upload's state
     chunks/<file_id>/.replaced          made before any chunk's record is replaced
+    chunks/<file_id>/.offset.json       a tus upload's offset and the CRC of its bytes so far
     chunks/<file_id>/.chunk_000003.<pid>.<rand>.part   a chunk kept aside, being received
     chunks/<file_id>/.chunk_000003.<rand>.aside        a chunk kept aside, stored
     chunks/<file_id>/.merge.<pid>.<rand>.merging       uneven chunks being joined (rare)
@@ -39,6 +40,10 @@ Invariants:
   `_Known`) unless the folder says, by `.replaced`, that a record may have changed.
 - `meta.json` exists only once the data file does, and meta's chunk_size, once set, never
   changes.
+- A tus upload is one chunk written at offsets: each PATCH streams at the recorded offset
+  under an exclusive lock on the data file's WRITER_OFFSET byte (one writer across
+  processes), then `.offset.json` moves past what arrived. When the offset reaches the
+  length, chunk 0's record is written and the completion is a seed upload's.
 
 The hot path (receive, commit) runs on the event loop: writes to the page cache and a few
 small syscalls cost less than handing each chunk to a thread (bench/README.md). Everything
@@ -66,13 +71,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import checksums
-from .errors import DiskFull, PayloadTooLarge, StorageFailure, UploadConflict, UploadGone
+from .errors import (
+    DiskFull,
+    OffsetMismatch,
+    PayloadTooLarge,
+    StorageFailure,
+    UploadConflict,
+    UploadGone,
+    UploadLocked,
+)
 from .fileio import copy_range, fsync_dir, hash_file, pwritev_all
 from .locks import FileLock, lock_range, pid_alive
 from .model import (
     ChunkRecord,
     Committed,
     CompletedUpload,
+    StreamProgress,
     SweepReport,
     UploadMeta,
     UploadProgress,
@@ -86,6 +100,7 @@ DATA_NAME = ".data"
 META_NAME = ".meta.json"
 LOCK_NAME = ".lock"
 REPLACED_NAME = ".replaced"  # made before any chunk's record is replaced (see _Known)
+PROGRESS_NAME = ".offset.json"  # a tus upload's offset and CRC so far
 ASIDE_SUFFIX = ".aside"
 INCOMING = ".incoming"
 TRASH = ".trash"
@@ -97,6 +112,8 @@ WRITE_BATCH_BYTES = 1024 * 1024
 MAX_BATCH_PIECES = 256
 # A byte far past any data: chunks kept aside hold a shared lock on it while they are received.
 GUARD_OFFSET = 1 << 62
+# The byte a tus upload's writer locks (exclusive): one PATCH at a time, in any process.
+WRITER_OFFSET = GUARD_OFFSET - 1
 FREE_BYTES_MAX_AGE = 0.05  # seconds
 FREE_BYTES_CACHED_ABOVE = 4 * 1024**3
 # A folder with no metadata and no live temporary file is a leftover after this long.
@@ -134,6 +151,19 @@ class ReceivedChunk:
     @property
     def in_place(self) -> bool:
         return self.aside_path is None
+
+
+@dataclass(slots=True)
+class ReceivedAtOffset:
+    """A tus PATCH's bytes in the data file at the upload's offset, not yet counted."""
+
+    chunk: ReceivedChunk  # the data file (its writer byte locked) and the folder, open
+    meta: UploadMeta
+    crc_before: int  # the CRC of the upload's bytes before `chunk.base`
+
+    @property
+    def length(self) -> int:
+        return self.chunk.written
 
 
 @dataclass(slots=True)
@@ -919,6 +949,195 @@ class LocalStore:
             copy_range(src, 0, out, position, record.length)
         finally:
             os.close(src)
+
+    # -- tus uploads: one chunk written at offsets --
+
+    def _read_progress_at(self, folder_fd: int) -> tuple[int, int]:
+        """(offset, crc) of a tus upload; (0, 0) before its first bytes."""
+        try:
+            fd = os.open(PROGRESS_NAME, os.O_RDONLY | OPEN_FLAGS, dir_fd=folder_fd)
+        except FileNotFoundError:
+            return 0, 0
+        try:
+            data = json.loads(os.read(fd, 4096))
+        finally:
+            os.close(fd)
+        return int(data["offset"]), int(data["crc"])
+
+    def _stream_progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
+        completed = self._read_completion(meta.file_id)
+        if completed is not None:
+            return completed
+        folder = self._folder(meta.file_id)
+        try:
+            folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | OPEN_FLAGS)
+        except FileNotFoundError:
+            return self._read_completion(meta.file_id)
+        try:
+            on_disk = self._read_meta(meta.file_id)
+            if on_disk is None:
+                return self._read_completion(meta.file_id)
+            offset, crc = self._read_progress_at(folder_fd)
+            _, last = self._stored_indexes(meta.file_id, on_disk.total_chunks)
+        except FileNotFoundError:  # completed or removed while we looked
+            return self._read_completion(meta.file_id)
+        finally:
+            os.close(folder_fd)
+        return StreamProgress(on_disk, offset, crc, last)
+
+    async def stream_progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
+        return await self._run(self._stream_progress, meta)
+
+    async def receive_at(
+        self,
+        meta: UploadMeta,
+        offset: int,
+        body: AsyncIterator[memoryview],
+        *,
+        length: int,
+        on_piece: Callable[[memoryview], None] | None,
+    ) -> ReceivedAtOffset:
+        received = self._open_at(meta, offset)
+        chunk = received.chunk
+        batch: list[memoryview] = []
+        batch_bytes = 0
+        try:
+            async for piece in body:
+                chunk.length += len(piece)
+                if chunk.length > length:
+                    raise PayloadTooLarge("The body is longer than its Content-Length")
+                chunk.crc = checksums.crc64nvme(piece, chunk.crc)
+                if on_piece is not None:
+                    on_piece(piece)
+                batch.append(piece)
+                batch_bytes += len(piece)
+                if batch_bytes >= WRITE_BATCH_BYTES or len(batch) >= MAX_BATCH_PIECES:
+                    self._write(chunk, batch, batch_bytes)
+                    batch, batch_bytes = [], 0
+            if batch:
+                self._write(chunk, batch, batch_bytes)
+        except BaseException:
+            self._discard(chunk)
+            raise
+        return received
+
+    def _open_at(self, meta: UploadMeta, offset: int) -> ReceivedAtOffset:
+        """The data file at the upload's offset, with its writer byte locked."""
+        folder = self._folder(meta.file_id)
+        try:
+            folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | OPEN_FLAGS)
+        except FileNotFoundError:
+            raise UploadGone() from None
+        fd = -1
+        try:
+            fd = os.open(DATA_NAME, os.O_RDWR | OPEN_FLAGS, dir_fd=folder_fd)
+            held = os.fstat(fd)
+            identity = (held.st_dev, held.st_ino)
+            if not lock_range(fd, WRITER_OFFSET, 1, wait=False):
+                raise UploadLocked()  # another PATCH, or a completion or removal
+            on_disk = os.stat(f"{folder}/{DATA_NAME}")
+            if (on_disk.st_dev, on_disk.st_ino) != identity:
+                raise UploadGone()  # completed or removed since we opened it
+            stored, crc = self._read_progress_at(folder_fd)
+            if stored != offset:
+                raise OffsetMismatch(offset, stored)
+        except FileNotFoundError:
+            _close_all(fd, folder_fd)
+            raise UploadGone() from None
+        except OSError as e:
+            _close_all(fd, folder_fd)
+            raise storage_error(e) from e
+        except BaseException:
+            _close_all(fd, folder_fd)
+            raise
+        chunk = ReceivedChunk(
+            fd=fd,
+            base=offset,
+            guard_fd=-1,
+            limit=None,
+            aside_path=None,
+            data_identity=identity,
+            declared_size=True,
+            folder=folder,
+            index=0,
+            folder_fd=folder_fd,
+        )
+        return ReceivedAtOffset(chunk, meta, crc)
+
+    async def commit_at(self, received: ReceivedAtOffset) -> StreamProgress:
+        chunk = received.chunk
+        try:
+            if self.fsync:
+                await self._run(os.fdatasync, chunk.fd)
+            return self._commit_at(received)
+        except OSError as e:
+            raise storage_error(e) from e
+        finally:
+            self._discard(chunk)  # the writer lock, held till here
+
+    def _commit_at(self, received: ReceivedAtOffset) -> StreamProgress:
+        """Move the offset past the received bytes; write chunk 0's record at the end.
+
+        The writer lock keeps every other PATCH, completion and removal of this data file
+        waiting, and both files go through the folder's descriptor, into this upload's
+        folder whatever happened to its path."""
+        chunk = received.chunk
+        offset = chunk.base + chunk.written
+        crc = checksums.combine_two(received.crc_before, chunk.crc, chunk.written)
+        if chunk.written:
+            self._write_json_at(chunk.folder_fd, PROGRESS_NAME, {"offset": offset, "crc": crc})
+        meta = self._read_meta(received.meta.file_id) or received.meta  # its length may be new
+        if meta.total_size is not None and offset == meta.total_size:
+            record = {"length": offset, "crc64nvme": crc, "aside": None}
+            self._write_json_at(chunk.folder_fd, _record_name(0), record)
+        return StreamProgress(meta, offset, crc, time.time())
+
+    async def discard_at(self, received: ReceivedAtOffset) -> None:
+        self._discard(received.chunk)
+
+    async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
+        try:
+            return await self._run(self._declare_length, meta, length)
+        except OSError as e:
+            raise storage_error(e) from e
+
+    def _declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
+        with self._lock(meta.file_id):
+            on_disk = self._read_meta(meta.file_id)
+            if on_disk is None or on_disk.token != meta.token:
+                raise UploadGone()
+            if on_disk.total_size is None:
+                on_disk = replace(on_disk, total_size=length)
+                self._write_json(self._folder(meta.file_id) / META_NAME, asdict(on_disk))
+            return on_disk
+
+    async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> None:
+        try:
+            await self._run(self._concatenate, meta, sources)
+        except OSError as e:
+            raise storage_error(e) from e
+
+    def _concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> None:
+        """Copy the sources into the data file with copy_file_range: a reflink, no copy, on
+        filesystems that share blocks (XFS, Btrfs); an in-kernel copy elsewhere."""
+        received = self._open_at(meta, 0)
+        chunk = received.chunk
+        try:
+            for source in sources:
+                src = os.open(self.uploads_dir / source.file_id / source.filename, os.O_RDONLY)
+                try:
+                    copy_range(src, 0, chunk.fd, chunk.written, source.size)
+                finally:
+                    os.close(src)
+                chunk.crc = checksums.combine_two(
+                    chunk.crc, checksums.from_s3(source.crc64nvme), source.size
+                )
+                chunk.written += source.size
+            if self.fsync:
+                os.fdatasync(chunk.fd)
+            self._commit_at(received)
+        finally:
+            self._discard(chunk)
 
     # -- completed files --
 

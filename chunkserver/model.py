@@ -11,8 +11,10 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
+
+TUS = "tus"  # UploadMeta.protocol of a tus upload
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,11 @@ class UploadMeta:
     chunk_size_declared: bool = False
     # The client's own data (the `metadata` field), fixed by the first chunk that gives it.
     metadata: dict[str, str] | None = None
+    # "chunks" for the seed's protocol, "tus" for a tus upload (a byte stream at offsets:
+    # total_size is its Upload-Length, None while deferred).
+    protocol: str = "chunks"
+    # tus concatenation: "partial", or "final <file_id> <file_id>..." naming its partials.
+    concat: str | None = None
 
     @classmethod
     def new(
@@ -53,6 +60,23 @@ class UploadMeta:
             chunk_size is not None,
             metadata,
         )
+
+    @classmethod
+    def new_stream(
+        cls,
+        file_id: str,
+        filename: str,
+        length: int | None,
+        metadata: dict[str, str] | None,
+        concat: str | None = None,
+    ) -> UploadMeta:
+        """A tus upload: one chunk record (local) or its parts (S3) once its bytes are in."""
+        meta = cls.new(file_id, filename, 1, length, None, metadata)
+        return replace(meta, protocol=TUS, concat=concat)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.protocol == TUS
 
     def adopts(self, chunk_size: int | None, metadata: dict[str, str] | None) -> bool:
         """Whether a chunk brings what this upload has not fixed yet (a declared chunk size,
@@ -125,6 +149,7 @@ class CompletedUpload:
     sha256: str | None = None  # when the configuration's checksums hold "sha256"
     metadata: dict[str, str] | None = None
     token: str = ""  # the upload's (UploadMeta.token); empty in records made before it
+    protocol: str = "chunks"  # as UploadMeta.protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +161,16 @@ class UploadProgress:
     @property
     def missing(self) -> list[int]:
         return [i for i in range(self.meta.total_chunks) if i not in self.stored]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamProgress:
+    """A tus upload in progress: the bytes stored from its start (its offset) and their CRC."""
+
+    meta: UploadMeta
+    offset: int
+    crc: int
+    last_activity: float
 
 
 @dataclass(frozen=True, slots=True)

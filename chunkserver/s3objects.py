@@ -226,7 +226,20 @@ class ObjectStore:
             answer = await self._client.create_multipart_upload(Bucket=self.bucket, Key=key)
         return str(answer["UploadId"])
 
-    async def copy_part(self, key: str, upload_id: str, part_number: int, source: str) -> str:
+    async def copy_part(
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        source: str,
+        byte_range: tuple[int, int] | None = None,
+    ) -> str:
+        """Part `part_number` copied by the store from `source` (bytes first..last)."""
+        extra = (
+            {}
+            if byte_range is None
+            else {"CopySourceRange": f"bytes={byte_range[0]}-{byte_range[1]}"}
+        )
         with translated_errors(f"copying {source} into part {part_number} of {key}"):
             answer = await self._client.upload_part_copy(
                 Bucket=self.bucket,
@@ -234,6 +247,7 @@ class ObjectStore:
                 UploadId=upload_id,
                 PartNumber=part_number,
                 CopySource={"Bucket": self.bucket, "Key": source},
+                **extra,
             )
         return str(answer["CopyPartResult"]["ETag"])
 

@@ -7,6 +7,10 @@ lock is held across a request to the object store.
 
 An upload's row keeps its S3 multipart UploadId; a chunk's row says where its bytes are: a
 part of that upload (its ETag) or a staging object (its key), with its length and CRC.
+
+A tus upload's row also keeps its offset, the CRC of its bytes so far and its tail (the
+staged pieces not yet in a part), and a writer's lease: one PATCH at a time across hosts.
+Its chunk rows are its parts (index = part number - 1), and its total_chunks counts them.
 """
 
 from __future__ import annotations
@@ -104,6 +108,13 @@ CREATE TABLE IF NOT EXISTS chunkserver_outbox (
     attempts integer NOT NULL DEFAULT 0,
     claimed_until double precision NOT NULL DEFAULT 0
 );
+ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS protocol text NOT NULL DEFAULT 'chunks';
+ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS concat text;
+ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_offset bigint;
+ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_crc bigint;
+ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_tail text;
+ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_writer text;
+ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_writer_until double precision;
 CREATE INDEX IF NOT EXISTS chunkserver_outbox_due ON chunkserver_outbox (due);
 CREATE TABLE IF NOT EXISTS chunkserver_parts (
     file_id text NOT NULL REFERENCES chunkserver_uploads ON DELETE CASCADE,
@@ -128,6 +139,21 @@ class UploadRow:
     last_activity: float
     claimed_at: float | None
     completed: CompletedUpload | None
+    stream: Stream | None = None  # a tus upload's
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """A tus upload's state: `tail` holds the staged pieces past the last part, as
+    (key, length, crc), which the next part starts with."""
+
+    offset: int
+    crc: int
+    tail: tuple[tuple[str, int, int], ...]
+
+    @property
+    def tail_bytes(self) -> int:
+        return sum(length for _, length, _ in self.tail)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +195,8 @@ def _upload_row(r: Mapping[str, Any]) -> UploadRow:
         chunk_size=r["chunk_size"],
         chunk_size_declared=r["chunk_size_declared"],
         metadata=_metadata(r.get("metadata")),
+        protocol=r.get("protocol") or "chunks",
+        concat=r.get("concat"),
     )
     completed = None
     if r["status"] == "completed":
@@ -182,6 +210,15 @@ def _upload_row(r: Mapping[str, Any]) -> UploadRow:
             sha256=r["sha256"],
             metadata=meta.metadata,
             token=r["token"],
+            protocol=meta.protocol,
+        )
+    stream = None
+    if r.get("stream_offset") is not None:
+        tail = json.loads(r["stream_tail"] or "[]")
+        stream = Stream(
+            r["stream_offset"],
+            _to_unsigned(r["stream_crc"]),
+            tuple((key, length, crc) for key, length, crc in tail),
         )
     return UploadRow(
         meta,
@@ -192,6 +229,7 @@ def _upload_row(r: Mapping[str, Any]) -> UploadRow:
         r["last_activity"],
         r["claimed_at"],
         completed,
+        stream,
     )
 
 
@@ -291,13 +329,15 @@ class UploadState:
             r = await db.fetchrow(
                 """INSERT INTO chunkserver_uploads (file_id, token, filename, total_chunks,
                        total_size, chunk_size, chunk_size_declared, direct, created_at,
-                       last_activity, object_key, s3_upload_id, metadata)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12)
+                       last_activity, object_key, s3_upload_id, metadata, protocol, concat,
+                       stream_offset, stream_crc)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12, $13, $14,
+                       $15, $15)
                    ON CONFLICT (file_id) DO NOTHING RETURNING file_id""",
                 meta.file_id,
                 meta.token,
                 meta.filename,
-                meta.total_chunks,
+                0 if meta.is_stream else meta.total_chunks,  # a tus upload counts its parts
                 meta.total_size,
                 meta.chunk_size,
                 meta.chunk_size_declared,
@@ -306,6 +346,9 @@ class UploadState:
                 object_key,
                 upload_id,
                 None if meta.metadata is None else json.dumps(meta.metadata),
+                meta.protocol,
+                meta.concat,
+                0 if meta.is_stream else None,
             )
         return r is not None
 
@@ -386,7 +429,8 @@ class UploadState:
                 """SELECT * FROM chunkserver_uploads u
                    WHERE (status = 'uploading' OR (status = 'completing' AND claimed_at < $1))
                      AND total_chunks = (SELECT count(*) FROM chunkserver_chunks c
-                                         WHERE c.file_id = u.file_id AND c.token = u.token)""",
+                                         WHERE c.file_id = u.file_id AND c.token = u.token)
+                     AND (stream_offset IS NULL OR stream_offset = total_size)""",
                 claimed_before,
             )
         return [_upload_row(r) for r in rows]
@@ -579,6 +623,7 @@ class UploadState:
                      AND (status = 'uploading' OR (status = 'completing' AND claimed_at < $4))
                      AND total_chunks = (SELECT count(*) FROM chunkserver_chunks c
                                          WHERE c.file_id = u.file_id AND c.token = u.token)
+                     AND (stream_offset IS NULL OR stream_offset = total_size)
                    RETURNING *""",
                 meta.file_id,
                 meta.token,
@@ -606,6 +651,97 @@ class UploadState:
                 meta.file_id,
                 meta.token,
             )
+
+    # -- tus uploads --
+
+    async def claim_writer(self, meta: UploadMeta, writer: str, lease_seconds: float) -> bool:
+        """Become the upload's one writer, unless a live one is."""
+        now = time.time()
+        async with self._db() as db:
+            r = await db.fetchval(
+                """UPDATE chunkserver_uploads SET stream_writer = $3, stream_writer_until = $4
+                   WHERE file_id = $1 AND token = $2 AND status = 'uploading'
+                     AND (stream_writer IS NULL OR stream_writer_until < $5)
+                   RETURNING file_id""",
+                meta.file_id,
+                meta.token,
+                writer,
+                now + lease_seconds,
+                now,
+            )
+        return r is not None
+
+    async def renew_writer(self, meta: UploadMeta, writer: str, lease_seconds: float) -> None:
+        async with self._db() as db:
+            await db.execute(
+                """UPDATE chunkserver_uploads SET stream_writer_until = $4
+                   WHERE file_id = $1 AND token = $2 AND stream_writer = $3""",
+                meta.file_id,
+                meta.token,
+                writer,
+                time.time() + lease_seconds,
+            )
+
+    async def release_writer(self, meta: UploadMeta, writer: str) -> None:
+        async with self._db() as db:
+            await db.execute(
+                """UPDATE chunkserver_uploads SET stream_writer = NULL
+                   WHERE file_id = $1 AND token = $2 AND stream_writer = $3""",
+                meta.file_id,
+                meta.token,
+                writer,
+            )
+
+    async def commit_stream(
+        self,
+        meta: UploadMeta,
+        writer: str,
+        before: Stream,
+        after: Stream,
+        parts: list[ChunkRow],
+    ) -> UploadRow | None:
+        """Record a PATCH: its parts, the new offset, CRC and tail, in one transaction, and
+        end the writer's lease; None when this writer lost the upload (removed, taken)."""
+        async with self._db() as db, db.transaction():
+            r = await db.fetchrow(
+                """UPDATE chunkserver_uploads SET stream_offset = $5, stream_crc = $6,
+                       stream_tail = $7, total_chunks = total_chunks + $8,
+                       last_activity = $9, stream_writer = NULL
+                   WHERE file_id = $1 AND token = $2 AND stream_writer = $3
+                     AND stream_offset = $4 AND status = 'uploading'
+                   RETURNING *""",
+                meta.file_id,
+                meta.token,
+                writer,
+                before.offset,
+                after.offset,
+                _to_signed(after.crc),
+                json.dumps([list(piece) for piece in after.tail]),
+                len(parts),
+                time.time(),
+            )
+            if r is None:
+                return None
+            await db.executemany(
+                """INSERT INTO chunkserver_chunks (file_id, token, idx, length, crc, etag)
+                   VALUES ($1, $2, $3, $4, $5, $6)""",
+                [
+                    (meta.file_id, meta.token, p.index, p.length, _to_signed(p.crc), p.etag)
+                    for p in parts
+                ],
+            )
+        return _upload_row(r)
+
+    async def declare_length(self, meta: UploadMeta, length: int) -> UploadRow | None:
+        async with self._db() as db:
+            await db.execute(
+                """UPDATE chunkserver_uploads SET total_size = $3
+                   WHERE file_id = $1 AND token = $2 AND total_size IS NULL""",
+                meta.file_id,
+                meta.token,
+                length,
+            )
+        return await self.get(meta.file_id)
 
     async def forget_chunk(self, meta: UploadMeta, index: int, unless_etag: str) -> None:
         """A part was overwritten by bytes that were then refused: its chunk is missing."""

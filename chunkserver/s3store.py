@@ -14,6 +14,12 @@ arrives (or by a declared `chunk_size`), and kept in the upload's row:
 
 The completion is claimed once in PostgreSQL, then CompleteMultipartUpload; the file's
 CRC-64/NVME is combined from the chunks' CRCs. Nothing on the local disk outlives a request.
+
+A tus upload is a stream: a PATCH's bytes go into parts of `_stream_part_bytes` (5 MiB, or
+more when the part limit needs it), streamed from the socket with their length known from
+Content-Length; what is too little for a part (a small PATCH) is staged as a tail piece that
+the next part starts with. Concatenation joins completed uploads with UploadPartCopy: the
+store copies, no byte passes through this host (small sources are streamed into one part).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,23 +44,26 @@ from typing import IO
 from . import checksums
 from .errors import (
     BadRequest,
+    OffsetMismatch,
     PayloadTooLarge,
     StorageFailure,
     StoreUnavailable,
     UploadConflict,
     UploadGone,
+    UploadLocked,
 )
 from .model import (
     Committed,
     CompletedUpload,
     StoredObject,
+    StreamProgress,
     SweepReport,
     UploadMeta,
     UploadProgress,
 )
 from .outbox import PostgresOutbox
 from .s3objects import NoSuchUpload, ObjectStore, Settings
-from .s3state import ChunkRow, PartRow, UploadRow, UploadState
+from .s3state import ChunkRow, PartRow, Stream, UploadRow, UploadState
 
 log = logging.getLogger("chunkserver")
 
@@ -66,6 +75,8 @@ GATHER_CONCURRENCY = 4
 STAGED_COPIES_BYTES = 64 * MiB  # local copies of staged chunks, for gathering
 ORPHAN_GRACE_SECONDS = 3600.0
 WAIT_STEP_SECONDS = 0.05
+WRITER_LEASE_SECONDS = 300.0  # a tus writer's lease, renewed at every part
+MAX_COPY_PART_BYTES = 5 * 1024 * MiB  # UploadPartCopy's largest part
 
 
 class Spool:
@@ -173,6 +184,62 @@ class S3Received:
         return None if self.digest is None else self.digest.hexdigest()
 
 
+class ShortBody(Exception):
+    """The PATCH body ended before its Content-Length: the client went away."""
+
+
+class BodySlices:
+    """A PATCH body cut into slices of known lengths, with the CRC of each slice."""
+
+    def __init__(
+        self, body: AsyncIterator[memoryview], on_piece: Callable[[memoryview], None] | None
+    ) -> None:
+        self.body = body
+        self.on_piece = on_piece
+        self.pending: memoryview | None = None  # the rest of a piece cut by a slice's end
+        self.crc = 0  # of the last slice
+        self.short = False
+
+    async def take(self, size: int) -> AsyncIterator[memoryview]:
+        """The next `size` bytes; raises ShortBody when the body ends before."""
+        self.crc = 0
+        left = size
+        while left > 0:
+            piece = self.pending
+            self.pending = None
+            if piece is None:
+                try:
+                    piece = await anext(self.body)
+                except StopAsyncIteration:
+                    self.short = True
+                    raise ShortBody() from None
+                if self.on_piece is not None:
+                    self.on_piece(piece)
+            if len(piece) > left:
+                piece, self.pending = piece[:left], piece[left:]
+            self.crc = checksums.crc64nvme(piece, self.crc)
+            left -= len(piece)
+            yield piece
+
+
+@dataclass(eq=False)
+class S3ReceivedAt:
+    """A PATCH's bytes in parts and staged tail pieces, not yet recorded."""
+
+    row: UploadRow
+    writer: str  # the writer's lease in the upload's row
+    before: Stream
+    parts: list[ChunkRow] = field(default_factory=list)
+    tail: list[tuple[str, int, int]] = field(default_factory=list)  # new staged pieces
+    took_tail: bool = False  # the first part holds the earlier tail pieces
+    length: int = 0  # the body's bytes in parts and tail pieces
+    crc: int = 0  # theirs
+
+    def keep(self, size: int, crc: int) -> None:
+        self.crc = checksums.combine_two(self.crc, crc, size)
+        self.length += size
+
+
 class S3Store:
     keeps_bytes_locally = False
 
@@ -185,6 +252,7 @@ class S3Store:
         scratch: Path,
         sha256: bool = False,
         max_parts: int = 10_000,
+        max_file_bytes: int = 100 * 1024 * MiB,
     ) -> None:
         self.objects = ObjectStore(settings)
         self.state = UploadState(database_url)
@@ -192,6 +260,7 @@ class S3Store:
         self.scratch = scratch
         self.sha256 = sha256
         self.max_parts = max_parts
+        self.max_file_bytes = max_file_bytes
         self.lease_seconds = COMPLETION_LEASE_SECONDS
         self._background: set[asyncio.Task[None]] = set()
         self._gathering = asyncio.Semaphore(GATHER_CONCURRENCY)  # parts built at once
@@ -603,7 +672,10 @@ class S3Store:
             raise StorageFailure(
                 f"the object {row.object_key} has {stored} bytes after completion, not {size}"
             )
-        crc = checksums.combine((c.crc, c.length) for c in chunks)
+        if row.stream is not None:  # a tus upload keeps its whole CRC as it goes
+            crc = row.stream.crc
+        else:
+            crc = checksums.combine((c.crc, c.length) for c in chunks)
         record = CompletedUpload(
             file_id=meta.file_id,
             filename=meta.filename,
@@ -614,6 +686,7 @@ class S3Store:
             sha256=await self._sha256_of_object(row.object_key) if self.sha256 else None,
             metadata=meta.metadata,
             token=meta.token,
+            protocol=meta.protocol,
         )
         if not await self.state.mark_completed(meta, record):
             await self.objects.delete([row.object_key])  # removed while completing
@@ -684,6 +757,192 @@ class S3Store:
         return await self.objects.put_part(
             row.object_key, row.upload_id, number, gathered(), length
         )
+
+    # -- tus uploads: a stream of parts --
+
+    def _stream_part_bytes(self, meta: UploadMeta) -> int:
+        """5 MiB, or the size that keeps the upload within `max_parts` parts."""
+        length = meta.total_size if meta.total_size is not None else self.max_file_bytes
+        return max(MIN_PART_BYTES, math.ceil(length / self.max_parts / MiB) * MiB)
+
+    async def stream_progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
+        row = await self.state.get(meta.file_id)
+        if row is None:
+            return None
+        if row.completed is not None:
+            return row.completed
+        if row.stream is None:
+            return None
+        return StreamProgress(row.meta, row.stream.offset, row.stream.crc, row.last_activity)
+
+    async def _claim_writer(self, meta: UploadMeta) -> tuple[str, UploadRow]:
+        writer = secrets.token_hex(8)
+        claimed = await self.state.claim_writer(meta, writer, WRITER_LEASE_SECONDS)
+        row = await self.state.get(meta.file_id)
+        if row is None or row.meta.token != meta.token or row.stream is None:
+            raise UploadGone()
+        if not claimed:
+            if row.status != "uploading":
+                raise UploadGone()
+            raise UploadLocked()
+        return writer, row
+
+    async def receive_at(
+        self,
+        meta: UploadMeta,
+        offset: int,
+        body: AsyncIterator[memoryview],
+        *,
+        length: int,
+        on_piece: Callable[[memoryview], None] | None,
+    ) -> S3ReceivedAt:
+        writer, row = await self._claim_writer(meta)
+        assert row.stream is not None
+        received = S3ReceivedAt(row, writer, row.stream)
+        try:
+            if row.stream.offset != offset:
+                raise OffsetMismatch(offset, row.stream.offset)
+            await self._stream_at(received, BodySlices(body, on_piece), length)
+        except BaseException:
+            await self.discard_at(received)
+            raise
+        return received
+
+    async def _stream_at(self, received: S3ReceivedAt, body: BodySlices, length: int) -> None:
+        """Parts while there are enough bytes for one, the last taking the rest; a staged
+        tail piece when the tail and this body are too little for a part."""
+        row, before = received.row, received.before
+        meta = row.meta
+        part_bytes = self._stream_part_bytes(meta)
+        available = before.tail_bytes + length
+        ends = meta.total_size is not None and before.offset + length == meta.total_size
+        if available < part_bytes and not ends:
+            if length:
+                await self._stage_tail_piece(received, body, length)
+            return
+        count = max(1, available // part_bytes)
+        sizes = [part_bytes] * (count - 1) + [available - part_bytes * (count - 1)]
+        for i, size in enumerate(sizes):
+            number = meta.total_chunks + len(received.parts) + 1
+            tail = before.tail if i == 0 else ()
+            from_body = size - sum(piece_length for _, piece_length, _ in tail)
+            try:
+                etag = await self.objects.put_part(
+                    row.object_key,
+                    row.upload_id,
+                    number,
+                    self._tail_then(tail, body.take(from_body)),
+                    size,
+                )
+            except NoSuchUpload:
+                raise _gone_midway() from None
+            except Exception:
+                if body.short:
+                    return  # the client went away: the parts before this one count
+                raise
+            received.parts.append(ChunkRow(number - 1, size, 0, etag, None))
+            received.took_tail = received.took_tail or bool(tail)
+            received.keep(from_body, body.crc)
+            await self.state.renew_writer(meta, received.writer, WRITER_LEASE_SECONDS)
+
+    async def _tail_then(
+        self, tail: tuple[tuple[str, int, int], ...], rest: AsyncIterator[memoryview]
+    ) -> AsyncIterator[bytes | memoryview]:
+        for key, _, _ in tail:
+            async for piece in self.objects.read_pieces(key):
+                yield piece
+        async for view in rest:
+            yield view
+
+    async def _stage_tail_piece(self, received: S3ReceivedAt, body: BodySlices, size: int) -> None:
+        meta, offset = received.row.meta, received.before.offset
+        key = f"{self._staging_prefix(meta)}tail.{offset:015d}.{secrets.token_hex(6)}"
+        try:
+            await self.objects.put_object(key, body.take(size), size)
+        except Exception:
+            if body.short:
+                self._later(self.objects.delete([key]))
+                return
+            raise
+        received.tail.append((key, size, body.crc))
+        received.keep(size, body.crc)
+
+    async def commit_at(self, received: S3ReceivedAt) -> StreamProgress:
+        before = received.before
+        kept = () if received.took_tail else before.tail
+        after = Stream(
+            before.offset + received.length,
+            checksums.combine_two(before.crc, received.crc, received.length),
+            kept + tuple(received.tail),
+        )
+        row = await self.state.commit_stream(
+            received.row.meta, received.writer, before, after, received.parts
+        )
+        if row is None:
+            await self.discard_at(received)
+            raise UploadGone()
+        if received.took_tail and before.tail:
+            self._later(self.objects.delete([key for key, _, _ in before.tail]))
+        return StreamProgress(row.meta, after.offset, after.crc, row.last_activity)
+
+    async def discard_at(self, received: S3ReceivedAt) -> None:
+        """Staged pieces are deleted; parts put stay unlisted in the multipart upload, to be
+        put again by the next PATCH (same numbers) or left out of the completion."""
+        if received.tail:
+            self._later(self.objects.delete([key for key, _, _ in received.tail]))
+            received.tail = []
+        with contextlib.suppress(StoreUnavailable):
+            await self.state.release_writer(received.row.meta, received.writer)
+
+    async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
+        row = await self.state.declare_length(meta, length)
+        if row is None or row.meta.token != meta.token:
+            raise UploadGone()
+        return row.meta
+
+    async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> None:
+        writer, row = await self._claim_writer(meta)
+        assert row.stream is not None
+        received = S3ReceivedAt(row, writer, row.stream)
+        try:
+            for number, group in enumerate(_copy_groups(sources), start=1):
+                etag = await self._join_part(row, number, group)
+                size = sum(end - start for _, start, end in group)
+                received.parts.append(ChunkRow(number - 1, size, 0, etag, None))
+            received.length = sum(source.size for source in sources)
+            received.crc = checksums.combine(
+                (checksums.from_s3(source.crc64nvme), source.size) for source in sources
+            )
+        except BaseException:
+            await self.discard_at(received)
+            raise
+        await self.commit_at(received)
+
+    async def _join_part(
+        self, row: UploadRow, number: int, group: list[tuple[CompletedUpload, int, int]]
+    ) -> str:
+        """One part from whole sources or a range of one: copied by the store when it is one
+        source's bytes, streamed through when several small sources make it up."""
+        if len(group) == 1:
+            source, start, end = group[0]
+            whole = (start, end) == (0, source.size)
+            return await self.objects.copy_part(
+                row.object_key,
+                row.upload_id,
+                number,
+                self.object_key(source.file_id, source.filename),
+                None if whole or end == start else (start, end - 1),
+            )
+
+        async def joined() -> AsyncIterator[bytes]:
+            for source, _, _ in group:
+                async for piece in self.objects.read_pieces(
+                    self.object_key(source.file_id, source.filename)
+                ):
+                    yield piece
+
+        size = sum(end - start for _, start, end in group)
+        return await self.objects.put_part(row.object_key, row.upload_id, number, joined(), size)
 
     # -- removing --
 
@@ -796,6 +1055,34 @@ def _run_of(meta: UploadMeta, index: int) -> tuple[int, int] | None:
     first = index - index % per_part
     last = first + per_part - 1
     return None if last >= meta.total_chunks - 1 else (first, last)
+
+
+def _copy_groups(
+    sources: list[CompletedUpload],
+) -> list[list[tuple[CompletedUpload, int, int]]]:
+    """The parts of a concatenation, as (source, start, end) pieces: a source of 5 MiB or
+    more is a part of its own (in ranges of at most 5 GiB, UploadPartCopy's limit);
+    consecutive smaller ones join until they make 5 MiB. Only the last part may be less."""
+    groups: list[list[tuple[CompletedUpload, int, int]]] = []
+    pending: list[tuple[CompletedUpload, int, int]] = []
+    pending_bytes = 0
+    for source in sources:
+        if source.size >= MIN_PART_BYTES and not pending:
+            count = math.ceil(source.size / MAX_COPY_PART_BYTES)
+            step = math.ceil(source.size / count)
+            groups += [
+                [(source, start, min(start + step, source.size))]
+                for start in range(0, source.size, step)
+            ]
+            continue
+        pending.append((source, 0, source.size))
+        pending_bytes += source.size
+        if pending_bytes >= MIN_PART_BYTES:
+            groups.append(pending)
+            pending, pending_bytes = [], 0
+    if pending or not groups:
+        groups.append(pending)
+    return groups
 
 
 def _sources(group: list[ChunkRow]) -> str:

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .config import Config
 from .errors import (
+    BadRequest,
     ChecksumMismatch,
     DiskFull,
+    FileNotFound,
+    Forbidden,
+    OffsetMismatch,
     PayloadTooLarge,
     ServerBusy,
+    TusChecksumMismatch,
     UploadConflict,
     UploadGone,
 )
@@ -35,11 +41,12 @@ from .model import (
     Committed,
     CompletedUpload,
     StoredObject,
+    StreamProgress,
     SweepReport,
     UploadMeta,
     UploadProgress,
 )
-from .store import Received, Store
+from .store import Received, ReceivedAt, Store
 
 log = logging.getLogger("chunkserver")
 
@@ -47,6 +54,21 @@ log = logging.getLogger("chunkserver")
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 # How often a chunk looks its upload up again when it ended under it (see `receive`).
 RECEIVE_ATTEMPTS = 4
+
+
+class PieceChecker(Protocol):
+    """A PATCH's checksum (tus's Upload-Checksum), fed every byte as it passes."""
+
+    def update(self, piece: memoryview) -> None: ...
+    def matches(self) -> bool: ...
+
+
+class PatchBody(Protocol):
+    """A PATCH's body; `cut` says why it ended early (the client went away), or None."""
+
+    cut: BaseException | None
+
+    def pieces(self) -> AsyncIterator[memoryview]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +80,7 @@ class Prepared:
 
 
 class Uploads:
-    def __init__(self, config: Config, store: Store[Any]) -> None:
+    def __init__(self, config: Config, store: Store[Any, Any]) -> None:
         self.config = config
         self.store = store
         self.manifest = Manifest()
@@ -72,7 +94,7 @@ class Uploads:
     def open(cls, config: Config) -> Uploads:
         """The service on the configured backend (connected later, by `start`)."""
         sha256 = "sha256" in config.checksums
-        store: Store[Any]
+        store: Store[Any, Any]
         if config.storage == "s3":
             # Imported here: botocore's models cost the local backend ~20 MiB of memory.
             from .s3objects import Settings
@@ -91,6 +113,7 @@ class Uploads:
                 scratch=Path(config.data_dir) / "scratch",
                 sha256=sha256,
                 max_parts=config.s3_max_parts,
+                max_file_bytes=config.max_file_bytes,
             )
         else:
             store = LocalStore(Path(config.data_dir), fsync=config.fsync, sha256=sha256)
@@ -149,6 +172,8 @@ class Uploads:
         known: CompletedUpload | UploadMeta | None = None
         if not ask_store:
             known = self.manifest.get(fields.file_id) or await self.store.lookup(fields.file_id)
+        if isinstance(known, CompletedUpload | UploadMeta) and known.protocol != "chunks":
+            raise UploadConflict(f"{fields.file_id} is a tus upload: send its bytes with PATCH")
         if isinstance(known, CompletedUpload):
             return known
         if known is not None and known.chunk_size is None and fields.chunk_index != 0:
@@ -173,6 +198,8 @@ class Uploads:
                 await self.hooks.pre_create(proposed, remote)
             async with self.locks.hold(fields.file_id):
                 begun, created = await self.store.begin(proposed)
+            if begun.protocol != "chunks":
+                raise UploadConflict(f"{fields.file_id} is a tus upload: send its bytes with PATCH")
             if isinstance(begun, CompletedUpload):
                 return begun
             self._check_conflicts(begun, fields)
@@ -366,10 +393,163 @@ class Uploads:
             self.manifest.forget(prepared.meta.file_id)
             await asyncio.shield(self.store.abandon(prepared.meta))
 
+    # -- tus uploads: a byte stream written at offsets --
+
+    async def create_stream(self, meta: UploadMeta, remote: str | None) -> UploadMeta:
+        """Begin a tus upload (its file_id is new) after the limits and the pre-create hook."""
+        if meta.total_size is not None:
+            self._check_stream_size(meta.total_size)
+            self._check_stream_room(meta.total_size)
+        await self.hooks.pre_create(meta, remote)
+        async with self.locks.hold(meta.file_id):
+            begun, _ = await self.store.begin(meta)
+        if isinstance(begun, CompletedUpload) or begun.token != meta.token:
+            raise UploadConflict(f"{meta.file_id} exists already")
+        return begun
+
+    def _check_stream_size(self, length: int) -> None:
+        if length > self.config.max_file_bytes:
+            raise PayloadTooLarge(
+                f"Upload-Length {length} exceeds max_file_bytes "
+                f"({self.config.max_file_bytes} bytes)"
+            )
+
+    def _check_stream_room(self, length: int) -> None:
+        if self.store.keeps_bytes_locally and (
+            self.store.free_bytes() - length < self.config.min_free_bytes
+        ):
+            raise DiskFull()
+
+    async def stream_state(self, file_id: str) -> StreamProgress | CompletedUpload | None:
+        """A tus upload's progress, or any completed upload's record (a file sent with the
+        seed's protocol reads as a complete tus upload); None otherwise."""
+        known = await self.store.lookup(file_id)
+        if known is None or isinstance(known, CompletedUpload):
+            return known
+        if not known.is_stream:
+            return None
+        return await self.store.stream_progress(known)
+
+    async def append(
+        self,
+        file_id: str,
+        offset: int,
+        body: PatchBody,
+        *,
+        length: int,
+        declared_length: int | None,
+        checksum: PieceChecker | None,
+        remote: str | None,
+    ) -> StreamProgress | CompletedUpload:
+        """A PATCH: its bytes at `offset`, then the completion when they were the last.
+
+        A body cut short (the client went away) still counts for what arrived, unless a
+        checksum was to be checked; the cut is raised after the commit."""
+        meta = await self._stream_to_patch(file_id, offset, length, declared_length)
+        if isinstance(meta, CompletedUpload):
+            return meta
+        received: ReceivedAt = await self.store.receive_at(
+            meta,
+            offset,
+            body.pieces(),
+            length=length,
+            on_piece=None if checksum is None else checksum.update,
+        )
+        self.metrics.inc("bytes_received", received.length)
+        short = body.cut is not None or received.length < length
+        if (short and checksum is not None) or (checksum is not None and not checksum.matches()):
+            await self.store.discard_at(received)
+            if short:
+                raise body.cut or BadRequest("The body ended before its Content-Length")
+            raise TusChecksumMismatch()
+        progress = await asyncio.shield(self.store.commit_at(received))
+        if short:
+            raise body.cut or BadRequest("The body ended before its Content-Length")
+        return await self._finish_stream(progress, remote)
+
+    async def _stream_to_patch(
+        self, file_id: str, offset: int, length: int, declared_length: int | None
+    ) -> UploadMeta | CompletedUpload:
+        """The tus upload a PATCH goes into, its length declared if the PATCH does so;
+        or its record when complete and the PATCH adds nothing."""
+        known = await self.store.lookup(file_id)
+        if known is None or (isinstance(known, UploadMeta) and not known.is_stream):
+            raise FileNotFound("No tus upload of this id")
+        if isinstance(known, CompletedUpload):
+            if offset != known.size:
+                raise OffsetMismatch(offset, known.size)
+            if length:
+                raise PayloadTooLarge("The upload is complete: no byte may be added")
+            return known
+        if known.concat is not None and known.concat.startswith("final"):
+            raise Forbidden("A final upload of a concatenation takes no PATCH")
+        if declared_length is not None:
+            if known.total_size is None:
+                self._check_stream_size(declared_length)
+                known = await self.store.declare_length(known, declared_length)
+            if known.total_size != declared_length:
+                raise BadRequest(
+                    f"Upload-Length {declared_length} differs from the upload's length "
+                    f"{known.total_size}"
+                )
+        end = offset + length
+        if known.total_size is not None and end > known.total_size:
+            raise PayloadTooLarge(
+                f"The PATCH ends at {end}, past the upload's length {known.total_size}"
+            )
+        self._check_stream_size(end)
+        if known.total_size is None:  # no room was reserved
+            self._check_stream_room(length)
+        return known
+
+    async def _finish_stream(
+        self, progress: StreamProgress, remote: str | None
+    ) -> StreamProgress | CompletedUpload:
+        meta = progress.meta
+        if meta.total_size is None or progress.offset != meta.total_size:
+            return progress
+        await self.hooks.emit(
+            "post-finish", meta, remote, finish_event_id(meta.file_id, meta.token)
+        )
+        async with self.locks.hold(meta.file_id):
+            finished = await asyncio.shield(self.store.finish(meta))
+        if finished is None:
+            return progress
+        completed, here = finished
+        if here:
+            self.metrics.inc("uploads_completed")
+        return completed
+
+    async def concatenate(
+        self, meta: UploadMeta, partial_ids: list[str], remote: str | None
+    ) -> CompletedUpload | StreamProgress:
+        """A final upload made of completed partial uploads, in order."""
+        sources: list[CompletedUpload] = []
+        for partial_id in partial_ids:
+            found = await self.store.lookup(partial_id)
+            if found is None:
+                raise BadRequest(f"Upload-Concat names {partial_id}, which does not exist")
+            if not isinstance(found, CompletedUpload):
+                raise BadRequest(f"Upload-Concat names {partial_id}, which is not complete")
+            sources.append(found)
+        total = sum(source.size for source in sources)
+        begun = await self.create_stream(dataclasses.replace(meta, total_size=total), remote)
+        await asyncio.shield(self.store.concatenate(begun, sources))
+        progress = await self.store.stream_progress(begun)
+        if progress is None:
+            raise UploadGone()
+        if isinstance(progress, CompletedUpload):
+            return progress
+        return await self._finish_stream(progress, remote)
+
     # -- the other verbs --
 
-    async def status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
+    async def status(
+        self, file_id: str
+    ) -> CompletedUpload | UploadProgress | StreamProgress | None:
         found = await self.store.status(file_id)
+        if isinstance(found, UploadProgress) and found.meta.is_stream:
+            return await self.store.stream_progress(found.meta)
         if isinstance(found, UploadProgress):
             self.manifest.remember(found.meta)
         else:

@@ -12,7 +12,7 @@ visible: a chunk cut off at any instant has no record and never counts.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -20,6 +20,7 @@ from .model import (
     Committed,
     CompletedUpload,
     StoredObject,
+    StreamProgress,
     SweepReport,
     UploadMeta,
     UploadProgress,
@@ -37,11 +38,22 @@ class Received(Protocol):
     def sha256_hex(self) -> str | None: ...
 
 
+class ReceivedAt(Protocol):
+    """Bytes of a tus PATCH stored at the upload's offset, not yet committed."""
+
+    @property
+    def length(self) -> int:
+        """The bytes that count on commit: all received (local), or those of whole parts
+        and staged pieces (S3) when the body ended early."""
+
+
 R = TypeVar("R", bound=Received)
+A = TypeVar("A", bound=ReceivedAt)
 
 
-class Store(Protocol[R]):
-    """The verbs; `R` is the backend's own handle of a received chunk."""
+class Store(Protocol[R, A]):
+    """The verbs; `R` and `A` are the backend's own handles of a received chunk and of a
+    PATCH's received bytes."""
 
     # Whether chunks take room on the local disk (the free-space checks reserve it).
     keeps_bytes_locally: bool
@@ -118,6 +130,39 @@ class Store(Protocol[R]):
 
     def location_of(self, file_id: str, filename: str) -> str:
         """Where a completed file is: a path under data_dir, or an object key."""
+
+    # -- tus uploads: a byte stream written at offsets (begun with `begin`) --
+
+    async def stream_progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
+        """A tus upload's offset and CRC so far; its record once complete."""
+
+    async def receive_at(
+        self,
+        meta: UploadMeta,
+        offset: int,
+        body: AsyncIterator[memoryview],
+        *,
+        length: int,
+        on_piece: Callable[[memoryview], None] | None,
+    ) -> A:
+        """Write a PATCH's `length` bytes at `offset`, which must be the upload's offset
+        (OffsetMismatch); one writer at a time per upload (UploadLocked) until the commit or
+        discard. A body that ends before `length` bytes (the client went away) is no error
+        here: the handle says what was kept. `on_piece` sees every byte (checksums)."""
+
+    async def commit_at(self, received: A) -> StreamProgress:
+        """Make received bytes count: the offset moves past them. Once it reaches the
+        upload's length every chunk is stored, and `finish` completes it."""
+
+    async def discard_at(self, received: A) -> None:
+        """Forget received bytes; the offset stays."""
+
+    async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
+        """Fix the length of an upload begun without one (tus creation-defer-length)."""
+
+    async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> None:
+        """Fill a begun tus upload with completed uploads' bytes, in order, copying nothing
+        the store can join in place; every chunk is then stored (call `finish`)."""
 
     async def uploads_in_progress(self) -> list[str]: ...
     def free_bytes(self) -> int: ...

@@ -1,0 +1,343 @@
+"""tus 1.0.0 under /tus/: its headers parsed and answered, the upload service doing the rest.
+
+Extensions: creation, creation-with-upload, creation-defer-length, termination, expiration,
+checksum (sha1, md5, crc32) and concatenation. A tus upload is an upload like any other (the
+same store, limits, hooks, expiry and download); only the way its bytes arrive differs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import secrets
+import zlib
+from collections.abc import AsyncIterator, Callable
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from .addresses import forwarded_base, remote_of
+from .errors import (
+    BadRequest,
+    ClientTooSlow,
+    FileNotFound,
+    LengthRequired,
+    UnsupportedMediaType,
+    UnsupportedTusVersion,
+)
+from .forms import MAX_FIELD_BYTES, check_file_id, check_filename
+from .handlers import read_with_idle_timeout
+from .keys import CONFIG, UPLOADS
+from .model import CompletedUpload, StreamProgress, UploadMeta
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = (
+    "creation,creation-with-upload,creation-defer-length,termination,expiration,"
+    "checksum,concatenation"
+)
+OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+PREFIX = "/tus/"
+# What a browser may read of a tus answer (CORS): every header the protocol answers with.
+EXPOSED_HEADERS = (
+    "Location, Upload-Offset, Upload-Length, Upload-Defer-Length, Upload-Metadata, "
+    "Upload-Expires, Upload-Concat, Tus-Resumable, Tus-Version, Tus-Extension, "
+    "Tus-Max-Size, Tus-Checksum-Algorithm"
+)
+
+
+class _Crc32:
+    """zlib's CRC-32 (IEEE) with hashlib's two methods; its digest is big-endian, as tusd's."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+CHECKSUMS: dict[str, Callable[[], Any]] = {
+    "sha1": hashlib.sha1,
+    "md5": hashlib.md5,
+    "crc32": _Crc32,
+}
+
+
+class UploadChecksum:
+    """`Upload-Checksum: <algorithm> <base64 digest>` of one PATCH's bytes."""
+
+    def __init__(self, header: str) -> None:
+        algorithm, _, encoded = header.strip().partition(" ")
+        factory = CHECKSUMS.get(algorithm)
+        if factory is None:
+            raise BadRequest(
+                f"Upload-Checksum algorithm {algorithm!r} is not supported "
+                f"(Tus-Checksum-Algorithm: {','.join(CHECKSUMS)})"
+            )
+        try:
+            self.expected = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("Upload-Checksum: the digest is not base64") from None
+        self.hash = factory()
+
+    def update(self, piece: memoryview) -> None:
+        self.hash.update(piece)
+
+    def matches(self) -> bool:
+        return bool(self.hash.digest() == self.expected)
+
+
+class RequestBody:
+    """A PATCH's body as pieces; a client that goes away ends it, the reason kept in `cut`."""
+
+    def __init__(self, request: web.Request, idle_seconds: float) -> None:
+        self.read = read_with_idle_timeout(request, idle_seconds)
+        self.cut: BaseException | None = None
+
+    async def pieces(self) -> AsyncIterator[memoryview]:
+        while True:
+            try:
+                data = await self.read()
+            except (ConnectionError, ClientTooSlow) as e:
+                self.cut = e
+                return
+            if not data:
+                return
+            yield memoryview(data)
+
+
+# -- header parsing --
+
+
+def _check_version(request: web.Request) -> None:
+    given = request.headers.get("Tus-Resumable")
+    if given != TUS_VERSION:
+        raise UnsupportedTusVersion(given or "")
+
+
+def _non_negative(name: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    text = text.strip()
+    if not text.isdigit() or len(text) > 19:
+        raise BadRequest(f"{name} must be a non-negative integer, got {text[:40]!r}")
+    return int(text)
+
+
+def parse_metadata(header: str | None) -> dict[str, str] | None:
+    """Upload-Metadata: comma-separated `key base64(value)` pairs (the value may be absent)."""
+    if header is None or not header.strip():
+        return None
+    pairs: dict[str, str] = {}
+    for item in header.split(","):
+        key, _, encoded = item.strip().partition(" ")
+        if not key or not key.isascii() or any(c.isspace() for c in key):
+            raise BadRequest(f"Upload-Metadata: invalid key {key[:40]!r}")
+        try:
+            pairs[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"Upload-Metadata: the value of {key!r} is not base64 UTF-8") from None
+    if len(json.dumps(pairs).encode()) > MAX_FIELD_BYTES:
+        raise BadRequest(f"Upload-Metadata: longer than {MAX_FIELD_BYTES} bytes")
+    return pairs
+
+
+def encode_metadata(metadata: dict[str, str] | None) -> str:
+    return ",".join(
+        f"{key} {base64.b64encode(value.encode()).decode()}".rstrip()
+        for key, value in (metadata or {}).items()
+    )
+
+
+def _partial_ids(header: str) -> list[str]:
+    """The file_ids of `final;<url> <url>...` (URLs or paths ending in /tus/<file_id>)."""
+    urls = header.partition(";")[2].split()
+    if not urls:
+        raise BadRequest("Upload-Concat: final names no partial upload")
+    return [check_file_id(url.rstrip("/").rsplit("/", 1)[-1]) for url in urls]
+
+
+# -- answers --
+
+
+def _expires(request: web.Request, last_activity: float) -> str:
+    return formatdate(last_activity + request.app[CONFIG].upload_ttl_seconds, usegmt=True)
+
+
+def _state_headers(request: web.Request, found: StreamProgress | CompletedUpload) -> dict[str, str]:
+    """Upload-Offset, the length, metadata, concatenation and expiry of an upload."""
+    if isinstance(found, CompletedUpload):
+        headers = {"Upload-Offset": str(found.size), "Upload-Length": str(found.size)}
+        metadata = found.metadata
+        return headers | ({"Upload-Metadata": encode_metadata(metadata)} if metadata else {})
+    meta = found.meta
+    headers = {"Upload-Offset": str(found.offset)}
+    if meta.total_size is None:
+        headers["Upload-Defer-Length"] = "1"
+    else:
+        headers["Upload-Length"] = str(meta.total_size)
+    if meta.metadata:
+        headers["Upload-Metadata"] = encode_metadata(meta.metadata)
+    if meta.concat is not None:
+        headers["Upload-Concat"] = _concat_header(request, meta.concat)
+    headers["Upload-Expires"] = _expires(request, found.last_activity)
+    return headers
+
+
+def _concat_header(request: web.Request, concat: str) -> str:
+    kind, *partials = concat.split()
+    if kind == "partial":
+        return "partial"
+    return "final;" + " ".join(f"{PREFIX}{file_id}" for file_id in partials)
+
+
+def _location(request: web.Request, file_id: str) -> str:
+    return f"{forwarded_base(request, request.app[CONFIG])}{PREFIX}{file_id}"
+
+
+def _new_meta(request: web.Request, file_id: str, length: int | None) -> UploadMeta:
+    metadata = parse_metadata(request.headers.get("Upload-Metadata"))
+    named = (metadata or {}).get("filename") or (metadata or {}).get("name")
+    filename = check_filename(named) if named else file_id
+    return UploadMeta.new_stream(file_id, filename, length, metadata)
+
+
+# -- handlers --
+
+
+async def options(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    return web.Response(
+        status=204,
+        headers={
+            "Tus-Resumable": TUS_VERSION,
+            "Tus-Version": TUS_VERSION,
+            "Tus-Extension": EXTENSIONS,
+            "Tus-Max-Size": str(config.max_file_bytes),
+            "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
+        },
+    )
+
+
+async def create(request: web.Request) -> web.Response:
+    """POST /tus/: creation, with an upload (creation-with-upload), deferred length, or a
+    concatenation (Upload-Concat)."""
+    _check_version(request)
+    uploads = request.app[UPLOADS]
+    remote = _remote(request)
+    length = _non_negative("Upload-Length", request.headers.get("Upload-Length"))
+    deferred = request.headers.get("Upload-Defer-Length")
+    concat = request.headers.get("Upload-Concat", "").strip()
+    file_id = secrets.token_urlsafe(16)
+    meta = _new_meta(request, file_id, length)
+    if concat.startswith("final"):
+        partials = _partial_ids(concat)
+        meta = UploadMeta.new_stream(
+            file_id, meta.filename, None, meta.metadata, "final " + " ".join(partials)
+        )
+        done = await uploads.concatenate(meta, partials, remote)
+        headers = {"Location": _location(request, file_id)} | _state_headers(request, done)
+        return web.Response(status=201, headers=headers)
+    if concat and concat != "partial":
+        raise BadRequest("Upload-Concat must be 'partial' or 'final;<urls>'")
+    if length is None and deferred != "1":
+        raise BadRequest("Upload-Length or Upload-Defer-Length: 1 is required")
+    if length is not None and deferred is not None:
+        raise BadRequest("Upload-Length and Upload-Defer-Length exclude each other")
+    if concat == "partial":
+        meta = UploadMeta.new_stream(file_id, meta.filename, length, meta.metadata, "partial")
+    begun = await uploads.create_stream(meta, remote)
+    headers = {"Location": _location(request, file_id)}
+    state: StreamProgress | CompletedUpload | None = None
+    with_body = request.headers.get(hdrs.CONTENT_TYPE) == OFFSET_CONTENT_TYPE
+    if with_body or length == 0:  # an empty upload is complete as soon as it exists
+        with uploads.admit():
+            state = await _append(request, begun.file_id, 0)
+    else:
+        state = await uploads.stream_state(file_id)
+    if state is not None:
+        headers |= {"Upload-Offset": _state_headers(request, state)["Upload-Offset"]}
+        if isinstance(state, StreamProgress):
+            headers["Upload-Expires"] = _expires(request, state.last_activity)
+    return web.Response(status=201, headers=headers)
+
+
+async def head(request: web.Request) -> web.Response:
+    _check_version(request)
+    file_id = check_file_id(request.match_info["file_id"])
+    found = await request.app[UPLOADS].stream_state(file_id)
+    if found is None:
+        raise FileNotFound()
+    headers = _state_headers(request, found) | {hdrs.CACHE_CONTROL: "no-store"}
+    return web.Response(status=200, headers=headers)
+
+
+async def patch(request: web.Request) -> web.Response:
+    _check_version(request)
+    file_id = check_file_id(request.match_info["file_id"])
+    if request.headers.get(hdrs.CONTENT_TYPE) != OFFSET_CONTENT_TYPE:
+        raise UnsupportedMediaType()
+    offset = _non_negative("Upload-Offset", request.headers.get("Upload-Offset"))
+    if offset is None:
+        raise BadRequest("Upload-Offset is required")
+    with request.app[UPLOADS].admit():
+        state = await _append(request, file_id, offset)
+    headers = {"Upload-Offset": _state_headers(request, state)["Upload-Offset"]}
+    if isinstance(state, StreamProgress):
+        headers["Upload-Expires"] = _expires(request, state.last_activity)
+    return web.Response(status=204, headers=headers)
+
+
+async def _append(
+    request: web.Request, file_id: str, offset: int
+) -> StreamProgress | CompletedUpload:
+    if request.content_length is None and request.body_exists:
+        raise LengthRequired()
+    checksum_header = request.headers.get("Upload-Checksum")
+    return await request.app[UPLOADS].append(
+        file_id,
+        offset,
+        RequestBody(request, request.app[CONFIG].idle_timeout_seconds),
+        length=request.content_length or 0,
+        declared_length=_non_negative("Upload-Length", request.headers.get("Upload-Length")),
+        checksum=UploadChecksum(checksum_header) if checksum_header else None,
+        remote=_remote(request),
+    )
+
+
+async def delete(request: web.Request) -> web.Response:
+    """termination: the upload and its bytes are removed, in progress or complete."""
+    _check_version(request)
+    file_id = check_file_id(request.match_info["file_id"])
+    if not await request.app[UPLOADS].delete(file_id, _remote(request)):
+        raise FileNotFound()
+    return web.Response(status=204, headers={})
+
+
+def _remote(request: web.Request) -> str:
+    return remote_of(request, request.app[CONFIG])
+
+
+@web.middleware
+async def tus_resumable_header(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    """Every answer under /tus/, errors included, says the protocol's version."""
+    response: web.StreamResponse = await handler(request)
+    if request.path.startswith(PREFIX) and not response.prepared:
+        response.headers.setdefault("Tus-Resumable", TUS_VERSION)
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_route("OPTIONS", PREFIX, options)
+    app.router.add_post(PREFIX, create)
+    app.router.add_route("OPTIONS", PREFIX + "{file_id}", options)
+    app.router.add_route("HEAD", PREFIX + "{file_id}", head)
+    app.router.add_patch(PREFIX + "{file_id}", patch)
+    app.router.add_delete(PREFIX + "{file_id}", delete)
