@@ -901,6 +901,7 @@ class LocalStore:
             sha256=sha256,
             metadata=meta.metadata,
             token=meta.token,
+            protocol=meta.protocol,
         )
         self._write_json(self._completion_path(meta.file_id), asdict(completed))
         self._remove_folder(meta.file_id)

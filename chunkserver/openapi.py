@@ -365,6 +365,178 @@ def _paths(config: Config) -> dict[str, Any]:
     }
 
 
+def _header(
+    name: str, schema: dict[str, Any], description: str, *, required: bool = False
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": required,
+        "schema": schema,
+        "description": description,
+    }
+
+
+TUS_RESUMABLE = _header(
+    "Tus-Resumable", {"const": "1.0.0"}, "the tus version; another answers 412", required=True
+)
+COUNT = {"type": "string", "pattern": "^[0-9]{1,19}$"}
+TUS_ANSWER_HEADERS = {"Tus-Resumable": {"schema": {"const": "1.0.0"}}}
+TUS_STATE_HEADERS = {
+    **TUS_ANSWER_HEADERS,
+    "Upload-Offset": {"schema": COUNT, "description": "the bytes stored"},
+    "Upload-Expires": {"schema": {"type": "string"}, "description": "when an idle upload ends"},
+}
+
+
+def _tus_error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _error(description, {**TUS_ANSWER_HEADERS, **(headers or {})})
+
+
+def _tus_paths(config: Config) -> dict[str, Any]:
+    """tus 1.0.0 (https://tus.io/protocols/resumable-upload) and its extensions."""
+    capabilities = {
+        "204": {
+            "description": "the server's tus capabilities",
+            "headers": {
+                **TUS_ANSWER_HEADERS,
+                "Tus-Version": {"schema": {"const": "1.0.0"}},
+                "Tus-Extension": {"schema": {"type": "string"}},
+                "Tus-Max-Size": {"schema": {"const": str(config.max_file_bytes)}},
+                "Tus-Checksum-Algorithm": {"schema": {"const": "sha1,md5,crc32"}},
+            },
+        }
+    }
+    common = {
+        "400": _tus_error("a header is malformed, or file_id breaks the pattern"),
+        "401": AUTH_ERROR,
+        "412": _tus_error("Tus-Resumable is not 1.0.0"),
+        "503": _tus_error("the storage or the pre-create hook cannot be reached", RETRY_AFTER),
+    }
+    upload_metadata = _header(
+        "Upload-Metadata",
+        {"type": "string"},
+        "comma-separated `key base64(value)` pairs; `filename` (or `name`) names the file",
+    )
+    return {
+        "/tus/": {
+            "options": {
+                "summary": "tus: the server's capabilities (no token needed)",
+                "operationId": "tusOptions",
+                "security": [],
+                "responses": capabilities,
+            },
+            "post": {
+                "summary": "tus creation: a new upload, its bytes possibly in the body; or a "
+                "concatenation of partial uploads",
+                "operationId": "tusCreate",
+                "parameters": [
+                    TUS_RESUMABLE,
+                    _header("Upload-Length", COUNT, "the file's size"),
+                    _header("Upload-Defer-Length", {"const": "1"}, "the size comes later"),
+                    upload_metadata,
+                    _header(
+                        "Upload-Concat",
+                        {"type": "string"},
+                        "`partial`, or `final;<url> <url>...` naming completed partials",
+                    ),
+                ],
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/offset+octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+                "responses": {
+                    "201": {
+                        "description": "created; Location is the upload's URL",
+                        "headers": {
+                            **TUS_STATE_HEADERS,
+                            "Location": {"schema": {"type": "string"}, "required": True},
+                        },
+                    },
+                    **common,
+                    "413": _tus_error("Upload-Length exceeds max_file_bytes"),
+                    "507": _tus_error("free disk would fall below min_free_bytes"),
+                },
+            },
+        },
+        "/tus/{file_id}": {
+            "parameters": [FILE_ID_PARAMETER],
+            "options": {
+                "summary": "tus: the server's capabilities (no token needed)",
+                "operationId": "tusUploadOptions",
+                "security": [],
+                "responses": {**capabilities, "400": _error("file_id breaks the pattern")},
+            },
+            "head": {
+                "summary": "tus: an upload's offset, length and metadata",
+                "operationId": "tusHead",
+                "parameters": [TUS_RESUMABLE],
+                "responses": {
+                    "200": {
+                        "description": "the upload (a completed one has its size as offset)",
+                        "headers": {
+                            **TUS_STATE_HEADERS,
+                            "Upload-Length": {"schema": COUNT},
+                            "Upload-Metadata": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **common,
+                    "404": _tus_error("no such upload"),
+                },
+            },
+            "patch": {
+                "summary": "tus: bytes at the upload's offset",
+                "operationId": "tusPatch",
+                "parameters": [
+                    TUS_RESUMABLE,
+                    _header("Upload-Offset", COUNT, "must be the upload's offset", required=True),
+                    _header("Upload-Length", COUNT, "declares a deferred length"),
+                    _header(
+                        "Upload-Checksum",
+                        {"type": "string"},
+                        "`sha1|md5|crc32 <base64 digest>` of this request's bytes",
+                    ),
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/offset+octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+                "responses": {
+                    "204": {"description": "stored", "headers": TUS_STATE_HEADERS},
+                    **common,
+                    "403": _tus_error("the upload is the final one of a concatenation"),
+                    "404": _tus_error("no such upload"),
+                    "409": _tus_error("Upload-Offset is not the upload's offset"),
+                    "411": _tus_error("no Content-Length"),
+                    "413": _tus_error("the bytes go past the upload's length"),
+                    "415": _tus_error("Content-Type is not application/offset+octet-stream"),
+                    "423": _tus_error("another request is writing to this upload"),
+                    "460": _tus_error("Upload-Checksum does not match the bytes"),
+                    "507": _tus_error("free disk would fall below min_free_bytes"),
+                },
+            },
+            "delete": {
+                "summary": "tus termination: the upload and its bytes removed",
+                "operationId": "tusDelete",
+                "parameters": [TUS_RESUMABLE],
+                "responses": {
+                    "204": {"description": "removed", "headers": TUS_ANSWER_HEADERS},
+                    **common,
+                    "404": _tus_error("no such upload"),
+                },
+            },
+        },
+    }
+
+
 def _version() -> str:
     try:
         return metadata.version("chunkserver")
@@ -384,7 +556,7 @@ def document(config: Config) -> dict[str, Any]:
                 "clients ignore keys they do not know."
             ),
         },
-        "paths": _paths(config),
+        "paths": _paths(config) | _tus_paths(config),
         "components": {
             "schemas": _schemas(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

@@ -7,6 +7,7 @@ same store, limits, hooks, expiry and download); only the way its bytes arrive d
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -103,7 +104,9 @@ class RequestBody:
         while True:
             try:
                 data = await self.read()
-            except (ConnectionError, ClientTooSlow) as e:
+            except (ConnectionError, ClientTooSlow, asyncio.CancelledError) as e:
+                # Cancelled too (a server that cancels handlers of lost clients): the
+                # service commits what arrived, then raises this again.
                 self.cut = e
                 return
             if not data:
@@ -212,6 +215,8 @@ def _new_meta(request: web.Request, file_id: str, length: int | None) -> UploadM
 
 async def options(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
+    if "file_id" in request.match_info:
+        check_file_id(request.match_info["file_id"])
     return web.Response(
         status=204,
         headers={

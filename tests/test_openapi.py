@@ -23,22 +23,20 @@ BOTH_BACKENDS = True
 
 
 def routes_of_the_server() -> set[tuple[str, str]]:
+    """(method, path) of every route, but the HEAD that aiohttp adds beside each GET."""
     app = create_app(Config(data_dir="/nonexistent-not-opened"))
     found = set()
     for route in app.router.routes():
-        if route.method in ("HEAD", "OPTIONS"):
-            continue
         info = route.resource.get_info() if route.resource else {}
-        path = info.get("formatter") or info.get("path")
-        found.add((route.method.lower(), path))
-    return found
+        found.add((route.method.lower(), info.get("formatter") or info.get("path")))
+    return {(m, p) for m, p in found if not (m == "head" and ("get", p) in found)}
 
 
 def test_the_document_lists_exactly_the_servers_routes() -> None:
     from chunkserver.openapi import document
 
     doc = document(Config())
-    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    documented = {(m, p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"}
     assert documented == routes_of_the_server()
     assert doc["openapi"] == "3.1.0"
 
@@ -103,6 +101,7 @@ def test_schemathesis_finds_nothing(
          "--seed", "1"],
         capture_output=True, text=True, timeout=int(seconds) + 120,
         cwd=tmp_path,  # its cache folder (.schemathesis) goes there, not into the tree
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(HERE)},
     )  # fmt: skip
     summary = done.stdout[-8000:]
     assert done.returncode == 0, summary
