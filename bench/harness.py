@@ -35,7 +35,9 @@ from .targets import (
     start_nginx,
     start_s3_stack,
     start_sink,
+    start_tus_server,
 )
+from .tusload import TusLoad
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,6 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="local",
         help="s3: chunkserver on a real Swift and PostgreSQL, beside a plain S3 client",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=("seed", "tus"),
+        default="seed",
+        help="tus: chunkserver's seed and tus loads of the same bytes beside @tus/server",
+    )
     parser.add_argument("--data-root", type=Path, help="where temporary data folders go")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     parser.add_argument("--name", help="base name of the result files (default: a timestamp)")
@@ -90,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.chunk_sizes = [_mib(x) for x in str(args.chunk_sizes).split(",")]
     args.concurrency = [int(x) for x in str(args.concurrency).split(",")]
     args.shapes = str(args.shapes).split(",")
+    if args.protocol == "tus":
+        args.shapes = ["files"]  # @tus/server has no concatenation: files, PATCH after PATCH
     return args
 
 
@@ -335,7 +345,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         if stack is not None:
             targets.append(Target("s3-direct", "", peer=S3Direct(stack.object_settings(), buffer)))
-        if args.storage == "local":
+        if args.protocol == "tus":
+            ours = targets[0]
+            tus_load = TusLoad(f"{ours.url}/tus/", buffer=buffer, token=args.token)
+            # The same process as `chunkserver` (its CPU and memory), sent tus's requests.
+            targets.append(Target("chunkserver-tus", ours.url, ours.process, peer=tus_load))
+            peer = start_tus_server(data_root, buffer)
+            if peer is None:
+                raise SystemExit("--protocol tus needs Node.js and `npm ci` in tests/js")
+            targets.append(peer)
+        elif args.storage == "local":
             fastapi = None if args.no_fastapi else start_fastapi(data_root)
             if fastapi is not None:
                 targets.append(fastapi)
@@ -369,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "shapes": args.shapes,
             "storage": args.storage,
+            "protocol": args.protocol,
         },
         "limits": limits,
         "targets": [t.name for t in targets],

@@ -22,6 +22,9 @@ def add_fractions(result: dict[str, Any]) -> None:
         cell["fraction_of_fastapi"] = ours / fastapi if ours and fastapi else None
         direct = cell["targets"].get("s3-direct", {}).get("MiB_per_s")
         cell["fraction_of_s3_direct"] = ours / direct if ours and direct else None
+        ours_tus = cell["targets"].get("chunkserver-tus", {}).get("MiB_per_s")
+        peer_tus = cell["targets"].get("tus-server", {}).get("MiB_per_s")
+        cell["tus_vs_tus_server"] = ours_tus / peer_tus if ours_tus and peer_tus else None
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -29,6 +32,8 @@ def _num(value: float | None, digits: int = 0) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    if result["options"].get("protocol") == "tus":
+        return _tus_markdown(result)
     if result["options"].get("storage") == "s3":
         return _s3_markdown(result)
     machine = result["machine"]
@@ -150,6 +155,63 @@ def _s3_markdown(result: dict[str, Any]) -> str:
         "answer (direct: the CompleteMultipartUpload call), median over uploads. chunkserver "
         "CPU and peak RSS: its process, from /proc. store CPU: Swift's servers, memcached and "
         "PostgreSQL, from /proc, per GiB uploaded, for each target's runs.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _speed(figures: dict[str, Any]) -> str:
+    if not figures:
+        return "-"
+    return (
+        f"{figures['MiB_per_s']:.0f} ({figures['min_MiB_per_s']:.0f}-"
+        f"{figures['max_MiB_per_s']:.0f})"
+    )
+
+
+def _tus_markdown(result: dict[str, Any]) -> str:
+    """`--protocol tus`: chunkserver's seed and tus loads beside @tus/server."""
+    machine = result["machine"]
+    options = result["options"]
+    lines = [
+        f"# Bench run {result['started']} (tus)",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Machine: {machine['cores']} cores ({machine['cpu']}), {machine['memory_gib']} GiB, "
+        f"{machine['filesystem']} filesystem, kernel {machine['kernel']}, Python "
+        f"{machine['python']}. Client and servers share the cores.",
+        "",
+        f"Throughput in {result['unit']}; median of {options['repeats']} runs of "
+        f"{options['volume_mib']} MiB per cell (files of 64 MiB, `conc` at once), min-max in "
+        "brackets. seed: chunkserver's POST /upload-chunk; tus: chunkserver's /tus/ (POST, then "
+        "PATCHes of the chunk size); @tus/server: the npm package with its FileStore on Node "
+        "(bench/tus_server.js), sent the same tus requests (bench/tusload.py).",
+        "",
+        "| chunk | conc | seed MiB/s | tus MiB/s | @tus/server MiB/s | tus x @tus/server "
+        "| CPU s/GiB seed, tus, @tus/server | peak RSS MiB seed/tus, @tus/server "
+        "| PATCH p50 ms tus, @tus/server |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell in result["cells"]:
+        seed = cell["targets"].get("chunkserver", {})
+        tus = cell["targets"].get("chunkserver-tus", {})
+        peer = cell["targets"].get("tus-server", {})
+        chunk = cell["chunk_mib"]
+        chunk_text = f"{chunk} MiB" if chunk >= 1 else f"{round(chunk * 1024)} KiB"
+        lines.append(
+            f"| {chunk_text} | {cell['concurrency']} | {_speed(seed)} | {_speed(tus)} "
+            f"| {_speed(peer)} | {_num(cell.get('tus_vs_tus_server'), 2)} "
+            f"| {_num(seed.get('cpu_s_per_gib'), 2)}, {_num(tus.get('cpu_s_per_gib'), 2)}, "
+            f"{_num(peer.get('cpu_s_per_gib'), 2)} "
+            f"| {_num(max(seed.get('peak_rss_mib') or 0, tus.get('peak_rss_mib') or 0), 1)}, "
+            f"{_num(peer.get('peak_rss_mib'), 1)} "
+            f"| {_num(tus.get('latency_p50_ms'), 1)}, {_num(peer.get('latency_p50_ms'), 1)} |"
+        )
+    lines += [
+        "",
+        "CPU and peak RSS: each server's processes, from /proc, over its own runs; chunkserver "
+        "serves both loads from one process.",
         "",
     ]
     return "\n".join(lines)

@@ -149,6 +149,32 @@ def start_fastapi(data_root: Path | None) -> Target | None:
     return Target("fastapi", _wait_for_url(process, LISTENING), process, [folder])
 
 
+ROOT = Path(__file__).resolve().parent.parent
+NODE_MODULES = ROOT / "tests" / "js" / "node_modules"  # npm ci in tests/js
+
+
+def start_tus_server(data_root: Path | None, buffer: memoryview) -> Target | None:
+    """@tus/server with its FileStore (bench/tus_server.js) in Node; None without them."""
+    node = shutil.which("node")
+    if node is None or not (NODE_MODULES / "@tus" / "server").is_dir():
+        return None
+    from .tusload import TusLoad
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-tus-", dir=data_root))
+    port = free_port()
+    process = subprocess.Popen(
+        [node, str(ROOT / "bench" / "tus_server.js"), str(folder), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+    )
+    url = _wait_for_url(process, LISTENING)
+    return Target(
+        "tus-server", url, process, [folder], peer=TusLoad(f"{url}/files/", buffer=buffer)
+    )
+
+
 def start_sink() -> Target:
     process = subprocess.Popen(
         [sys.executable, "-m", "bench.sink", "--port", "0"],
