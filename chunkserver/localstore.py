@@ -1087,7 +1087,9 @@ class LocalStore:
         crc = checksums.combine_two(received.crc_before, chunk.crc, chunk.written)
         if chunk.written:
             self._write_json_at(chunk.folder_fd, PROGRESS_NAME, {"offset": offset, "crc": crc})
-        meta = self._read_meta(received.meta.file_id) or received.meta  # its length may be new
+        meta = received.meta
+        if meta.total_size is None:  # declared since by another request, perhaps
+            meta = self._read_meta(meta.file_id) or meta
         if meta.total_size is not None and offset == meta.total_size:
             record = {"length": offset, "crc64nvme": crc, "aside": None}
             self._write_json_at(chunk.folder_fd, _record_name(0), record)
