@@ -53,7 +53,12 @@ class TusLoad:
             run.bytes_sent += len(data)
             run.requests += 1
         run.uploads.append(
-            {"file_id": location, "size": size, "answered_size": offset, "completed": True}
+            {
+                "file_id": location,
+                "size": size,
+                "answered_size": offset,
+                "completed": offset == size,
+            }
         )
 
     async def run_cell(

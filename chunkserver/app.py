@@ -19,8 +19,9 @@ from .handlers import add_routes, json_answer
 from .keys import CONFIG, UPLOADS
 from .service import Uploads
 from .tus import EXPOSED_HEADERS as TUS_EXPOSED_HEADERS
+from .tus import PREFIX as TUS_PREFIX
+from .tus import TUS_VERSION
 from .tus import add_routes as add_tus_routes
-from .tus import tus_resumable_header
 
 log = logging.getLogger("chunkserver")
 
@@ -66,6 +67,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if request.path == "/upload-chunk":
             detail = "Chunk upload failed: internal error"
         response = json_answer({"detail": detail}, status=500)
+    if request.path.startswith(TUS_PREFIX) and not response.prepared:
+        response.headers.setdefault("Tus-Resumable", TUS_VERSION)  # errors too, as tus says
     if uploads.draining:
         response.force_close()
     uploads.metrics.count_request(response.status)
@@ -194,7 +197,7 @@ def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterato
 
 
 def create_app(config: Config) -> web.Application:
-    middlewares: list[Middleware] = [tus_resumable_header, error_middleware]
+    middlewares: list[Middleware] = [error_middleware]
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
     if config.auth_tokens:

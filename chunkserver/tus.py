@@ -213,14 +213,18 @@ def _new_meta(request: web.Request, file_id: str, length: int | None) -> UploadM
 # -- handlers --
 
 
+def _answer(status: int, headers: dict[str, str] | None = None) -> web.Response:
+    """A tus answer: every one says the protocol's version (errors too: app.py)."""
+    return web.Response(status=status, headers={"Tus-Resumable": TUS_VERSION, **(headers or {})})
+
+
 async def options(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     if "file_id" in request.match_info:
         check_file_id(request.match_info["file_id"])
-    return web.Response(
-        status=204,
-        headers={
-            "Tus-Resumable": TUS_VERSION,
+    return _answer(
+        204,
+        {
             "Tus-Version": TUS_VERSION,
             "Tus-Extension": EXTENSIONS,
             "Tus-Max-Size": str(config.max_file_bytes),
@@ -247,7 +251,7 @@ async def create(request: web.Request) -> web.Response:
         )
         done = await uploads.concatenate(meta, partials, remote)
         headers = {"Location": _location(request, file_id)} | _state_headers(request, done)
-        return web.Response(status=201, headers=headers)
+        return _answer(201, headers)
     if concat and concat != "partial":
         raise BadRequest("Upload-Concat must be 'partial' or 'final;<urls>'")
     if length is None and deferred != "1":
@@ -269,7 +273,7 @@ async def create(request: web.Request) -> web.Response:
         headers |= {"Upload-Offset": _state_headers(request, state)["Upload-Offset"]}
         if isinstance(state, StreamProgress):
             headers["Upload-Expires"] = _expires(request, state.last_activity)
-    return web.Response(status=201, headers=headers)
+    return _answer(201, headers)
 
 
 async def head(request: web.Request) -> web.Response:
@@ -279,7 +283,7 @@ async def head(request: web.Request) -> web.Response:
     if found is None:
         raise FileNotFound()
     headers = _state_headers(request, found) | {hdrs.CACHE_CONTROL: "no-store"}
-    return web.Response(status=200, headers=headers)
+    return _answer(200, headers)
 
 
 async def patch(request: web.Request) -> web.Response:
@@ -295,7 +299,7 @@ async def patch(request: web.Request) -> web.Response:
     headers = {"Upload-Offset": _state_headers(request, state)["Upload-Offset"]}
     if isinstance(state, StreamProgress):
         headers["Upload-Expires"] = _expires(request, state.last_activity)
-    return web.Response(status=204, headers=headers)
+    return _answer(204, headers)
 
 
 async def _append(
@@ -321,22 +325,11 @@ async def delete(request: web.Request) -> web.Response:
     file_id = check_file_id(request.match_info["file_id"])
     if not await request.app[UPLOADS].delete(file_id, _remote(request)):
         raise FileNotFound()
-    return web.Response(status=204, headers={})
+    return _answer(204)
 
 
 def _remote(request: web.Request) -> str:
     return remote_of(request, request.app[CONFIG])
-
-
-@web.middleware
-async def tus_resumable_header(
-    request: web.Request, handler: Callable[[web.Request], Any]
-) -> web.StreamResponse:
-    """Every answer under /tus/, errors included, says the protocol's version."""
-    response: web.StreamResponse = await handler(request)
-    if request.path.startswith(PREFIX) and not response.prepared:
-        response.headers.setdefault("Tus-Resumable", TUS_VERSION)
-    return response
 
 
 def add_routes(app: web.Application) -> None:
