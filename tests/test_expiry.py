@@ -1,8 +1,10 @@
-"""The periodic sweep removes uploads that stopped receiving chunks."""
+"""The periodic sweep removes uploads that stopped receiving chunks (or tus PATCHes)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from chunkserver import Config
@@ -29,3 +31,23 @@ async def test_idle_upload_expires_and_active_one_stays(
     assert "chunkserver_uploads_failed_total 1" in metrics
     # the id may be used again from scratch after it expired
     assert (await client.post("/upload-chunk", data=chunk_form("idle", 0, 1, b"z"))).status == 200
+
+
+async def test_an_idle_tus_upload_expires_when_its_upload_expires_says(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(upload_ttl_seconds=1.0, sweep_interval_seconds=0.2)
+    tus = {"Tus-Resumable": "1.0.0"}
+    created = await client.post("/tus/", headers={**tus, "Upload-Length": "10"})
+    path = "/tus/" + created.headers["Location"].rsplit("/tus/", 1)[1]
+    patched = await client.patch(
+        path,
+        data=b"abc",
+        headers={**tus, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
+    )
+    expires = parsedate_to_datetime(patched.headers["Upload-Expires"]).timestamp()
+    assert time.time() < expires <= time.time() + 1.5
+    await asyncio.sleep(2.0)
+    assert (await client.head(path, headers=tus)).status == 404
+    status = await client.get("/upload-status/" + path.rsplit("/", 1)[1])
+    assert status.status == 404

@@ -6,6 +6,7 @@ deliver each event once."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -26,8 +27,8 @@ BOTH_BACKENDS = True
 
 
 class Receiver:
-    """The application's hook endpoint: records every event; refuses pre-create for file ids
-    in `refuse` with 403; can be stopped and started again on the same port."""
+    """The application's hook endpoint: records every event; refuses pre-create for the file
+    ids or filenames in `refuse`; can be stopped and started again on the same port."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -47,7 +48,10 @@ class Receiver:
                 length = int(self.headers.get("Content-Length", 0))
                 event = json.loads(self.rfile.read(length))
                 receiver.events.append(event)
-                status, detail = receiver.refuse.get(event["upload"]["file_id"], (200, ""))
+                upload = event["upload"]
+                status, detail = receiver.refuse.get(
+                    upload["file_id"], receiver.refuse.get(upload["filename"], (200, ""))
+                )
                 if event["type"] != "pre-create":
                     status = 200
                 body = json.dumps({"detail": detail} if detail else {}).encode()
@@ -242,3 +246,41 @@ async def test_a_post_finish_queued_before_its_completion_waits_for_it(
     assert event["upload"]["size"] == 3 and event["upload"]["crc64nvme"] == crc64(b"abc")
     await asyncio.sleep(1.5)
     assert len(receiver.of("post-finish")) == 1
+
+
+async def test_tus_uploads_fire_the_hooks(make_client, receiver: Receiver) -> None:
+    client = await make_client(hook_url=receiver.url)
+    tus = {"Tus-Resumable": "1.0.0"}
+    receiver.refuse["secret.bin"] = (403, "no secrets here")
+
+    def named(name: str) -> str:
+        return "filename " + base64.b64encode(name.encode()).decode()
+
+    refused = await client.post(
+        "/tus/", headers={**tus, "Upload-Length": "3", "Upload-Metadata": named("secret.bin")}
+    )
+    assert refused.status == 403 and await refused.json() == {"detail": "no secrets here"}
+    assert refused.headers["Tus-Resumable"] == "1.0.0"
+    metadata = named("a.bin") + ",user " + base64.b64encode(b"42").decode()
+    created = await client.post(
+        "/tus/", headers={**tus, "Upload-Length": "5", "Upload-Metadata": metadata}
+    )
+    assert created.status == 201
+    path = "/tus/" + created.headers["Location"].rsplit("/tus/", 1)[1]
+    patched = await client.patch(
+        path,
+        data=b"hello",
+        headers={**tus, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
+    )
+    assert patched.status == 204
+    asked = receiver.of("pre-create")[-1]["upload"]
+    assert asked["filename"] == "a.bin" and asked["size"] == 5
+    finished = (await wait_for(receiver, "post-finish", 1))[0]["upload"]
+    assert finished["file_id"] == path.rsplit("/", 1)[1] and finished["filename"] == "a.bin"
+    assert finished["size"] == 5 and finished["crc64nvme"] == crc64(b"hello")
+    assert finished["metadata"] == {"filename": "a.bin", "user": "42"}
+    other = await client.post("/tus/", headers={**tus, "Upload-Length": "9"})
+    other_path = "/tus/" + other.headers["Location"].rsplit("/tus/", 1)[1]
+    assert (await client.delete(other_path, headers=tus)).status == 204
+    terminated = (await wait_for(receiver, "post-terminate", 1))[0]["upload"]
+    assert terminated["file_id"] == other.headers["Location"].rsplit("/", 1)[1]

@@ -6,6 +6,7 @@ object in the bucket is checked byte for byte."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -155,3 +156,29 @@ def test_a_host_killed_mid_upload_the_others_finish(cluster: Cluster, tmp_path: 
     listed = cluster.s3.list_objects_v2(Bucket=cluster.bucket).get("Contents", [])
     assert [o["Key"] for o in listed if "killed" in o["Key"]] == ["uploads/killed/big file.bin"]
     assert cluster.s3.list_multipart_uploads(Bucket=cluster.bucket).get("Uploads", []) == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # tuspy's file
+def test_tus_over_three_hosts(cluster: Cluster, tmp_path: Path) -> None:
+    """tuspy through nginx's round robin: each PATCH may land on another host; the state is in
+    PostgreSQL, the parts in the bucket."""
+    from tusclient import client as tusclient
+
+    data = os.urandom(23 * MiB + 7)
+    path = tmp_path / "tus.bin"
+    path.write_bytes(data)
+    uploader = tusclient.TusClient(f"{cluster.url}/tus/").uploader(
+        str(path), chunk_size=3 * MiB, metadata={"filename": "tus.bin"}
+    )
+    uploader.upload()
+    assert uploader.url is not None and uploader.url.startswith(f"{cluster.url}/tus/")
+    file_id = uploader.url.rsplit("/", 1)[1]
+    time.sleep(0.3)  # let the access log lines arrive
+    patches = [sum('"PATCH /tus/' in line for line in h.output) for h in cluster.hosts]
+    assert min(patches) > 0, patches
+    for host in cluster.hosts:
+        status = requests.get(f"{host.url}/upload-status/{file_id}", timeout=10).json()
+        assert status["status"] == "completed" and status["crc64nvme"] == crc64(data)
+    assert object_bytes(cluster, file_id, "tus.bin") == data
+    del uploader
+    gc.collect()  # what tuspy left open is collected here, under this test's filter

@@ -273,7 +273,11 @@ def test_uppy_dashboard_drop_interrupt_resume(
         cut = []
 
         def cut_third_patch(route) -> None:
-            if route.request.method == "PATCH" and len(cut) < 1 and requests_seen.count("PATCH") >= 3:
+            if (
+                route.request.method == "PATCH"
+                and len(cut) < 1
+                and requests_seen.count("PATCH") >= 3
+            ):
                 cut.append(route.request.url)
                 route.abort("connectionreset")  # the network drops mid-upload
                 return
