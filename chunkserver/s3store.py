@@ -75,7 +75,10 @@ GATHER_CONCURRENCY = 4
 STAGED_COPIES_BYTES = 64 * MiB  # local copies of staged chunks, for gathering
 ORPHAN_GRACE_SECONDS = 3600.0
 WAIT_STEP_SECONDS = 0.05
-WRITER_LEASE_SECONDS = 300.0  # a tus writer's lease, renewed at every part
+# A tus writer's lease, renewed while its PATCH streams: a host that dies mid-PATCH holds
+# the upload for at most this long (the next PATCH gets 423, which tus clients retry).
+WRITER_LEASE_SECONDS = 20.0
+WRITER_RENEW_SECONDS = 5.0
 MAX_COPY_PART_BYTES = 5 * 1024 * MiB  # UploadPartCopy's largest part
 
 
@@ -799,6 +802,7 @@ class S3Store:
         writer, row = await self._claim_writer(meta)
         assert row.stream is not None
         received = S3ReceivedAt(row, writer, row.stream)
+        renewal = asyncio.get_running_loop().create_task(self._keep_writer(row.meta, writer))
         try:
             if row.stream.offset != offset:
                 raise OffsetMismatch(offset, row.stream.offset)
@@ -806,7 +810,16 @@ class S3Store:
         except BaseException:
             await self.discard_at(received)
             raise
+        finally:
+            renewal.cancel()
         return received
+
+    async def _keep_writer(self, meta: UploadMeta, writer: str) -> None:
+        """Renew the writer's lease until cancelled (the PATCH's bytes are all sent)."""
+        while True:
+            await asyncio.sleep(WRITER_RENEW_SECONDS)
+            with contextlib.suppress(StoreUnavailable):
+                await self.state.renew_writer(meta, writer, WRITER_LEASE_SECONDS)
 
     async def _stream_at(self, received: S3ReceivedAt, body: BodySlices, length: int) -> None:
         """Parts while there are enough bytes for one, the last taking the rest; a staged
@@ -843,7 +856,6 @@ class S3Store:
             received.parts.append(ChunkRow(number - 1, size, 0, etag, None))
             received.took_tail = received.took_tail or bool(tail)
             received.keep(from_body, body.crc)
-            await self.state.renew_writer(meta, received.writer, WRITER_LEASE_SECONDS)
 
     async def _tail_then(
         self, tail: tuple[tuple[str, int, int], ...], rest: AsyncIterator[memoryview]
@@ -904,6 +916,7 @@ class S3Store:
         writer, row = await self._claim_writer(meta)
         assert row.stream is not None
         received = S3ReceivedAt(row, writer, row.stream)
+        renewal = asyncio.get_running_loop().create_task(self._keep_writer(row.meta, writer))
         try:
             for number, group in enumerate(_copy_groups(sources), start=1):
                 etag = await self._join_part(row, number, group)
@@ -916,6 +929,8 @@ class S3Store:
         except BaseException:
             await self.discard_at(received)
             raise
+        finally:
+            renewal.cancel()
         await self.commit_at(received)
 
     async def _join_part(

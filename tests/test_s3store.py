@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from chunkserver import Config
-from chunkserver.errors import UploadConflict, UploadGone
+from chunkserver.errors import UploadConflict, UploadGone, UploadLocked
 from chunkserver.model import UploadMeta
 from chunkserver.s3store import S3Store
 from chunkserver.service import Uploads
@@ -350,3 +350,29 @@ async def test_a_complete_multipart_upload_answering_200_with_an_error_is_not_a_
 
 # Not passed on by the test's proxy (Host is: the signature covers it).
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+
+
+async def test_a_tus_writer_that_died_holds_the_upload_only_for_its_lease(
+    config: Config, s3_settings: dict
+) -> None:
+    """A host killed mid-PATCH leaves its writer's lease in PostgreSQL: another host answers
+    423 (tus clients retry) until the lease runs out, then takes the upload on."""
+    store = await open_store(config, **s3_settings)
+    try:
+        meta, _ = await store.begin(UploadMeta.new_stream("tusdead", "f", 3, None))
+        assert isinstance(meta, UploadMeta)
+        assert await store.state.claim_writer(meta, "the-dead-host", 0.5)
+
+        async def body() -> AsyncIterator[memoryview]:
+            yield memoryview(b"abc")
+
+        with pytest.raises(UploadLocked):
+            await store.receive_at(meta, 0, body(), length=3, on_piece=None)
+        await asyncio.sleep(0.6)
+        received = await store.receive_at(meta, 0, body(), length=3, on_piece=None)
+        progress = await store.commit_at(received)
+        assert progress.offset == 3
+        completed, here = await store.finish(progress.meta) or (None, False)
+        assert here and completed is not None and completed.crc64nvme == crc64(b"abc")
+    finally:
+        await store.close()
