@@ -533,14 +533,17 @@ class LocalStore:
         body: AsyncIterator[memoryview],
         max_bytes: int,
         want_sha256: bool,
+        on_piece: Callable[[memoryview], None] | None = None,
     ) -> None:
-        """Write the body's pieces at the chunk's place as they come, with the CRC on the way.
+        """Write the body's pieces at the chunk's place as they come, with the CRC on the way
+        (and the SHA-256, or what `on_piece` computes).
 
         Pieces are views of the socket's buffers (multipart.py): gathered, never joined, into
         batches of about WRITE_BATCH_BYTES, one pwritev each, on the event loop.
         """
         if want_sha256:
             received.digest = hashlib.sha256()
+            on_piece = received.digest.update
         batch: list[memoryview] = []
         batch_bytes = 0
         try:
@@ -553,8 +556,8 @@ class LocalStore:
                 if received.limit is not None and received.length > received.limit:
                     self._overflow(received)
                 received.crc = checksums.crc64nvme(piece, received.crc)
-                if received.digest is not None:
-                    received.digest.update(piece)
+                if on_piece is not None:
+                    on_piece(piece)
                 batch.append(piece)
                 batch_bytes += len(piece)
                 if batch_bytes >= WRITE_BATCH_BYTES or len(batch) >= MAX_BATCH_PIECES:
@@ -999,27 +1002,9 @@ class LocalStore:
         on_piece: Callable[[memoryview], None] | None,
     ) -> ReceivedAtOffset:
         received = self._open_at(meta, offset)
-        chunk = received.chunk
-        batch: list[memoryview] = []
-        batch_bytes = 0
-        try:
-            async for piece in body:
-                chunk.length += len(piece)
-                if chunk.length > length:
-                    raise PayloadTooLarge("The body is longer than its Content-Length")
-                chunk.crc = checksums.crc64nvme(piece, chunk.crc)
-                if on_piece is not None:
-                    on_piece(piece)
-                batch.append(piece)
-                batch_bytes += len(piece)
-                if batch_bytes >= WRITE_BATCH_BYTES or len(batch) >= MAX_BATCH_PIECES:
-                    self._write(chunk, batch, batch_bytes)
-                    batch, batch_bytes = [], 0
-            if batch:
-                self._write(chunk, batch, batch_bytes)
-        except BaseException:
-            self._discard(chunk)
-            raise
+        # The same hot path as a chunk's, at the upload's offset (the HTTP layer holds the
+        # body to its Content-Length, `length`).
+        await self._stream(received.chunk, body, length, False, on_piece)
         return received
 
     def _open_at(self, meta: UploadMeta, offset: int) -> ReceivedAtOffset:
