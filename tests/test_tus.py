@@ -359,18 +359,22 @@ async def test_auth_and_cors(make_client: ClientFactory) -> None:
     assert "Location" in exposed and "Upload-Offset" in exposed
 
 
+def serve_args(backend: str, tmp_path: Path, request) -> list[str]:
+    """`chunkserver serve` arguments for the backend under test."""
+    if backend == "local":
+        return []
+    config = tmp_path / "s3.toml"
+    config.write_text("\n".join(s3_flags(request.getfixturevalue("s3_settings"))) + "\n")
+    return ["--config", str(config)]
+
+
 def test_a_cut_patch_keeps_what_arrived(
     servers: Callable[..., ServerProcess], backend: str, tmp_path: Path, request
 ) -> None:
     """The client goes away mid-PATCH: the bytes received count (on S3, its whole parts),
     and the upload resumes from there. A real server process, as deployed (aiohttp's test
     server cancels the handler of a lost client, which a deployed server does not)."""
-    args: list[str] = []
-    if backend == "s3":
-        config = tmp_path / "s3.toml"
-        config.write_text("\n".join(s3_flags(request.getfixturevalue("s3_settings"))) + "\n")
-        args = ["--config", str(config)]
-    server = servers(*args)
+    server = servers(*serve_args(backend, tmp_path, request))
     data = os.urandom(12 * MiB)
     created = requests.post(f"{server.url}/tus/", headers={**V, "Upload-Length": str(len(data))})
     url = created.headers["Location"]
@@ -399,3 +403,74 @@ def test_a_cut_patch_keeps_what_arrived(
     done = requests.get(f"{server.url}/upload-status/{file_id}", timeout=10).json()
     assert done["status"] == "completed" and done["crc64nvme"] == crc64(data)
     assert requests.get(f"{server.url}/files/{file_id}", timeout=30).content == data
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_patch_loses_only_that_patch(
+    servers: Callable[..., ServerProcess], backend: str, tmp_path: Path, request
+) -> None:
+    """SIGKILL while a PATCH streams: after a restart the offset is the last one committed
+    (never a partial count), and the upload resumes and completes. On S3 the dead host's
+    writer lease holds the upload a while: 423, which the client retries, as tus clients do."""
+    args = serve_args(backend, tmp_path, request)
+    data_dir = tmp_path / "data"
+    server = servers(*args, data_dir=data_dir)
+    data = os.urandom(12 * MiB)
+    created = requests.post(f"{server.url}/tus/", headers={**V, "Upload-Length": str(len(data))})
+    file_id = created.headers["Location"].rsplit("/", 1)[1]
+    first = requests.patch(
+        f"{server.url}/tus/{file_id}",
+        data=data[: 5 * MiB],
+        headers={**V, **OCTETS, "Upload-Offset": "0"},
+        timeout=30,
+    )
+    assert first.status_code == 204
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(
+            f"PATCH /tus/{file_id} HTTP/1.1\r\nHost: {host}\r\nTus-Resumable: 1.0.0\r\n"
+            f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {5 * MiB}\r\n"
+            f"Content-Length: {len(data) - 5 * MiB}\r\n\r\n".encode()
+        )
+        raw.sendall(data[5 * MiB : 9 * MiB])
+        time.sleep(0.5)
+        server.kill()
+    again = servers(*args, data_dir=data_dir)
+    url = f"{again.url}/tus/{file_id}"
+    assert requests.head(url, headers=V, timeout=10).headers["Upload-Offset"] == str(5 * MiB)
+    deadline = time.monotonic() + 40
+    while True:
+        rest = requests.patch(
+            url, data=data[5 * MiB :], headers={**V, **OCTETS, "Upload-Offset": str(5 * MiB)}
+        )
+        if rest.status_code != 423 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert rest.status_code == 204, rest.text
+    done = requests.get(f"{again.url}/upload-status/{file_id}", timeout=10).json()
+    assert done["status"] == "completed" and done["crc64nvme"] == crc64(data)
+    assert requests.get(f"{again.url}/files/{file_id}", timeout=30).content == data
+
+
+@pytest.mark.local_only
+def test_workers_share_a_tus_upload(servers: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    """`--workers 2`: the PATCHes of one upload land on either process (a new connection
+    each), which share the data folder; the writer lock and .offset.json are on disk."""
+    server = servers("--workers", "2")
+    data = os.urandom(8 * MiB + 3)
+    created = requests.post(f"{server.url}/tus/", headers={**V, "Upload-Length": str(len(data))})
+    url = created.headers["Location"]
+    for offset in range(0, len(data), 256 * 1024):
+        piece = data[offset : offset + 256 * 1024]
+        with requests.Session() as fresh:  # a new connection: either worker may take it
+            resp = fresh.patch(
+                url, data=piece, headers={**V, **OCTETS, "Upload-Offset": str(offset)}
+            )
+        assert resp.status_code == 204, resp.text
+    file_id = url.rsplit("/", 1)[1]
+    done = requests.get(f"{server.url}/upload-status/{file_id}", timeout=10).json()
+    assert done["status"] == "completed" and done["crc64nvme"] == crc64(data)
+    time.sleep(0.3)  # let the access log lines arrive
+    # "<date> <time> <pid> INFO chunkserver.access: ... PATCH ...": both workers took some
+    pids = {line.split()[2] for line in server.output if '"PATCH /tus/' in line}
+    assert len(pids) == 2, pids
