@@ -70,8 +70,9 @@ def read_with_idle_timeout(request: web.Request, seconds: float) -> ReadFunction
             async with asyncio.timeout(seconds):
                 while True:
                     data, end_of_http_chunk = await content.readchunk()
-                    # (b"", True) only marks the end of a chunked-encoding chunk.
-                    if data or not end_of_http_chunk:
+                    # (b"", True) marks the end of a chunked-encoding chunk, and is all that
+                    # an empty body ever answers (at EOF already: return, do not spin).
+                    if data or not end_of_http_chunk or content.at_eof():
                         return data
         except TimeoutError:
             raise ClientTooSlow(seconds) from None

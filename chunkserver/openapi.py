@@ -523,6 +523,47 @@ def _tus_paths(config: Config) -> dict[str, Any]:
                     "507": _tus_error("free disk would fall below min_free_bytes"),
                 },
             },
+            "post": {
+                "summary": "tus: PATCH or DELETE sent as POST with X-HTTP-Method-Override",
+                "operationId": "tusMethodOverride",
+                "parameters": [
+                    TUS_RESUMABLE,
+                    _header(
+                        "X-HTTP-Method-Override",
+                        {"enum": ["PATCH", "DELETE"]},
+                        "the method meant; without it, 405",
+                        required=True,
+                    ),
+                    _header("Upload-Offset", COUNT, "as for PATCH"),
+                    _header("Upload-Length", COUNT, "as for PATCH"),
+                    _header("Upload-Checksum", {"type": "string"}, "as for PATCH"),
+                ],
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/offset+octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+                "responses": {
+                    "204": {"description": "as PATCH or DELETE", "headers": TUS_STATE_HEADERS},
+                    **common,
+                    "403": _tus_error("the upload is the final one of a concatenation"),
+                    "404": _tus_error("no such upload"),
+                    "405": _tus_error(
+                        "no X-HTTP-Method-Override",
+                        {"Allow": {"schema": {"type": "string"}}},
+                    ),
+                    "409": _tus_error("Upload-Offset is not the upload's offset"),
+                    "411": _tus_error("no Content-Length"),
+                    "413": _tus_error("the bytes go past the upload's length"),
+                    "415": _tus_error("Content-Type is not application/offset+octet-stream"),
+                    "423": _tus_error("another request is writing to this upload"),
+                    "460": _tus_error("Upload-Checksum does not match the bytes"),
+                    "507": _tus_error("free disk would fall below min_free_bytes"),
+                },
+            },
             "delete": {
                 "summary": "tus termination: the upload and its bytes removed",
                 "operationId": "tusDelete",

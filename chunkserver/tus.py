@@ -332,6 +332,18 @@ def _remote(request: web.Request) -> str:
     return remote_of(request, request.app[CONFIG])
 
 
+async def method_override(request: web.Request) -> web.Response:
+    """POST /tus/<file_id> with `X-HTTP-Method-Override: PATCH` (or DELETE) is that method:
+    what clients behind a proxy that passes only GET and POST send (tus-js-client's
+    overridePatchMethod)."""
+    method = request.headers.get("X-HTTP-Method-Override", "").strip().upper()
+    if method == "PATCH":
+        return await patch(request)
+    if method == "DELETE":
+        return await delete(request)
+    raise web.HTTPMethodNotAllowed("POST", ["OPTIONS", "HEAD", "PATCH", "DELETE"])
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_route("OPTIONS", PREFIX, options)
     app.router.add_post(PREFIX, create)
@@ -339,3 +351,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("HEAD", PREFIX + "{file_id}", head)
     app.router.add_patch(PREFIX + "{file_id}", patch)
     app.router.add_delete(PREFIX + "{file_id}", delete)
+    app.router.add_post(PREFIX + "{file_id}", method_override)

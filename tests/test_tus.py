@@ -131,6 +131,13 @@ async def test_creation_with_upload(client) -> None:
     assert await downloaded(client, path.rsplit("/", 1)[1]) == data
 
 
+async def test_creation_with_the_upload_type_and_no_body(client) -> None:
+    """Content-Type of an upload but no body (schemathesis found it spinning the loop)."""
+    resp = await client.post("/tus/", headers={**V, **OCTETS, "Upload-Length": "5"})
+    assert resp.status == 201 and resp.headers["Upload-Offset"] == "0"
+    assert (await client.get("/healthz")).status == 200
+
+
 async def test_an_empty_upload_is_complete_at_once(client) -> None:
     resp, path = await create(client, 0, f"filename {b64('empty.txt')}")
     assert resp.headers["Upload-Offset"] == "0"
@@ -229,6 +236,24 @@ async def test_unknown_checksum_algorithm(client) -> None:
     _, path = await create(client, 3)
     resp = await patch(client, path, 0, b"abc", **{"Upload-Checksum": "sha256 AAAA"})
     assert resp.status == 400
+
+
+async def test_x_http_method_override(client) -> None:
+    """A client behind a proxy that passes only GET and POST (tus-js-client's
+    overridePatchMethod) sends PATCH and DELETE as POST with X-HTTP-Method-Override."""
+    _, path = await create(client, 6)
+    patched = await client.post(
+        path,
+        data=b"abcdef",
+        headers={**V, **OCTETS, "Upload-Offset": "0", "X-HTTP-Method-Override": "PATCH"},
+    )
+    assert patched.status == 204 and patched.headers["Upload-Offset"] == "6"
+    assert await downloaded(client, path.rsplit("/", 1)[1]) == b"abcdef"
+    bare = await client.post(path, headers=V)
+    assert bare.status == 405 and "PATCH" in bare.headers["Allow"]
+    deleted = await client.post(path, headers={**V, "X-HTTP-Method-Override": "DELETE"})
+    assert deleted.status == 204
+    assert (await head(client, path)).status == 404
 
 
 async def test_termination(client) -> None:
