@@ -382,6 +382,9 @@ TUS_RESUMABLE = _header(
 )
 COUNT = {"type": "string", "pattern": "^[0-9]{1,19}$"}
 TUS_ANSWER_HEADERS = {"Tus-Resumable": {"schema": {"const": "1.0.0"}}}
+OFFSET_OCTETS = {
+    "application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}
+}
 TUS_STATE_HEADERS = {
     **TUS_ANSWER_HEADERS,
     "Upload-Offset": {"schema": COUNT, "description": "the bytes stored"},
@@ -413,6 +416,19 @@ def _tus_paths(config: Config) -> dict[str, Any]:
         "412": _tus_error("Tus-Resumable is not 1.0.0"),
         "503": _tus_error("the storage or the pre-create hook cannot be reached", RETRY_AFTER),
     }
+    patch_answers = {
+        "204": {"description": "stored", "headers": TUS_STATE_HEADERS},
+        **common,
+        "403": _tus_error("the upload is the final one of a concatenation"),
+        "404": _tus_error("no such upload"),
+        "409": _tus_error("Upload-Offset is not the upload's offset"),
+        "411": _tus_error("no Content-Length"),
+        "413": _tus_error("the bytes go past the upload's length"),
+        "415": _tus_error("Content-Type is not application/offset+octet-stream"),
+        "423": _tus_error("another request is writing to this upload"),
+        "460": _tus_error("Upload-Checksum does not match the bytes"),
+        "507": _tus_error("free disk would fall below min_free_bytes"),
+    }
     upload_metadata = _header(
         "Upload-Metadata",
         {"type": "string"},
@@ -441,14 +457,7 @@ def _tus_paths(config: Config) -> dict[str, Any]:
                         "`partial`, or `final;<url> <url>...` naming completed partials",
                     ),
                 ],
-                "requestBody": {
-                    "required": False,
-                    "content": {
-                        "application/offset+octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}
-                        }
-                    },
-                },
+                "requestBody": {"required": False, "content": OFFSET_OCTETS},
                 "responses": {
                     "201": {
                         "description": "created; Location is the upload's URL",
@@ -501,27 +510,8 @@ def _tus_paths(config: Config) -> dict[str, Any]:
                         "`sha1|md5|crc32 <base64 digest>` of this request's bytes",
                     ),
                 ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/offset+octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}
-                        }
-                    },
-                },
-                "responses": {
-                    "204": {"description": "stored", "headers": TUS_STATE_HEADERS},
-                    **common,
-                    "403": _tus_error("the upload is the final one of a concatenation"),
-                    "404": _tus_error("no such upload"),
-                    "409": _tus_error("Upload-Offset is not the upload's offset"),
-                    "411": _tus_error("no Content-Length"),
-                    "413": _tus_error("the bytes go past the upload's length"),
-                    "415": _tus_error("Content-Type is not application/offset+octet-stream"),
-                    "423": _tus_error("another request is writing to this upload"),
-                    "460": _tus_error("Upload-Checksum does not match the bytes"),
-                    "507": _tus_error("free disk would fall below min_free_bytes"),
-                },
+                "requestBody": {"required": True, "content": OFFSET_OCTETS},
+                "responses": patch_answers,
             },
             "post": {
                 "summary": "tus: PATCH or DELETE sent as POST with X-HTTP-Method-Override",
@@ -538,30 +528,13 @@ def _tus_paths(config: Config) -> dict[str, Any]:
                     _header("Upload-Length", COUNT, "as for PATCH"),
                     _header("Upload-Checksum", {"type": "string"}, "as for PATCH"),
                 ],
-                "requestBody": {
-                    "required": False,
-                    "content": {
-                        "application/offset+octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}
-                        }
-                    },
-                },
+                "requestBody": {"required": False, "content": OFFSET_OCTETS},
                 "responses": {
+                    **patch_answers,
                     "204": {"description": "as PATCH or DELETE", "headers": TUS_STATE_HEADERS},
-                    **common,
-                    "403": _tus_error("the upload is the final one of a concatenation"),
-                    "404": _tus_error("no such upload"),
                     "405": _tus_error(
-                        "no X-HTTP-Method-Override",
-                        {"Allow": {"schema": {"type": "string"}}},
+                        "no X-HTTP-Method-Override", {"Allow": {"schema": {"type": "string"}}}
                     ),
-                    "409": _tus_error("Upload-Offset is not the upload's offset"),
-                    "411": _tus_error("no Content-Length"),
-                    "413": _tus_error("the bytes go past the upload's length"),
-                    "415": _tus_error("Content-Type is not application/offset+octet-stream"),
-                    "423": _tus_error("another request is writing to this upload"),
-                    "460": _tus_error("Upload-Checksum does not match the bytes"),
-                    "507": _tus_error("free disk would fall below min_free_bytes"),
                 },
             },
             "delete": {
