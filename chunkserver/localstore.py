@@ -1099,13 +1099,13 @@ class LocalStore:
                 self._write_json(self._folder(meta.file_id) / META_NAME, asdict(on_disk))
             return on_disk
 
-    async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> None:
+    async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> StreamProgress:
         try:
-            await self._run(self._concatenate, meta, sources)
+            return await self._run(self._concatenate, meta, sources)
         except OSError as e:
             raise storage_error(e) from e
 
-    def _concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> None:
+    def _concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> StreamProgress:
         """Copy the sources into the data file with copy_file_range: a reflink, no copy, on
         filesystems that share blocks (XFS, Btrfs); an in-kernel copy elsewhere."""
         received = self._open_at(meta, 0)
@@ -1123,7 +1123,7 @@ class LocalStore:
                 chunk.written += source.size
             if self.fsync:
                 os.fdatasync(chunk.fd)
-            self._commit_at(received)
+            return self._commit_at(received)
         finally:
             self._discard(chunk)
 

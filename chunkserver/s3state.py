@@ -654,22 +654,24 @@ class UploadState:
 
     # -- tus uploads --
 
-    async def claim_writer(self, meta: UploadMeta, writer: str, lease_seconds: float) -> bool:
-        """Become the upload's one writer, unless a live one is."""
+    async def claim_writer(
+        self, meta: UploadMeta, writer: str, lease_seconds: float
+    ) -> UploadRow | None:
+        """Become the upload's one writer, unless a live one is; the upload as it is then."""
         now = time.time()
         async with self._db() as db:
-            r = await db.fetchval(
+            r = await db.fetchrow(
                 """UPDATE chunkserver_uploads SET stream_writer = $3, stream_writer_until = $4
                    WHERE file_id = $1 AND token = $2 AND status = 'uploading'
                      AND (stream_writer IS NULL OR stream_writer_until < $5)
-                   RETURNING file_id""",
+                   RETURNING *""",
                 meta.file_id,
                 meta.token,
                 writer,
                 now + lease_seconds,
                 now,
             )
-        return r is not None
+        return None if r is None else _upload_row(r)
 
     async def renew_writer(self, meta: UploadMeta, writer: str, lease_seconds: float) -> None:
         async with self._db() as db:

@@ -781,14 +781,17 @@ class S3Store:
     async def _claim_writer(self, meta: UploadMeta) -> tuple[str, UploadRow]:
         writer = secrets.token_hex(8)
         claimed = await self.state.claim_writer(meta, writer, WRITER_LEASE_SECONDS)
-        row = await self.state.get(meta.file_id)
-        if row is None or row.meta.token != meta.token or row.stream is None:
+        if claimed is not None and claimed.stream is not None:
+            return writer, claimed
+        row = await self.state.get(meta.file_id)  # why not: ended, or another writer
+        if (
+            row is None
+            or row.meta.token != meta.token
+            or row.stream is None
+            or row.status != "uploading"
+        ):
             raise UploadGone()
-        if not claimed:
-            if row.status != "uploading":
-                raise UploadGone()
-            raise UploadLocked()
-        return writer, row
+        raise UploadLocked()
 
     async def receive_at(
         self,
@@ -912,7 +915,7 @@ class S3Store:
             raise UploadGone()
         return row.meta
 
-    async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> None:
+    async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> StreamProgress:
         writer, row = await self._claim_writer(meta)
         assert row.stream is not None
         received = S3ReceivedAt(row, writer, row.stream)
@@ -931,7 +934,7 @@ class S3Store:
             raise
         finally:
             renewal.cancel()
-        await self.commit_at(received)
+        return await self.commit_at(received)
 
     async def _join_part(
         self, row: UploadRow, number: int, group: list[tuple[CompletedUpload, int, int]]

@@ -445,16 +445,23 @@ class Uploads:
 
         A body cut short (the client went away) still counts for what arrived, unless a
         checksum was to be checked; the cut is raised after the commit."""
+        on_piece = None if checksum is None else checksum.update
         meta = await self._stream_to_patch(file_id, offset, length, declared_length)
         if isinstance(meta, CompletedUpload):
             return meta
-        received: ReceivedAt = await self.store.receive_at(
-            meta,
-            offset,
-            body.pieces(),
-            length=length,
-            on_piece=None if checksum is None else checksum.update,
-        )
+        try:
+            received: ReceivedAt = await self.store.receive_at(
+                meta, offset, body.pieces(), length=length, on_piece=on_piece
+            )
+        except UploadGone:
+            # The cached upload ended elsewhere (before a byte was read): ask the store.
+            self.manifest.forget(file_id)
+            meta = await self._stream_to_patch(file_id, offset, length, declared_length)
+            if isinstance(meta, CompletedUpload):
+                return meta
+            received = await self.store.receive_at(
+                meta, offset, body.pieces(), length=length, on_piece=on_piece
+            )
         self.metrics.inc("bytes_received", received.length)
         short = body.cut is not None or received.length < length
         if (short and checksum is not None) or (checksum is not None and not checksum.matches()):
@@ -471,8 +478,15 @@ class Uploads:
         self, file_id: str, offset: int, length: int, declared_length: int | None
     ) -> UploadMeta | CompletedUpload:
         """The tus upload a PATCH goes into, its length declared if the PATCH does so;
-        or its record when complete and the PATCH adds nothing."""
-        known = await self.store.lookup(file_id)
+        or its record when complete and the PATCH adds nothing.
+
+        The manifest spares the store a lookup per PATCH, as for chunks: it holds a tus
+        upload once its length is known (nothing of it changes after that but its offset,
+        which the store checks)."""
+        cached = self.manifest.get(file_id)
+        known: UploadMeta | CompletedUpload | None = cached
+        if cached is None or not cached.is_stream:
+            known = await self.store.lookup(file_id)
         if known is None or (isinstance(known, UploadMeta) and not known.is_stream):
             raise FileNotFound("No tus upload of this id")
         if isinstance(known, CompletedUpload):
@@ -507,7 +521,10 @@ class Uploads:
     ) -> StreamProgress | CompletedUpload:
         meta = progress.meta
         if meta.total_size is None or progress.offset != meta.total_size:
+            if meta.total_size is not None:
+                self.manifest.remember(meta)
             return progress
+        self.manifest.forget(meta.file_id)
         await self.hooks.emit(
             "post-finish", meta, remote, finish_event_id(meta.file_id, meta.token)
         )
@@ -534,12 +551,7 @@ class Uploads:
             sources.append(found)
         total = sum(source.size for source in sources)
         begun = await self.create_stream(dataclasses.replace(meta, total_size=total), remote)
-        await asyncio.shield(self.store.concatenate(begun, sources))
-        progress = await self.store.stream_progress(begun)
-        if progress is None:
-            raise UploadGone()
-        if isinstance(progress, CompletedUpload):
-            return progress
+        progress = await asyncio.shield(self.store.concatenate(begun, sources))
         return await self._finish_stream(progress, remote)
 
     # -- the other verbs --

@@ -147,8 +147,9 @@ class Store(Protocol[R, A]):
     ) -> A:
         """Write a PATCH's `length` bytes at `offset`, which must be the upload's offset
         (OffsetMismatch); one writer at a time per upload (UploadLocked) until the commit or
-        discard. A body that ends before `length` bytes (the client went away) is no error
-        here: the handle says what was kept. `on_piece` sees every byte (checksums)."""
+        discard; UploadGone, before reading any byte, when the upload is no longer there.
+        A body that ends before `length` bytes (the client went away) is no error here: the
+        handle says what was kept. `on_piece` sees every byte (checksums)."""
 
     async def commit_at(self, received: A) -> StreamProgress:
         """Make received bytes count: the offset moves past them. Once it reaches the
@@ -160,7 +161,7 @@ class Store(Protocol[R, A]):
     async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
         """Fix the length of an upload begun without one (tus creation-defer-length)."""
 
-    async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> None:
+    async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> StreamProgress:
         """Fill a begun tus upload with completed uploads' bytes, in order, copying nothing
         the store can join in place; every chunk is then stored (call `finish`)."""
 

@@ -172,27 +172,39 @@ def _expires(request: web.Request, last_activity: float) -> str:
     return formatdate(last_activity + request.app[CONFIG].upload_ttl_seconds, usegmt=True)
 
 
+def _progress_headers(
+    request: web.Request, state: StreamProgress | CompletedUpload
+) -> dict[str, str]:
+    """What a PATCH (or a creation with bytes) answers: the offset, and the expiry while the
+    upload is in progress."""
+    if isinstance(state, CompletedUpload):
+        return {"Upload-Offset": str(state.size)}
+    return {
+        "Upload-Offset": str(state.offset),
+        "Upload-Expires": _expires(request, state.last_activity),
+    }
+
+
 def _state_headers(request: web.Request, found: StreamProgress | CompletedUpload) -> dict[str, str]:
-    """Upload-Offset, the length, metadata, concatenation and expiry of an upload."""
+    """What HEAD answers: the progress, the length, metadata and concatenation."""
+    headers = _progress_headers(request, found)
     if isinstance(found, CompletedUpload):
-        headers = {"Upload-Offset": str(found.size), "Upload-Length": str(found.size)}
+        headers["Upload-Length"] = str(found.size)
         metadata = found.metadata
-        return headers | ({"Upload-Metadata": encode_metadata(metadata)} if metadata else {})
-    meta = found.meta
-    headers = {"Upload-Offset": str(found.offset)}
-    if meta.total_size is None:
-        headers["Upload-Defer-Length"] = "1"
     else:
-        headers["Upload-Length"] = str(meta.total_size)
-    if meta.metadata:
-        headers["Upload-Metadata"] = encode_metadata(meta.metadata)
-    if meta.concat is not None:
-        headers["Upload-Concat"] = _concat_header(request, meta.concat)
-    headers["Upload-Expires"] = _expires(request, found.last_activity)
+        if found.meta.total_size is None:
+            headers["Upload-Defer-Length"] = "1"
+        else:
+            headers["Upload-Length"] = str(found.meta.total_size)
+        if found.meta.concat is not None:
+            headers["Upload-Concat"] = _concat_header(found.meta.concat)
+        metadata = found.meta.metadata
+    if metadata:
+        headers["Upload-Metadata"] = encode_metadata(metadata)
     return headers
 
 
-def _concat_header(request: web.Request, concat: str) -> str:
+def _concat_header(concat: str) -> str:
     kind, *partials = concat.split()
     if kind == "partial":
         return "partial"
@@ -262,17 +274,12 @@ async def create(request: web.Request) -> web.Response:
         meta = UploadMeta.new_stream(file_id, meta.filename, length, meta.metadata, "partial")
     begun = await uploads.create_stream(meta, remote)
     headers = {"Location": _location(request, file_id)}
-    state: StreamProgress | CompletedUpload | None = None
     with_body = request.headers.get(hdrs.CONTENT_TYPE) == OFFSET_CONTENT_TYPE
     if with_body or length == 0:  # an empty upload is complete as soon as it exists
         with uploads.admit():
             state = await _append(request, begun.file_id, 0)
-    else:
-        state = await uploads.stream_state(file_id)
-    if state is not None:
-        headers |= {"Upload-Offset": _state_headers(request, state)["Upload-Offset"]}
-        if isinstance(state, StreamProgress):
-            headers["Upload-Expires"] = _expires(request, state.last_activity)
+        return _answer(201, headers | _progress_headers(request, state))
+    headers |= {"Upload-Offset": "0", "Upload-Expires": _expires(request, begun.created_at)}
     return _answer(201, headers)
 
 
@@ -296,10 +303,7 @@ async def patch(request: web.Request) -> web.Response:
         raise BadRequest("Upload-Offset is required")
     with request.app[UPLOADS].admit():
         state = await _append(request, file_id, offset)
-    headers = {"Upload-Offset": _state_headers(request, state)["Upload-Offset"]}
-    if isinstance(state, StreamProgress):
-        headers["Upload-Expires"] = _expires(request, state.last_activity)
-    return _answer(204, headers)
+    return _answer(204, _progress_headers(request, state))
 
 
 async def _append(

@@ -499,3 +499,33 @@ def test_workers_share_a_tus_upload(servers: Callable[..., ServerProcess], tmp_p
     # "<date> <time> <pid> INFO chunkserver.access: ... PATCH ...": both workers took some
     pids = {line.split()[2] for line in server.output if '"PATCH /tus/' in line}
     assert len(pids) == 2, pids
+
+
+@pytest.mark.local_only
+def test_an_upload_ended_by_another_process_is_seen_at_the_next_patch(
+    servers: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """A process that knows an upload (its manifest) sees its removal or completion by
+    another process of the same data folder at the next PATCH."""
+    data_dir = tmp_path / "shared"
+    a, b = servers(data_dir=data_dir), servers(data_dir=data_dir)
+    for ending in ("delete", "complete"):
+        created = requests.post(f"{a.url}/tus/", headers={**V, "Upload-Length": "6"})
+        file_id = created.headers["Location"].rsplit("/", 1)[1]
+        first = requests.patch(
+            f"{a.url}/tus/{file_id}", data=b"abc", headers={**V, **OCTETS, "Upload-Offset": "0"}
+        )
+        assert first.status_code == 204  # a now holds the upload in its manifest
+        if ending == "delete":
+            assert requests.delete(f"{b.url}/tus/{file_id}", headers=V).status_code == 204
+        else:
+            done = requests.patch(
+                f"{b.url}/tus/{file_id}", data=b"def", headers={**V, **OCTETS, "Upload-Offset": "3"}
+            )
+            assert done.status_code == 204
+        again = requests.patch(
+            f"{a.url}/tus/{file_id}", data=b"def", headers={**V, **OCTETS, "Upload-Offset": "3"}
+        )
+        assert again.status_code == (404 if ending == "delete" else 409)
+        if ending == "complete":
+            assert again.headers["Upload-Offset"] == "6"
