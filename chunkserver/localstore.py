@@ -81,7 +81,7 @@ from .errors import (
     UploadLocked,
 )
 from .fileio import copy_range, fsync_dir, hash_file, pwritev_all
-from .locks import FileLock, lock_range, pid_alive
+from .locks import FileLock, FolderGone, lock_range, pid_alive
 from .model import (
     ChunkRecord,
     Committed,
@@ -279,8 +279,10 @@ class LocalStore:
     def _final_path(self, meta: UploadMeta) -> Path:
         return self.uploads_dir / meta.file_id / meta.filename
 
-    def _lock(self, file_id: str, *, blocking: bool = True) -> FileLock:
-        return FileLock(self._folder(file_id) / LOCK_NAME, blocking=blocking)
+    def _lock(self, file_id: str, *, blocking: bool = True, create: bool = False) -> FileLock:
+        """The upload's flock. Only `begin` creates the folder; for the others, FolderGone
+        says the upload ended (completed, removed or expired) or never began."""
+        return FileLock(self._folder(file_id) / LOCK_NAME, blocking=blocking, create=create)
 
     @staticmethod
     def _temp_name(stem: str, suffix: str) -> str:
@@ -358,33 +360,41 @@ class LocalStore:
 
     def _begin(self, proposed: UploadMeta) -> tuple[CompletedUpload | UploadMeta, bool]:
         file_id = proposed.file_id
-        with self._settled(file_id), self._lock(file_id):
+        with self._settled(file_id):
             completed = self._read_completion(file_id)
+            if completed is not None:  # before the lock, which would make the folder again
+                return completed, False
+            with self._lock(file_id, create=True):
+                return self._begin_locked(proposed)
+
+    def _begin_locked(self, proposed: UploadMeta) -> tuple[CompletedUpload | UploadMeta, bool]:
+        file_id = proposed.file_id
+        completed = self._read_completion(file_id)
+        if completed is not None:
+            if self._read_meta(file_id) is None:  # completed since we looked: the lock
+                self._discard_folder(file_id)  # made the folder again, take it away
+            return completed, False
+        meta = self._read_meta(file_id)
+        if meta is not None and not (self._folder(file_id) / DATA_NAME).exists():
+            # A completion cut short after its rename: finish it now.
+            completed = self._finish(meta, None)
             if completed is not None:
                 return completed, False
-            meta = self._read_meta(file_id)
-            if meta is not None and not (self._folder(file_id) / DATA_NAME).exists():
-                # A completion cut short after its rename: finish it now.
-                completed = self._finish(meta, None)
-                if completed is not None:
-                    return completed, False
-            if meta is not None:
-                adopted = meta
-                if meta.chunk_size is None and proposed.chunk_size_declared:
-                    adopted = replace(
-                        adopted, chunk_size=proposed.chunk_size, chunk_size_declared=True
-                    )
-                if meta.metadata is None and proposed.metadata is not None:
-                    adopted = replace(adopted, metadata=proposed.metadata)
-                if adopted != meta:
-                    meta = adopted
-                    self._write_json(self._folder(file_id) / META_NAME, asdict(meta))
-                return meta, False
-            self._create_data_file(proposed)
-            self._write_json(self._folder(file_id) / META_NAME, asdict(proposed))
-            if self.fsync:
-                fsync_dir(self.chunks_dir)
-            return proposed, True
+        if meta is not None:
+            adopted = meta
+            if meta.chunk_size is None and proposed.chunk_size_declared:
+                adopted = replace(adopted, chunk_size=proposed.chunk_size, chunk_size_declared=True)
+            if meta.metadata is None and proposed.metadata is not None:
+                adopted = replace(adopted, metadata=proposed.metadata)
+            if adopted != meta:
+                meta = adopted
+                self._write_json(self._folder(file_id) / META_NAME, asdict(meta))
+            return meta, False
+        self._create_data_file(proposed)
+        self._write_json(self._folder(file_id) / META_NAME, asdict(proposed))
+        if self.fsync:
+            fsync_dir(self.chunks_dir)
+        return proposed, True
 
     def _create_data_file(self, meta: UploadMeta) -> None:
         """The data file, with the whole upload's room reserved when its size is known."""
@@ -404,25 +414,34 @@ class LocalStore:
         await self._run(self._abandon, meta)
 
     def _abandon(self, meta: UploadMeta) -> None:
-        """Remove the upload if it holds no record, no chunk kept aside and no writer."""
+        """Remove the upload if it holds no record, no chunk kept aside and no writer; at once,
+        trash included, since the refused request that began it is answered after this."""
+        removed = None
+        with contextlib.suppress(FolderGone), self._lock(meta.file_id):
+            removed = self._abandoned_folder(meta)
+        if removed is not None:
+            shutil.rmtree(removed, ignore_errors=True)  # unlinked, not left in the trash
+
+    def _abandoned_folder(self, meta: UploadMeta) -> Path | None:
+        """Under the upload's flock: move its folder to the trash when nothing holds it;
+        return where it went."""
         folder = self._folder(meta.file_id)
-        with self._lock(meta.file_id):
-            on_disk = self._read_meta(meta.file_id)
-            if on_disk is None or on_disk.token != meta.token:
-                return
-            try:
-                fd = os.open(folder / DATA_NAME, os.O_RDWR | OPEN_FLAGS)
-            except FileNotFoundError:
-                return
-            try:
-                if not lock_range(fd, 0, 0, wait=False):
-                    return  # a chunk is being written in place
-                names = os.listdir(folder)
-                if any(_record_index(n) is not None or n.endswith(".part") for n in names):
-                    return
-                self._remove_folder(meta.file_id)
-            finally:
-                os.close(fd)
+        on_disk = self._read_meta(meta.file_id)
+        if on_disk is None or on_disk.token != meta.token:
+            return None
+        try:
+            fd = os.open(folder / DATA_NAME, os.O_RDWR | OPEN_FLAGS)
+        except FileNotFoundError:
+            return None
+        try:
+            if not lock_range(fd, 0, 0, wait=False):
+                return None  # a chunk is being written in place
+            names = os.listdir(folder)
+            if any(_record_index(n) is not None or n.endswith(".part") for n in names):
+                return None
+            return self._remove_folder(meta.file_id)
+        finally:
+            os.close(fd)
 
     # -- receiving: the hot path --
 
@@ -638,10 +657,19 @@ class LocalStore:
                 finally:
                     lock.release()
             return await self._run(self._commit_waiting, received, meta, index)
+        except FolderGone:
+            return self._ended(meta.file_id)
         except OSError as e:
             raise storage_error(e) from e
         finally:
             self._discard(received)  # after the commit, so the region lock held till here
+
+    def _ended(self, file_id: str) -> CompletedUpload:
+        """An upload whose folder is gone: its completion record, or UploadGone."""
+        completed = self._read_completion(file_id)
+        if completed is None:
+            raise UploadGone()
+        return completed
 
     def _commit_waiting(
         self, received: ReceivedChunk, meta: UploadMeta, index: int
@@ -772,15 +800,22 @@ class LocalStore:
             raise storage_error(e) from e
 
     def _finish_locked(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
-        with self._whole_data_file(meta.file_id, wait=True) as data_fd, self._lock(meta.file_id):
+        try:
+            with (
+                self._whole_data_file(meta.file_id, wait=True) as data_fd,
+                self._lock(meta.file_id),
+            ):
+                completed = self._read_completion(meta.file_id)
+                if completed is not None:
+                    return completed, False
+                on_disk = self._read_meta(meta.file_id)
+                if on_disk is None:
+                    return None
+                record = self._finish(on_disk, data_fd)
+                return (record, True) if record is not None else None
+        except FolderGone:  # another request completed it (or it was removed) first
             completed = self._read_completion(meta.file_id)
-            if completed is not None:
-                return completed, False
-            on_disk = self._read_meta(meta.file_id)
-            if on_disk is None:
-                return None
-            record = self._finish(on_disk, data_fd)
-            return (record, True) if record is not None else None
+            return (completed, False) if completed is not None else None
 
     @contextlib.contextmanager
     def _settled(self, file_id: str) -> Iterator[None]:
@@ -1090,6 +1125,12 @@ class LocalStore:
             raise storage_error(e) from e
 
     def _declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
+        try:
+            return self._declare_length_locked(meta, length)
+        except FolderGone:
+            raise UploadGone() from None
+
+    def _declare_length_locked(self, meta: UploadMeta, length: int) -> UploadMeta:
         with self._lock(meta.file_id):
             on_disk = self._read_meta(meta.file_id)
             if on_disk is None or on_disk.token != meta.token:
@@ -1143,26 +1184,44 @@ class LocalStore:
 
     def _delete(self, file_id: str) -> bool:
         # Like a completion, it waits for the chunks being received to be committed.
-        with self._whole_data_file(file_id, wait=True), self._lock(file_id):
-            completion = self._completion_path(file_id)
-            existed = completion.exists() or (self._folder(file_id) / META_NAME).exists()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(completion)
-            shutil.rmtree(self.uploads_dir / file_id, ignore_errors=True)
-            self._remove_folder(file_id)
+        with self._whole_data_file(file_id, wait=True):
+            try:
+                with self._lock(file_id):
+                    existed = self._delete_locked(file_id)
+            except FolderGone:  # no upload in progress: a completed file, or nothing
+                existed = self._delete_locked(file_id)
         self._known.pop(file_id, None)
         self._run_later(self.empty_trash)
         return existed
 
-    def _remove_folder(self, file_id: str) -> None:
+    def _delete_locked(self, file_id: str) -> bool:
+        completion = self._completion_path(file_id)
+        existed = completion.exists() or (self._folder(file_id) / META_NAME).exists()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(completion)
+        shutil.rmtree(self.uploads_dir / file_id, ignore_errors=True)
+        self._remove_folder(file_id)
+        return existed
+
+    def _discard_folder(self, file_id: str) -> None:
+        """Remove the upload's folder now, not later through the trash (it holds no data)."""
+        removed = self._remove_folder(file_id)
+        if removed is not None:
+            shutil.rmtree(removed, ignore_errors=True)
+
+    def _remove_folder(self, file_id: str) -> Path | None:
         """Take the upload's folder out of the tree at once; `empty_trash` unlinks it later.
+        Returns where it went (None when it was not there).
 
         Unlinking a gigabyte takes 0.1 s, and seconds while the kernel writes it back, so a
         rename keeps that off the answer.
         """
         trash = self.trash_dir / self._temp_name(file_id, ".removing")
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.rename(self._folder(file_id), trash)
+        except FileNotFoundError:
+            return None
+        return trash
 
     def _run_later(self, fn: Callable[[], None]) -> None:
         with contextlib.suppress(RuntimeError):  # stopping: the next start's sweep does it
@@ -1217,8 +1276,11 @@ class LocalStore:
         self, file_id: str, now: float, ttl_seconds: float, report: SweepReport
     ) -> None:
         lock = self._lock(file_id, blocking=False)
-        if not lock.acquire():
-            return  # busy: a commit or a completion is running
+        try:
+            if not lock.acquire():
+                return  # busy: a commit or a completion is running
+        except FolderGone:
+            return  # ended since it was listed
         try:
             status = self._status(file_id)
             if isinstance(status, CompletedUpload):

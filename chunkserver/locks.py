@@ -7,7 +7,9 @@ so the loop never blocks more than one executor thread per file on the cross-pro
 `FileLock` is an exclusive `flock` on a lock file inside the upload's chunk folder. The kernel
 drops it when its holder dies, so a crash never leaves an upload locked. Because the folder may
 be removed by the holder (after a merge, an abort or an expiry), a waiter that gets the lock
-checks that its file is still the one at the path, and starts over if not.
+checks that its file is still the one at the path, and starts over if not. Only the lock that
+begins an upload creates its folder: any other raises `FolderGone` when the folder is not
+there, so a request that lost a race with a completion never brings the folder back.
 
 `lock_range` takes an open-file-description (OFD) write lock on a byte range of a file: it holds
 across processes and between two descriptors of one process alike, and the kernel drops it
@@ -52,21 +54,30 @@ class KeyedLocks:
         return len(self._locks)
 
 
-class FileLock:
-    """A blocking, exclusive, cross-process lock on `path` (its parent folder is created)."""
+class FolderGone(Exception):
+    """The folder of a lock file is not there (and the lock may not create it)."""
 
-    def __init__(self, path: Path, *, blocking: bool = True) -> None:
+
+class FileLock:
+    """A blocking, exclusive, cross-process lock on `path`; with `create`, its parent folder
+    is made when missing, otherwise `acquire` raises FolderGone."""
+
+    def __init__(self, path: Path, *, blocking: bool = True, create: bool = False) -> None:
         self.path = path
         self.blocking = blocking
+        self.create = create
         self._fd: int | None = None
 
     def acquire(self) -> bool:
         flags = fcntl.LOCK_EX if self.blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
         while True:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:
+                if not self.create:
+                    raise FolderGone(str(self.path.parent)) from None
                 continue  # the folder was removed between mkdir and open
             try:
                 fcntl.flock(fd, flags)

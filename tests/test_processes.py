@@ -58,7 +58,9 @@ def test_two_processes_share_one_data_folder(
         assert requests.get(f"{server.url}/files/shared", timeout=10).content == data
 
 
-def test_two_processes_race_on_the_last_chunks(servers: Callable[..., ServerProcess]) -> None:
+def test_two_processes_race_on_the_last_chunks(
+    servers: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     a, b = servers(), servers()
@@ -80,6 +82,11 @@ def test_two_processes_race_on_the_last_chunks(servers: Callable[..., ServerProc
         if line.startswith("chunkserver_uploads_completed_total")
     )
     assert merges >= 1
+    # the process that lost the completion brought no chunk folder (or .lock) back
+    assert not (tmp_path / "data" / "chunks" / "race").exists()
+    assert (
+        "chunkserver_uploads_in_progress 0.0" in requests.get(f"{a.url}/metrics", timeout=10).text
+    )
 
 
 def test_workers_share_a_port_and_their_metrics(

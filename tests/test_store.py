@@ -261,3 +261,30 @@ async def test_an_upload_removed_between_open_and_lock_is_gone(
     with pytest.raises(UploadGone):
         await store.receive(meta, 1, pieces(b"b"), max_bytes=2**30, want_sha256=False)
     assert removed
+
+
+async def test_the_loser_of_a_completion_race_brings_no_folder_back(tmp_path: Path) -> None:
+    """The request that completes second finds the folder gone: it answers the completion
+    and takes the upload's lock without creating the folder (or its .lock) again."""
+    store = LocalStore(tmp_path)
+    meta = await begin(store, UploadMeta.new("won", "f", 2, None, 2))
+    await put(store, meta, 0, b"ab")
+    await put(store, meta, 1, b"c")
+    first = await store.finish(meta)
+    late = await store.finish(meta)  # what the loser of the race does after the winner
+    assert first is not None and first[1]
+    assert late is not None and late == (first[0], False)
+    assert not (tmp_path / "chunks" / "won").exists()
+    assert await store.uploads_in_progress() == []
+    # and the other steps that lock an upload which has ended
+    await store.abandon(meta)
+    assert await store.delete("won")
+    assert not (tmp_path / "chunks" / "won").exists()
+
+
+async def test_an_abandoned_upload_leaves_nothing_in_the_trash(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    meta = await begin(store, UploadMeta.new("refused", "f", 2, 10**8, 1000))
+    await store.abandon(meta)
+    assert await store.status("refused") is None
+    assert list((tmp_path / "chunks" / ".trash").iterdir()) == []

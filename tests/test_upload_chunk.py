@@ -101,6 +101,9 @@ async def test_same_last_chunk_twice_at_once_merges_once(client, config: Config)
     assert await downloaded(client, "twice") == b"".join(chunks)
     metrics = await (await client.get("/metrics")).text()
     assert "chunkserver_uploads_completed_total 1" in metrics
+    assert "chunkserver_uploads_in_progress 0.0" in metrics
+    if config.storage == "local":  # the loser of the race brought no folder (or .lock) back
+        assert not (Path(config.data_dir) / "chunks" / "twice").exists()
 
 
 async def test_retry_is_idempotent(client) -> None:
@@ -426,3 +429,36 @@ async def test_bad_metadata_is_400(client, value: str) -> None:
         "longer than" in (await resp.json())["detail"]
     )
     assert (await client.get("/upload-status/bad")).status == 404
+
+
+def files_left(data_dir: Path) -> list[Path]:
+    """Every file of uploads under the data folder, the trash included (not the process's
+    own: metrics, the hook outbox, S3's scratch folder when empty)."""
+    found = []
+    for folder in ("chunks", "uploads"):
+        for root, _, names in os.walk(data_dir / folder):
+            found += [Path(root, name) for name in names]
+    return found
+
+
+@pytest.mark.parametrize(
+    ("fields", "data", "status"),
+    [
+        ({"chunk_crc64nvme": crc64(b"other")}, b"x" * 1000, 422),
+        ({"chunk_size": "1000"}, b"x" * 999, 409),
+        ({}, b"x" * 1001, 413),
+    ],
+    ids=["checksum", "chunk_size", "max_chunk_bytes"],
+)
+async def test_a_refused_first_chunk_leaves_no_file_anywhere(
+    make_client: ClientFactory, config: Config, fields: dict, data: bytes, status: int
+) -> None:
+    """Nothing of a refused first chunk remains once it is answered: no upload folder, no
+    data file reserved for total_size, nothing in the trash."""
+    client = await make_client(max_chunk_bytes=1000)
+    form = chunk_form("refused", 0, 3, data, total_size="2500", **fields)
+    resp = await client.post("/upload-chunk", data=form)
+    assert resp.status == status, await resp.text()
+    assert (await client.get("/upload-status/refused")).status == 404
+    if config.storage == "local":
+        assert files_left(Path(config.data_dir)) == []
