@@ -137,6 +137,17 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if body.get("status") in ("uploading", "completed") else 1
 
 
+def _checksum(args: argparse.Namespace) -> int:
+    from .checksums import of_file
+
+    try:
+        print(of_file(args.file))
+    except OSError as e:
+        print(f"chunkserver checksum: {args.file}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chunkserver", description="A fast, crash-safe chunked upload server."
@@ -188,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default=DEFAULT_URL)
     status.add_argument("--token", default=os.environ.get("CHUNKSERVER_TOKEN"))
     status.set_defaults(run=_status)
+
+    checksum = commands.add_parser(
+        "checksum",
+        help="print a file's CRC-64/NVME in S3's form",
+        description="Print FILE's CRC-64/NVME in S3's form (base64 of the 8 big-endian bytes): "
+        "the value of the server's crc64nvme answers and of S3's ChecksumCRC64NVME.",
+    )
+    checksum.add_argument("file", metavar="FILE")
+    checksum.set_defaults(run=_checksum)
     return parser
 
 

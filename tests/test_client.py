@@ -249,3 +249,17 @@ def test_cli_upload_with_metadata(servers: Callable[..., ServerProcess], big_fil
     assert done.returncode == 0, done.stderr
     status = json.loads(run_cli("status", "with-meta", "--url", server.url).stdout)
     assert status["metadata"] == {"user": "42", "note": "a=b"}
+
+
+def test_cli_checksum(tmp_path: Path) -> None:
+    data = os.urandom(5 * 2**20 + 3)  # more than one of its 4 MiB reads
+    path = tmp_path / "some.bin"
+    path.write_bytes(data)
+    done = run_cli("checksum", str(path))
+    assert (done.returncode, done.stdout, done.stderr) == (0, crc64(data) + "\n", "")
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert run_cli("checksum", str(empty)).stdout == crc64(b"") + "\n"
+    missing = run_cli("checksum", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.count("\n") == 1 and "No such file" in missing.stderr
