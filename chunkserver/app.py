@@ -14,9 +14,10 @@ from aiohttp.typedefs import Handler, Middleware
 
 from .addresses import Network, client_address, trusted_proxies
 from .config import Config
-from .errors import ChunkServerError, NotAuthenticated, StorageFailure
+from .errors import ChunkServerError, NotAuthenticated, StorageFailure, StoreUnavailable
 from .handlers import add_routes, json_answer
 from .keys import CONFIG, UPLOADS
+from .logs import ThrottledLog
 from .service import Uploads
 from .tus import EXPOSED_HEADERS as TUS_EXPOSED_HEADERS
 from .tus import PREFIX as TUS_PREFIX
@@ -39,6 +40,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ChunkServerError as e:
         if isinstance(e, StorageFailure):  # the disk failed us, not the client: say how
             log.error("Storage failure on %s %s", request.method, request.path, exc_info=e)
+        elif isinstance(e, StoreUnavailable):  # an outage: one line, not one per request
+            uploads.outages.warning(e.component, f"{e.detail} (answering 503)")
         response = json_answer({"detail": e.detail}, status=e.status)
         response.headers.update(e.headers)
         if e.close_connection:
@@ -159,11 +162,15 @@ def access_logger_for(config: Config) -> type[AccessLogger]:
     return type("ConfiguredAccessLogger", (AccessLogger,), {"trusted": trusted_proxies(config)})
 
 
-async def _every(seconds: float, job: Callable[[], Awaitable[object]], name: str) -> None:
+async def _every(
+    seconds: float, job: Callable[[], Awaitable[object]], name: str, outages: ThrottledLog
+) -> None:
     while True:
         await asyncio.sleep(seconds)
         try:
             await job()
+        except StoreUnavailable as e:
+            outages.warning(e.component, f"Periodic job {name} waits: {e.detail}")
         except Exception:
             log.exception("Periodic job %s failed", name)
 
@@ -182,7 +189,9 @@ def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterato
             )
         await uploads.rebuild_manifest()
         tasks = [
-            asyncio.create_task(_every(config.sweep_interval_seconds, uploads.sweep, "sweep")),
+            asyncio.create_task(
+                _every(config.sweep_interval_seconds, uploads.sweep, "sweep", uploads.outages)
+            ),
         ]
         yield
         for task in tasks:

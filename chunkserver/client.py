@@ -37,6 +37,8 @@ from . import checksums
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 507})
+# How long the client waits for the server to complete an upload whose chunks are all stored.
+COMPLETION_WAIT_SECONDS = 60.0
 SIZE_UNITS = {
     "b": 1,
     "kb": 10**3,
@@ -188,16 +190,44 @@ class Uploader:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
     async def status(self) -> dict[str, Any]:
-        async with self.session.get(
-            f"{self.url}/upload-status/{self.file_id}", headers=self.headers
-        ) as response:
-            body: dict[str, Any] = await response.json(content_type=None)
-            if response.status not in (200, 404):
-                raise UploadError(
-                    f"status check failed: {body.get('detail', response.status)}",
-                    status=response.status,
-                )
-            return body
+        """The upload's status, asked again with backoff (up to `retries` times) while the
+        server cannot be reached or answers a retryable status."""
+        attempt = 0
+        while True:
+            retry_after: float | None = None
+            try:
+                async with self.session.get(
+                    f"{self.url}/upload-status/{self.file_id}", headers=self.headers
+                ) as response:
+                    body: dict[str, Any] = await response.json(content_type=None)
+                    if response.status in (200, 404):
+                        return body
+                    problem = f"status check failed: {body.get('detail', response.status)}"
+                    if response.status not in RETRYABLE_STATUSES:
+                        raise UploadError(problem, status=response.status)
+                    retry_after = _retry_after(response.headers.get("Retry-After"))
+            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+                problem = f"status check failed: {type(e).__name__}: {e}"
+            if attempt >= self.retries:
+                raise UploadError(f"giving up after {attempt + 1} attempts: {problem}")
+            await self.backoff.sleep(self.backoff.delay(attempt, retry_after))
+            attempt += 1
+
+    async def completion(self) -> dict[str, Any]:
+        """The completed status once every chunk is stored. A completion that another server
+        is running (or that one which died left to be taken over, which takes up to 30 s)
+        reads as uploading with no missing chunk meanwhile: ask again, with backoff, for up
+        to COMPLETION_WAIT_SECONDS."""
+        deadline = time.monotonic() + COMPLETION_WAIT_SECONDS
+        attempt = 0
+        while True:
+            status = await self.status()
+            if status.get("status") == "completed" or status.get("missing_chunks") != []:
+                return status
+            if time.monotonic() > deadline:
+                return status
+            await self.backoff.sleep(self.backoff.delay(attempt))
+            attempt += 1
 
     async def run(self) -> dict[str, Any]:
         missing = list(range(self.total_chunks))
@@ -236,7 +266,7 @@ class Uploader:
             )
         )
         if self.completed is None:
-            self.completed = await self.status()
+            self.completed = await self.completion()
         if self.completed.get("status") != "completed":
             raise UploadError(f"every chunk was sent but the server says {self.completed}")
         if self.completed.get("crc64nvme") != local_crc:

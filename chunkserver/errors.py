@@ -96,6 +96,16 @@ class ServerBusy(ChunkServerError):
         super().__init__(f"Server busy: {limit} chunks already in flight (max_inflight_chunks)")
 
 
+class CompletionPending(ChunkServerError):
+    """Another live process or host is completing the upload; ask again in a moment."""
+
+    status = 503
+    headers = {"Retry-After": "2"}  # noqa: RUF012
+
+    def __init__(self) -> None:
+        super().__init__("The upload is being completed by another server; retry shortly")
+
+
 class StoreUnavailable(ChunkServerError):
     """The object store or the database cannot be reached now: nothing was acknowledged."""
 
@@ -104,6 +114,7 @@ class StoreUnavailable(ChunkServerError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"Storage unavailable, retry later: {reason}")
+        self.component = "the database" if "database" in reason else "the object store"
 
 
 class HookRefused(ChunkServerError):

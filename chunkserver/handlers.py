@@ -249,16 +249,24 @@ async def delete_upload(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+HEALTH_FAILURES = {
+    "data_folder": "The data folder is not writable",
+    "object_store": "The object store cannot be reached",
+    "database": "The database cannot be reached",
+}
+
+
 async def healthz(request: web.Request) -> web.Response:
-    uploads = request.app[UPLOADS]
-    if await uploads.is_healthy():
+    checks = await request.app[UPLOADS].health()
+    if all(checks.values()):
         return json_answer({"status": "ok"})
-    detail = (
-        "The object store or the database cannot be reached"
-        if request.app[CONFIG].storage == "s3"
-        else "The data folder is not writable"
-    )
-    response = json_answer({"status": "error", "detail": detail}, 503)
+    failing = [HEALTH_FAILURES[name] for name, ok in checks.items() if not ok]
+    body = {
+        "status": "error",
+        "detail": "; ".join(failing),
+        "checks": {name: "ok" if ok else "failing" for name, ok in checks.items()},
+    }
+    response = json_answer(body, 503)
     response.headers[hdrs.RETRY_AFTER] = "5"
     return response
 

@@ -25,7 +25,8 @@ from typing import Any
 import aiohttp
 
 from .config import Config
-from .errors import HookRefused, HookUnavailable
+from .errors import HookRefused, HookUnavailable, StoreUnavailable
+from .logs import ThrottledLog
 from .metrics import Metrics
 from .model import CompletedUpload, UploadMeta
 from .outbox import Outbox, Pending
@@ -84,11 +85,12 @@ def new_event(
 
 
 class Hooks:
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(self, config: Config, metrics: Metrics, outages: ThrottledLog) -> None:
         self.url = config.hook_url
         self.events = frozenset(config.hook_events) if config.hook_url else frozenset()
         self.timeout = config.hook_timeout_seconds
         self.metrics = metrics
+        self.outages = outages
         self.outbox: Outbox | None = None
         # For a post-finish queued before its completion: the upload as it is now, and the
         # body an event gives of it (set by the service).
@@ -161,6 +163,8 @@ class Hooks:
         while True:
             try:
                 await self._deliver_due()
+            except StoreUnavailable as e:  # the outbox's database: one line per outage
+                self.outages.warning(e.component, f"Hook delivery waits: {e.detail}")
             except Exception:
                 log.exception("Hook delivery failed; trying again")
             with contextlib.suppress(TimeoutError):

@@ -1349,8 +1349,8 @@ class LocalStore:
             self._free_bytes_at = now
         return self._free_bytes
 
-    async def is_healthy(self) -> bool:
-        return await self._run(self._is_writable)
+    async def health(self) -> dict[str, bool]:
+        return {"data_folder": await self._run(self._is_writable)}
 
     def _is_writable(self) -> bool:
         try:

@@ -15,6 +15,7 @@ Its chunk rows are its parts (index = part number - 1), and its total_chunks cou
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -241,19 +242,26 @@ def _chunk_row(r: asyncpg.Record) -> ChunkRow:
     return ChunkRow(r["idx"], r["length"], _to_unsigned(r["crc"]), r["etag"], r["staging_key"])
 
 
+# What a database that cannot be reached, or went away mid-operation, raises. asyncpg's
+# InternalClientError ("cannot switch to state ...") is a connection left mid-operation by
+# such a failure: the connection is dropped (see UploadState._db), the request answers 503.
+UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,
+)
+
+
 @contextlib.contextmanager
 def translated_errors() -> Iterator[None]:
     """A database that cannot be reached (or is restarting) answers 503, never 500."""
     try:
         yield
-    except (
-        OSError,
-        TimeoutError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.InterfaceError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.TooManyConnectionsError,
-    ) as e:
+    except UNREACHABLE as e:
         raise StoreUnavailable(f"the database cannot be reached ({type(e).__name__})") from e
 
 
@@ -304,7 +312,14 @@ class UploadState:
         assert self._pool is not None, "UploadState.open() first"
         with translated_errors():
             async with self._pool.acquire() as db:
-                yield db
+                try:
+                    yield db
+                except (*UNREACHABLE, asyncio.CancelledError):
+                    # Cut off mid-operation (the database went away, a timeout, a cancelled
+                    # request): never hand this connection to another request.
+                    if not db.is_closed():
+                        db.terminate()
+                    raise
 
     async def is_reachable(self) -> bool:
         try:

@@ -44,6 +44,7 @@ from typing import IO
 from . import checksums
 from .errors import (
     BadRequest,
+    CompletionPending,
     OffsetMismatch,
     PayloadTooLarge,
     StorageFailure,
@@ -70,7 +71,13 @@ log = logging.getLogger("chunkserver")
 MiB = 1024 * 1024
 MIN_PART_BYTES = 5 * MiB  # S3 refuses a smaller part other than the last (EntityTooSmall)
 SPOOL_MEMORY_BYTES = 8 * MiB  # a spooled chunk past this goes to a scratch file
-COMPLETION_LEASE_SECONDS = 120.0  # a claimed completion not renewed for this long is retaken
+# A claimed completion is renewed every COMPLETION_RENEW_SECONDS while it runs; one not renewed
+# for COMPLETION_LEASE_SECONDS (its host died) is taken over by the next chunk, status request
+# or sweep that finds it: within 30 s of the death (PROTOCOL.md, Guarantees 3).
+COMPLETION_LEASE_SECONDS = 20.0
+COMPLETION_RENEW_SECONDS = 5.0
+# How long a chunk waits for a completion that a live host is running before it answers 503.
+COMPLETION_WAIT_SECONDS = 5.0
 GATHER_CONCURRENCY = 4
 STAGED_COPIES_BYTES = 64 * MiB  # local copies of staged chunks, for gathering
 ORPHAN_GRACE_SECONDS = 3600.0
@@ -322,6 +329,10 @@ class S3Store:
             return None
         if row.completed is not None:
             return row.completed
+        if row.status == "completing":
+            taken = await self._take_over(row.meta)
+            if taken is not None:
+                return taken
         stored = await self.state.stored_indexes(row.meta)
         return UploadProgress(row.meta, frozenset(stored), row.last_activity)
 
@@ -356,6 +367,11 @@ class S3Store:
             if row is not None:
                 if row.completed is not None:
                     return row.completed, False
+                if row.status == "completing":
+                    try:
+                        return await self._completed_elsewhere(row.meta), False
+                    except UploadGone:
+                        continue  # that completion failed or the upload was removed: again
                 cs = proposed.chunk_size
                 if row.meta.chunk_size is None and cs is not None:
                     self._check_fits(row.meta.total_chunks, cs)
@@ -631,16 +647,40 @@ class S3Store:
         return await self._complete_claimed(claimed), True
 
     async def _complete_claimed(self, claimed: UploadRow) -> CompletedUpload:
+        renewal = asyncio.get_running_loop().create_task(self._keep_claim(claimed.meta))
         try:
             return await self._complete(claimed)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.state.release_claim(claimed.meta)
             raise
+        finally:
+            renewal.cancel()
+
+    async def _keep_claim(self, meta: UploadMeta) -> None:
+        """Renew the completion's lease until cancelled (the completion has ended)."""
+        while True:
+            await asyncio.sleep(min(COMPLETION_RENEW_SECONDS, self.lease_seconds / 4))
+            with contextlib.suppress(StoreUnavailable):
+                await self.state.renew_claim(meta)
+
+    async def _take_over(self, meta: UploadMeta) -> CompletedUpload | None:
+        """Complete the upload when its completion's host died (its lease ran out); None
+        while a live host completes it, or when the completion cannot be done now."""
+        claimed = await self.state.claim_completion(meta, self.lease_seconds)
+        if claimed is None:
+            return None
+        try:
+            return await self._complete_claimed(claimed)
+        except (UploadConflict, StorageFailure) as e:
+            log.warning("Could not take over the completion of %s: %s", meta.file_id, e.detail)
+            return None
 
     async def _completed_elsewhere(self, meta: UploadMeta) -> CompletedUpload:
-        """Wait for a completion another request (or host) is running; take it over when
-        its claim runs out (that host died)."""
+        """Wait a little for a completion another request (or host) is running; take it over
+        when its lease runs out (that host died). CompletionPending (503) when it takes
+        longer: the client asks again later."""
+        deadline = time.monotonic() + COMPLETION_WAIT_SECONDS
         while True:
             row = await self.state.get(meta.file_id)
             if row is None or row.meta.token != meta.token:
@@ -652,6 +692,8 @@ class S3Store:
             claimed = await self.state.claim_completion(row.meta, self.lease_seconds)
             if claimed is not None:
                 return await self._complete_claimed(claimed)
+            if time.monotonic() > deadline:
+                raise CompletionPending()
             await asyncio.sleep(WAIT_STEP_SECONDS)
 
     async def _complete(self, row: UploadRow) -> CompletedUpload:
@@ -712,10 +754,8 @@ class S3Store:
         if len(groups) > self.max_parts:
             raise StorageFailure(f"{len(groups)} parts exceed the store's limit")
         built = {} if row.direct else await self.state.parts(row.meta)
-        last_renewal = time.monotonic()
 
         async def build(number: int, group: list[ChunkRow]) -> tuple[int, str]:
-            nonlocal last_renewal
             ahead = built.get(number)
             if (
                 ahead is not None
@@ -724,11 +764,7 @@ class S3Store:
                 and ahead.sources == _sources(group)
             ):
                 return number, ahead.etag  # gathered while the upload went on
-            etag = await self._build_part(row, number, group)
-            if time.monotonic() - last_renewal > self.lease_seconds / 4:
-                last_renewal = time.monotonic()
-                await self.state.renew_claim(row.meta)
-            return number, etag
+            return number, await self._build_part(row, number, group)
 
         return list(await asyncio.gather(*(build(n, g) for n, g in groups)))
 
@@ -1028,11 +1064,11 @@ class S3Store:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.scratch).free
 
-    async def is_healthy(self) -> bool:
+    async def health(self) -> dict[str, bool]:
         bucket, database = await asyncio.gather(
             self.objects.bucket_is_reachable(), self.state.is_reachable()
         )
-        return bucket and database
+        return {"object_store": bucket, "database": database}
 
     def _later(self, work: object) -> None:
         """Clean-up that the answer need not wait for; failures only logged (the sweep

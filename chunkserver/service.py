@@ -35,6 +35,7 @@ from .forms import ChunkFields
 from .hooks import Hooks, finish_event_id, upload_body
 from .localstore import LocalStore
 from .locks import KeyedLocks
+from .logs import ThrottledLog
 from .manifest import Manifest
 from .metrics import Metrics
 from .model import (
@@ -86,7 +87,9 @@ class Uploads:
         self.manifest = Manifest()
         self.locks = KeyedLocks()
         self.metrics = Metrics()
-        self.hooks = Hooks(config, self.metrics)
+        # One WARNING line per outage of the database or the object store, not one per request.
+        self.outages = ThrottledLog(log)
+        self.hooks = Hooks(config, self.metrics, self.outages)
         self.inflight = 0  # chunk requests being handled now
         self.draining = False  # the process is stopping: answers close their connection
 
@@ -609,5 +612,5 @@ class Uploads:
             gauges["hooks_pending"] = ("Hook events waiting to be delivered", pending)
         return await asyncio.to_thread(self.metrics.render, gauges)
 
-    async def is_healthy(self) -> bool:
-        return await self.store.is_healthy()
+    async def health(self) -> dict[str, bool]:
+        return await self.store.health()

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
+import requests
 
 from chunkserver import Config
 from chunkserver.errors import UploadConflict, UploadGone, UploadLocked
@@ -21,7 +27,7 @@ from chunkserver.s3store import S3Store
 from chunkserver.service import Uploads
 
 from . import realstack
-from .conftest import ClientFactory, chunk_form, crc64, downloaded, split
+from .conftest import ClientFactory, chunk_form, crc64, downloaded, s3_flags, split
 
 MiB = 2**20
 
@@ -132,18 +138,26 @@ async def proxied(s3_settings: dict) -> AsyncIterator[tuple[dict, Any, Any]]:
 
 
 async def test_the_bucket_or_the_database_unreachable_answers_503(
-    make_client: ClientFactory, proxied: tuple[dict, Any, Any]
+    make_client: ClientFactory, proxied: tuple[dict, Any, Any], caplog
 ) -> None:
     settings, to_swift, to_db = proxied
     client = await make_client(**settings)
     assert (await post(client, chunk_form("down", 0, 3, b"a")))[0] == 200
-    for proxy in (to_swift, to_db):
+    for proxy, part in ((to_swift, "object_store"), (to_db, "database")):
         proxy.cut()
-        resp = await client.post("/upload-chunk", data=chunk_form("down", 1, 3, b"b"))
-        assert resp.status == 503, await resp.text()
-        assert resp.headers["Retry-After"] and "unavailable" in (await resp.json())["detail"]
+        caplog.clear()
+        for _ in range(3):
+            resp = await client.post("/upload-chunk", data=chunk_form("down", 1, 3, b"b"))
+            assert resp.status == 503, await resp.text()
+            assert resp.headers["Retry-After"] and "unavailable" in (await resp.json())["detail"]
         health = await client.get("/healthz")
         assert health.status == 503 and health.headers["Retry-After"]
+        checks = (await health.json())["checks"]
+        assert checks == {"object_store": "ok", "database": "ok", part: "failing"}
+        # one WARNING line for the outage, no traceback
+        warnings = [r for r in caplog.records if r.name == "chunkserver"]
+        assert len(warnings) == 1 and warnings[0].levelname == "WARNING", warnings
+        assert warnings[0].exc_info is None
         proxy.restore()
         for _ in range(20):  # a pooled connection cut off is replaced on its next use
             resp = await client.post("/upload-chunk", data=chunk_form("down", 1, 3, b"b"))
@@ -376,3 +390,107 @@ async def test_a_tus_writer_that_died_holds_the_upload_only_for_its_lease(
         assert here and completed is not None and completed.crc64nvme == crc64(b"abc")
     finally:
         await store.close()
+
+
+async def died_mid_completion(store: S3Store, file_id: str, chunks: list[bytes]) -> UploadMeta:
+    """What a host killed mid-completion leaves: every chunk stored, the completion claimed
+    (its lease fresh), no object."""
+    meta, _ = await store.begin(UploadMeta.new(file_id, "f.bin", len(chunks), None))
+    assert isinstance(meta, UploadMeta)
+    for index, data in enumerate(chunks):
+
+        async def body(data: bytes = data) -> AsyncIterator[memoryview]:
+            yield memoryview(data)
+
+        received = await store.receive(meta, index, body(), max_bytes=2**30, want_sha256=False)
+        await store.commit(received, meta, index)
+    assert await store.state.claim_completion(meta, store.lease_seconds) is not None
+    return meta
+
+
+async def test_a_dead_completion_is_taken_over_by_the_next_chunk_or_status(
+    make_client: ClientFactory, config: Config, s3_settings: dict, monkeypatch
+) -> None:
+    """While the dead host's lease runs, the last chunk sent again answers 503 with
+    Retry-After (never a 409 saying the upload was removed); once it runs out, that chunk,
+    or a status request, completes the upload."""
+    import chunkserver.s3store as s3store
+
+    monkeypatch.setattr(s3store, "COMPLETION_WAIT_SECONDS", 0.2)
+    client = await make_client(**s3_settings)
+    dead = await open_store(config, **s3_settings)
+    chunks = [b"a" * 1000, b"b" * 1000, b"c" * 10]
+    try:
+        await died_mid_completion(dead, "by-chunk", chunks)
+        await died_mid_completion(dead, "by-status", chunks)
+    finally:
+        await dead.close()
+    from chunkserver.app import UPLOADS
+
+    store = client.server.app[UPLOADS].store
+    assert isinstance(store, S3Store)
+    store.lease_seconds = 1.5
+    resp = await client.post("/upload-chunk", data=chunk_form("by-chunk", 2, 3, chunks[2], "f.bin"))
+    assert resp.status == 503 and resp.headers["Retry-After"], await resp.text()
+    status = await (await client.get("/upload-status/by-status")).json()
+    assert status["status"] == "uploading" and status["missing_chunks"] == []
+    await asyncio.sleep(1.6)
+    _, body = await post(client, chunk_form("by-chunk", 2, 3, chunks[2], "f.bin"))
+    assert body["status"] == "completed" and body["crc64nvme"] == crc64(b"".join(chunks))
+    status = await (await client.get("/upload-status/by-status")).json()
+    assert status["status"] == "completed" and status["crc64nvme"] == crc64(b"".join(chunks))
+    for file_id in ("by-chunk", "by-status"):
+        assert await downloaded(client, file_id) == b"".join(chunks)
+
+
+def test_a_dead_completion_is_finished_within_30_s_by_live_hosts(
+    tmp_path, config: Config, s3_settings: dict, servers, s3: Any
+) -> None:
+    """Real processes, the real lease: a host dies holding a completion; `chunkserver
+    upload` against one live host, and the last chunk sent again to another, both see the
+    upload completed, with the right object, within 30 s of the death."""
+    host_config = tmp_path / "host.toml"
+    host_config.write_text("\n".join(s3_flags(s3_settings)) + "\n")
+    one = servers("--config", str(host_config), data_dir=tmp_path / "one")
+    two = servers("--config", str(host_config), data_dir=tmp_path / "two")
+    data = os.urandom(3 * MiB + 123)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    chunks = split(data, MiB)
+
+    async def die() -> None:
+        dead = await open_store(config, **s3_settings)
+        try:
+            await died_mid_completion(dead, "deadhost", chunks)
+        finally:
+            await dead.close()
+
+    asyncio.run(die())
+    died = time.monotonic()
+    uploading = subprocess.Popen(
+        [sys.executable, "-m", "chunkserver", "upload", str(path), "--url", one.url,
+         "--file-id", "deadhost", "--chunk-size", "1MiB", "--quiet"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    answers = []
+    while time.monotonic() - died < 40:
+        resp = requests.post(
+            f"{two.url}/upload-chunk",
+            files={"chunk": ("blob", chunks[-1])},
+            data={"file_id": "deadhost", "chunk_index": "3", "total_chunks": "4",
+                  "filename": "f.bin"},
+            timeout=30,
+        )  # fmt: skip
+        answers.append(resp.status_code)
+        if resp.status_code == 200:
+            break
+        assert resp.status_code == 503 and resp.headers["Retry-After"], resp.text
+        time.sleep(float(resp.headers["Retry-After"]))
+    took = time.monotonic() - died
+    assert answers[-1] == 200 and took < 30, (answers, took)
+    assert resp.json()["crc64nvme"] == crc64(data)
+    out, _ = uploading.communicate(timeout=60)
+    assert uploading.returncode == 0, out
+    assert json.loads(out.splitlines()[-1])["crc64nvme"] == crc64(data)
+    body = s3.get_object(Bucket=s3_settings["s3_bucket"], Key="uploads/deadhost/f.bin")
+    assert body["Body"].read() == data
