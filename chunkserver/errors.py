@@ -102,8 +102,10 @@ class CompletionPending(ChunkServerError):
     status = 503
     headers = {"Retry-After": "2"}  # noqa: RUF012
 
-    def __init__(self) -> None:
-        super().__init__("The upload is being completed by another server; retry shortly")
+    def __init__(
+        self, detail: str = "The upload is being completed by another server; retry shortly"
+    ) -> None:
+        super().__init__(detail)
 
 
 class StoreUnavailable(ChunkServerError):

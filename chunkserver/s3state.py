@@ -116,6 +116,8 @@ ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_crc bigint;
 ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_tail text;
 ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_writer text;
 ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_writer_until double precision;
+-- Chunk requests that began receiving into the upload (see UploadState.join).
+ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS receivers integer NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS chunkserver_outbox_due ON chunkserver_outbox (due);
 CREATE TABLE IF NOT EXISTS chunkserver_parts (
     file_id text NOT NULL REFERENCES chunkserver_uploads ON DELETE CASCADE,
@@ -288,7 +290,9 @@ class UploadState:
         with translated_errors():
             self._pool = await asyncpg.create_pool(
                 self.url,
-                min_size=1,
+                # No floor: asyncpg would restore one with a traceback a second while the
+                # database is down; a request opens what it needs.
+                min_size=0,
                 max_size=20,
                 command_timeout=30,
                 timeout=10,
@@ -407,11 +411,25 @@ class UploadState:
             )
         return value
 
+    async def join(self, file_id: str) -> UploadRow | None:
+        """The upload, counting one more chunk request receiving into it (in the same round
+        trip as reading it): an upload that a request other than its creator's has begun
+        receiving into is not abandoned when the creator's request fails."""
+        async with self._db() as db:
+            r = await db.fetchrow(
+                """UPDATE chunkserver_uploads SET receivers = receivers + 1
+                   WHERE file_id = $1 RETURNING *""",
+                file_id,
+            )
+        return None if r is None else _upload_row(r)
+
     async def remove_if_empty(self, meta: UploadMeta) -> UploadRow | None:
+        """Remove an upload whose creating request failed: only while it holds no chunk and
+        no request but (at most) that one has begun receiving into it."""
         async with self._db() as db:
             r = await db.fetchrow(
                 """DELETE FROM chunkserver_uploads u WHERE file_id = $1 AND token = $2
-                     AND status = 'uploading'
+                     AND status = 'uploading' AND receivers <= 1
                      AND NOT EXISTS (SELECT 1 FROM chunkserver_chunks c
                                      WHERE c.file_id = u.file_id AND c.token = u.token)
                    RETURNING *""",

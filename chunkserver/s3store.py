@@ -80,6 +80,7 @@ COMPLETION_RENEW_SECONDS = 5.0
 COMPLETION_WAIT_SECONDS = 5.0
 GATHER_CONCURRENCY = 4
 STAGED_COPIES_BYTES = 64 * MiB  # local copies of staged chunks, for gathering
+STAGED_COPIES_FILES = 64  # and at most this many of them: each holds a descriptor open
 ORPHAN_GRACE_SECONDS = 3600.0
 WAIT_STEP_SECONDS = 0.05
 # A tus writer's lease, renewed while its PATCH streams: a host that dies mid-PATCH holds
@@ -140,11 +141,13 @@ class StagedCopies:
     cache), so that gathering a run into a part reads them here instead of from the store:
     one pass over the bytes through the store less. Only a cache: a copy may be missing
     (another host staged the chunk, or it was evicted, or the process restarted), and the
-    store is read then. Nothing of it outlives the process."""
+    store is read then. Nothing of it outlives the process, and the copies of an upload that
+    ended are dropped with it."""
 
-    def __init__(self, scratch: Path, capacity_bytes: int) -> None:
+    def __init__(self, scratch: Path, capacity_bytes: int, capacity_files: int) -> None:
         self._scratch = scratch
         self._capacity = capacity_bytes
+        self._capacity_files = capacity_files
         self._copies: OrderedDict[str, tuple[IO[bytes], int]] = OrderedDict()
         self._bytes = 0
 
@@ -155,9 +158,16 @@ class StagedCopies:
         copy.write(data)
         self._copies[key] = (copy, len(data))
         self._bytes += len(data)
-        while self._bytes > self._capacity:
+        while self._bytes > self._capacity or len(self._copies) > self._capacity_files:
             _, (oldest, length) = self._copies.popitem(last=False)
             oldest.close()
+            self._bytes -= length
+
+    def forget(self, prefix: str) -> None:
+        """Drop the copies of the keys under `prefix` (an upload's staging folder)."""
+        for key in [k for k in self._copies if k.startswith(prefix)]:
+            copy, length = self._copies.pop(key)
+            copy.close()
             self._bytes -= length
 
     def take(self, key: str) -> IO[bytes] | None:
@@ -274,7 +284,7 @@ class S3Store:
         self.lease_seconds = COMPLETION_LEASE_SECONDS
         self._background: set[asyncio.Task[None]] = set()
         self._gathering = asyncio.Semaphore(GATHER_CONCURRENCY)  # parts built at once
-        self.copies = StagedCopies(scratch, STAGED_COPIES_BYTES)
+        self.copies = StagedCopies(scratch, STAGED_COPIES_BYTES, STAGED_COPIES_FILES)
 
     async def open(self) -> None:
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -369,9 +379,12 @@ class S3Store:
                     return row.completed, False
                 if row.status == "completing":
                     try:
-                        return await self._completed_elsewhere(row.meta), False
+                        completed = await self._completed_elsewhere(row.meta)
                     except UploadGone:
-                        continue  # that completion failed or the upload was removed: again
+                        continue  # removed meanwhile: begin it again
+                    if completed is None:
+                        continue  # that completion failed: the upload takes chunks again
+                    return completed, False
                 cs = proposed.chunk_size
                 if row.meta.chunk_size is None and cs is not None:
                     self._check_fits(row.meta.total_chunks, cs)
@@ -414,7 +427,7 @@ class S3Store:
         want_sha256: bool,
         length_hint: int | None = None,
     ) -> S3Received:
-        row = await self.state.get(meta.file_id)
+        row = await self.state.join(meta.file_id)
         if row is None or row.meta.token != meta.token or row.status != "uploading":
             raise UploadGone()
         meta = row.meta
@@ -598,7 +611,10 @@ class S3Store:
             raise UploadGone()
         if row.status != "uploading":
             await self.discard(received)
-            return await self._completed_elsewhere(row.meta)
+            completed = await self._completed_elsewhere(row.meta)
+            if completed is None:  # the chunk was not stored: the client sends it again
+                raise CompletionPending("The upload's completion failed; send this chunk again")
+            return completed
         if replaced is not None:
             self._later(self.objects.delete([replaced]))
         if run is not None and run_stored == run[1] - run[0] + 1:
@@ -642,7 +658,8 @@ class S3Store:
             if row.completed is not None:
                 return row.completed, False
             if row.status == "completing":
-                return await self._completed_elsewhere(row.meta), False
+                completed = await self._completed_elsewhere(row.meta)
+                return None if completed is None else (completed, False)
             return None  # chunks still missing
         return await self._complete_claimed(claimed), True
 
@@ -676,10 +693,11 @@ class S3Store:
             log.warning("Could not take over the completion of %s: %s", meta.file_id, e.detail)
             return None
 
-    async def _completed_elsewhere(self, meta: UploadMeta) -> CompletedUpload:
+    async def _completed_elsewhere(self, meta: UploadMeta) -> CompletedUpload | None:
         """Wait a little for a completion another request (or host) is running; take it over
-        when its lease runs out (that host died). CompletionPending (503) when it takes
-        longer: the client asks again later."""
+        when its lease runs out (that host died). None when that completion failed (the
+        upload takes chunks again); UploadGone when the upload was removed; CompletionPending
+        (503) when it takes longer: the client asks again later."""
         deadline = time.monotonic() + COMPLETION_WAIT_SECONDS
         while True:
             row = await self.state.get(meta.file_id)
@@ -687,8 +705,8 @@ class S3Store:
                 raise UploadGone()
             if row.completed is not None:
                 return row.completed
-            if row.status == "uploading":  # that completion failed: this chunk may retry
-                raise UploadGone()
+            if row.status == "uploading":  # that completion failed
+                return None
             claimed = await self.state.claim_completion(row.meta, self.lease_seconds)
             if claimed is not None:
                 return await self._complete_claimed(claimed)
@@ -1016,6 +1034,7 @@ class S3Store:
         await self._remove_staging(row.meta)
 
     async def _remove_staging(self, meta: UploadMeta) -> None:
+        self.copies.forget(self._staging_prefix(meta))
         listed = await self.objects.list_objects(self._staging_prefix(meta))
         await self.objects.delete([o.key for o in listed])
 

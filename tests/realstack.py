@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SWIFT_SERVERS = ("account", "container", "object")
@@ -65,6 +65,23 @@ class Swift:
     endpoint_url: str
     processes: list[subprocess.Popen[bytes]]
     folder: Path
+    proxy_conf: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def kill_proxy(self) -> None:
+        """SIGKILL the proxy (the S3 API): the object store is gone until `start_proxy`."""
+        proxy = self.processes[-1]
+        proxy.kill()
+        proxy.wait()
+
+    def start_proxy(self) -> None:
+        """Start the proxy again on its port; return once it answers."""
+        assert self.proxy_conf is not None
+        with open(self.folder / "swift.log", "ab") as log:
+            proxy = _swift_server("swift-proxy-server", self.proxy_conf, self.env, log)
+        self.processes[-1] = proxy
+        url = f"{self.endpoint_url}/healthcheck"
+        _wait_for(lambda: _answers_200(url), "swift-proxy-server", 30, proxy)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -223,7 +240,7 @@ def start_swift(folder: Path) -> Swift:
         raise
     finally:
         log.close()
-    return Swift(url, processes, folder)
+    return Swift(url, processes, folder, proxy_conf, env)
 
 
 def _swift_server(
@@ -272,6 +289,27 @@ class Postgres:
     url: str
     process: subprocess.Popen[bytes]
     folder: Path
+    port: int = 0
+
+    def shut_down(self) -> None:
+        """A fast shutdown, as `pg_ctl stop -m fast` does: every client is cut off."""
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(30)
+
+    def start_again(self) -> None:
+        """Start the server again on its folder and port (with `shut_down`: a restart)."""
+        binaries = postgres_bin()
+        assert binaries is not None
+        with open(self.folder / "postgres.log", "ab") as log:
+            self.process = _start_postgres_server(
+                binaries,
+                self.folder / "pgdata",
+                self.folder,
+                self.port,
+                log,
+                _as_postgres_user(),
+            )
+        _wait_for(lambda: _accepts(self.port), "postgres", 30, self.process)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -320,7 +358,7 @@ def start_postgres() -> Postgres:
     with open(folder / "postgres.log", "ab") as log:
         process = _start_postgres_server(binaries, data, folder, port, log, run_as)
     _wait_for(lambda: _accepts(port), "postgres", 30, process)
-    return Postgres(f"postgresql://chunkserver@127.0.0.1:{port}/postgres", process, folder)
+    return Postgres(f"postgresql://chunkserver@127.0.0.1:{port}/postgres", process, folder, port)
 
 
 def _start_postgres_server(
