@@ -193,3 +193,20 @@ async def test_a_chunk_after_completion_is_answered_with_the_record(open_store) 
     found, created = await store.begin(UploadMeta.new("late", "f", 2, None))
     assert isinstance(found, CompletedUpload) and not created
     assert found.size == 3 and found.crc64nvme == crc64(b"abc")
+
+
+async def test_a_failed_creator_does_not_abandon_an_upload_another_request_streams_into(
+    open_store: Any,
+) -> None:
+    """The request that began an upload fails (its client hung up mid-chunk) while another
+    request of the same upload, on another process or host, is receiving a chunk: the
+    upload stays, and that chunk is stored."""
+    creator, other = await open_store(), await open_store()
+    meta = await begin(creator, UploadMeta.new("joined", "f.bin", 2, None, 1000))
+    cut = await creator.receive(meta, 0, pieces(b"a" * 400), max_bytes=2**30, want_sha256=False)
+    streaming = await other.receive(meta, 1, pieces(b"b" * 10), max_bytes=2**30, want_sha256=False)
+    await creator.discard(cut)
+    await creator.abandon(meta)  # what the service does for the creator's failed request
+    result = await other.commit(streaming, meta, 1)
+    assert isinstance(result, Committed) and result.uploaded_chunks == 1
+    assert (await put(creator, meta, 0, b"a" * 1000)).all_stored
