@@ -75,8 +75,12 @@ class ChecksumMismatch(ChunkServerError):
 class DiskFull(ChunkServerError):
     status = 507
 
-    def __init__(self, detail: str = "Chunk upload failed: disk space full") -> None:
+    def __init__(
+        self, detail: str = "Chunk upload failed: disk space full", retry_after: int | None = None
+    ) -> None:
         super().__init__(detail)
+        if retry_after is not None:
+            self.headers = {"Retry-After": str(retry_after)}
 
 
 class StorageFailure(ChunkServerError):

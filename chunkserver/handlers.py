@@ -27,9 +27,18 @@ JSON = "application/json"
 STATIC_DIR = Path(__file__).parent / "static"
 
 
+# Reason phrases of the statuses http.HTTPStatus does not know.
+REASONS = {460: "Checksum Mismatch"}
+
+
 def json_answer(data: dict[str, Any], status: int = 200) -> web.Response:
     """A JSON response with `Content-Type: application/json` exactly (no charset)."""
-    return web.Response(body=json.dumps(data).encode(), status=status, content_type=JSON)
+    return web.Response(
+        body=json.dumps(data).encode(),
+        status=status,
+        reason=REASONS.get(status),
+        content_type=JSON,
+    )
 
 
 def completed_fields(record: CompletedUpload) -> dict[str, Any]:

@@ -63,6 +63,8 @@ def upload_body(
         body["size"] = upload.total_size
     if upload.metadata is not None:
         body["metadata"] = upload.metadata
+    if upload.concat == "partial":  # a part of a tus concatenation, not a file of its own
+        body["partial"] = True
     return body | {"storage": storage, "location": location}
 
 

@@ -940,6 +940,7 @@ class LocalStore:
             metadata=meta.metadata,
             token=meta.token,
             protocol=meta.protocol,
+            concat=meta.concat,
         )
         self._write_json(self._completion_path(meta.file_id), asdict(completed))
         self._remove_folder(meta.file_id)
@@ -1033,13 +1034,19 @@ class LocalStore:
         offset: int,
         body: AsyncIterator[memoryview],
         *,
-        length: int,
+        length: int | None,
+        max_bytes: int,
         on_piece: Callable[[memoryview], None] | None,
     ) -> ReceivedAtOffset:
         received = self._open_at(meta, offset)
         # The same hot path as a chunk's, at the upload's offset (the HTTP layer holds the
-        # body to its Content-Length, `length`).
-        await self._stream(received.chunk, body, length, False, on_piece)
+        # body to its Content-Length, `length`, when it has one).
+        limit = max_bytes if length is None else min(length, max_bytes)
+        try:
+            await self._stream(received.chunk, body, limit, False, on_piece)
+        except BaseException:
+            self._discard(received.chunk)
+            raise
         return received
 
     def _open_at(self, meta: UploadMeta, offset: int) -> ReceivedAtOffset:

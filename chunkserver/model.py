@@ -150,6 +150,11 @@ class CompletedUpload:
     metadata: dict[str, str] | None = None
     token: str = ""  # the upload's (UploadMeta.token); empty in records made before it
     protocol: str = "chunks"  # as UploadMeta.protocol
+    concat: str | None = None  # as UploadMeta.concat
+
+    @property
+    def is_partial(self) -> bool:
+        return self.concat == "partial"
 
 
 @dataclass(frozen=True, slots=True)

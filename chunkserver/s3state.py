@@ -214,6 +214,7 @@ def _upload_row(r: Mapping[str, Any]) -> UploadRow:
             metadata=meta.metadata,
             token=r["token"],
             protocol=meta.protocol,
+            concat=meta.concat,
         )
     stream = None
     if r.get("stream_offset") is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -120,6 +121,11 @@ class Spool:
 
     async def _view(self) -> AsyncIterator[memoryview]:
         yield memoryview(self._memory)
+
+    async def views(self) -> AsyncIterator[memoryview]:
+        """The bytes as memoryviews, as a request body gives them."""
+        async for piece in self.payload():
+            yield piece if isinstance(piece, memoryview) else memoryview(piece)
 
     def in_memory(self) -> bytearray | None:
         return None if self._file is not None else self._memory
@@ -750,6 +756,7 @@ class S3Store:
             metadata=meta.metadata,
             token=meta.token,
             protocol=meta.protocol,
+            concat=meta.concat,
         )
         if not await self.state.mark_completed(meta, record):
             await self.objects.delete([row.object_key])  # removed while completing
@@ -853,23 +860,47 @@ class S3Store:
         offset: int,
         body: AsyncIterator[memoryview],
         *,
-        length: int,
+        length: int | None,
+        max_bytes: int,
         on_piece: Callable[[memoryview], None] | None,
     ) -> S3ReceivedAt:
         writer, row = await self._claim_writer(meta)
-        assert row.stream is not None
-        received = S3ReceivedAt(row, writer, row.stream)
+        stream = row.stream
+        assert stream is not None
+        if row.meta.total_size is None and meta.total_size is not None:
+            row = dataclasses.replace(row, meta=meta)  # a length this PATCH declares
+        received = S3ReceivedAt(row, writer, stream)
         renewal = asyncio.get_running_loop().create_task(self._keep_writer(row.meta, writer))
+        spool = None
         try:
-            if row.stream.offset != offset:
-                raise OffsetMismatch(offset, row.stream.offset)
+            if stream.offset != offset:
+                raise OffsetMismatch(offset, stream.offset)
+            if length is None:
+                # No Content-Length (chunked): a part's size must be known before it is
+                # sent, so the body is spooled first (memory, then a scratch file).
+                spool = await self._spool_body(body, max_bytes)
+                body, length = spool.views(), spool.length
             await self._stream_at(received, BodySlices(body, on_piece), length)
         except BaseException:
             await self.discard_at(received)
             raise
         finally:
             renewal.cancel()
+            if spool is not None:
+                spool.close()
         return received
+
+    async def _spool_body(self, body: AsyncIterator[memoryview], max_bytes: int) -> Spool:
+        spool = Spool(self.scratch)
+        try:
+            async for piece in body:
+                if spool.length + len(piece) > max_bytes:
+                    raise PayloadTooLarge(f"The body is larger than the {max_bytes} bytes left")
+                spool.write(piece)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
 
     async def _keep_writer(self, meta: UploadMeta, writer: str) -> None:
         """Renew the writer's lease until cancelled (the PATCH's bytes are all sent)."""

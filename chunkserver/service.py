@@ -421,7 +421,10 @@ class Uploads:
         if self.store.keeps_bytes_locally and (
             self.store.free_bytes() - length < self.config.min_free_bytes
         ):
-            raise DiskFull()
+            raise DiskFull(
+                "Upload failed: not enough disk space for these bytes; retry later",
+                retry_after=60,
+            )
 
     async def stream_state(self, file_id: str) -> StreamProgress | CompletedUpload | None:
         """A tus upload's progress, or any completed upload's record (a file sent with the
@@ -439,22 +442,29 @@ class Uploads:
         offset: int,
         body: PatchBody,
         *,
-        length: int,
+        length: int | None,
         declared_length: int | None,
         checksum: PieceChecker | None,
         remote: str | None,
     ) -> StreamProgress | CompletedUpload:
         """A PATCH: its bytes at `offset`, then the completion when they were the last.
+        `length` is None for a body without Content-Length (chunked transfer coding): it
+        ends where the body ends, within the upload's length.
 
-        A body cut short (the client went away) still counts for what arrived, unless a
-        checksum was to be checked; the cut is raised after the commit."""
+        A refused PATCH changes nothing: its bytes are discarded and a length it declares is
+        kept only once its bytes are committed. A body cut short (the client went away)
+        still counts for what arrived, unless a checksum was to be checked; the cut is
+        raised after the commit."""
         on_piece = None if checksum is None else checksum.update
         meta = await self._stream_to_patch(file_id, offset, length, declared_length)
         if isinstance(meta, CompletedUpload):
             return meta
+        deferred = meta.total_size is None
+        room = self._room_after(meta, offset, declared_length)
+        meta = _with_length(meta, declared_length)
         try:
             received: ReceivedAt = await self.store.receive_at(
-                meta, offset, body.pieces(), length=length, on_piece=on_piece
+                meta, offset, body.pieces(), length=length, max_bytes=room, on_piece=on_piece
             )
         except UploadGone:
             # The cached upload ended elsewhere (before a byte was read): ask the store.
@@ -462,26 +472,36 @@ class Uploads:
             meta = await self._stream_to_patch(file_id, offset, length, declared_length)
             if isinstance(meta, CompletedUpload):
                 return meta
+            meta = _with_length(meta, declared_length)
             received = await self.store.receive_at(
-                meta, offset, body.pieces(), length=length, on_piece=on_piece
+                meta, offset, body.pieces(), length=length, max_bytes=room, on_piece=on_piece
             )
         self.metrics.inc("bytes_received", received.length)
-        short = body.cut is not None or received.length < length
+        short = body.cut is not None or (length is not None and received.length < length)
         if (short and checksum is not None) or (checksum is not None and not checksum.matches()):
             await self.store.discard_at(received)
             if short:
                 raise body.cut or BadRequest("The body ended before its Content-Length")
             raise TusChecksumMismatch()
+        if declared_length is not None and deferred:
+            # Every check passed (offset, checksum, room): the length counts from now on.
+            await self.store.declare_length(meta, declared_length)
         progress = await asyncio.shield(self.store.commit_at(received))
         if short:
             raise body.cut or BadRequest("The body ended before its Content-Length")
         return await self._finish_stream(progress, remote)
 
+    def _room_after(self, meta: UploadMeta, offset: int, declared_length: int | None) -> int:
+        """How many bytes a PATCH at `offset` may bring: up to the upload's length (given
+        or declared now), or to max_file_bytes."""
+        length = meta.total_size if meta.total_size is not None else declared_length
+        return (length if length is not None else self.config.max_file_bytes) - offset
+
     async def _stream_to_patch(
-        self, file_id: str, offset: int, length: int, declared_length: int | None
+        self, file_id: str, offset: int, length: int | None, declared_length: int | None
     ) -> UploadMeta | CompletedUpload:
-        """The tus upload a PATCH goes into, its length declared if the PATCH does so;
-        or its record when complete and the PATCH adds nothing.
+        """The tus upload a PATCH goes into, after every check that needs no byte of it; or
+        its record when complete and the PATCH adds nothing.
 
         The manifest spares the store a lookup per PATCH, as for chunks: it holds a tus
         upload once its length is known (nothing of it changes after that but its offset,
@@ -492,32 +512,39 @@ class Uploads:
             known = await self.store.lookup(file_id)
         if known is None or (isinstance(known, UploadMeta) and not known.is_stream):
             raise FileNotFound("No tus upload of this id")
+        if known.concat is not None and known.concat.startswith("final"):
+            raise Forbidden("A final upload of a concatenation takes no PATCH")
         if isinstance(known, CompletedUpload):
             if offset != known.size:
                 raise OffsetMismatch(offset, known.size)
-            if length:
+            if length != 0 or (declared_length not in (None, known.size)):
                 raise PayloadTooLarge("The upload is complete: no byte may be added")
             return known
-        if known.concat is not None and known.concat.startswith("final"):
-            raise Forbidden("A final upload of a concatenation takes no PATCH")
         if declared_length is not None:
             if known.total_size is None:
                 self._check_stream_size(declared_length)
-                known = await self.store.declare_length(known, declared_length)
-            if known.total_size != declared_length:
+            elif known.total_size != declared_length:
                 raise BadRequest(
                     f"Upload-Length {declared_length} differs from the upload's length "
                     f"{known.total_size}"
                 )
-        end = offset + length
-        if known.total_size is not None and end > known.total_size:
-            raise PayloadTooLarge(
-                f"The PATCH ends at {end}, past the upload's length {known.total_size}"
-            )
+        end = offset + (length or 0)
+        limit = known.total_size if known.total_size is not None else declared_length
+        if limit is not None and end > limit:
+            await self._check_offset(known, offset)  # a wrong offset is told first (409)
+            raise PayloadTooLarge(f"The PATCH ends at {end}, past the upload's length {limit}")
         self._check_stream_size(end)
-        if known.total_size is None:  # no room was reserved
+        if known.total_size is None and length:  # no room was reserved
             self._check_stream_room(length)
         return known
+
+    async def _check_offset(self, meta: UploadMeta, offset: int) -> None:
+        """OffsetMismatch (409, with the right offset) when `offset` is not the upload's."""
+        state = await self.store.stream_progress(meta)
+        if isinstance(state, StreamProgress) and state.offset != offset:
+            raise OffsetMismatch(offset, state.offset)
+        if isinstance(state, CompletedUpload) and state.size != offset:
+            raise OffsetMismatch(offset, state.size)
 
     async def _finish_stream(
         self, progress: StreamProgress, remote: str | None
@@ -528,17 +555,24 @@ class Uploads:
                 self.manifest.remember(meta)
             return progress
         self.manifest.forget(meta.file_id)
-        await self.hooks.emit(
-            "post-finish", meta, remote, finish_event_id(meta.file_id, meta.token)
-        )
+        partial = meta.concat == "partial"  # a part of a concatenation: not a file yet
+        if not partial:
+            await self.hooks.emit(
+                "post-finish", meta, remote, finish_event_id(meta.file_id, meta.token)
+            )
         async with self.locks.hold(meta.file_id):
             finished = await asyncio.shield(self.store.finish(meta))
         if finished is None:
             return progress
         completed, here = finished
-        if here:
+        if here and not partial:
             self.metrics.inc("uploads_completed")
         return completed
+
+    async def abandon_stream(self, meta: UploadMeta) -> None:
+        """A creation whose bytes were refused: nothing of it remains (its room included)."""
+        self.manifest.forget(meta.file_id)
+        await asyncio.shield(self.store.abandon(meta))
 
     async def concatenate(
         self, meta: UploadMeta, partial_ids: list[str], remote: str | None
@@ -551,6 +585,8 @@ class Uploads:
                 raise BadRequest(f"Upload-Concat names {partial_id}, which does not exist")
             if not isinstance(found, CompletedUpload):
                 raise BadRequest(f"Upload-Concat names {partial_id}, which is not complete")
+            if not found.is_partial:
+                raise BadRequest(f"Upload-Concat names {partial_id}, which is not a partial upload")
             sources.append(found)
         total = sum(source.size for source in sources)
         begun = await self.create_stream(dataclasses.replace(meta, total_size=total), remote)
@@ -572,7 +608,10 @@ class Uploads:
         return found
 
     async def download(self, file_id: str) -> tuple[Path | StoredObject, CompletedUpload] | None:
-        return await self.store.download(file_id)
+        found = await self.store.download(file_id)
+        if found is not None and found[1].is_partial:
+            return None  # a part of a concatenation is served only within its final upload
+        return found
 
     async def delete(self, file_id: str, remote: str | None = None) -> bool:
         async with self.locks.hold(file_id):
@@ -594,6 +633,8 @@ class Uploads:
         for meta in report.expired_uploads:
             await self.hooks.emit("post-expire", meta, None)
         for record in report.completed:  # finished by the sweep after a crash
+            if record.is_partial:
+                continue
             event_id = finish_event_id(record.file_id, record.token)
             await self.hooks.emit("post-finish", record, None, event_id)
         return report
@@ -614,3 +655,12 @@ class Uploads:
 
     async def health(self) -> dict[str, bool]:
         return await self.store.health()
+
+
+def _with_length(meta: UploadMeta, declared_length: int | None) -> UploadMeta:
+    """A deferred-length upload as a PATCH declaring its length sees it: its bytes are
+    received knowing that length (S3 plans its last part by it), which is recorded only
+    once they pass every check, before their commit."""
+    if declared_length is None or meta.total_size is not None:
+        return meta
+    return dataclasses.replace(meta, total_size=declared_length)

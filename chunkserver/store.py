@@ -142,14 +142,17 @@ class Store(Protocol[R, A]):
         offset: int,
         body: AsyncIterator[memoryview],
         *,
-        length: int,
+        length: int | None,
+        max_bytes: int,
         on_piece: Callable[[memoryview], None] | None,
     ) -> A:
         """Write a PATCH's `length` bytes at `offset`, which must be the upload's offset
         (OffsetMismatch); one writer at a time per upload (UploadLocked) until the commit or
         discard; UploadGone, before reading any byte, when the upload is no longer there.
         A body that ends before `length` bytes (the client went away) is no error here: the
-        handle says what was kept. `on_piece` sees every byte (checksums)."""
+        handle says what was kept. With `length` None (no Content-Length) the body is read
+        to its end; past `max_bytes` it is refused (PayloadTooLarge) and nothing is kept.
+        `on_piece` sees every byte (checksums)."""
 
     async def commit_at(self, received: A) -> StreamProgress:
         """Make received bytes count: the offset moves past them. Once it reaches the

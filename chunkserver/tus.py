@@ -14,7 +14,7 @@ import hashlib
 import json
 import secrets
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -24,8 +24,11 @@ from .addresses import forwarded_base, remote_of
 from .errors import (
     BadRequest,
     ClientTooSlow,
+    DiskFull,
     FileNotFound,
-    LengthRequired,
+    PayloadTooLarge,
+    ServerBusy,
+    TusChecksumMismatch,
     UnsupportedMediaType,
     UnsupportedTusVersion,
 )
@@ -41,6 +44,9 @@ EXTENSIONS = (
 )
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 PREFIX = "/tus/"
+# A creation-with-upload refused for its bytes leaves no upload (a body cut short does: what
+# arrived counts, and the client resumes).
+REFUSED_BODY = (TusChecksumMismatch, PayloadTooLarge, ServerBusy, DiskFull)
 # What a browser may read of a tus answer (CORS): every header the protocol answers with.
 EXPOSED_HEADERS = (
     "Location, Upload-Offset, Upload-Length, Upload-Defer-Length, Upload-Metadata, "
@@ -85,6 +91,11 @@ class UploadChecksum:
         except (binascii.Error, ValueError):
             raise BadRequest("Upload-Checksum: the digest is not base64") from None
         self.hash = factory()
+        if len(self.expected) != len(self.hash.digest()):
+            raise BadRequest(
+                f"Upload-Checksum: a {algorithm} digest has {len(self.hash.digest())} bytes, "
+                f"not {len(self.expected)}"
+            )
 
     def update(self, piece: memoryview) -> None:
         self.hash.update(piece)
@@ -157,12 +168,20 @@ def encode_metadata(metadata: dict[str, str] | None) -> str:
     )
 
 
-def _partial_ids(header: str) -> list[str]:
-    """The file_ids of `final;<url> <url>...` (URLs or paths ending in /tus/<file_id>)."""
+def _partial_ids(request: web.Request, header: str) -> list[str]:
+    """The file_ids of `final;<url> <url>...`: paths /tus/<file_id>, or URLs of this server
+    (another server's upload cannot be a part of this one)."""
     urls = header.partition(";")[2].split()
     if not urls:
         raise BadRequest("Upload-Concat: final names no partial upload")
-    return [check_file_id(url.rstrip("/").rsplit("/", 1)[-1]) for url in urls]
+    base = forwarded_base(request, request.app[CONFIG])
+    ids = []
+    for url in urls:
+        path = url.removeprefix(base) if url.startswith(base + PREFIX) else url
+        if not path.startswith(PREFIX):
+            raise BadRequest(f"Upload-Concat: {url[:200]!r} is not an upload of this server")
+        ids.append(check_file_id(path.removeprefix(PREFIX).rstrip("/")))
+    return ids
 
 
 # -- answers --
@@ -190,6 +209,8 @@ def _state_headers(request: web.Request, found: StreamProgress | CompletedUpload
     headers = _progress_headers(request, found)
     if isinstance(found, CompletedUpload):
         headers["Upload-Length"] = str(found.size)
+        if found.concat is not None:
+            headers["Upload-Concat"] = _concat_header(found.concat)
         metadata = found.metadata
     else:
         if found.meta.total_size is None:
@@ -257,7 +278,9 @@ async def create(request: web.Request) -> web.Response:
     file_id = secrets.token_urlsafe(16)
     meta = _new_meta(request, file_id, length)
     if concat.startswith("final"):
-        partials = _partial_ids(concat)
+        if length is not None or deferred is not None:
+            raise BadRequest("A final upload's length is its partial uploads': no Upload-Length")
+        partials = _partial_ids(request, concat)
         meta = UploadMeta.new_stream(
             file_id, meta.filename, None, meta.metadata, "final " + " ".join(partials)
         )
@@ -276,8 +299,12 @@ async def create(request: web.Request) -> web.Response:
     headers = {"Location": _location(request, file_id)}
     with_body = request.headers.get(hdrs.CONTENT_TYPE) == OFFSET_CONTENT_TYPE
     if with_body or length == 0:  # an empty upload is complete as soon as it exists
-        with uploads.admit():
-            state = await _append(request, begun.file_id, 0)
+        try:
+            with uploads.admit():
+                state = await _append(request, begun.file_id, 0)
+        except REFUSED_BODY:
+            await uploads.abandon_stream(begun)  # nothing of a refused creation remains
+            raise
         return _answer(201, headers | _progress_headers(request, state))
     headers |= {"Upload-Offset": "0", "Upload-Expires": _expires(request, begun.created_at)}
     return _answer(201, headers)
@@ -309,14 +336,17 @@ async def patch(request: web.Request) -> web.Response:
 async def _append(
     request: web.Request, file_id: str, offset: int
 ) -> StreamProgress | CompletedUpload:
-    if request.content_length is None and request.body_exists:
-        raise LengthRequired()
+    # Without Content-Length (chunked transfer coding, as tus-java-client sends every
+    # PATCH) the body's length is what arrives.
+    length = request.content_length if request.content_length is not None else None
+    if length is None and not request.body_exists:
+        length = 0
     checksum_header = request.headers.get("Upload-Checksum")
     return await request.app[UPLOADS].append(
         file_id,
         offset,
         RequestBody(request, request.app[CONFIG].idle_timeout_seconds),
-        length=request.content_length or 0,
+        length=length,
         declared_length=_non_negative("Upload-Length", request.headers.get("Upload-Length")),
         checksum=UploadChecksum(checksum_header) if checksum_header else None,
         remote=_remote(request),
@@ -336,23 +366,36 @@ def _remote(request: web.Request) -> str:
     return remote_of(request, request.app[CONFIG])
 
 
-async def method_override(request: web.Request) -> web.Response:
-    """POST /tus/<file_id> with `X-HTTP-Method-Override: PATCH` (or DELETE) is that method:
-    what clients behind a proxy that passes only GET and POST send (tus-js-client's
-    overridePatchMethod)."""
-    method = request.headers.get("X-HTTP-Method-Override", "").strip().upper()
-    if method == "PATCH":
-        return await patch(request)
-    if method == "DELETE":
-        return await delete(request)
-    raise web.HTTPMethodNotAllowed("POST", ["OPTIONS", "HEAD", "PATCH", "DELETE"])
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+# The methods of each tus route, and what serves them.
+COLLECTION_METHODS: dict[str, Handler] = {"OPTIONS": options, "POST": create}
+UPLOAD_METHODS: dict[str, Handler] = {
+    "OPTIONS": options,
+    "HEAD": head,
+    "PATCH": patch,
+    "DELETE": delete,
+}
+
+
+def _dispatcher(methods: dict[str, Handler]) -> Handler:
+    """The route's handler: `X-HTTP-Method-Override`, when sent, wins over the request's
+    method, on every tus route (what clients behind a proxy that passes only GET and POST
+    send: tus-js-client's overridePatchMethod)."""
+
+    async def dispatch(request: web.Request) -> web.Response:
+        method = request.headers.get("X-HTTP-Method-Override", request.method).strip().upper()
+        handler = methods.get(method)
+        if handler is None:
+            raise web.HTTPMethodNotAllowed(method, sorted(methods))
+        return await handler(request)
+
+    return dispatch
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_route("OPTIONS", PREFIX, options)
-    app.router.add_post(PREFIX, create)
-    app.router.add_route("OPTIONS", PREFIX + "{file_id}", options)
-    app.router.add_route("HEAD", PREFIX + "{file_id}", head)
-    app.router.add_patch(PREFIX + "{file_id}", patch)
-    app.router.add_delete(PREFIX + "{file_id}", delete)
-    app.router.add_post(PREFIX + "{file_id}", method_override)
+    collection = _dispatcher(COLLECTION_METHODS)
+    for method in COLLECTION_METHODS:
+        app.router.add_route(method, PREFIX, collection)
+    upload = _dispatcher(UPLOAD_METHODS)
+    for method in (*UPLOAD_METHODS, "POST"):  # POST: overridden as PATCH or DELETE
+        app.router.add_route(method, PREFIX + "{file_id}", upload)

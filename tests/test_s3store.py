@@ -381,9 +381,9 @@ async def test_a_tus_writer_that_died_holds_the_upload_only_for_its_lease(
             yield memoryview(b"abc")
 
         with pytest.raises(UploadLocked):
-            await store.receive_at(meta, 0, body(), length=3, on_piece=None)
+            await store.receive_at(meta, 0, body(), length=3, max_bytes=3, on_piece=None)
         await asyncio.sleep(0.6)
-        received = await store.receive_at(meta, 0, body(), length=3, on_piece=None)
+        received = await store.receive_at(meta, 0, body(), length=3, max_bytes=3, on_piece=None)
         progress = await store.commit_at(received)
         assert progress.offset == 3
         completed, here = await store.finish(progress.meta) or (None, False)
