@@ -74,7 +74,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response.headers.setdefault("Tus-Resumable", TUS_VERSION)  # errors too, as tus says
     if uploads.draining:
         response.force_close()
-    uploads.metrics.count_request(response.status)
     if request.path == "/upload-chunk" and response.status >= 400:
         uploads.metrics.inc("chunks_rejected")
     return response
@@ -217,4 +216,11 @@ def create_app(config: Config) -> web.Application:
     add_routes(app)
     add_tus_routes(app)
     app.cleanup_ctx.append(_uploads_context(config))
+    app.on_response_prepare.append(_count_status)
     return app
+
+
+async def _count_status(request: web.Request, response: web.StreamResponse) -> None:
+    """Count each answer by the status it is sent with: a download's 206, 304 or 416 is
+    known only once its response is prepared."""
+    request.app[UPLOADS].metrics.count_request(response.status)

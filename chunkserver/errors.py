@@ -65,6 +65,16 @@ class PayloadTooLarge(ChunkServerError):
     status = 413
 
 
+class RangeNotSatisfiable(ChunkServerError):
+    """A Range that the file cannot satisfy (it starts past the end)."""
+
+    status = 416
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"Range not satisfiable: the file has {size} bytes")
+        self.headers = {"Content-Range": f"bytes */{size}"}
+
+
 class ChecksumMismatch(ChunkServerError):
     status = 422
 

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 
 from . import openapi
 from .addresses import remote_of
-from .errors import BadRequest, ClientTooSlow, FileNotFound, StorageFailure
+from .errors import (
+    BadRequest,
+    ClientTooSlow,
+    FileNotFound,
+    RangeNotSatisfiable,
+    StorageFailure,
+)
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkForm, check_file_id
 from .keys import CONFIG, UPLOADS
 from .model import CompletedUpload, StoredObject, StreamProgress, UploadProgress
@@ -211,8 +219,11 @@ async def download_file(request: web.Request) -> web.StreamResponse:
         raise FileNotFound()
     path, record = found
     disposition = content_disposition(record.filename)
+    # RFC 9110: a Range the server cannot parse, or several ranges, may be ignored: the
+    # whole file, 200.
+    whole = usable_range(request.headers.get(hdrs.RANGE), record.size) is None
     if isinstance(path, StoredObject):
-        return await stream_object(request, path, disposition)
+        return await stream_object(request, path, disposition, whole=whole)
     prefix = request.app[CONFIG].accel_redirect_prefix
     if prefix:
         # Behind nginx: it sends the file from its internal location, with sendfile and Range.
@@ -220,7 +231,38 @@ async def download_file(request: web.Request) -> web.StreamResponse:
         return web.Response(
             headers={"X-Accel-Redirect": location, hdrs.CONTENT_DISPOSITION: disposition}
         )
-    return web.FileResponse(path, headers={hdrs.CONTENT_DISPOSITION: disposition})
+    response_type = WholeFileResponse if whole else web.FileResponse
+    return response_type(path, headers={hdrs.CONTENT_DISPOSITION: disposition})
+
+
+class WholeFileResponse(web.FileResponse):
+    """A FileResponse that answers the whole file whatever the request's Range says."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "range"}
+        return await super().prepare(request.clone(headers=headers))
+
+
+RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def usable_range(header: str | None, size: int) -> str | None:
+    """The header when it is one byte range that can be served; None when there is none,
+    or it cannot be parsed, or it asks for several ranges (served whole); raises
+    RangeNotSatisfiable (416) for a range the file cannot satisfy."""
+    if header is None:
+        return None
+    match = RANGE.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if first and last and int(last) < int(first):
+        return None  # invalid: ignored, as RFC 9110 allows
+    if (first and int(first) >= size) or (not first and int(last) == 0):
+        raise RangeNotSatisfiable(size)
+    return header
 
 
 # What a download passes on from the object store's answer.
@@ -228,10 +270,12 @@ OBJECT_HEADERS = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_RANGE, hdrs.ETAG, hdrs.LAST_
 
 
 async def stream_object(
-    request: web.Request, stored: StoredObject, disposition: str
+    request: web.Request, stored: StoredObject, disposition: str, *, whole: bool
 ) -> web.StreamResponse:
-    """A completed file from the object store, streamed through with its Range answer."""
-    async with stored.open(request.headers.get(hdrs.RANGE)) as answer:
+    """A completed file from the object store, streamed through with its Range answer (or
+    whole, when the request's Range is to be ignored)."""
+    wanted = None if whole else request.headers.get(hdrs.RANGE)
+    async with stored.open(wanted) as answer:
         if answer.status == 416:
             return web.Response(status=416, headers={hdrs.CONTENT_RANGE: f"bytes */{stored.size}"})
         if answer.status not in (200, 206):

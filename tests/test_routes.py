@@ -66,6 +66,29 @@ async def test_download_with_range_and_disposition(client) -> None:
     assert resp.headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
 
 
+async def test_ranges_malformed_several_or_unsatisfiable(client) -> None:
+    """RFC 9110: a Range that cannot be parsed, or several ranges, is ignored (200, the
+    whole file); a range past the end is 416 in JSON with Content-Range; /metrics counts
+    each status as sent."""
+    data = os.urandom(10_000)
+    await send(client, "rng", 0, 1, data)
+    for header in ("bytes=abc", "bytes=0-1,5-9", "items=0-9", "bytes=9-3"):
+        resp = await client.get("/files/rng", headers={"Range": header})
+        assert resp.status == 200, header
+        assert await resp.read() == data
+    suffix = await client.get("/files/rng", headers={"Range": "bytes=-100"})
+    assert suffix.status == 206 and await suffix.read() == data[-100:]
+    for header in ("bytes=10000-", "bytes=20000-20010", "bytes=-0"):
+        resp = await client.get("/files/rng", headers={"Range": header})
+        assert resp.status == 416, header
+        assert resp.headers["Content-Type"] == "application/json"
+        assert resp.headers["Content-Range"] == "bytes */10000"
+        assert "detail" in await resp.json()
+    metrics = await (await client.get("/metrics")).text()
+    assert 'chunkserver_requests_total{status="206"} 1.0' in metrics
+    assert 'chunkserver_requests_total{status="416"} 3.0' in metrics
+
+
 async def test_download_unknown_or_unfinished_is_404(client) -> None:
     resp = await client.get("/files/none")
     assert resp.status == 404
