@@ -8,10 +8,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
+from . import __version__
 from .config import ConfigError, load_config
 from .errors import StoreUnavailable
 
@@ -36,6 +38,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"chunkserver: configuration error: {e}", file=sys.stderr)
         return 2
+    print(
+        f"chunkserver: configuration {path or 'none (the defaults)'}, "
+        f"data folder {Path(config.data_dir).resolve()}, storage {config.storage}",
+        flush=True,
+    )
     # prometheus-client's multiprocess mode, chosen before anything imports the library:
     # every process on this data folder counts into it, and /metrics sums them.
     # (metrics.MULTIPROCESS_ENV: that module imports prometheus-client, so not imported here)
@@ -45,7 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve(config)
     except OSError as e:
-        print(f"chunkserver: cannot serve: {e}", file=sys.stderr)
+        where = config.unix_socket or f"{config.host}:{config.port}"
+        print(f"chunkserver: cannot serve on {where}: {e.strerror or e}", file=sys.stderr)
         return 1
     except StoreUnavailable as e:  # storage = "s3": the bucket or the database, at start
         print(f"chunkserver: cannot serve: {e.detail}", file=sys.stderr)
@@ -148,11 +156,42 @@ def _checksum(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error said in one line (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, not {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 0 or more, not {text!r}")
+    return value
+
+
+def server_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(
+            f"must be a server's URL such as {DEFAULT_URL}, not {text!r}"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="chunkserver", description="A fast, crash-safe chunked upload server."
+    parser = Parser(prog="chunkserver", description="A fast, crash-safe chunked upload server.")
+    parser.add_argument("--version", action="version", version=f"chunkserver {__version__}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the upload server")
     serve.add_argument(
@@ -161,10 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML configuration file (default: ./config.toml when it exists)",
     )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--port", type=non_negative_int, help="TCP port (default 8000; 0 picks a free one)"
+    )
     serve.add_argument("--unix-socket", metavar="PATH", help="listen on a unix socket instead")
     serve.add_argument("--data-dir", metavar="DIR", help="data folder (default ./data)")
-    serve.add_argument("--workers", type=int, metavar="N", help="server processes (default 1)")
+    serve.add_argument(
+        "--workers", type=positive_int, metavar="N", help="server processes (default 1)"
+    )
     serve.set_defaults(run=_serve)
 
     upload = commands.add_parser(
@@ -174,15 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
         "when the server's crc64nvme (and sha256, when it gives one) matches the file's.",
     )
     upload.add_argument("path", metavar="PATH")
-    upload.add_argument("--url", default=DEFAULT_URL, help=f"server (default {DEFAULT_URL})")
+    upload.add_argument(
+        "--url", type=server_url, default=DEFAULT_URL, help=f"server (default {DEFAULT_URL})"
+    )
     upload.add_argument("--chunk-size", default="4MiB", help="e.g. 1MiB, 5MB, 1048576")
-    upload.add_argument("--concurrency", type=int, default=4, help="chunks in flight")
+    upload.add_argument(
+        "--concurrency", type=positive_int, default=4, help="chunks in flight (default 4)"
+    )
     upload.add_argument(
         "--file-id",
         help="resume this upload (default: an id derived from the file's path, size and "
         "modification time, so that rerunning the command resumes)",
     )
-    upload.add_argument("--retries", type=int, default=5, help="retries per chunk")
+    upload.add_argument(
+        "--retries",
+        type=non_negative_int,
+        default=5,
+        help="retries per request (chunk or status) before giving up (default 5)",
+    )
     upload.add_argument("--token", help="bearer token (or CHUNKSERVER_TOKEN)")
     upload.add_argument("--quiet", action="store_true", help="no progress bar")
     upload.add_argument(
@@ -196,8 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="print an upload's status as JSON")
     status.add_argument("file_id", metavar="FILE_ID")
-    status.add_argument("--url", default=DEFAULT_URL)
-    status.add_argument("--token", default=os.environ.get("CHUNKSERVER_TOKEN"))
+    status.add_argument(
+        "--url", type=server_url, default=DEFAULT_URL, help=f"server (default {DEFAULT_URL})"
+    )
+    status.add_argument(
+        "--token",
+        default=os.environ.get("CHUNKSERVER_TOKEN"),
+        help="bearer token (or CHUNKSERVER_TOKEN)",
+    )
     status.set_defaults(run=_status)
 
     checksum = commands.add_parser(

@@ -263,3 +263,61 @@ def test_cli_checksum(tmp_path: Path) -> None:
     missing = run_cli("checksum", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and missing.stdout == ""
     assert missing.stderr.count("\n") == 1 and "No such file" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (["--concurrency", "0"], "--concurrency"),
+        (["--retries", "-1"], "--retries"),
+        (["--url", "localhost:8000"], "--url"),
+    ],
+)
+def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path: Path, args, word) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x")
+    done = run_cli("upload", str(path), *args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and word in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_version_and_help() -> None:
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("chunkserver ")
+    helped = run_cli("status", "--help").stdout
+    assert "--url URL      server" in helped and "bearer token" in helped
+
+
+def test_serve_says_what_it_uses_and_which_address_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("serve", "--port", str(port), "--data-dir", str(tmp_path / "d"))
+    assert done.returncode == 1
+    assert f"data folder {tmp_path / 'd'}" in done.stdout and "configuration" in done.stdout
+    assert f"cannot serve on 127.0.0.1:{port}" in done.stderr, done.stderr
+
+
+def test_cli_upload_waits_for_a_server_that_is_not_up_yet(
+    servers: Callable[..., ServerProcess], big_file
+) -> None:
+    """The first status request is retried like the chunks (--retries)."""
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path, data = big_file
+    command = [sys.executable, "-m", "chunkserver", "upload", str(path), "--url",
+               f"http://127.0.0.1:{port}", "--chunk-size", "256KiB", "--quiet", "--retries", "8"]  # fmt: skip
+    uploading = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    servers("--port", str(port))
+    out, _ = uploading.communicate(timeout=120)
+    assert uploading.returncode == 0, out
+    assert json.loads(out.splitlines()[-1])["crc64nvme"] == crc64(data)
