@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 THROTTLE_SECONDS = 30.0
 
 
@@ -31,3 +33,22 @@ class ThrottledLog:
         if left_out:
             message += f" ({left_out} more like it in the last {now - last:.0f} s)"  # type: ignore[operator]
         self.logger.warning(message)
+
+
+class MalformedRequests(logging.Filter):
+    """On aiohttp's server logger: a request that HTTP itself refuses (a NUL in a header, a
+    bad request line) is the client's fault, answered 400 by aiohttp. Instead of an ERROR
+    with a traceback per request, one WARNING line per THROTTLE_SECONDS says what it was."""
+
+    def __init__(self, throttled: ThrottledLog) -> None:
+        super().__init__()
+        self.throttled = throttled
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        reason = " ".join(str(error.message).split())[:200]
+        where = record.getMessage().replace("Error handling request", "A malformed request")
+        self.throttled.warning("malformed", f"{where} was refused (400): {reason}")
+        return False

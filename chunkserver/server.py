@@ -26,6 +26,7 @@ from aiohttp import web
 from .app import access_logger_for, create_app
 from .config import Config
 from .keys import UPLOADS
+from .logs import MalformedRequests, ThrottledLog
 from .service import Uploads
 
 SHUTDOWN_TIMEOUT = 30.0
@@ -42,6 +43,9 @@ def configure_logging(config: Config) -> None:
         level=config.log_level.upper(),
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server_log.filters):
+        server_log.addFilter(MalformedRequests(ThrottledLog(logging.getLogger("chunkserver"))))
 
 
 # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.

@@ -173,3 +173,22 @@ def test_sigterm_lets_a_chunk_in_flight_finish(
     record = json.loads((folder / "chunk_000000").read_bytes())
     assert record["length"] == 400_000 and record["aside"] is None
     assert (folder / ".data").read_bytes()[:400_000] == b"y" * 400_000
+
+
+def test_malformed_requests_log_one_warning_line_not_tracebacks(
+    servers: Callable[..., ServerProcess],
+) -> None:
+    """A NUL in a header is the client's fault: aiohttp answers 400, and the log says so in
+    one WARNING line for many such requests, never an ERROR with a traceback each."""
+    server = servers()
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    for _ in range(5):
+        with socket.create_connection((host, int(port)), timeout=5) as connection:
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n")
+            assert connection.recv(100).startswith(b"HTTP/1.0 400")
+    time.sleep(0.3)
+    text = "".join(server.output)
+    assert "Traceback" not in text and " ERROR " not in text, text
+    warnings = [line for line in text.splitlines() if "malformed request" in line]
+    assert len(warnings) == 1 and " WARNING " in warnings[0], warnings
+    assert "Invalid header value char" in warnings[0]
