@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=60.0,
         help="how long tests/soak runs its load (60 s in CI; 600 for the long soak)",
     )
+
+
+JS_PACKAGES = Path(__file__).resolve().parent / "js"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The JavaScript clients the tests drive (tus-js-client, Uppy, @tus/server) come from
+    npm at tests/js/package-lock.json's versions: installed on the first run where Node and
+    npm exist, so that the README's one test command skips nothing that CI runs."""
+    if (JS_PACKAGES / "node_modules").is_dir() or shutil.which("npm") is None:
+        return
+    done = subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=JS_PACKAGES,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0:  # the tests that need them then skip, saying why
+        print(f"npm ci in tests/js failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -31,7 +31,7 @@ NODE = shutil.which("node")
 HAS_NODE_MODULES = (JS / "node_modules" / "tus-js-client").is_dir()
 needs_node = pytest.mark.skipif(
     NODE is None or not HAS_NODE_MODULES,
-    reason="needs Node.js and `npm ci` in tests/js (.ci/run does both)",
+    reason="needs Node.js and npm (the first test run installs tests/js from npm)",
 )
 
 try:
