@@ -284,3 +284,35 @@ async def test_tus_uploads_fire_the_hooks(make_client, receiver: Receiver) -> No
     assert (await client.delete(other_path, headers=tus)).status == 204
     terminated = (await wait_for(receiver, "post-terminate", 1))[0]["upload"]
     assert terminated["file_id"] == other.headers["Location"].rsplit("/", 1)[1]
+
+
+async def test_the_parts_of_a_concatenation_are_not_finished_files(
+    make_client, receiver: Receiver
+) -> None:
+    """tus-js-client's parallelUploads: two partial uploads, then the final. One post-finish,
+    for the final, with its metadata; the partials' pre-create events say they are parts."""
+    client = await make_client(hook_url=receiver.url)
+    tus = {"Tus-Resumable": "1.0.0"}
+    octets = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+    paths = []
+    for data in (b"abc", b"defg"):
+        part = await client.post(
+            "/tus/", headers={**tus, "Upload-Length": str(len(data)), "Upload-Concat": "partial"}
+        )
+        path = "/tus/" + part.headers["Location"].rsplit("/tus/", 1)[1]
+        assert (await client.patch(path, data=data, headers=octets)).status == 204
+        paths.append(path)
+    metadata = "filename " + base64.b64encode(b"whole.bin").decode()
+    final = await client.post(
+        "/tus/",
+        headers={**tus, "Upload-Concat": "final;" + " ".join(paths), "Upload-Metadata": metadata},
+    )
+    assert final.status == 201
+    [finished] = await wait_for(receiver, "post-finish", 1)
+    await asyncio.sleep(0.5)  # no other post-finish follows
+    assert len(receiver.of("post-finish")) == 1
+    assert finished["upload"]["filename"] == "whole.bin"
+    assert finished["upload"]["metadata"] == {"filename": "whole.bin"}
+    assert finished["upload"]["crc64nvme"] == crc64(b"abcdefg")
+    created = receiver.of("pre-create")
+    assert [e["upload"].get("partial", False) for e in created] == [True, True, False]
