@@ -355,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("--protocol tus needs Node.js and `npm ci` in tests/js")
             targets.append(peer)
         elif args.storage == "local":
-            fastapi = None if args.no_fastapi else start_fastapi(data_root)
-            if fastapi is not None:
-                targets.append(fastapi)
+            for variant in () if args.no_fastapi else ("def", "async"):
+                fastapi = start_fastapi(data_root, variant)
+                if fastapi is not None:
+                    targets.append(fastapi)
             if not args.no_sink:
                 targets.append(start_sink())
             nginx = None if args.no_nginx else start_nginx(data_root)

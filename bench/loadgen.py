@@ -69,7 +69,7 @@ def _head(boundary: str, fields: dict[str, str]) -> bytes:
 
 
 # Targets that speak the seed's protocol and answer JSON (the others take any body).
-ANSWERING = ("chunkserver", "fastapi")
+ANSWERING = ("chunkserver", "fastapi", "fastapi-async")
 
 
 class LoadGenerator:

@@ -131,8 +131,9 @@ def start_chunkserver(
     return Target("chunkserver", _wait_for_url(process, LISTENING), process, [folder])
 
 
-def start_fastapi(data_root: Path | None) -> Target | None:
-    """The seed's FastAPI endpoint (bench/fastapi_seed.py) on uvicorn; None without FastAPI."""
+def start_fastapi(data_root: Path | None, variant: str = "def") -> Target | None:
+    """The seed's FastAPI endpoint (bench/fastapi_seed.py) on uvicorn, as a `def` or an
+    `async def` endpoint; None without FastAPI."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -140,13 +141,24 @@ def start_fastapi(data_root: Path | None) -> Target | None:
         return None
     folder = Path(tempfile.mkdtemp(prefix="bench-fastapi-", dir=data_root))
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.fastapi_seed", "--port", "0", "--data-dir", str(folder)],
+        [
+            sys.executable,
+            "-m",
+            "bench.fastapi_seed",
+            "--port",
+            "0",
+            "--data-dir",
+            str(folder),
+            "--variant",
+            variant,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    return Target("fastapi", _wait_for_url(process, LISTENING), process, [folder])
+    name = "fastapi" if variant == "def" else "fastapi-async"
+    return Target(name, _wait_for_url(process, LISTENING), process, [folder])
 
 
 ROOT = Path(__file__).resolve().parent.parent
