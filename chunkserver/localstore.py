@@ -312,7 +312,13 @@ class LocalStore:
         return ChunkRecord(index=index, **data)
 
     def _lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
-        return self._read_completion(file_id) or self._read_meta(file_id)
+        # A completion writes its record before it removes the meta: when the meta is gone
+        # too, the record is read again, or an upload completing meanwhile reads as none.
+        return (
+            self._read_completion(file_id)
+            or self._read_meta(file_id)
+            or self._read_completion(file_id)
+        )
 
     async def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
         return self._lookup(file_id)  # two small reads: cheaper than a thread hop
@@ -339,8 +345,8 @@ class LocalStore:
         if completed is not None:
             return completed
         meta = self._read_meta(file_id)
-        if meta is None:
-            return None
+        if meta is None:  # none, or completed since the record was read (see _lookup)
+            return self._read_completion(file_id)
         try:
             stored, last = self._stored_indexes(file_id, meta.total_chunks)
         except FileNotFoundError:  # completed, aborted or expired while we looked

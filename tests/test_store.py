@@ -288,3 +288,26 @@ async def test_an_abandoned_upload_leaves_nothing_in_the_trash(tmp_path: Path) -
     await store.abandon(meta)
     assert await store.status("refused") is None
     assert list((tmp_path / "chunks" / ".trash").iterdir()) == []
+
+
+async def test_an_upload_completing_between_the_two_reads_of_a_lookup_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup or status reads the completion record, then the meta: a completion that
+    writes its record and removes the meta between the two must read as completed, not as
+    unknown (which dropped a post-finish event as 'removed before completing')."""
+    store = LocalStore(tmp_path)
+    meta = await begin(store, UploadMeta.new("between", "f", 1, None, None))
+    await put(store, meta, 0, b"abc")
+    real = store._read_completion
+    calls = []
+
+    def not_yet_then_real(file_id: str) -> CompletedUpload | None:
+        calls.append(file_id)
+        return None if len(calls) == 1 else real(file_id)
+
+    assert await store.finish(meta) is not None  # the completion, as if between the reads
+    monkeypatch.setattr(store, "_read_completion", not_yet_then_real)
+    assert isinstance(await store.lookup("between"), CompletedUpload)
+    calls.clear()
+    assert isinstance(await store.status("between"), CompletedUpload)
