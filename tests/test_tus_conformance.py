@@ -10,6 +10,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
 from chunkserver import Config
 
 from .conftest import ClientFactory, crc64, downloaded
@@ -214,3 +216,12 @@ async def test_a_refused_creation_with_upload_leaves_nothing(
     if config.storage == "local":
         chunks = Path(config.data_dir) / "chunks"
         assert sorted(p.name for p in chunks.iterdir()) == [".incoming", ".trash"]
+
+
+@pytest.mark.local_only
+async def test_a_creation_refused_for_disk_space_says_so(make_client: ClientFactory) -> None:
+    client = await make_client(min_free_bytes=2**62)
+    resp = await client.post("/tus/", headers={**V, "Upload-Length": "10"})
+    assert resp.status == 507 and resp.headers["Retry-After"]
+    detail = (await resp.json())["detail"]
+    assert "disk space" in detail and "Chunk" not in detail
