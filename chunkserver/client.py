@@ -27,6 +27,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,24 +191,36 @@ class Uploader:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
     async def status(self) -> dict[str, Any]:
-        """The upload's status, asked again with backoff (up to `retries` times) while the
-        server cannot be reached or answers a retryable status."""
+        """The upload's status (404 included), asked again like a chunk while the server
+        cannot be reached or answers a retryable status."""
+        url = f"{self.url}/upload-status/{self.file_id}"
+        return await self._retried(
+            "status check", lambda: self.session.get(url, headers=self.headers), (200, 404)
+        )
+
+    async def _retried(
+        self,
+        what: str,
+        send: Callable[[], AbstractAsyncContextManager[aiohttp.ClientResponse]],
+        done: tuple[int, ...],
+    ) -> dict[str, Any]:
+        """The JSON answer of `send()` once its status is in `done`; connection errors,
+        timeouts and RETRYABLE_STATUSES are retried up to `retries` times with backoff (or
+        the server's Retry-After); another status raises UploadError with its detail."""
         attempt = 0
         while True:
             retry_after: float | None = None
             try:
-                async with self.session.get(
-                    f"{self.url}/upload-status/{self.file_id}", headers=self.headers
-                ) as response:
+                async with send() as response:
                     body: dict[str, Any] = await response.json(content_type=None)
-                    if response.status in (200, 404):
+                    if response.status in done:
                         return body
-                    problem = f"status check failed: {body.get('detail', response.status)}"
+                    problem = f"{what}: HTTP {response.status}: {body.get('detail', body)}"
                     if response.status not in RETRYABLE_STATUSES:
                         raise UploadError(problem, status=response.status)
                     retry_after = _retry_after(response.headers.get("Retry-After"))
             except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-                problem = f"status check failed: {type(e).__name__}: {e}"
+                problem = f"{what}: {type(e).__name__}: {e}"
             if attempt >= self.retries:
                 raise UploadError(f"giving up after {attempt + 1} attempts: {problem}")
             await self.backoff.sleep(self.backoff.delay(attempt, retry_after))
@@ -338,34 +351,21 @@ class Uploader:
         }
         if self.metadata is not None:  # on every chunk: whichever arrives first fixes it
             fields["metadata"] = json.dumps(self.metadata)
-        attempt = 0
-        while True:
-            boundary = uuid.uuid4().hex
+
+        def post() -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+            boundary = uuid.uuid4().hex  # a new body for every attempt
             parts, length = _multipart(fields, data, boundary)
             headers = {
                 **self.headers,
                 "Content-Type": f"multipart/form-data; boundary={boundary}",
                 "Content-Length": str(length),
             }
-            retry_after: float | None = None
             self.requests_sent += 1
-            try:
-                async with self.session.post(
-                    f"{self.url}/upload-chunk", data=_stream(parts), headers=headers
-                ) as response:
-                    body: dict[str, Any] = await response.json(content_type=None)
-                    if response.status == 200:
-                        return body
-                    problem = f"chunk {index}: HTTP {response.status}: {body.get('detail', body)}"
-                    if response.status not in RETRYABLE_STATUSES:
-                        raise UploadError(problem, status=response.status)
-                    retry_after = _retry_after(response.headers.get("Retry-After"))
-            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-                problem = f"chunk {index}: {type(e).__name__}: {e}"
-            if attempt >= self.retries:
-                raise UploadError(f"giving up after {attempt + 1} attempts: {problem}")
-            await self.backoff.sleep(self.backoff.delay(attempt, retry_after))
-            attempt += 1
+            return self.session.post(
+                f"{self.url}/upload-chunk", data=_stream(parts), headers=headers
+            )
+
+        return await self._retried(f"chunk {index}", post, (200,))
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -479,14 +479,24 @@ def verify(cluster: Cluster, uploads: list[Upload], data_dir: Path) -> dict:
     assert temp_files(data_dir) == []
     servers = []
     for server in cluster.servers:
-        process = psutil.Process(server.process.pid)
-        fds, rss = process.num_fds(), process.memory_info().rss
-        idle_fds, idle_rss = cluster.baselines[server.process.pid]
-        servers.append(f"pid {server.process.pid}: fds {idle_fds}->{fds}, "
-                       f"RSS {idle_rss / MiB:.0f}->{rss / MiB:.0f} MiB")  # fmt: skip
-        assert fds <= idle_fds + 2, servers[-1]
-        assert rss - idle_rss < 64 * MiB, servers[-1]
+        _, fds, idle_fds, said = measured(cluster, server)
+        servers.append(said)
+        assert fds <= idle_fds + 2, said
     return {"lost": lost, "servers": servers}
+
+
+def measured(cluster: Cluster, server: ServerProcess) -> tuple[psutil.Process, int, int, str]:
+    """A server's process, its descriptors now and when idle, and a line saying both and its
+    RSS; its RSS must not have grown by 64 MiB."""
+    process = psutil.Process(server.process.pid)
+    fds, rss = process.num_fds(), process.memory_info().rss
+    idle_fds, idle_rss = cluster.baselines[server.process.pid]
+    said = (
+        f"pid {server.process.pid}: fds {idle_fds}->{fds}, "
+        f"RSS {idle_rss / MiB:.0f}->{rss / MiB:.0f} MiB"
+    )
+    assert rss - idle_rss < 64 * MiB, said
+    return process, fds, idle_fds, said
 
 
 async def verify_s3(cluster: Cluster, uploads: list[Upload], stack: S3Stack) -> dict:
@@ -525,11 +535,8 @@ async def verify_s3(cluster: Cluster, uploads: list[Upload], stack: S3Stack) -> 
     assert multipart == [], f"open multipart uploads: {multipart[:5]}"
     servers = []
     for server in cluster.servers:
-        process = psutil.Process(server.process.pid)
-        fds, rss = process.num_fds(), process.memory_info().rss
-        idle_fds, idle_rss = cluster.baselines[server.process.pid]
-        servers.append(f"pid {server.process.pid}: fds {idle_fds}->{fds}, "
-                       f"RSS {idle_rss / MiB:.0f}->{rss / MiB:.0f} MiB")  # fmt: skip
+        process, fds, idle_fds, said = measured(cluster, server)
+        servers.append(said)
         # Connections stay open after the load: nginx's upstream keep-alive (up to 64 per
         # nginx worker) and the pools to the database (up to 20) and the object store.
         held = open_files_of(process, stack)
@@ -538,7 +545,6 @@ async def verify_s3(cluster: Cluster, uploads: list[Upload], stack: S3Stack) -> 
         cached = held["copies of staged chunks (a cache)"]
         assert cached <= STAGED_COPIES_FILES, servers[-1]
         assert fds - kept - cached <= idle_fds + 2, servers[-1]
-        assert rss - idle_rss < 64 * MiB, servers[-1]
     return {"lost": lost, "servers": servers}
 
 
