@@ -21,12 +21,14 @@ from .config import Config
 from .errors import (
     BadRequest,
     ChecksumMismatch,
+    CompletionPending,
     DiskFull,
     FileNotFound,
     Forbidden,
     OffsetMismatch,
     PayloadTooLarge,
     ServerBusy,
+    StorageFailure,
     TusChecksumMismatch,
     UploadConflict,
     UploadGone,
@@ -53,6 +55,8 @@ log = logging.getLogger("chunkserver")
 
 # Room for the form fields and multipart framing around a chunk, when judging Content-Length.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+# How long a status request may spend finishing a completion left undone (see `status`).
+STATUS_FINISH_SECONDS = 1.0
 # How often a chunk looks its upload up again when it ended under it (see `receive`).
 RECEIVE_ATTEMPTS = 4
 
@@ -601,11 +605,39 @@ class Uploads:
         found = await self.store.status(file_id)
         if isinstance(found, UploadProgress) and found.meta.is_stream:
             return await self.store.stream_progress(found.meta)
+        if isinstance(found, UploadProgress) and not found.missing:
+            # Every chunk is stored but the upload is not complete: a completion whose
+            # process or host died before or during it. Any request that finds it finishes
+            # it (exactly once, whoever else tries), a status request too.
+            found = await self._finish_left_over(found)
         if isinstance(found, UploadProgress):
             self.manifest.remember(found.meta)
         else:
             self.manifest.forget(file_id)
         return found
+
+    async def _finish_left_over(self, progress: UploadProgress) -> CompletedUpload | UploadProgress:
+        try:
+            # At most a second: a completion that another live process or host runs is
+            # waited for by the chunks, not by status requests (it goes on, shielded).
+            async with (
+                asyncio.timeout(STATUS_FINISH_SECONDS),
+                self.locks.hold(progress.meta.file_id),
+            ):
+                finished = await asyncio.shield(self.store.finish(progress.meta))
+        except TimeoutError:
+            return progress
+        except (UploadConflict, CompletionPending, StorageFailure) as e:
+            log.warning(
+                "Could not complete %s from a status request: %s", progress.meta.file_id, e.detail
+            )
+            return progress
+        if finished is None:
+            return progress
+        completed, here = finished
+        if here:
+            self.metrics.inc("uploads_completed")
+        return completed
 
     async def download(self, file_id: str) -> tuple[Path | StoredObject, CompletedUpload] | None:
         found = await self.store.download(file_id)

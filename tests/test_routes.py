@@ -228,3 +228,20 @@ async def test_download_behind_nginx_answers_x_accel_redirect(make_client: Clien
     assert resp.headers["Content-Disposition"].startswith("attachment;")
     assert await resp.read() == b""
     assert (await client.get("/files/none")).status == 404
+
+
+async def test_a_status_request_finishes_a_completion_left_undone(client) -> None:
+    """Every chunk stored, no completion: what a process or host killed between the last
+    chunk's commit and its completion leaves. A status request completes it."""
+    from chunkserver.app import UPLOADS
+    from chunkserver.model import UploadMeta
+
+    from .test_store_contract import begin, put
+
+    store = client.server.app[UPLOADS].store
+    meta = await begin(store, UploadMeta.new("left", "f.bin", 2, None, 3))
+    await put(store, meta, 0, b"abc")
+    await put(store, meta, 1, b"de")
+    body = await (await client.get("/upload-status/left")).json()
+    assert body["status"] == "completed" and body["crc64nvme"] == crc64(b"abcde")
+    assert await (await client.get("/files/left")).read() == b"abcde"
