@@ -422,30 +422,25 @@ class LocalStore:
     def _abandon(self, meta: UploadMeta) -> None:
         """Remove the upload if it holds no record, no chunk kept aside and no writer; at once,
         trash included, since the refused request that began it is answered after this."""
-        removed = None
         with contextlib.suppress(FolderGone), self._lock(meta.file_id):
-            removed = self._abandoned_folder(meta)
-        if removed is not None:
-            shutil.rmtree(removed, ignore_errors=True)  # unlinked, not left in the trash
+            self._abandon_locked(meta)
 
-    def _abandoned_folder(self, meta: UploadMeta) -> Path | None:
-        """Under the upload's flock: move its folder to the trash when nothing holds it;
-        return where it went."""
+    def _abandon_locked(self, meta: UploadMeta) -> None:
         folder = self._folder(meta.file_id)
         on_disk = self._read_meta(meta.file_id)
         if on_disk is None or on_disk.token != meta.token:
-            return None
+            return
         try:
             fd = os.open(folder / DATA_NAME, os.O_RDWR | OPEN_FLAGS)
         except FileNotFoundError:
-            return None
+            return
         try:
             if not lock_range(fd, 0, 0, wait=False):
-                return None  # a chunk is being written in place
+                return  # a chunk is being written in place
             names = os.listdir(folder)
             if any(_record_index(n) is not None or n.endswith(".part") for n in names):
-                return None
-            return self._remove_folder(meta.file_id)
+                return
+            self._discard_folder(meta.file_id)  # unlinked, not left in the trash
         finally:
             os.close(fd)
 
@@ -1134,16 +1129,12 @@ class LocalStore:
     async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
         try:
             return await self._run(self._declare_length, meta, length)
+        except FolderGone:
+            raise UploadGone() from None
         except OSError as e:
             raise storage_error(e) from e
 
     def _declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
-        try:
-            return self._declare_length_locked(meta, length)
-        except FolderGone:
-            raise UploadGone() from None
-
-    def _declare_length_locked(self, meta: UploadMeta, length: int) -> UploadMeta:
         with self._lock(meta.file_id):
             on_disk = self._read_meta(meta.file_id)
             if on_disk is None or on_disk.token != meta.token:

@@ -356,13 +356,22 @@ class Uploads:
             remote,
             finish_event_id(result.meta.file_id, result.meta.token),
         )
-        async with self.locks.hold(fields.file_id):
-            finished = await asyncio.shield(self.store.finish(result.meta))
-        if finished is None:
+        completed = await self._complete(result.meta)
+        if completed is None:
             return result
-        completed, here = finished
         self.manifest.forget(fields.file_id)
-        if here:
+        return completed
+
+    async def _complete(self, meta: UploadMeta) -> CompletedUpload | None:
+        """The one completion step of both protocols: the store completes the upload
+        (exactly once across processes and hosts, shielded from a cancelled request), and
+        the completion is counted where it happened; None while chunks are missing."""
+        async with self.locks.hold(meta.file_id):
+            finished = await asyncio.shield(self.store.finish(meta))
+        if finished is None:
+            return None
+        completed, here = finished
+        if here and not completed.is_partial:  # a part of a concatenation is not a file
             self.metrics.inc("uploads_completed")
         return completed
 
@@ -559,19 +568,12 @@ class Uploads:
                 self.manifest.remember(meta)
             return progress
         self.manifest.forget(meta.file_id)
-        partial = meta.concat == "partial"  # a part of a concatenation: not a file yet
-        if not partial:
+        if meta.concat != "partial":  # a part of a concatenation is not a file yet
             await self.hooks.emit(
                 "post-finish", meta, remote, finish_event_id(meta.file_id, meta.token)
             )
-        async with self.locks.hold(meta.file_id):
-            finished = await asyncio.shield(self.store.finish(meta))
-        if finished is None:
-            return progress
-        completed, here = finished
-        if here and not partial:
-            self.metrics.inc("uploads_completed")
-        return completed
+        completed = await self._complete(meta)
+        return progress if completed is None else completed
 
     async def abandon_stream(self, meta: UploadMeta) -> None:
         """A creation whose bytes were refused: nothing of it remains (its room included)."""
@@ -620,11 +622,8 @@ class Uploads:
         try:
             # At most a second: a completion that another live process or host runs is
             # waited for by the chunks, not by status requests (it goes on, shielded).
-            async with (
-                asyncio.timeout(STATUS_FINISH_SECONDS),
-                self.locks.hold(progress.meta.file_id),
-            ):
-                finished = await asyncio.shield(self.store.finish(progress.meta))
+            async with asyncio.timeout(STATUS_FINISH_SECONDS):
+                completed = await self._complete(progress.meta)
         except TimeoutError:
             return progress
         except (UploadConflict, CompletionPending, StorageFailure) as e:
@@ -632,12 +631,7 @@ class Uploads:
                 "Could not complete %s from a status request: %s", progress.meta.file_id, e.detail
             )
             return progress
-        if finished is None:
-            return progress
-        completed, here = finished
-        if here:
-            self.metrics.inc("uploads_completed")
-        return completed
+        return progress if completed is None else completed
 
     async def download(self, file_id: str) -> tuple[Path | StoredObject, CompletedUpload] | None:
         found = await self.store.download(file_id)
