@@ -28,11 +28,11 @@ import asyncpg
 from .errors import StoreUnavailable
 from .model import CompletedUpload, UploadMeta
 
-SCHEMA_VERSION = 1
 SCHEMA_LOCK = 0x63686B73  # pg_advisory_xact_lock key: one host migrates at a time
 
+# Version 1 was the same statements before `receivers`; every statement is idempotent, so
+# version 2 brings a database of any earlier version up to date.
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS chunkserver_schema (version integer NOT NULL);
 CREATE TABLE IF NOT EXISTS chunkserver_uploads (
     file_id text PRIMARY KEY,
     token text NOT NULL,
@@ -130,6 +130,12 @@ CREATE TABLE IF NOT EXISTS chunkserver_parts (
     PRIMARY KEY (file_id, token, part_number)
 );
 """
+
+# Numbered migrations, applied in order, each once, by one host at a time. A host that
+# finds the database at the newest version runs no DDL at all: an ALTER TABLE takes an
+# exclusive lock and would deadlock with the hosts already serving.
+MIGRATIONS: tuple[tuple[int, str], ...] = ((2, SCHEMA),)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +274,26 @@ def translated_errors() -> Iterator[None]:
         raise StoreUnavailable(f"the database cannot be reached ({type(e).__name__})") from e
 
 
+async def schema_version(db: asyncpg.Connection) -> int:
+    if await db.fetchval("SELECT to_regclass('chunkserver_schema')") is None:
+        return 0
+    return int(await db.fetchval("SELECT coalesce(max(version), 0) FROM chunkserver_schema"))
+
+
+async def migrate(db: asyncpg.Connection) -> None:
+    """Bring the database to SCHEMA_VERSION; read-only when it is there already."""
+    if await schema_version(db) >= SCHEMA_VERSION:
+        return
+    async with db.transaction():
+        await db.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+        await db.execute("CREATE TABLE IF NOT EXISTS chunkserver_schema (version integer NOT NULL)")
+        version = await schema_version(db)
+        for number, statements in MIGRATIONS:
+            if number > version:
+                await db.execute(statements)
+                await db.execute("INSERT INTO chunkserver_schema (version) VALUES ($1)", number)
+
+
 class _Connection(asyncpg.Connection):  # type: ignore[misc]
     """No reset query when a connection goes back to the pool: this code keeps no session
     state (its one advisory lock is a transaction's), and the query cost a round trip."""
@@ -299,14 +325,8 @@ class UploadState:
                 timeout=10,
                 connection_class=_Connection,
             )
-            async with self._pool.acquire() as db, db.transaction():
-                await db.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-                await db.execute(SCHEMA)
-                version = await db.fetchval("SELECT max(version) FROM chunkserver_schema")
-                if version is None:
-                    await db.execute(
-                        "INSERT INTO chunkserver_schema (version) VALUES ($1)", SCHEMA_VERSION
-                    )
+            async with self._pool.acquire() as db:
+                await migrate(db)
 
     async def close(self) -> None:
         if self._pool is not None:

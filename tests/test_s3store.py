@@ -496,3 +496,61 @@ def test_a_dead_completion_is_finished_within_30_s_by_live_hosts(
     assert json.loads(out.splitlines()[-1])["crc64nvme"] == crc64(data)
     body = s3.get_object(Bucket=s3_settings["s3_bucket"], Key="uploads/deadhost/f.bin")
     assert body["Body"].read() == data
+
+
+async def test_a_host_starting_beside_busy_hosts_runs_no_ddl(s3_settings: dict) -> None:
+    """A restarted host must not take the exclusive locks of DDL on a database already at
+    the current schema: with other hosts writing, that deadlocked (seen in the S3 soak)."""
+    import asyncpg
+
+    from chunkserver.s3state import SCHEMA_VERSION, UploadState
+
+    first = UploadState(s3_settings["database_url"])
+    await first.open()
+    writer = await asyncpg.connect(s3_settings["database_url"])
+    try:
+        async with writer.transaction():
+            # What a serving host's commit holds for a moment; a DDL would wait for it.
+            await writer.execute("LOCK TABLE chunkserver_uploads IN ROW EXCLUSIVE MODE")
+            second = UploadState(s3_settings["database_url"])
+            await asyncio.wait_for(second.open(), 5)
+            await second.close()
+        versions = await writer.fetch("SELECT version FROM chunkserver_schema")
+        assert [r["version"] for r in versions] == [SCHEMA_VERSION]
+    finally:
+        await writer.close()
+        await first.close()
+
+
+async def test_a_database_of_schema_version_1_is_brought_up_to_date(s3_settings: dict) -> None:
+    import asyncpg
+
+    from chunkserver.s3state import SCHEMA_VERSION, UploadState
+
+    db = await asyncpg.connect(s3_settings["database_url"])
+    try:
+        await db.execute(
+            "CREATE TABLE chunkserver_schema (version integer NOT NULL);"
+            "INSERT INTO chunkserver_schema VALUES (1);"
+            "CREATE TABLE chunkserver_uploads (file_id text PRIMARY KEY, token text NOT NULL,"
+            " filename text NOT NULL, total_chunks integer NOT NULL, total_size bigint,"
+            " chunk_size bigint, chunk_size_declared boolean NOT NULL DEFAULT false,"
+            " direct boolean, created_at double precision NOT NULL,"
+            " last_activity double precision NOT NULL, status text NOT NULL DEFAULT 'uploading',"
+            " claimed_at double precision, object_key text NOT NULL, s3_upload_id text NOT NULL,"
+            " size bigint, crc64nvme text, sha256 text, completed_at double precision)"
+        )
+        state = UploadState(s3_settings["database_url"])
+        await state.open()
+        await state.close()
+        columns = {
+            r["column_name"]
+            for r in await db.fetch(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_name = 'chunkserver_uploads'"
+            )
+        }
+        assert {"receivers", "stream_offset", "metadata", "protocol"} <= columns
+        assert await db.fetchval("SELECT max(version) FROM chunkserver_schema") == SCHEMA_VERSION
+    finally:
+        await db.close()
