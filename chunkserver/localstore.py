@@ -4,10 +4,9 @@ Layout under the data folder:
 
     chunks/<file_id>/.meta.json         filename, total_chunks, total_size, chunk_size, token
     chunks/<file_id>/.data              the upload's one data file: chunk N at N x chunk_size
-    chunks/<file_id>/chunk_000003       the record that chunk 3 is stored: length, CRC, place
+    chunks/<file_id>/.records           the record log: an entry per stored chunk (length, CRC,
+                                        place) and per tus PATCH (offset, CRC); recordlog.py
     chunks/<file_id>/.lock              the cross-process lock (flock) of the upload's state
-    chunks/<file_id>/.replaced          made before any chunk's record is replaced
-    chunks/<file_id>/.offset.json       a tus upload's offset and the CRC of its bytes so far
     chunks/<file_id>/.chunk_000003.<pid>.<rand>.part   a chunk kept aside, being received
     chunks/<file_id>/.chunk_000003.<rand>.aside        a chunk kept aside, stored
     chunks/<file_id>/.merge.<pid>.<rand>.merging       uneven chunks being joined (rare)
@@ -26,24 +25,23 @@ Invariants:
 - Every chunk in flight thus holds a lock on the data file, so completing, abandoning,
   expiring or deleting an upload, which lock the whole file, never happens under a chunk
   still being received.
-- A chunk counts exactly when its record exists. The record is written (atomically, by a
-  rename) after its bytes; a chunk cut off at any instant has no record and is simply sent
-  again. A region that a record points to is never written again. A chunk written in place
-  whose region is known writes its record with no other lock than its region's: nothing can
-  end the upload under it. The others (the chunk that fixes chunk_size, chunks kept aside)
-  commit under the upload's flock.
+- A chunk counts exactly when its entry is in the upload's record log (the last entry of an
+  index wins). The entry is appended after its bytes are written; a chunk cut off at any
+  instant has no entry and is simply sent again. A region that an entry points to is never
+  written again. A chunk written in place whose region is known appends its entry with no
+  other lock than its region's: nothing can end the upload under it. The others (the chunk
+  that fixes chunk_size, chunks kept aside) commit under the upload's flock. No file is
+  created on the path of a chunk written in place.
 - An upload is completed exactly when its completion record exists. Completion joins nothing
-  in the common case: it copies the chunks kept aside into place, truncates, renames the data
-  file into `uploads/`, then writes the record. A crash between the rename and the record is
-  finished by the next sweep from the renamed file. It reads no record of the chunks this
-  process wrote in place (their sizes and CRCs are folded as they are committed, see
-  `_Known`) unless the folder says, by `.replaced`, that a record may have changed.
+  in the common case: it reads the log once, copies the chunks kept aside into place,
+  truncates, renames the data file into `uploads/`, then writes the record. A crash between
+  the rename and the record is finished by the next sweep from the renamed file.
 - `meta.json` exists only once the data file does, and meta's chunk_size, once set, never
   changes.
 - A tus upload is one chunk written at offsets: each PATCH streams at the recorded offset
   under an exclusive lock on the data file's WRITER_OFFSET byte (one writer across
-  processes), then `.offset.json` moves past what arrived. When the offset reaches the
-  length, chunk 0's record is written and the completion is a seed upload's.
+  processes), then an entry with the new offset is appended to the log. When the offset
+  reaches the length, chunk 0's entry goes with it and the completion is a seed upload's.
 
 The hot path (receive, commit) runs on the event loop: writes to the page cache and a few
 small syscalls cost less than handing each chunk to a thread (bench/README.md). Everything
@@ -70,7 +68,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import checksums
+from . import checksums, recordlog
 from .errors import (
     DiskFull,
     OffsetMismatch,
@@ -92,6 +90,7 @@ from .model import (
     UploadProgress,
 )
 from .outbox import FolderOutbox
+from .recordlog import LOG_NAME
 
 T = TypeVar("T")
 
@@ -99,8 +98,6 @@ RECORD_PREFIX = "chunk_"
 DATA_NAME = ".data"
 META_NAME = ".meta.json"
 LOCK_NAME = ".lock"
-REPLACED_NAME = ".replaced"  # made before any chunk's record is replaced (see _Known)
-PROGRESS_NAME = ".offset.json"  # a tus upload's offset and CRC so far
 ASIDE_SUFFIX = ".aside"
 INCOMING = ".incoming"
 TRASH = ".trash"
@@ -140,6 +137,7 @@ class ReceivedChunk:
     # the record through it, so the record lands in the folder that holds these bytes even if
     # that folder has been removed (and its file_id begun again) meanwhile. Or -1.
     folder_fd: int = -1
+    log_fd: int = -1  # the record log, open for the in-place commit; or -1
     length: int = 0
     written: int = 0
     crc: int = 0
@@ -167,63 +165,23 @@ class ReceivedAtOffset:
 
 
 @dataclass(slots=True)
-class _Run:
-    """Consecutive chunks whose records this process wrote in place: their size and CRC,
-    combined."""
-
-    end: int  # one past the last index
-    size: int
-    crc: int
-
-
-@dataclass(slots=True)
 class _Known:
-    """What this process has seen stored of one upload: a cache the disk corrects.
-
-    It also folds the records this process writes in place into runs of consecutive chunks
-    as they come, so that completing reads no record of those, only the others (kept aside,
-    or written by another process). A record is only ever replaced after the upload's
-    REPLACED_NAME marker is made, so the runs hold exactly while there is no marker.
-    """
+    """What this process has read of one upload's record log: a cache the log corrects."""
 
     token: str
     stored: set[int] = field(default_factory=set)
     low: int = 0  # every index below is stored
-    runs: dict[int, _Run] = field(default_factory=dict)  # by first index
-    run_ending: dict[int, int] = field(default_factory=dict)  # run end: its first index
-    exact: bool = True  # False once this process replaced a record, or wrote one uneven
+    position: int = 0  # how far the log has been read
 
     def first_missing(self) -> int:
         while self.low in self.stored:
             self.low += 1
         return self.low
 
-    def wrote(self, index: int, length: int, crc: int, even: bool) -> None:
-        """This process wrote the first record of chunk `index`, in place."""
-        if not even:
-            self.exact = False
-        if not self.exact:
-            return
-        start, run = index, _Run(index + 1, length, crc)
-        left_start = self.run_ending.pop(index, None)
-        if left_start is not None:  # join the run that ends here
-            left = self.runs.pop(left_start)
-            run = _Run(
-                run.end,
-                left.size + run.size,
-                checksums.combine_two(left.crc, run.crc, run.size),
-            )
-            start = left_start
-        right = self.runs.pop(run.end, None)
-        if right is not None:  # and the run that starts right after
-            del self.run_ending[right.end]
-            run = _Run(
-                right.end,
-                run.size + right.size,
-                checksums.combine_two(run.crc, right.crc, right.size),
-            )
-        self.runs[start] = run
-        self.run_ending[run.end] = start
+    def catch_up(self, log_fd: int) -> None:
+        """Read what was appended to the log since the last time, by any process."""
+        entries, self.position = recordlog.read_from(log_fd, self.position)
+        self.stored.update(e.index for e in entries if e.kind == recordlog.CHUNK)
 
 
 class LocalStore:
@@ -270,9 +228,6 @@ class LocalStore:
     def _folder(self, file_id: str) -> Path:
         return self.chunks_dir / file_id
 
-    def _record_path(self, file_id: str, index: int) -> Path:
-        return self.chunks_dir / file_id / _record_name(index)
-
     def _completion_path(self, file_id: str) -> Path:
         return self.uploads_dir / f"{file_id}.json"
 
@@ -304,12 +259,18 @@ class LocalStore:
             return None
         return CompletedUpload(**data)
 
-    def _read_record(self, file_id: str, index: int) -> ChunkRecord | None:
+    def _records(self, file_id: str) -> dict[int, ChunkRecord]:
+        """Every chunk's record in the upload's log, the last of each index."""
+        fd = os.open(self._folder(file_id) / LOG_NAME, os.O_RDONLY | OPEN_FLAGS)
         try:
-            data = json.loads(self._record_path(file_id, index).read_bytes())
-        except FileNotFoundError:
-            return None
-        return ChunkRecord(index=index, **data)
+            entries, _ = recordlog.read_from(fd, 0)
+        finally:
+            os.close(fd)
+        return {
+            e.index: ChunkRecord(e.index, e.length, e.crc, _aside_name(e.index, e.aside))
+            for e in entries
+            if e.kind == recordlog.CHUNK
+        }
 
     def _lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
         # A completion writes its record before it removes the meta: when the meta is gone
@@ -326,19 +287,15 @@ class LocalStore:
     def _stored_indexes(self, file_id: str, total_chunks: int) -> tuple[frozenset[int], float]:
         """The chunk indexes recorded on disk and the time of the last write in the folder."""
         folder = self._folder(file_id)
-        stored: set[int] = set()
         last = os.stat(folder).st_mtime
         with os.scandir(folder) as entries:
             for entry in entries:
                 name = entry.name
-                index = _record_index(name)
-                if index is not None:
-                    if index < total_chunks:
-                        stored.add(index)
-                elif name == DATA_NAME or name.endswith(".part"):
+                if name in (DATA_NAME, LOG_NAME) or name.endswith(".part"):
                     with contextlib.suppress(FileNotFoundError):
                         last = max(last, entry.stat().st_mtime)
-        return frozenset(stored), last
+        stored = frozenset(i for i in self._records(file_id) if i < total_chunks)
+        return stored, last
 
     def _status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
         completed = self._read_completion(file_id)
@@ -395,8 +352,10 @@ class LocalStore:
             if adopted != meta:
                 meta = adopted
                 self._write_json(self._folder(file_id) / META_NAME, asdict(meta))
+            _touch(self._folder(file_id) / LOG_NAME)  # begun by a version without the log
             return meta, False
         self._create_data_file(proposed)
+        _touch(self._folder(file_id) / LOG_NAME)
         self._write_json(self._folder(file_id) / META_NAME, asdict(proposed))
         if self.fsync:
             fsync_dir(self.chunks_dir)
@@ -437,9 +396,11 @@ class LocalStore:
         try:
             if not lock_range(fd, 0, 0, wait=False):
                 return  # a chunk is being written in place
-            names = os.listdir(folder)
-            if any(_record_index(n) is not None or n.endswith(".part") for n in names):
-                return
+            if any(n.endswith(".part") for n in os.listdir(folder)):
+                return  # a chunk is being received aside
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(folder / LOG_NAME).st_size:
+                    return  # a chunk is stored
             self._discard_folder(meta.file_id)  # unlinked, not left in the trash
         finally:
             os.close(fd)
@@ -482,7 +443,7 @@ class LocalStore:
             raise UploadGone() from None
         except OSError as e:
             raise storage_error(e) from e
-        fd = -1
+        fd = log_fd = -1
         try:
             fd = os.open(DATA_NAME, os.O_RDWR | OPEN_FLAGS, dir_fd=folder_fd)
             held = os.fstat(fd)
@@ -498,7 +459,11 @@ class LocalStore:
             on_disk = os.stat(f"{folder}/{DATA_NAME}")
             if (on_disk.st_dev, on_disk.st_ino) != identity:
                 raise UploadGone()  # completed or removed since we opened it
-            if offset is not None and in_place and not _exists_at(folder_fd, _record_name(index)):
+            if offset is not None and in_place:
+                log_fd = recordlog.open_log(folder_fd)
+                known = self._known_of(meta)
+                known.catch_up(log_fd)
+            if offset is not None and in_place and index not in known.stored:
                 return ReceivedChunk(
                     fd=fd,
                     base=offset,
@@ -510,20 +475,21 @@ class LocalStore:
                     folder=folder,
                     index=index,
                     folder_fd=folder_fd,
+                    log_fd=log_fd,
                 )
             # Kept aside: the place is unknown or busy, or the chunk was stored before (a
             # resend, whose bytes must not touch the region; its region lock guards instead).
             received = self._open_aside(self._aside_path(folder, index), folder, index)
         except FileNotFoundError:
-            _close_all(fd, folder_fd)
+            _close_all(fd, folder_fd, log_fd)
             raise UploadGone() from None
         except OSError as e:
-            _close_all(fd, folder_fd)
+            _close_all(fd, folder_fd, log_fd)
             raise storage_error(e) from e
         except BaseException:
-            _close_all(fd, folder_fd)
+            _close_all(fd, folder_fd, log_fd)
             raise
-        os.close(folder_fd)
+        _close_all(folder_fd, log_fd)
         received.guard_fd = fd
         received.limit = None if last or not meta.chunk_size_declared else meta.chunk_size
         return received
@@ -637,6 +603,9 @@ class LocalStore:
         if received.folder_fd >= 0:
             os.close(received.folder_fd)
             received.folder_fd = -1
+        if received.log_fd >= 0:
+            os.close(received.log_fd)
+            received.log_fd = -1
         if received.aside_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(received.aside_path)
@@ -650,7 +619,10 @@ class LocalStore:
             if self.fsync:
                 await self._run(os.fdatasync, received.fd)
             if received.in_place and (meta.chunk_size is not None or meta.is_last(index)):
-                return self._commit_in_place(received, meta, index)
+                committed = self._commit_in_place(received, meta, index)
+                if self.fsync:
+                    await self._run(os.fdatasync, received.log_fd)
+                return committed
             lock = self._lock(meta.file_id, blocking=False)
             if lock.acquire():  # the common case: nobody else is changing this upload
                 try:
@@ -679,18 +651,16 @@ class LocalStore:
             return self._commit(received, meta, index)
 
     def _commit_in_place(self, received: ReceivedChunk, meta: UploadMeta, index: int) -> Committed:
-        """Write the record of a chunk written in place, whose region is known: no flock.
+        """Append the entry of a chunk written in place, whose region is known: no flock.
 
         Its region lock, held since before the data file's identity was checked, keeps every
-        completion, abandon and expiry of this data file waiting, and the record goes through
-        the folder's descriptor, so it cannot land in another upload's folder. A resend kept
-        aside at the same time may replace the record; either is a whole copy of the chunk.
+        completion, abandon and expiry of this data file waiting, and the log was opened
+        through the folder's descriptor, so the entry cannot land in another upload's log. A
+        resend kept aside at the same time may append its own; either is a whole copy.
         """
-        record = {"length": received.length, "crc64nvme": received.crc, "aside": None}
-        self._write_json_at(received.folder_fd, _record_name(index), record)
-        even = meta.is_last(index) or received.length == meta.chunk_size
-        self._known_of(meta).wrote(index, received.length, received.crc, even)
-        return self._progress(meta, index, received.folder_fd)
+        entry = recordlog.Entry(recordlog.CHUNK, index, received.length, received.crc)
+        recordlog.append(received.log_fd, entry)
+        return self._progress(meta, index, received.log_fd)
 
     def _commit(
         self, received: ReceivedChunk, meta: UploadMeta, index: int
@@ -724,51 +694,41 @@ class LocalStore:
             and received.length > current.chunk_size
         ):
             self._overflow(received)  # its tail crosses into the next chunk's region
-        previous = self._read_record(file_id, index)
-        aside_name = None
+        try:
+            log_fd = os.open(folder / LOG_NAME, os.O_RDWR | os.O_APPEND | OPEN_FLAGS)
+        except FileNotFoundError:
+            raise UploadGone() from None
+        try:
+            return self._commit_logged(received, current, index, log_fd)
+        finally:
+            os.close(log_fd)
+
+    def _commit_logged(
+        self, received: ReceivedChunk, meta: UploadMeta, index: int, log_fd: int
+    ) -> Committed:
+        folder = self._folder(meta.file_id)
+        previous = self._records(meta.file_id).get(index)
+        token = ""
         if received.aside_path is not None:
             if previous is not None and (previous.length, previous.crc64nvme) == (
                 received.length,
                 received.crc,
             ):
-                return self._progress(current, index)  # the same bytes again: nothing to do
-            aside_name = f".{RECORD_PREFIX}{index:06d}.{secrets.token_hex(6)}{ASIDE_SUFFIX}"
+                return self._progress(meta, index, log_fd)  # the same bytes again
+            token = secrets.token_hex(6)
             try:
-                os.rename(received.aside_path, folder / aside_name)
+                os.rename(received.aside_path, folder / _aside_file(index, token))
             except FileNotFoundError:  # the folder it was received in was removed meanwhile
                 raise UploadGone() from None
             received.aside_path = None
-        if previous is not None or (
-            aside_name is not None and not self._hold_place(received, current, index)
-        ):
-            # A record is replaced, or may be by a writer in place of the same chunk right
-            # now: tell every process's runs (see _Known).
-            os.close(os.open(folder / REPLACED_NAME, os.O_WRONLY | os.O_CREAT | OPEN_FLAGS, 0o644))
-        record = ChunkRecord(index, received.length, received.crc, aside_name)
-        self._write_json(
-            self._record_path(file_id, index),
-            {"length": record.length, "crc64nvme": record.crc64nvme, "aside": aside_name},
-        )
-        known = self._known_of(current)
-        if previous is not None:
-            known.exact = False  # a record replaced: its run, if any, no longer holds
-        elif aside_name is None:
-            even = current.is_last(index) or received.length == current.chunk_size
-            known.wrote(index, received.length, received.crc, even)
-        if previous is not None and previous.aside is not None and previous.aside != aside_name:
+        entry = recordlog.Entry(recordlog.CHUNK, index, received.length, received.crc, token)
+        recordlog.append(log_fd, entry)
+        if self.fsync:
+            os.fdatasync(log_fd)
+        if previous is not None and previous.aside not in (None, _aside_name(index, token)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(folder / previous.aside)
-        return self._progress(current, index)
-
-    @staticmethod
-    def _hold_place(received: ReceivedChunk, meta: UploadMeta, index: int) -> bool:
-        """Lock the first byte of a chunk kept aside's place in the data file, until its
-        commit ends, so no writer in place of the same chunk runs beside this commit. False
-        when one does (or the data file is not held)."""
-        offset = meta.offset_of(index)
-        if offset is None:
-            return True  # nobody can be writing it in place either
-        return received.guard_fd >= 0 and lock_range(received.guard_fd, offset, 1, wait=False)
+        return self._progress(meta, index, log_fd)
 
     def _known_of(self, meta: UploadMeta) -> _Known:
         known = self._known.get(meta.file_id)
@@ -776,19 +736,10 @@ class LocalStore:
             known = self._known[meta.file_id] = _Known(meta.token)
         return known
 
-    def _progress(self, meta: UploadMeta, index: int, folder_fd: int = -1) -> Committed:
+    def _progress(self, meta: UploadMeta, index: int, log_fd: int) -> Committed:
         known = self._known_of(meta)
         known.stored.add(index)
-        # Look on disk for chunks other processes stored, lowest first; in one process this
-        # costs one stat per commit.
-        while (missing := known.first_missing()) < meta.total_chunks:
-            if folder_fd >= 0:
-                stored = _exists_at(folder_fd, _record_name(missing))
-            else:
-                stored = self._record_path(meta.file_id, missing).exists()
-            if not stored:
-                break
-            known.stored.add(missing)
+        known.catch_up(log_fd)  # what other processes stored too: one read
         all_stored = known.first_missing() >= meta.total_chunks
         return Committed(meta=meta, uploaded_chunks=len(known.stored), all_stored=all_stored)
 
@@ -854,59 +805,20 @@ class LocalStore:
             os.close(fd)
 
     def _load_records(self, meta: UploadMeta) -> list[ChunkRecord] | None:
-        records = []
-        for index in range(meta.total_chunks):
-            record = self._read_record(meta.file_id, index)
-            if record is None:
-                return None
-            records.append(record)
-        return records
-
-    def _folded_records(self, meta: UploadMeta) -> tuple[int, int, list[ChunkRecord]] | None:
-        """(size, crc, records kept aside) from the runs this process folded, reading only the
-        records outside them; None when a record was replaced (then all are read), or when a
-        record is missing or uneven."""
-        known = self._known.get(meta.file_id)
-        if known is None or known.token != meta.token or not known.exact or not known.runs:
+        """Every chunk's record in order, or None while one is missing."""
+        records = self._records(meta.file_id)
+        if any(index not in records for index in range(meta.total_chunks)):
             return None
-        if (self._folder(meta.file_id) / REPLACED_NAME).exists():
-            return None
-        size = crc = 0
-        aside: list[ChunkRecord] = []
-        index = 0
-        while index < meta.total_chunks:
-            run = known.runs.get(index)
-            if run is not None:
-                size, crc = size + run.size, checksums.combine_two(crc, run.crc, run.size)
-                index = run.end
-                continue
-            record = self._read_record(meta.file_id, index)
-            if record is None:
-                return None
-            if not meta.is_last(index) and record.length != meta.chunk_size:
-                return None
-            if record.aside is not None:
-                aside.append(record)
-            size, crc = (
-                size + record.length,
-                checksums.combine_two(crc, record.crc64nvme, record.length),
-            )
-            index += 1
-        return size, crc, aside
+        return [records[index] for index in range(meta.total_chunks)]
 
     def _finish(self, meta: UploadMeta, data_fd: int | None) -> CompletedUpload | None:
         """Complete an upload whose chunks are all recorded; under its flock, with its data
         file (when it is still there) locked whole."""
-        folded = self._folded_records(meta)
-        records: list[ChunkRecord] | None
-        if folded is not None:
-            size, crc, records = folded  # every chunk even; the records are those kept aside
-        else:
-            records = self._load_records(meta)
-            if records is None:
-                return None
-            size = sum(r.length for r in records)
-            crc = checksums.combine((r.crc64nvme, r.length) for r in records)
+        records = self._load_records(meta)
+        if records is None:
+            return None
+        size = sum(r.length for r in records)
+        crc = checksums.combine((r.crc64nvme, r.length) for r in records)
         if meta.total_size is not None and size != meta.total_size:
             raise UploadConflict(
                 f"The merged size {size} does not match total_size {meta.total_size}"
@@ -996,14 +908,14 @@ class LocalStore:
     def _read_progress_at(self, folder_fd: int) -> tuple[int, int]:
         """(offset, crc) of a tus upload; (0, 0) before its first bytes."""
         try:
-            fd = os.open(PROGRESS_NAME, os.O_RDONLY | OPEN_FLAGS, dir_fd=folder_fd)
+            fd = os.open(LOG_NAME, os.O_RDONLY | OPEN_FLAGS, dir_fd=folder_fd)
         except FileNotFoundError:
             return 0, 0
         try:
-            data = json.loads(os.read(fd, 4096))
+            entry = recordlog.last_of_kind(fd, recordlog.OFFSET)
         finally:
             os.close(fd)
-        return int(data["offset"]), int(data["crc"])
+        return (entry.length, entry.crc) if entry is not None else (0, 0)
 
     def _stream_progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
         completed = self._read_completion(meta.file_id)
@@ -1113,14 +1025,22 @@ class LocalStore:
         chunk = received.chunk
         offset = chunk.base + chunk.written
         crc = checksums.combine_two(received.crc_before, chunk.crc, chunk.written)
+        entries = []
         if chunk.written:
-            self._write_json_at(chunk.folder_fd, PROGRESS_NAME, {"offset": offset, "crc": crc})
+            entries.append(recordlog.Entry(recordlog.OFFSET, 0, offset, crc))
         meta = received.meta
         if meta.total_size is None:  # declared since by another request, perhaps
             meta = self._read_meta(meta.file_id) or meta
         if meta.total_size is not None and offset == meta.total_size:
-            record = {"length": offset, "crc64nvme": crc, "aside": None}
-            self._write_json_at(chunk.folder_fd, _record_name(0), record)
+            entries.append(recordlog.Entry(recordlog.CHUNK, 0, offset, crc))  # chunk 0 stored
+        if entries:
+            log_fd = recordlog.open_log(chunk.folder_fd)
+            try:
+                recordlog.append(log_fd, *entries)
+                if self.fsync:
+                    os.fdatasync(log_fd)
+            finally:
+                os.close(log_fd)
         return StreamProgress(meta, offset, crc, time.time())
 
     async def discard_at(self, received: ReceivedAtOffset) -> None:
@@ -1390,31 +1310,23 @@ class LocalStore:
             os.close(folder_fd)
 
 
-def _record_name(index: int) -> str:
-    return f"{RECORD_PREFIX}{index:06d}"
+def _aside_file(index: int, token: str) -> str:
+    """The file of chunk `index` kept aside, by the token in its log entry."""
+    return f".{RECORD_PREFIX}{index:06d}.{token}{ASIDE_SUFFIX}"
+
+
+def _aside_name(index: int, token: str) -> str | None:
+    return _aside_file(index, token) if token else None
+
+
+def _touch(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | OPEN_FLAGS, 0o644))
 
 
 def _close_all(*fds: int) -> None:
     for fd in fds:
         if fd >= 0:
             os.close(fd)
-
-
-def _exists_at(folder_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=folder_fd)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _record_index(name: str) -> int | None:
-    """The index of a record's file name (`chunk_000003`), or None for any other name."""
-    if name.startswith(RECORD_PREFIX):
-        digits = name[len(RECORD_PREFIX) :]
-        if digits.isdigit():
-            return int(digits)
-    return None
 
 
 def _writer_pid(temp_name: str) -> int | None:

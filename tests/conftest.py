@@ -26,7 +26,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from awscrt import checksums
 
-from chunkserver import Config, create_app
+from chunkserver import Config, create_app, recordlog
 
 from . import realstack
 
@@ -166,6 +166,13 @@ def dead_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def stored_chunks(folder: Path) -> dict[int, recordlog.Entry]:
+    """The chunks an upload's folder records as stored (its record log), by index."""
+    log = folder / recordlog.LOG_NAME
+    entries, _ = recordlog.decode(log.read_bytes()) if log.exists() else ([], 0)
+    return {e.index: e for e in entries if e.kind == recordlog.CHUNK}
 
 
 def temp_files(data_dir: Path) -> list[Path]:

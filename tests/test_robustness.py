@@ -4,7 +4,6 @@ and the client address behind a trusted proxy."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import socket
@@ -18,7 +17,7 @@ from aiohttp.test_utils import make_mocked_request
 from chunkserver import Config, localstore
 from chunkserver.app import access_logger_for, client_address
 
-from .conftest import ClientFactory, ServerProcess, chunk_form, crc64, temp_files
+from .conftest import ClientFactory, ServerProcess, chunk_form, crc64, stored_chunks, temp_files
 
 
 async def test_fsync_mode_uploads_and_merges(make_client: ClientFactory, config: Config) -> None:
@@ -91,7 +90,7 @@ def test_sigterm_with_a_chunk_in_flight_leaves_no_partial_chunk(
     sock.close()  # the client gives up: the cut chunk must not stay behind
     assert server.process.wait(20) == 0
     assert temp_files(tmp_path / "data") == []
-    assert not (tmp_path / "data" / "chunks" / "term" / "chunk_000000").exists()
+    assert stored_chunks(tmp_path / "data" / "chunks" / "term") == {}
 
 
 def test_client_address_trusts_only_configured_proxies() -> None:
@@ -170,8 +169,8 @@ def test_sigterm_lets_a_chunk_in_flight_finish(
     assert server.process.wait(20) == 0
     assert time.monotonic() - started < 5
     folder = tmp_path / "data" / "chunks" / "drain"
-    record = json.loads((folder / "chunk_000000").read_bytes())
-    assert record["length"] == 400_000 and record["aside"] is None
+    record = stored_chunks(folder)[0]
+    assert record.length == 400_000 and record.aside == ""
     assert (folder / ".data").read_bytes()[:400_000] == b"y" * 400_000
 
 
