@@ -166,22 +166,73 @@ class ReceivedAtOffset:
 
 @dataclass(slots=True)
 class _Known:
-    """What this process has read of one upload's record log: a cache the log corrects."""
+    """What this process has read of one upload's record log, folded as it is read: a cache
+    of the log, which stays the truth.
+
+    Chunks 0..folded-1 are stored and their sizes and CRCs combined, so a completion needs no
+    second pass over the log (65,536 entries for 1 GiB in 16 KiB chunks). An entry that
+    replaces a folded chunk (a resend of other bytes) makes the fold inexact; a completion
+    then reads the whole log.
+    """
 
     token: str
-    stored: set[int] = field(default_factory=set)
-    low: int = 0  # every index below is stored
     position: int = 0  # how far the log has been read
+    folded: int = 0
+    size: int = 0
+    crc: int = 0
+    aside: list[ChunkRecord] = field(default_factory=list)  # folded chunks kept aside
+    body_lengths: set[int] = field(default_factory=set)  # of folded chunks but the latest
+    latest_length: int = 0
+    exact: bool = True
+    pending: dict[int, recordlog.Entry] = field(default_factory=dict)  # stored past `folded`
+    # The loop and the store's threads both read the log into this.
+    mutex: threading.Lock = field(default_factory=threading.Lock)
 
-    def first_missing(self) -> int:
-        while self.low in self.stored:
-            self.low += 1
-        return self.low
+    @property
+    def stored_count(self) -> int:
+        return self.folded + len(self.pending)
+
+    def is_stored(self, index: int) -> bool:
+        return index < self.folded or index in self.pending
 
     def catch_up(self, log_fd: int) -> None:
         """Read what was appended to the log since the last time, by any process."""
-        entries, self.position = recordlog.read_from(log_fd, self.position)
-        self.stored.update(e.index for e in entries if e.kind == recordlog.CHUNK)
+        with self.mutex:
+            entries, self.position = recordlog.read_from(log_fd, self.position)
+            for entry in entries:
+                if entry.kind != recordlog.CHUNK:
+                    continue
+                if entry.chunk_index < self.folded:
+                    self.exact = False
+                else:
+                    self.pending[entry.chunk_index] = entry
+            while self.folded in self.pending:
+                self._fold(self.pending.pop(self.folded))
+
+    def _fold(self, entry: recordlog.Entry) -> None:
+        if self.folded:
+            self.body_lengths.add(self.latest_length)
+        self.latest_length = entry.length
+        self.size += entry.length
+        self.crc = checksums.combine_two(self.crc, entry.crc, entry.length)
+        if entry.aside:
+            record = ChunkRecord(
+                entry.chunk_index,
+                entry.length,
+                entry.crc,
+                _aside_file(entry.chunk_index, entry.aside),
+            )
+            self.aside.append(record)
+        self.folded += 1
+
+    def whole(self, meta: UploadMeta) -> tuple[int, int, list[ChunkRecord]] | None:
+        """(size, crc, chunks kept aside) when every chunk is folded, exactly, and all but
+        the last are chunk_size long; None otherwise (read the log then)."""
+        if not self.exact or self.folded != meta.total_chunks:
+            return None
+        if not self.body_lengths <= {meta.chunk_size}:
+            return None
+        return self.size, self.crc, self.aside
 
 
 class LocalStore:
@@ -267,7 +318,9 @@ class LocalStore:
         finally:
             os.close(fd)
         return {
-            e.index: ChunkRecord(e.index, e.length, e.crc, _aside_name(e.index, e.aside))
+            e.chunk_index: ChunkRecord(
+                e.chunk_index, e.length, e.crc, _aside_name(e.chunk_index, e.aside)
+            )
             for e in entries
             if e.kind == recordlog.CHUNK
         }
@@ -463,7 +516,7 @@ class LocalStore:
                 log_fd = recordlog.open_log(folder_fd)
                 known = self._known_of(meta)
                 known.catch_up(log_fd)
-            if offset is not None and in_place and index not in known.stored:
+            if offset is not None and in_place and not known.is_stored(index):
                 return ReceivedChunk(
                     fd=fd,
                     base=offset,
@@ -738,10 +791,9 @@ class LocalStore:
 
     def _progress(self, meta: UploadMeta, index: int, log_fd: int) -> Committed:
         known = self._known_of(meta)
-        known.stored.add(index)
-        known.catch_up(log_fd)  # what other processes stored too: one read
-        all_stored = known.first_missing() >= meta.total_chunks
-        return Committed(meta=meta, uploaded_chunks=len(known.stored), all_stored=all_stored)
+        known.catch_up(log_fd)  # this chunk's entry, and what other processes stored: one read
+        all_stored = known.folded >= meta.total_chunks
+        return Committed(meta=meta, uploaded_chunks=known.stored_count, all_stored=all_stored)
 
     # -- completing --
 
@@ -804,6 +856,16 @@ class LocalStore:
         finally:
             os.close(fd)
 
+    def _folded(self, meta: UploadMeta) -> tuple[int, int, list[ChunkRecord]] | None:
+        """What this process folded of the log, brought up to date: see _Known.whole."""
+        known = self._known_of(meta)
+        fd = os.open(self._folder(meta.file_id) / LOG_NAME, os.O_RDONLY | OPEN_FLAGS)
+        try:
+            known.catch_up(fd)
+        finally:
+            os.close(fd)
+        return known.whole(meta)
+
     def _load_records(self, meta: UploadMeta) -> list[ChunkRecord] | None:
         """Every chunk's record in order, or None while one is missing."""
         records = self._records(meta.file_id)
@@ -814,11 +876,16 @@ class LocalStore:
     def _finish(self, meta: UploadMeta, data_fd: int | None) -> CompletedUpload | None:
         """Complete an upload whose chunks are all recorded; under its flock, with its data
         file (when it is still there) locked whole."""
-        records = self._load_records(meta)
-        if records is None:
-            return None
-        size = sum(r.length for r in records)
-        crc = checksums.combine((r.crc64nvme, r.length) for r in records)
+        folded = self._folded(meta)
+        records: list[ChunkRecord] | None
+        if folded is not None:
+            size, crc, records = folded  # every chunk even; the records are those kept aside
+        else:
+            records = self._load_records(meta)
+            if records is None:
+                return None
+            size = sum(r.length for r in records)
+            crc = checksums.combine((r.crc64nvme, r.length) for r in records)
         if meta.total_size is not None and size != meta.total_size:
             raise UploadConflict(
                 f"The merged size {size} does not match total_size {meta.total_size}"

@@ -17,7 +17,7 @@ import errno
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 LOG_NAME = ".records"
 MAGIC = b"cs"
@@ -25,28 +25,56 @@ CHUNK = b"C"  # a chunk stored: index, length, crc, aside
 OFFSET = b"O"  # a tus upload's progress: length is the offset, crc the CRC of its bytes so far
 _BODY = struct.Struct("<2scxIqQ12s")
 _CHECK = struct.Struct("<I")
-ENTRY_BYTES = _BODY.size + _CHECK.size  # 40
+_WHOLE = struct.Struct("<2scxIqQ12sI")
+ENTRY_BYTES = _WHOLE.size  # 40
+NO_ASIDE = bytes(12)
 READ_STEP = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     kind: bytes
-    index: int
+    chunk_index: int
     length: int
     crc: int
     aside: str = ""  # the random part of a kept-aside chunk's file name; "" in place
 
 
 def encode(entry: Entry) -> bytes:
-    body = _BODY.pack(MAGIC, entry.kind, entry.index, entry.length, entry.crc, entry.aside.encode())
+    body = _BODY.pack(
+        MAGIC, entry.kind, entry.chunk_index, entry.length, entry.crc, entry.aside.encode()
+    )
     return body + _CHECK.pack(zlib.crc32(body))
 
 
 def decode(buffer: bytes) -> tuple[list[Entry], int]:
     """The entries that check in `buffer`, and where the last of them ends."""
+    entries, end = _decode_whole(buffer)
+    if end + ENTRY_BYTES <= len(buffer):  # something that does not check: look past it
+        more, more_end = _decode_scanning(buffer, end)
+        entries += more
+        end = max(end, more_end)
+    return entries, end
+
+
+def _decode_whole(buffer: bytes) -> tuple[list[Entry], int]:
+    """The entries from the start while every one checks (the common case, at C speed)."""
+    view = memoryview(buffer)
+    whole = len(buffer) - len(buffer) % ENTRY_BYTES
+    entries = []
+    position = 0
+    body = _BODY.size
+    for magic, kind, index, length, crc, aside, check in _WHOLE.iter_unpack(view[:whole]):
+        if magic != MAGIC or zlib.crc32(view[position : position + body]) != check:
+            break
+        name = "" if aside == NO_ASIDE else aside.rstrip(b"\0").decode()
+        entries.append(Entry(kind, index, length, crc, name))
+        position += ENTRY_BYTES
+    return entries, position
+
+
+def _decode_scanning(buffer: bytes, start: int) -> tuple[list[Entry], int]:
     entries: list[Entry] = []
-    position = end = 0
+    position = end = start
     limit = len(buffer) - ENTRY_BYTES
     while 0 <= position <= limit:
         body = buffer[position : position + _BODY.size]

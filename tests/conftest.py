@@ -172,7 +172,7 @@ def stored_chunks(folder: Path) -> dict[int, recordlog.Entry]:
     """The chunks an upload's folder records as stored (its record log), by index."""
     log = folder / recordlog.LOG_NAME
     entries, _ = recordlog.decode(log.read_bytes()) if log.exists() else ([], 0)
-    return {e.index: e for e in entries if e.kind == recordlog.CHUNK}
+    return {e.chunk_index: e for e in entries if e.kind == recordlog.CHUNK}
 
 
 def temp_files(data_dir: Path) -> list[Path]:
