@@ -85,13 +85,22 @@ def main() -> None:
     parser.add_argument("--chunk-kib", type=int, default=16, help="chunk size in KiB")
     parser.add_argument("--repeats", type=int, default=5, help="rounds; the median is printed")
     parser.add_argument("--data-root", type=Path, help="where the temporary data folder goes")
+    parser.add_argument(
+        "--sink", action="store_true", help="measure bench/sink.py (aiohttp's floor) instead"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy's collapsed stacks of the server, into this file"
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-per-request-", dir=args.data_root))
     config = folder / "bench.toml"
     config.write_text('access_log = false\nlog_level = "warning"\nmin_free_bytes = 0\n')
+    command = [sys.executable, "-m", "chunkserver", "serve", "--config", str(config),
+               "--port", "0", "--data-dir", str(folder / "data")]  # fmt: skip
+    if args.sink:
+        command = [sys.executable, "-m", "bench.sink", "--port", "0"]
     server = subprocess.Popen(
-        [sys.executable, "-m", "chunkserver", "serve", "--config", str(config), "--port", "0",
-         "--data-dir", str(folder / "data")],
+        command,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -103,12 +112,23 @@ def main() -> None:
                 raise SystemExit("the server stopped before listening")
             if match := LISTENING.search(line):
                 url = match.group(1)
+        profiler = None
+        if args.profile:
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(server.pid), "--format", "raw", "--nonblocking",
+                 "--rate", "250", "--output", str(args.profile)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1)
         rounds = []
         for _ in range(args.repeats):
             before = thread_times(server.pid)
             seconds = asyncio.run(send_all(url, args.files, args.chunks, args.chunk_kib * 1024))
             rounds.append((before, thread_times(server.pid), seconds))
         names = thread_names(server.pid)
+        if profiler is not None:
+            profiler.send_signal(2)  # SIGINT: py-spy writes what it has
+            profiler.wait()
     finally:
         server.terminate()
         server.wait()
