@@ -49,7 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--url", help="measure this running server instead of starting one")
     parser.add_argument("--token", help="bearer token for --url")
-    parser.add_argument("--workers", type=int, default=1, help="workers of the started server")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help='workers of the started server, and nginx\'s worker_processes ("auto": one per core)',
+    )
     parser.add_argument("--fsync", action="store_true", help="start the server with fsync = true")
     parser.add_argument("--quick", action="store_true", help="256 MiB, fewer cells, 1 repeat")
     parser.add_argument("--smallest", action="store_true", help=argparse.SUPPRESS)  # tests
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                     targets.append(fastapi)
             if not args.no_sink:
                 targets.append(start_sink())
-            nginx = None if args.no_nginx else start_nginx(data_root)
+            nginx = None if args.no_nginx else start_nginx(data_root, args.workers)
             if nginx is not None:
                 targets.append(nginx)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -20,7 +20,7 @@ import psutil
 
 LISTENING = re.compile(r"listening on (http://\S+)")
 NGINX_CONF = """\
-{user}worker_processes 1;
+{user}worker_processes {workers};
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -96,7 +96,7 @@ def _wait_for_url(process: subprocess.Popen[str], pattern: re.Pattern[str]) -> s
 
 def start_chunkserver(
     *,
-    workers: int,
+    workers: int | str,
     fsync: bool,
     data_root: Path | None,
     checksums: str | None = None,
@@ -207,7 +207,8 @@ def free_port() -> int:
         return port
 
 
-def start_nginx(data_root: Path | None) -> Target | None:
+def start_nginx(data_root: Path | None, workers: int | str = 1) -> Target | None:
+    """nginx with as many worker processes as chunkserver has (`auto`: one per core)."""
     binary = shutil.which("nginx") or (
         "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
     )
@@ -218,7 +219,9 @@ def start_nginx(data_root: Path | None) -> Target | None:
     port = free_port()
     # As root, nginx's workers would run as nobody, who cannot write to our temp folder.
     user = "user root;\n" if os.geteuid() == 0 else ""
-    (prefix / "nginx.conf").write_text(NGINX_CONF.format(prefix=prefix, port=port, user=user))
+    (prefix / "nginx.conf").write_text(
+        NGINX_CONF.format(prefix=prefix, port=port, user=user, workers=workers)
+    )
     process = subprocess.Popen(
         [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
         stdout=subprocess.PIPE,

@@ -170,6 +170,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def worker_count(text: str) -> int | str:
+    if text == "auto":
+        return text
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f'must be "auto" or a whole number of 1 or more, not {text!r}'
+        )
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text) if text.lstrip("-").isdigit() else None
     if value is None or value < 0:
@@ -206,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--unix-socket", metavar="PATH", help="listen on a unix socket instead")
     serve.add_argument("--data-dir", metavar="DIR", help="data folder (default ./data)")
     serve.add_argument(
-        "--workers", type=positive_int, metavar="N", help="server processes (default 1)"
+        "--workers",
+        type=worker_count,
+        metavar="N",
+        help='server processes, or "auto": one per core (default 1)',
     )
     serve.set_defaults(run=_serve)
 

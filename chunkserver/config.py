@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,12 +75,20 @@ _KEY_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config
 _TUPLE_KEYS = {"auth_tokens", "cors_origins", "trusted_proxies", "checksums", "hook_events"}
 CHECKSUMS = ("crc64nvme", "sha256")
 STORAGES = ("local", "s3")
+MAX_WORKERS = 64
 HOOK_EVENTS = ("pre-create", "post-finish", "post-terminate", "post-expire")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (what `workers = "auto"` starts one process per)."""
+    return len(os.sched_getaffinity(0))
 
 
 def _coerce(key: str, value: Any) -> Any:
     """Return `value` converted to the type of `key`, or raise ConfigError naming the key."""
     expected = _KEY_TYPES[key]
+    if key == "workers" and value == "auto":
+        return min(available_cores(), MAX_WORKERS)
     if key in _TUPLE_KEYS:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
@@ -105,7 +114,7 @@ def validate(config: Config) -> Config:
     """Check the values that types alone do not constrain; return the config unchanged."""
     checks: list[tuple[str, bool, str]] = [
         ("port", 0 <= config.port <= 65535, "must be between 0 and 65535"),
-        ("workers", 1 <= config.workers <= 64, "must be between 1 and 64"),
+        ("workers", 1 <= config.workers <= MAX_WORKERS, 'must be "auto" or between 1 and 64'),
         ("max_chunk_bytes", config.max_chunk_bytes >= 1, "must be at least 1"),
         ("max_file_bytes", config.max_file_bytes >= 1, "must be at least 1"),
         ("max_total_chunks", config.max_total_chunks >= 1, "must be at least 1"),
