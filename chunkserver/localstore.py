@@ -79,7 +79,7 @@ from .errors import (
     UploadLocked,
 )
 from .fileio import copy_range, fsync_dir, hash_file, pwritev_all
-from .locks import FileLock, FolderGone, lock_range, pid_alive
+from .locks import FileLock, FolderGone, lock_range, pid_alive, unlock_range
 from .model import (
     ChunkRecord,
     Committed,
@@ -89,6 +89,7 @@ from .model import (
     UploadMeta,
     UploadProgress,
 )
+from .openuploads import OpenUpload, OpenUploads
 from .outbox import FolderOutbox
 from .recordlog import LOG_NAME
 
@@ -138,6 +139,10 @@ class ReceivedChunk:
     # that folder has been removed (and its file_id begun again) meanwhile. Or -1.
     folder_fd: int = -1
     log_fd: int = -1  # the record log, open for the in-place commit; or -1
+    # Written in place: the upload's shared open files (whose descriptors above are not this
+    # chunk's to close), and the region locked on its data file.
+    upload: OpenUpload | None = None
+    region: tuple[int, int] = (0, 0)
     length: int = 0
     written: int = 0
     crc: int = 0
@@ -252,6 +257,7 @@ class LocalStore:
         self.trash_dir = self.chunks_dir / TRASH
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="chunkserver-store")
         self._known: dict[str, _Known] = {}
+        self._open_uploads = OpenUploads(DATA_NAME)
         self._free_bytes = 0
         self._free_bytes_at = -FREE_BYTES_MAX_AGE
         self._emptying_trash = threading.Lock()
@@ -273,6 +279,7 @@ class LocalStore:
 
     async def close(self) -> None:
         self.executor.shutdown(wait=True)
+        self._open_uploads.close_all()
 
     # -- paths (file_id and filename are validated by the handlers before they get here) --
 
@@ -487,63 +494,102 @@ class LocalStore:
         return folder / self._temp_name(f".{RECORD_PREFIX}{index:06d}", ".part")
 
     def _open_for_chunk(self, meta: UploadMeta, index: int, max_bytes: int) -> ReceivedChunk:
-        """Open the chunk's region in the data file, locked; or a file aside when it cannot be
+        """The chunk's region in the data file, locked; or a file aside when it cannot be
         written in place. Raises UploadGone when the data file is not there."""
+        offset = meta.offset_of(index)
+        if offset is not None:
+            received = self._open_in_place(meta, index, offset, max_bytes)
+            if received is not None:
+                return received
+        return self._open_kept_aside(meta, index)
+
+    def _open_in_place(
+        self, meta: UploadMeta, index: int, offset: int, max_bytes: int
+    ) -> ReceivedChunk | None:
+        """The chunk's region, locked, in the upload's data file held open across its chunks;
+        None when the region is busy or the chunk was stored before (a resend)."""
         folder = self._folder(meta.file_id)
         try:
-            folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | OPEN_FLAGS)
+            upload = self._open_uploads.acquire(folder, meta.file_id, meta.token)
         except FileNotFoundError:
             raise UploadGone() from None
         except OSError as e:
             raise storage_error(e) from e
-        fd = log_fd = -1
+        limit = None if meta.is_last(index) or meta.chunk_size is None else meta.chunk_size
+        region = (offset, limit or max_bytes)
+        locked = placed = False
         try:
-            fd = os.open(DATA_NAME, os.O_RDWR | OPEN_FLAGS, dir_fd=folder_fd)
-            held = os.fstat(fd)
-            identity = (held.st_dev, held.st_ino)
-            offset = meta.offset_of(index)
-            last = meta.is_last(index)
-            limit = None if last or meta.chunk_size is None else meta.chunk_size
-            in_place = offset is not None and lock_range(fd, offset, limit or max_bytes, wait=False)
-            if not in_place and not lock_range(fd, GUARD_OFFSET, 1, wait=False, shared=True):
-                raise UploadGone()  # the whole file is locked: being completed or abandoned
-            # By its path from the data folder, not through folder_fd: the folder may have
-            # been moved to the trash (abandoned, deleted) between the open and the lock.
+            if index in upload.writing or not lock_range(upload.data_fd, *region, wait=False):
+                return None
+            locked = True
+            # By its path from the data folder: the upload may have been completed or removed
+            # (by any process) since these files were opened; the region lock keeps it so now.
             on_disk = os.stat(f"{folder}/{DATA_NAME}")
-            if (on_disk.st_dev, on_disk.st_ino) != identity:
+            if (on_disk.st_dev, on_disk.st_ino) != upload.identity:
+                self._open_uploads.forget(meta.file_id)
+                raise UploadGone()
+            known = self._known_of(meta)
+            known.catch_up(upload.log_fd)
+            if known.is_stored(index):
+                return None
+            upload.writing.add(index)
+            placed = True
+        except FileNotFoundError:
+            self._open_uploads.forget(meta.file_id)
+            raise UploadGone() from None
+        except OSError as e:
+            raise storage_error(e) from e
+        finally:
+            if not placed:
+                if locked:
+                    unlock_range(upload.data_fd, *region)
+                self._open_uploads.release(upload)
+        return ReceivedChunk(
+            fd=upload.data_fd,
+            base=offset,
+            guard_fd=-1,
+            limit=limit,
+            aside_path=None,
+            data_identity=upload.identity,
+            declared_size=meta.chunk_size_declared,
+            folder=folder,
+            index=index,
+            folder_fd=upload.folder_fd,
+            log_fd=upload.log_fd,
+            upload=upload,
+            region=region,
+        )
+
+    def _open_kept_aside(self, meta: UploadMeta, index: int) -> ReceivedChunk:
+        """A file of its own for a chunk whose place is unknown or busy, or that was stored
+        before (whose bytes must not touch its region); the data file stays open beside it
+        with a shared lock on its GUARD_OFFSET byte, until the commit."""
+        folder = self._folder(meta.file_id)
+        data_path = f"{folder}/{DATA_NAME}"
+        try:
+            fd = os.open(data_path, os.O_RDWR | OPEN_FLAGS)
+        except FileNotFoundError:
+            raise UploadGone() from None
+        except OSError as e:
+            raise storage_error(e) from e
+        try:
+            if not lock_range(fd, GUARD_OFFSET, 1, wait=False, shared=True):
+                raise UploadGone()  # the whole file is locked: being completed or abandoned
+            held, on_disk = os.fstat(fd), os.stat(data_path)
+            if (on_disk.st_dev, on_disk.st_ino) != (held.st_dev, held.st_ino):
                 raise UploadGone()  # completed or removed since we opened it
-            if offset is not None and in_place:
-                log_fd = recordlog.open_log(folder_fd)
-                known = self._known_of(meta)
-                known.catch_up(log_fd)
-            if offset is not None and in_place and not known.is_stored(index):
-                return ReceivedChunk(
-                    fd=fd,
-                    base=offset,
-                    guard_fd=-1,
-                    limit=limit,
-                    aside_path=None,
-                    data_identity=identity,
-                    declared_size=meta.chunk_size_declared,
-                    folder=folder,
-                    index=index,
-                    folder_fd=folder_fd,
-                    log_fd=log_fd,
-                )
-            # Kept aside: the place is unknown or busy, or the chunk was stored before (a
-            # resend, whose bytes must not touch the region; its region lock guards instead).
             received = self._open_aside(self._aside_path(folder, index), folder, index)
         except FileNotFoundError:
-            _close_all(fd, folder_fd, log_fd)
+            os.close(fd)
             raise UploadGone() from None
         except OSError as e:
-            _close_all(fd, folder_fd, log_fd)
+            os.close(fd)
             raise storage_error(e) from e
         except BaseException:
-            _close_all(fd, folder_fd, log_fd)
+            os.close(fd)
             raise
-        _close_all(folder_fd, log_fd)
         received.guard_fd = fd
+        last = meta.is_last(index)
         received.limit = None if last or not meta.chunk_size_declared else meta.chunk_size
         return received
 
@@ -647,6 +693,15 @@ class LocalStore:
         self._discard(received)
 
     def _discard(self, received: ReceivedChunk) -> None:
+        upload = received.upload
+        if upload is not None:  # its descriptors are the upload's, shared: not closed here
+            for name in ("fd", "guard_fd", "folder_fd", "log_fd"):
+                if getattr(received, name) in (upload.data_fd, upload.folder_fd, upload.log_fd):
+                    setattr(received, name, -1)
+            unlock_range(upload.data_fd, *received.region)
+            upload.writing.discard(received.index if received.index is not None else -1)
+            received.upload = None
+            self._open_uploads.release(upload)
         if received.fd >= 0:
             os.close(received.fd)
             received.fd = -1
@@ -1207,6 +1262,7 @@ class LocalStore:
         Unlinking a gigabyte takes 0.1 s, and seconds while the kernel writes it back, so a
         rename keeps that off the answer.
         """
+        self._open_uploads.forget(file_id)
         trash = self.trash_dir / self._temp_name(file_id, ".removing")
         try:
             os.rename(self._folder(file_id), trash)
@@ -1258,6 +1314,7 @@ class LocalStore:
                 self._folder(file_id), now, ttl_seconds
             )
         self.empty_trash()
+        self._open_uploads.close_idle()
         live = set(self._uploads_in_progress())
         for file_id in [f for f in self._known if f not in live]:
             self._known.pop(file_id, None)

@@ -145,3 +145,8 @@ def lock_range(fd: int, start: int, length: int, *, wait: bool, shared: bool = F
     except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held elsewhere
         return False
     return True
+
+
+def unlock_range(fd: int, start: int, length: int) -> None:
+    """Drop this descriptor's lock on `length` bytes of `fd` from `start` (0: to the end)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))

@@ -329,3 +329,56 @@ async def test_an_upload_completing_between_the_two_reads_of_a_lookup_is_found(
     assert isinstance(await store.lookup("between"), CompletedUpload)
     calls.clear()
     assert isinstance(await store.status("between"), CompletedUpload)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_an_uploads_files_stay_open_across_its_chunks_and_close_when_it_ends(
+    tmp_path: Path,
+) -> None:
+    store = LocalStore(tmp_path)
+    before = open_descriptors()
+    meta = await begin(store, UploadMeta.new("open", "f", 3, 30, 10))
+    await put(store, meta, 0, b"a" * 10)
+    held = open_descriptors()
+    assert held == before + 3  # the folder, the data file, the record log
+    await put(store, meta, 1, b"b" * 10)
+    assert open_descriptors() == held  # the same ones
+    result = await put(store, meta, 2, b"c" * 10)
+    assert await store.finish(result.meta) is not None
+    assert open_descriptors() == before
+
+
+async def test_an_upload_completed_by_another_process_is_not_written_through_old_files(
+    tmp_path: Path,
+) -> None:
+    """This process holds the upload's files open; another completes it (its data file is
+    renamed into uploads/). A chunk sent here again must not land in the completed file."""
+    a, b = LocalStore(tmp_path), LocalStore(tmp_path)
+    meta = await begin(a, UploadMeta.new("moved", "f", 2, 20, 10))
+    await put(a, meta, 0, b"a" * 10)
+    result = await put(b, meta, 1, b"b" * 10)
+    assert await b.finish(result.meta) is not None
+    with pytest.raises(UploadGone):
+        await a.receive(meta, 0, pieces(b"X" * 10), max_bytes=100, want_sha256=False)
+    assert (tmp_path / "uploads" / "moved" / "f").read_bytes() == b"a" * 10 + b"b" * 10
+
+
+async def test_one_chunk_twice_at_once_in_one_process_goes_aside_the_second_time(
+    tmp_path: Path,
+) -> None:
+    """Requests of one process share the data file's descriptor, whose range locks do not
+    keep them apart: the second writer of a chunk in flight is kept aside instead."""
+    store = LocalStore(tmp_path)
+    meta = await begin(store, UploadMeta.new("twice", "f", 2, 20, 10))
+    first = await store.receive(meta, 0, pieces(b"a" * 10), max_bytes=100, want_sha256=False)
+    second = await store.receive(meta, 0, pieces(b"b" * 10), max_bytes=100, want_sha256=False)
+    assert first.in_place and not second.in_place
+    await store.commit(first, meta, 0)
+    await store.commit(second, meta, 0)
+    result = await put(store, meta, 1, b"c" * 10)
+    done = await store.finish(result.meta)
+    assert done is not None
+    assert (tmp_path / "uploads" / "twice" / "f").read_bytes() == b"b" * 10 + b"c" * 10
