@@ -26,6 +26,8 @@ def add_fractions(result: dict[str, Any]) -> None:
         cell["fraction_of_fastapi"] = ours / fastapi if ours and fastapi else None
         direct = cell["targets"].get("s3-direct", {}).get("MiB_per_s")
         cell["fraction_of_s3_direct"] = ours / direct if ours and direct else None
+        tus_s3 = cell["targets"].get("tus-s3-store", {}).get("MiB_per_s")
+        cell["vs_tus_s3_store"] = ours / tus_s3 if ours and tus_s3 else None
         ours_tus = cell["targets"].get("chunkserver-tus", {}).get("MiB_per_s")
         peer_tus = cell["targets"].get("tus-server", {}).get("MiB_per_s")
         cell["tus_vs_tus_server"] = ours_tus / peer_tus if ours_tus and peer_tus else None
@@ -124,12 +126,15 @@ def _s3_markdown(result: dict[str, Any]) -> str:
         f"Throughput in {result['unit']}; median of {result['options']['repeats']} runs of "
         f"{result['options']['volume_mib']} MiB per cell, min-max in brackets. s3-direct: the "
         "same bytes sent straight to Swift by a plain S3 client (multipart upload, parts of "
-        "the chunk size but at least 5 MiB, the same concurrency; bench/s3peer.py).",
+        "the chunk size but at least 5 MiB, the same concurrency; bench/s3peer.py). "
+        "@tus/s3-store: @tus/server with its S3Store (parts of 5 MiB) on the same Swift, sent "
+        "the same bytes as tus PATCHes of the chunk size (bench/tus_s3_server.js; files only).",
         "",
         "| shape | chunk | conc | chunkserver MiB/s | s3-direct MiB/s | x s3-direct "
+        "| @tus/s3-store MiB/s | x @tus/s3-store "
         "| completion ms (direct) | peak RSS MiB | chunkserver CPU s/GiB "
         "| store CPU s/GiB (direct) | CPU ms/req |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cell in result["cells"]:
         ours = cell["targets"].get("chunkserver", {})
@@ -150,6 +155,8 @@ def _s3_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {cell['shape']} | {chunk_text} | {cell['concurrency']} | {speed} "
             f"| {direct_speed} | {_num(cell.get('fraction_of_s3_direct'), 2)} "
+            f"| {_speed(cell['targets'].get('tus-s3-store', {}))} "
+            f"| {_num(cell.get('vs_tus_s3_store'), 2)} "
             f"| {_num(ours.get('completion_p50_ms'))} ({_num(direct.get('completion_p50_ms'))}) "
             f"| {_num(ours.get('peak_rss_mib'), 1)} | {_num(ours.get('cpu_s_per_gib'), 2)} "
             f"| {_num(ours.get('store_cpu_s_per_gib'), 2)} "

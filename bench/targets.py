@@ -187,6 +187,29 @@ def start_tus_server(data_root: Path | None, buffer: memoryview) -> Target | Non
     )
 
 
+def start_tus_s3_server(stack: S3Stack, buffer: memoryview) -> Target | None:
+    """@tus/server with @tus/s3-store on the same Swift and bucket (bench/tus_s3_server.js);
+    None without Node.js or the package."""
+    node = shutil.which("node")
+    if node is None or not (NODE_MODULES / "@tus" / "s3-store").is_dir():
+        return None
+    from .tusload import TusLoad
+
+    port = free_port()
+    settings = stack.settings
+    process = subprocess.Popen(
+        [node, str(ROOT / "bench" / "tus_s3_server.js"), str(port),
+         settings["s3_endpoint_url"], settings["s3_bucket"], settings["s3_region"],
+         settings["s3_access_key_id"], settings["s3_secret_access_key"]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+    )  # fmt: skip
+    url = _wait_for_url(process, LISTENING)
+    return Target("tus-s3-store", url, process, peer=TusLoad(f"{url}/files/", buffer=buffer))
+
+
 def start_sink() -> Target:
     process = subprocess.Popen(
         [sys.executable, "-m", "bench.sink", "--port", "0"],

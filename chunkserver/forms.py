@@ -77,9 +77,11 @@ class ChunkForm:
     def __init__(self, *, max_total_chunks: int) -> None:
         self.values: dict[str, str] = {}
         self.max_total_chunks = max_total_chunks
+        self._checked: ChunkFields | None = None  # fields() of the values as they are
 
     def set(self, name: str, value: str) -> None:
         self.values[name] = value
+        self._checked = None
 
     def has_required(self) -> bool:
         return all(name in self.values for name in REQUIRED_FIELDS)
@@ -93,6 +95,11 @@ class ChunkForm:
 
     def fields(self) -> ChunkFields:
         """Validate every field; raise BadRequest naming the first that is wrong."""
+        if self._checked is None:
+            self._checked = self._validate()
+        return self._checked
+
+    def _validate(self) -> ChunkFields:
         for name in REQUIRED_FIELDS:
             if name not in self.values:
                 raise BadRequest(f"Missing required parameter: {name}")

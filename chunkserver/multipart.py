@@ -225,12 +225,22 @@ class MultipartParser:
 
     async def read_text(self, *, limit: int) -> str:
         """Read the current part whole as UTF-8 text of at most `limit` bytes."""
+        end = self._buf.find(self._delimiter, self._pos)
+        if self._in_body and 0 <= end - self._pos <= limit:  # all here already: the usual case
+            text = self._buf[self._pos : end]
+            self._pos = end + len(self._delimiter)
+            self._in_body = False
+            return _utf8(text)
         data = bytearray()
         async for piece in self.body():
             data += piece
             if len(data) > limit:
                 raise BadRequest(f"A form field is longer than {limit} bytes")
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("A form field is not valid UTF-8") from None
+        return _utf8(data)
+
+
+def _utf8(data: bytes | bytearray) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("A form field is not valid UTF-8") from None
