@@ -37,8 +37,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--soak-seconds",
         type=float,
-        default=60.0,
-        help="how long tests/soak runs its load (60 s in CI; 600 for the long soak)",
+        default=30.0,
+        help="how long tests/soak runs its load (30 s in CI; 600 for the long soak)",
     )
 
 
