@@ -34,6 +34,7 @@ SHUTDOWN_TIMEOUT = 30.0
 # whole timeout on a keep-alive connection that went idle as it began, so keep it short;
 # what it still cuts is a download in progress, which the client resumes with Range.
 AIOHTTP_SHUTDOWN_TIMEOUT = 2.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 READ_BUFSIZE = 256 * 1024
 log = logging.getLogger("chunkserver")
 
@@ -166,12 +167,25 @@ def run_one(config: Config, sock: socket.socket, *, announce: bool) -> None:
         runner.run(_serve_async(config, sock, announce))
 
 
-def _worker_main(config: Config, sock: socket.socket | None) -> None:
+def _worker_main(config: Config, sock: socket.socket | None, supervisor: int) -> None:
+    _die_with(supervisor)
     configure_logging(config)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sock is None:  # TCP: a socket of our own in the port's SO_REUSEPORT group
         sock = _tcp_socket(config.host, config.port, reuse_port=True, listen=True)
     run_one(config, sock, announce=False)
+
+
+def _die_with(supervisor: int) -> None:
+    """Have the kernel kill this worker when its supervisor dies, however it dies (a SIGKILL
+    gives the supervisor no chance to stop its workers): an orphan would keep serving on
+    the port beside the next start."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own stop still applies
+        return
+    if os.getppid() != supervisor:  # it died before the prctl
+        os._exit(1)
 
 
 def serve(config: Config) -> None:
@@ -212,7 +226,9 @@ def _supervise(config: Config, sock: socket.socket) -> None:
     signal.signal(signal.SIGTERM, request_stop)
 
     def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker_main, args=(config, shared), daemon=False)
+        process = context.Process(
+            target=_worker_main, args=(config, shared, os.getpid()), daemon=False
+        )
         process.start()
         return process
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -112,6 +113,19 @@ def test_workers_share_a_port_and_their_metrics(
     assert len(files) == 2
     assert server.stop() == 0
     assert not any(f.exists() for f in files)  # a clean stop takes its figures with it
+
+
+def test_workers_die_with_their_supervisor(servers: Callable[..., ServerProcess]) -> None:
+    """SIGKILL gives the supervisor no chance to stop its workers: the kernel kills them
+    (PR_SET_PDEATHSIG), so no orphan keeps serving on the port beside the next start."""
+    server = servers("--workers", "2")
+    workers = psutil.Process(server.process.pid).children()
+    assert len(workers) == 2
+    server.kill()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == []
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/healthz", timeout=5)
 
 
 def test_metrics_forget_a_dead_process(
