@@ -27,8 +27,10 @@ import aiohttp
 import psutil
 import pytest
 
+from chunkserver.openuploads import MAX_OPEN_UPLOADS
+
 from .. import realstack
-from ..conftest import ServerProcess, crc64, s3_flags, start_server, temp_files
+from ..conftest import ServerProcess, crc64, s3_flags, start_server, stored_chunks, temp_files
 from ..test_multihost import ROOT, render
 from ..test_nginx import free_port, run_nginx, stop_nginx
 
@@ -466,11 +468,11 @@ def verify(cluster: Cluster, uploads: list[Upload], data_dir: Path) -> dict:
             assert upload.answered_crc64nvme == upload.crc64nvme
         elif upload.state == "aborted":
             assert not (data_dir / "uploads" / upload.file_id).exists()
-            assert not list((data_dir / "chunks" / upload.file_id).glob("chunk_*"))
+            assert stored_chunks(data_dir / "chunks" / upload.file_id) == {}
     open_ids = {u.file_id for u in uploads if u.state == "open"}
     for folder in (data_dir / "chunks").iterdir():
         if folder.name not in (".incoming", ".trash") and folder.name not in open_ids:
-            assert not list(folder.glob("chunk_*")), f"chunks left for {folder.name}"
+            assert stored_chunks(folder) == {}, f"chunks left for {folder.name}"
     # Finished chunk folders wait in .trash only while a live process unlinks them; a
     # killed process's are removed by the sweep that starts its successor.
     live = {str(server.process.pid) for server in cluster.servers}
@@ -479,10 +481,26 @@ def verify(cluster: Cluster, uploads: list[Upload], data_dir: Path) -> dict:
     assert temp_files(data_dir) == []
     servers = []
     for server in cluster.servers:
-        _, fds, idle_fds, said = measured(cluster, server)
+        process, fds, idle_fds, said = measured(cluster, server)
+        # An upload's folder, data file and log stay open across its chunks, for at most
+        # MAX_OPEN_UPLOADS uploads: those left open, or ended by another process.
+        cached = upload_files_held(process, data_dir)
+        said += f", {cached} held open for uploads"
         servers.append(said)
-        assert fds <= idle_fds + 2, said
+        assert cached <= 3 * MAX_OPEN_UPLOADS, said
+        assert fds - cached <= idle_fds + 2, said
     return {"lost": lost, "servers": servers}
+
+
+def upload_files_held(process: psutil.Process, data_dir: Path) -> int:
+    """Descriptors on upload folders and files (chunkserver/openuploads.py's cache)."""
+    roots = tuple(str(data_dir / name) for name in ("chunks", "uploads"))
+    held = 0
+    for fd in Path(f"/proc/{process.pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(roots):
+                held += 1
+    return held
 
 
 def measured(cluster: Cluster, server: ServerProcess) -> tuple[psutil.Process, int, int, str]:
