@@ -3,7 +3,7 @@
     python bench/cors_compare.py     (needs aiohttp-cors: pip install aiohttp-cors)
 
 Prints, for each case, the status and the CORS headers each one gives. The result and the
-decision are in README.md ("CORS: the hand-written middleware or aiohttp-cors").
+decision are in docs/clients.md ("CORS: the hand-written middleware or aiohttp-cors").
 """
 
 from __future__ import annotations

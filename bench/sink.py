@@ -15,6 +15,8 @@ import socket
 import uvloop
 from aiohttp import web
 
+from chunkserver.server import keep_freed_heap
+
 
 async def discard(request: web.Request) -> web.Response:
     received = 0
@@ -37,6 +39,7 @@ async def serve(port: int) -> None:
 
 
 def main() -> None:
+    keep_freed_heap()  # as chunkserver does: the same allocator, a fair floor
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
