@@ -112,6 +112,7 @@ MAX_BATCH_PIECES = 256
 GUARD_OFFSET = 1 << 62
 # The byte a tus upload's writer locks (exclusive): one PATCH at a time, in any process.
 WRITER_OFFSET = GUARD_OFFSET - 1
+WRITER_KEY = -1  # the tus writer in OpenUpload.writing (chunk indexes are 0 or more)
 FREE_BYTES_MAX_AGE = 0.05  # seconds
 FREE_BYTES_CACHED_ABOVE = 4 * 1024**3
 # A folder with no metadata and no live temporary file is a leftover after this long.
@@ -143,6 +144,7 @@ class ReceivedChunk:
     # chunk's to close), and the region locked on its data file.
     upload: OpenUpload | None = None
     region: tuple[int, int] = (0, 0)
+    writing_key: int = 0  # in upload.writing: the chunk's index, or WRITER_KEY (tus)
     length: int = 0
     written: int = 0
     crc: int = 0
@@ -508,42 +510,17 @@ class LocalStore:
     ) -> ReceivedChunk | None:
         """The chunk's region, locked, in the upload's data file held open across its chunks;
         None when the region is busy or the chunk was stored before (a resend)."""
-        folder = self._folder(meta.file_id)
-        try:
-            upload = self._open_uploads.acquire(folder, meta.file_id, meta.token)
-        except FileNotFoundError:
-            raise UploadGone() from None
-        except OSError as e:
-            raise storage_error(e) from e
         limit = None if meta.is_last(index) or meta.chunk_size is None else meta.chunk_size
         region = (offset, limit or max_bytes)
-        locked = placed = False
-        try:
-            if index in upload.writing or not lock_range(upload.data_fd, *region, wait=False):
-                return None
-            locked = True
-            # By its path from the data folder: the upload may have been completed or removed
-            # (by any process) since these files were opened; the region lock keeps it so now.
-            on_disk = os.stat(f"{folder}/{DATA_NAME}")
-            if (on_disk.st_dev, on_disk.st_ino) != upload.identity:
-                self._open_uploads.forget(meta.file_id)
-                raise UploadGone()
-            known = self._known_of(meta)
+        known = self._known_of(meta)
+
+        def not_stored(upload: OpenUpload) -> bool:
             known.catch_up(upload.log_fd)
-            if known.is_stored(index):
-                return None
-            upload.writing.add(index)
-            placed = True
-        except FileNotFoundError:
-            self._open_uploads.forget(meta.file_id)
-            raise UploadGone() from None
-        except OSError as e:
-            raise storage_error(e) from e
-        finally:
-            if not placed:
-                if locked:
-                    unlock_range(upload.data_fd, *region)
-                self._open_uploads.release(upload)
+            return not known.is_stored(index)
+
+        upload = self._hold_region(meta, index, region, not_stored)
+        if upload is None:
+            return None
         return ReceivedChunk(
             fd=upload.data_fd,
             base=offset,
@@ -552,13 +529,58 @@ class LocalStore:
             aside_path=None,
             data_identity=upload.identity,
             declared_size=meta.chunk_size_declared,
-            folder=folder,
+            folder=self._folder(meta.file_id),
             index=index,
             folder_fd=upload.folder_fd,
             log_fd=upload.log_fd,
             upload=upload,
             region=region,
+            writing_key=index,
         )
+
+    def _hold_region(
+        self,
+        meta: UploadMeta,
+        key: int,
+        region: tuple[int, int],
+        ready: Callable[[OpenUpload], bool],
+    ) -> OpenUpload | None:
+        """The upload's open files, with `region` of its data file locked and `key` marked
+        as being written by this process, once `ready` says so under the lock; None when
+        the region is busy (here or in another process) or `ready` says no."""
+        folder = self._folder(meta.file_id)
+        try:
+            upload = self._open_uploads.acquire(folder, meta.file_id, meta.token)
+        except FileNotFoundError:
+            raise UploadGone() from None
+        except OSError as e:
+            raise storage_error(e) from e
+        locked = held = False
+        try:
+            if key in upload.writing or not lock_range(upload.data_fd, *region, wait=False):
+                return None
+            locked = True
+            # By its path from the data folder: the upload may have been completed or removed
+            # (by any process) since these files were opened; the region lock keeps it so now.
+            on_disk = os.stat(f"{folder}/{DATA_NAME}")
+            if (on_disk.st_dev, on_disk.st_ino) != upload.identity:
+                self._open_uploads.forget(meta.file_id)
+                raise UploadGone()
+            if not ready(upload):
+                return None
+            upload.writing.add(key)
+            held = True
+        except FileNotFoundError:
+            self._open_uploads.forget(meta.file_id)
+            raise UploadGone() from None
+        except OSError as e:
+            raise storage_error(e) from e
+        finally:
+            if not held:
+                if locked:
+                    unlock_range(upload.data_fd, *region)
+                self._open_uploads.release(upload)
+        return upload
 
     def _open_kept_aside(self, meta: UploadMeta, index: int) -> ReceivedChunk:
         """A file of its own for a chunk whose place is unknown or busy, or that was stored
@@ -699,7 +721,7 @@ class LocalStore:
                 if getattr(received, name) in (upload.data_fd, upload.folder_fd, upload.log_fd):
                     setattr(received, name, -1)
             unlock_range(upload.data_fd, *received.region)
-            upload.writing.discard(received.index if received.index is not None else -1)
+            upload.writing.discard(received.writing_key)
             received.upload = None
             self._open_uploads.release(upload)
         if received.fd >= 0:
@@ -1034,10 +1056,9 @@ class LocalStore:
         except FileNotFoundError:
             return 0, 0
         try:
-            entry = recordlog.last_of_kind(fd, recordlog.OFFSET)
+            return _progress_in(fd)
         finally:
             os.close(fd)
-        return (entry.length, entry.crc) if entry is not None else (0, 0)
 
     def _stream_progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
         completed = self._read_completion(meta.file_id)
@@ -1086,46 +1107,36 @@ class LocalStore:
 
     def _open_at(self, meta: UploadMeta, offset: int) -> ReceivedAtOffset:
         """The data file at the upload's offset, with its writer byte locked."""
-        folder = self._folder(meta.file_id)
-        try:
-            folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | OPEN_FLAGS)
-        except FileNotFoundError:
-            raise UploadGone() from None
-        fd = -1
-        try:
-            fd = os.open(DATA_NAME, os.O_RDWR | OPEN_FLAGS, dir_fd=folder_fd)
-            held = os.fstat(fd)
-            identity = (held.st_dev, held.st_ino)
-            if not lock_range(fd, WRITER_OFFSET, 1, wait=False):
-                raise UploadLocked()  # another PATCH, or a completion or removal
-            on_disk = os.stat(f"{folder}/{DATA_NAME}")
-            if (on_disk.st_dev, on_disk.st_ino) != identity:
-                raise UploadGone()  # completed or removed since we opened it
-            stored, crc = self._read_progress_at(folder_fd)
+        crc_before = 0
+
+        def at_offset(upload: OpenUpload) -> bool:
+            nonlocal crc_before
+            stored, crc_before = _progress_in(upload.log_fd)
             if stored != offset:
                 raise OffsetMismatch(offset, stored)
-        except FileNotFoundError:
-            _close_all(fd, folder_fd)
-            raise UploadGone() from None
-        except OSError as e:
-            _close_all(fd, folder_fd)
-            raise storage_error(e) from e
-        except BaseException:
-            _close_all(fd, folder_fd)
-            raise
+            return True
+
+        writer = (WRITER_OFFSET, 1)
+        upload = self._hold_region(meta, WRITER_KEY, writer, at_offset)
+        if upload is None:
+            raise UploadLocked()  # another PATCH, or a completion or removal
         chunk = ReceivedChunk(
-            fd=fd,
+            fd=upload.data_fd,
             base=offset,
             guard_fd=-1,
             limit=None,
             aside_path=None,
-            data_identity=identity,
+            data_identity=upload.identity,
             declared_size=True,
-            folder=folder,
+            folder=self._folder(meta.file_id),
             index=0,
-            folder_fd=folder_fd,
+            folder_fd=upload.folder_fd,
+            log_fd=upload.log_fd,
+            upload=upload,
+            region=writer,
+            writing_key=WRITER_KEY,
         )
-        return ReceivedAtOffset(chunk, meta, crc)
+        return ReceivedAtOffset(chunk, meta, crc_before)
 
     async def commit_at(self, received: ReceivedAtOffset) -> StreamProgress:
         chunk = received.chunk
@@ -1139,11 +1150,11 @@ class LocalStore:
             self._discard(chunk)  # the writer lock, held till here
 
     def _commit_at(self, received: ReceivedAtOffset) -> StreamProgress:
-        """Move the offset past the received bytes; write chunk 0's record at the end.
+        """Append the new offset to the log; with chunk 0's entry once the length is reached.
 
         The writer lock keeps every other PATCH, completion and removal of this data file
-        waiting, and both files go through the folder's descriptor, into this upload's
-        folder whatever happened to its path."""
+        waiting, and the log is the one opened beside the data file, so the entry lands in
+        this upload's folder whatever happened to its path."""
         chunk = received.chunk
         offset = chunk.base + chunk.written
         crc = checksums.combine_two(received.crc_before, chunk.crc, chunk.written)
@@ -1156,13 +1167,9 @@ class LocalStore:
         if meta.total_size is not None and offset == meta.total_size:
             entries.append(recordlog.Entry(recordlog.CHUNK, 0, offset, crc))  # chunk 0 stored
         if entries:
-            log_fd = recordlog.open_log(chunk.folder_fd)
-            try:
-                recordlog.append(log_fd, *entries)
-                if self.fsync:
-                    os.fdatasync(log_fd)
-            finally:
-                os.close(log_fd)
+            recordlog.append(chunk.log_fd, *entries)
+            if self.fsync:
+                os.fdatasync(chunk.log_fd)
         return StreamProgress(meta, offset, crc, time.time())
 
     async def discard_at(self, received: ReceivedAtOffset) -> None:
@@ -1443,14 +1450,14 @@ def _aside_name(index: int, token: str) -> str | None:
     return _aside_file(index, token) if token else None
 
 
+def _progress_in(log_fd: int) -> tuple[int, int]:
+    """(offset, crc) of a tus upload from its log; (0, 0) before its first bytes."""
+    entry = recordlog.last_of_kind(log_fd, recordlog.OFFSET)
+    return (entry.length, entry.crc) if entry is not None else (0, 0)
+
+
 def _touch(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | OPEN_FLAGS, 0o644))
-
-
-def _close_all(*fds: int) -> None:
-    for fd in fds:
-        if fd >= 0:
-            os.close(fd)
 
 
 def _writer_pid(temp_name: str) -> int | None:

@@ -119,10 +119,3 @@ def last_of_kind(fd: int, kind: bytes) -> Entry | None:
         if found:
             return found[-1]
     return None
-
-
-def open_log(folder_fd: int) -> int:
-    """The log in the folder `folder_fd`, opened for appending and reading (made if missing)."""
-    return os.open(
-        LOG_NAME, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644, dir_fd=folder_fd
-    )

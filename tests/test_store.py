@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chunkserver import recordlog
-from chunkserver.errors import UploadGone
+from chunkserver.errors import UploadGone, UploadLocked
 from chunkserver.localstore import DATA_NAME, LocalStore
 from chunkserver.locks import lock_range
 from chunkserver.model import CompletedUpload, UploadMeta, UploadProgress
@@ -390,3 +390,29 @@ async def test_one_chunk_twice_at_once_in_one_process_goes_aside_the_second_time
     done = await store.finish(result.meta)
     assert done is not None
     assert (tmp_path / "uploads" / "twice" / "f").read_bytes() == b"b" * 10 + b"c" * 10
+
+
+async def test_a_tus_uploads_patches_reuse_its_open_files_and_one_writer_at_a_time(
+    tmp_path: Path,
+) -> None:
+    store = LocalStore(tmp_path)
+    upload_files = (tmp_path / "chunks" / "tp", tmp_path / "uploads" / "tp")
+    meta = await begin(store, UploadMeta.new_stream("tp", "f", 20, None))
+    first = await store.receive_at(
+        meta, 0, pieces(b"a" * 10), length=10, max_bytes=100, on_piece=None
+    )
+    # A second PATCH of this process while the first is held: the writer is busy.
+    with pytest.raises(UploadLocked):
+        await store.receive_at(meta, 0, pieces(b"b" * 10), length=10, max_bytes=100, on_piece=None)
+    progress = await store.commit_at(first)
+    assert progress.offset == 10
+    assert descriptors_on(*upload_files) == 3  # kept for the next PATCH
+    second = await store.receive_at(
+        meta, 10, pieces(b"c" * 10), length=10, max_bytes=100, on_piece=None
+    )
+    progress = await store.commit_at(second)
+    assert progress.offset == 20
+    done = await store.finish(progress.meta)
+    assert done is not None
+    assert (tmp_path / "uploads" / "tp" / "f").read_bytes() == b"a" * 10 + b"c" * 10
+    assert descriptors_on(*upload_files) == 0
