@@ -87,7 +87,9 @@ def available_cores() -> int:
 def _coerce(key: str, value: Any) -> Any:
     """Return `value` converted to the type of `key`, or raise ConfigError naming the key."""
     expected = _KEY_TYPES[key]
-    if key == "workers" and value == "auto":
+    if key == "workers" and isinstance(value, str):
+        if value != "auto":
+            raise ConfigError(f'workers: expected an integer or "auto", got {value!r}')
         return min(available_cores(), MAX_WORKERS)
     if key in _TUPLE_KEYS:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):

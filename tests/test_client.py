@@ -282,6 +282,12 @@ def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path: Path, args, word) ->
     assert "Traceback" not in done.stderr
 
 
+def test_serve_workers_takes_a_number_or_auto() -> None:
+    done = run_cli("serve", "--workers", "nope")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert '"auto" or a whole number' in done.stderr, done.stderr
+
+
 def test_cli_version_and_help() -> None:
     version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("chunkserver ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -42,6 +43,7 @@ def test_overrides_win_and_none_is_ignored(tmp_path: Path) -> None:
         ('port = "80"', "port"),
         ("port = 70000", "port"),
         ("workers = 0", "workers"),
+        ('workers = "many"', "workers"),
         ("fsync = 1", "fsync"),
         ("auth_tokens = 'abc'", "auth_tokens"),
         ("max_chunk_bytes = 0", "max_chunk_bytes"),
@@ -85,6 +87,13 @@ def test_serve_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "max_chunk_bytes" in lines[0]
+
+
+def test_workers_auto_is_one_per_core(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('workers = "auto"\n')
+    assert load_config(path).workers == len(os.sched_getaffinity(0))
+    assert load_config(None, {"workers": "auto"}).workers == len(os.sched_getaffinity(0))
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
