@@ -521,21 +521,38 @@ class LocalStore:
         upload = self._hold_region(meta, index, region, not_stored)
         if upload is None:
             return None
+        return self._written_through(
+            upload, meta, offset, region, index, limit=limit, declared_size=meta.chunk_size_declared
+        )
+
+    def _written_through(
+        self,
+        upload: OpenUpload,
+        meta: UploadMeta,
+        base: int,
+        region: tuple[int, int],
+        key: int,
+        *,
+        limit: int | None,
+        declared_size: bool,
+    ) -> ReceivedChunk:
+        """Bytes written at `base` of the upload's data file held open, whose `region` this
+        process holds (see _hold_region) under `key`."""
         return ReceivedChunk(
             fd=upload.data_fd,
-            base=offset,
+            base=base,
             guard_fd=-1,
             limit=limit,
             aside_path=None,
             data_identity=upload.identity,
-            declared_size=meta.chunk_size_declared,
+            declared_size=declared_size,
             folder=self._folder(meta.file_id),
-            index=index,
+            index=max(key, 0),  # a tus upload (WRITER_KEY) is chunk 0
             folder_fd=upload.folder_fd,
             log_fd=upload.log_fd,
             upload=upload,
             region=region,
-            writing_key=index,
+            writing_key=key,
         )
 
     def _hold_region(
@@ -1120,21 +1137,8 @@ class LocalStore:
         upload = self._hold_region(meta, WRITER_KEY, writer, at_offset)
         if upload is None:
             raise UploadLocked()  # another PATCH, or a completion or removal
-        chunk = ReceivedChunk(
-            fd=upload.data_fd,
-            base=offset,
-            guard_fd=-1,
-            limit=None,
-            aside_path=None,
-            data_identity=upload.identity,
-            declared_size=True,
-            folder=self._folder(meta.file_id),
-            index=0,
-            folder_fd=upload.folder_fd,
-            log_fd=upload.log_fd,
-            upload=upload,
-            region=writer,
-            writing_key=WRITER_KEY,
+        chunk = self._written_through(
+            upload, meta, offset, writer, WRITER_KEY, limit=None, declared_size=True
         )
         return ReceivedAtOffset(chunk, meta, crc_before)
 
