@@ -13,10 +13,11 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
 
 from .addresses import Network, client_address, trusted_proxies
+from .bodyreader import receive_buffers_for
 from .config import Config
 from .errors import ChunkServerError, NotAuthenticated, StorageFailure, StoreUnavailable
 from .handlers import add_routes, json_answer
-from .keys import CONFIG, UPLOADS
+from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .logs import ThrottledLog
 from .service import Uploads
 from .tus import EXPOSED_HEADERS as TUS_EXPOSED_HEADERS
@@ -213,6 +214,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=middlewares)
     app[CONFIG] = config
     app[UPLOADS] = Uploads.open(config)
+    app[RECEIVE_BUFFERS] = receive_buffers_for(config.storage)
     add_routes(app)
     add_tus_routes(app)
     app.cleanup_ctx.append(_uploads_context(config))

@@ -5,7 +5,6 @@ No handler builds a path or touches the disk; that is the store's job.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from pathlib import Path
@@ -17,17 +16,17 @@ from aiohttp.abc import AbstractStreamWriter
 
 from . import openapi
 from .addresses import remote_of
+from .bodyreader import BodyReader
 from .errors import (
     BadRequest,
-    ClientTooSlow,
     FileNotFound,
     RangeNotSatisfiable,
     StorageFailure,
 )
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkForm, check_file_id
-from .keys import CONFIG, UPLOADS
+from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .model import CompletedUpload, StoredObject, StreamProgress, UploadProgress
-from .multipart import MultipartParser, ReadFunction, boundary_from_content_type
+from .multipart import MultipartParser, boundary_from_content_type
 from .service import Prepared
 from .store import Received
 
@@ -74,39 +73,21 @@ def _completed_chunk_answer(record: CompletedUpload) -> dict[str, Any]:
     }
 
 
-def read_with_idle_timeout(request: web.Request, seconds: float) -> ReadFunction:
-    """The body's next received piece; ClientTooSlow when no byte comes for `seconds`.
-
-    `readchunk` hands over one received buffer as it is, where `readany` would join all the
-    buffers waiting into a new one: a copy of every byte whenever the loop falls behind.
-    """
-    content = request.content
-
-    async def read_or_give_up() -> bytes:
-        try:
-            async with asyncio.timeout(seconds):
-                while True:
-                    data, end_of_http_chunk = await content.readchunk()
-                    # (b"", True) marks the end of a chunked-encoding chunk, and is all that
-                    # an empty body ever answers (at EOF already: return, do not spin).
-                    if data or not end_of_http_chunk or content.at_eof():
-                        return data
-        except TimeoutError:
-            raise ClientTooSlow(seconds) from None
-
-    return read_or_give_up
-
-
 async def upload_chunk(request: web.Request) -> web.Response:
     with request.app[UPLOADS].admit():
         return await _upload_chunk(request)
 
 
 async def _upload_chunk(request: web.Request) -> web.Response:
-    uploads = request.app[UPLOADS]
     config = request.app[CONFIG]
     boundary = boundary_from_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
-    parser = MultipartParser(read_with_idle_timeout(request, config.idle_timeout_seconds), boundary)
+    with BodyReader(request, config.idle_timeout_seconds, request.app[RECEIVE_BUFFERS]) as body:
+        return await _receive_chunk(request, MultipartParser(body.read, boundary))
+
+
+async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.Response:
+    uploads = request.app[UPLOADS]
+    config = request.app[CONFIG]
     form = ChunkForm(max_total_chunks=config.max_total_chunks)
     remote = remote_of(request, config)
     prepared: Prepared | None = None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .bodyreader import ReceiveBuffers
 from .config import Config
 from .service import Uploads
 
 CONFIG = web.AppKey("config", Config)
 UPLOADS = web.AppKey("uploads", Uploads)
+RECEIVE_BUFFERS: web.AppKey[ReceiveBuffers | None] = web.AppKey("receive_buffers")

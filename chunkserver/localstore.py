@@ -684,7 +684,13 @@ class LocalStore:
                     on_piece(piece)
                 batch.append(piece)
                 batch_bytes += len(piece)
-                if batch_bytes >= WRITE_BATCH_BYTES or len(batch) >= MAX_BATCH_PIECES:
+                # A bytearray's view is of a buffer reused after the next piece
+                # (bodyreader.py), and as large as a batch already: written now.
+                if (
+                    batch_bytes >= WRITE_BATCH_BYTES
+                    or len(batch) >= MAX_BATCH_PIECES
+                    or type(piece.obj) is bytearray
+                ):
                     self._write(received, batch, batch_bytes)
                     batch, batch_bytes = [], 0
             if batch:

@@ -8,8 +8,10 @@ tail of a buffer that could start one; only that tail (never a whole buffer, exc
 rare case) is ever joined to the next read.
 
 The parser knows nothing of HTTP: it is given an async `read` function that returns the next
-bytes of the body (b"" at the end) and raises `MalformedMultipart` for a body that breaks the
-framing. Limits are keyword-only arguments.
+piece of the body as a buffer and the length of its first bytes that are the piece ((b"", 0)
+at the end), and raises `MalformedMultipart` for a body that breaks the framing. A buffer may
+be reused by `read` once the next piece is asked for (bodyreader.py): the few bytes kept over
+are copied first. Limits are keyword-only arguments.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from email.message import Message
 
 from .errors import BadRequest
 
-ReadFunction = Callable[[], Awaitable[bytes]]
+ReadFunction = Callable[[], Awaitable[tuple[bytes | bytearray, int]]]
 
 _CRLF = b"\r\n"
 _HEADERS_END = b"\r\n\r\n"
@@ -70,7 +72,7 @@ class PartHeaders:
 _SIMPLE_DISPOSITION = re.compile(r'form-data; name="([^"\\%]*)"(?:; filename="([^"\\%]*)")?', re.I)
 
 
-def parse_part_headers(block: bytes) -> PartHeaders:
+def parse_part_headers(block: bytes | bytearray) -> PartHeaders:
     """Parse the header block of one part (without its final blank line)."""
     headers: list[tuple[str, str]] = []
     for line in block.split(_CRLF):
@@ -121,8 +123,9 @@ class MultipartParser:
         self._dash_boundary = b"--" + boundary
         self._delimiter = _CRLF + self._dash_boundary
         self._max_header_bytes = max_header_bytes
-        self._buf = b""
+        self._buf: bytes | bytearray = b""
         self._pos = 0
+        self._end = 0  # the buffer's bytes past this are not the body's
         self._in_body = False
         self._finished = False
         self._started = False
@@ -130,29 +133,31 @@ class MultipartParser:
 
     async def _fill(self) -> None:
         """Append the next read to the unconsumed bytes; raise at a premature end."""
-        more = await self._read()
-        if not more:
+        # Only a few bytes are left over here (a header block in progress, or a tail that
+        # could start the boundary): copied before `read` may reuse their buffer.
+        left = bytes(self._buf[self._pos : self._end]) if self._pos < self._end else b""
+        more, length = await self._read()
+        if not length:
             raise MalformedMultipart("Request body ended before the closing multipart boundary")
-        self._read_total += len(more)
-        if self._pos >= len(self._buf):
-            self._buf = more
+        self._read_total += length
+        if left:
+            self._buf = left + more[:length]  # short or rare, as said above
+            self._end = len(self._buf)
         else:
-            # Only a few bytes are left over here (a header block in progress, or a tail
-            # that could start the boundary), so this join is short or rare.
-            self._buf = self._buf[self._pos :] + more
+            self._buf, self._end = more, length
         self._pos = 0
 
     async def _skip_preamble(self) -> None:
         """Consume everything up to and including the first boundary."""
         while True:
-            if self._buf.startswith(self._dash_boundary, self._pos):
+            if self._buf.startswith(self._dash_boundary, self._pos, self._end):
                 self._pos += len(self._dash_boundary)
                 return
-            idx = self._buf.find(self._delimiter, self._pos)
+            idx = self._buf.find(self._delimiter, self._pos, self._end)
             if idx >= 0:
                 self._pos = idx + len(self._delimiter)
                 return
-            if len(self._buf) - self._pos > self._max_header_bytes:
+            if self._end - self._pos > self._max_header_bytes:
                 raise MalformedMultipart("No multipart boundary found at the start of the body")
             await self._fill()
 
@@ -167,19 +172,19 @@ class MultipartParser:
             async for _ in self.body():
                 pass
         # Just past a boundary: "--" closes the body, otherwise CRLF and the headers follow.
-        while len(self._buf) - self._pos < 2:
+        while self._end - self._pos < 2:
             await self._fill()
-        if self._buf.startswith(b"--", self._pos):
+        if self._buf.startswith(b"--", self._pos, self._end):
             self._finished = True
             return None
         while True:
-            end = self._buf.find(_HEADERS_END, self._pos)
+            end = self._buf.find(_HEADERS_END, self._pos, self._end)
             if end >= 0:
                 break
-            if len(self._buf) - self._pos > self._max_header_bytes:
+            if self._end - self._pos > self._max_header_bytes:
                 raise MalformedMultipart("Multipart part headers are too large")
             await self._fill()
-        line_end = self._buf.find(_CRLF, self._pos)
+        line_end = self._buf.find(_CRLF, self._pos, self._end)
         if self._buf[self._pos : line_end].strip(b" \t"):
             raise MalformedMultipart("Unexpected bytes after a multipart boundary")
         block = self._buf[line_end + 2 : end]
@@ -192,7 +197,7 @@ class MultipartParser:
         common client sends a file part last), from the body's Content-Length."""
         if content_length is None or not self._in_body:
             return None
-        consumed = self._read_total - (len(self._buf) - self._pos)
+        consumed = self._read_total - (self._end - self._pos)
         remaining = content_length - consumed - len(self._delimiter) - len(b"--\r\n")
         return remaining if remaining >= 0 else None
 
@@ -201,8 +206,8 @@ class MultipartParser:
         delimiter = self._delimiter
         keep_back = len(delimiter) - 1
         while self._in_body:
-            buf, pos = self._buf, self._pos
-            idx = buf.find(delimiter, pos)
+            buf, pos, end = self._buf, self._pos, self._end
+            idx = buf.find(delimiter, pos, end)
             if idx >= 0:
                 self._pos = idx + len(delimiter)
                 self._in_body = False
@@ -211,13 +216,13 @@ class MultipartParser:
                 return
             # No whole delimiter here; one may begin in the last `keep_back` bytes, and it
             # can only begin at a CR. Everything before the earliest such CR is body.
-            safe_end = len(buf)
-            cr = buf.find(b"\r", max(pos, len(buf) - keep_back))
+            safe_end = end
+            cr = buf.find(b"\r", max(pos, end - keep_back), end)
             while cr >= 0:
-                if delimiter.startswith(buf[cr:]):
+                if delimiter.startswith(buf[cr:end]):
                     safe_end = cr
                     break
-                cr = buf.find(b"\r", cr + 1)
+                cr = buf.find(b"\r", cr + 1, end)
             self._pos = safe_end
             if safe_end > pos:
                 yield memoryview(buf)[pos:safe_end]
@@ -225,7 +230,7 @@ class MultipartParser:
 
     async def read_text(self, *, limit: int) -> str:
         """Read the current part whole as UTF-8 text of at most `limit` bytes."""
-        end = self._buf.find(self._delimiter, self._pos)
+        end = self._buf.find(self._delimiter, self._pos, self._end)
         if self._in_body and 0 <= end - self._pos <= limit:  # all here already: the usual case
             text = self._buf[self._pos : end]
             self._pos = end + len(self._delimiter)

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from .addresses import forwarded_base, remote_of
+from .bodyreader import BodyReader
 from .errors import (
     BadRequest,
     ClientTooSlow,
@@ -33,8 +34,7 @@ from .errors import (
     UnsupportedTusVersion,
 )
 from .forms import MAX_FIELD_BYTES, check_file_id, check_filename
-from .handlers import read_with_idle_timeout
-from .keys import CONFIG, UPLOADS
+from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .model import CompletedUpload, StreamProgress, UploadMeta
 
 TUS_VERSION = "1.0.0"
@@ -108,21 +108,27 @@ class RequestBody:
     """A PATCH's body as pieces; a client that goes away ends it, the reason kept in `cut`."""
 
     def __init__(self, request: web.Request, idle_seconds: float) -> None:
-        self.read = read_with_idle_timeout(request, idle_seconds)
+        self.reader = BodyReader(request, idle_seconds, request.app[RECEIVE_BUFFERS])
         self.cut: BaseException | None = None
+
+    def __enter__(self) -> RequestBody:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.reader.__exit__(*exc_info)
 
     async def pieces(self) -> AsyncIterator[memoryview]:
         while True:
             try:
-                data = await self.read()
+                data, length = await self.reader.read()
             except (ConnectionError, ClientTooSlow, asyncio.CancelledError) as e:
                 # Cancelled too (a server that cancels handlers of lost clients): the
                 # service commits what arrived, then raises this again.
                 self.cut = e
                 return
-            if not data:
+            if not length:
                 return
-            yield memoryview(data)
+            yield memoryview(data)[:length]
 
 
 # -- header parsing --
@@ -342,15 +348,16 @@ async def _append(
     if length is None and not request.body_exists:
         length = 0
     checksum_header = request.headers.get("Upload-Checksum")
-    return await request.app[UPLOADS].append(
-        file_id,
-        offset,
-        RequestBody(request, request.app[CONFIG].idle_timeout_seconds),
-        length=length,
-        declared_length=_non_negative("Upload-Length", request.headers.get("Upload-Length")),
-        checksum=UploadChecksum(checksum_header) if checksum_header else None,
-        remote=_remote(request),
-    )
+    with RequestBody(request, request.app[CONFIG].idle_timeout_seconds) as body:
+        return await request.app[UPLOADS].append(
+            file_id,
+            offset,
+            body,
+            length=length,
+            declared_length=_non_negative("Upload-Length", request.headers.get("Upload-Length")),
+            checksum=UploadChecksum(checksum_header) if checksum_header else None,
+            remote=_remote(request),
+        )
 
 
 async def delete(request: web.Request) -> web.Response:

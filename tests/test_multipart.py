@@ -40,10 +40,16 @@ def encode(parts: list[tuple[str, bytes]], boundary: str) -> bytes:
 
 
 def reader_over(pieces: list[bytes]):
+    """Each piece in one reused buffer, followed by bytes that are not the body's, as
+    bodyreader.py hands them over: the parser must copy what it keeps over."""
     it: Iterator[bytes] = iter(pieces)
+    reused = bytearray(b"\r\n--" * (max(map(len, pieces), default=0) // 4 + 4))
 
-    async def read() -> bytes:
-        return next(it, b"")
+    async def read() -> tuple[bytearray, int]:
+        piece = next(it, b"")
+        reused[:] = b"\r\n--" * (len(reused) // 4)
+        reused[: len(piece)] = piece
+        return reused, len(piece)
 
     return read
 

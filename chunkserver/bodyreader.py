@@ -1,0 +1,294 @@
+"""Reading a request's body: through aiohttp, or straight from the socket into reused buffers.
+
+aiohttp hands a body over as a new `bytes` object per socket read, which its parser copies
+again into another `bytes` per body piece: two copies of every byte and a fresh allocation
+per piece before chunkserver sees it. For a large body of known length on a plain TCP or
+unix connection, `BodyReader` takes the rest of the body off aiohttp once its headers are
+parsed: it installs a `BufferedProtocol` of its own on the transport, so that the kernel
+copies the socket's bytes straight into one of two preallocated buffers that alternate
+(`recv_into`, as nginx reads into its own buffers), and gives the connection back to aiohttp
+with a fresh request parser after the body's last byte. The buffers come from a pool kept by
+the application, so their pages are touched once per process, not once per request.
+
+A piece returned by `read()` is only valid until the next `read()`: its buffer is then
+refilled. The multipart parser and the local store's writer use each piece before asking for
+the next (views of a `bytearray` are flushed at once, see localstore `_stream`). The S3 store
+hands pieces to an HTTP client that may still hold them later, so it reads through aiohttp.
+
+The takeover uses two things aiohttp does not document: the handler's `_parser` (replaced
+by a new one after the body) and `_reading_paused` (a paused parser may hold unparsed bytes,
+and the takeover is then not attempted). `takeover_supported()` checks both once; without
+them every body is read through aiohttp, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import hdrs, web
+from aiohttp.http_parser import HttpRequestParser
+from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
+
+from .errors import ClientTooSlow
+
+log = logging.getLogger("chunkserver")
+
+# One piece of a body: a buffer and how many of its first bytes are the piece.
+Piece = tuple[bytes | bytearray, int]
+ReadFunction = Callable[[], Awaitable[Piece]]
+
+RECEIVE_BUFFER_BYTES = 1024 * 1024
+# Bodies shorter than this are read through aiohttp: the takeover's two protocol switches
+# and new parser cost more than the copies they save.
+TAKEOVER_MIN_BYTES = 256 * 1024
+_EMPTY: Piece = (b"", 0)
+# How long the rest of a body answered early is read and dropped, as aiohttp's lingering_time.
+LINGER_SECONDS = 10.0
+
+
+def takeover_supported() -> bool:
+    """Whether this aiohttp has the request handler internals the takeover relies on."""
+    slots = getattr(RequestHandler, "__slots__", ())
+    return (
+        "max_line_size" in slots
+        and hasattr(RequestHandler, "_parser")
+        and hasattr(RequestHandler, "_reading_paused")
+        and hasattr(RequestHandler, "_read_bufsize")
+    )
+
+
+class ReceiveBuffers:
+    """Buffers lent to body readers and taken back: a process allocates them once."""
+
+    def __init__(self, size: int = RECEIVE_BUFFER_BYTES, keep: int = 16) -> None:
+        self.size = size
+        self._keep = keep
+        self._free: list[bytearray] = []
+
+    def lend(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def take_back(self, buffer: bytearray) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(buffer)
+
+
+def receive_buffers_for(storage: str) -> ReceiveBuffers | None:
+    """The buffers of a process's takeovers, or None to read every body through aiohttp:
+    on S3, whose HTTP client may still hold a piece after asking for the next, and with
+    an aiohttp whose internals are not the ones relied on."""
+    if storage != "local" or not takeover_supported():
+        return None
+    return ReceiveBuffers()
+
+
+class _Takeover(asyncio.BufferedProtocol):
+    """The transport's protocol while the rest of one body arrives."""
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        transport: asyncio.Transport,
+        remaining: int,
+        pool: ReceiveBuffers,
+    ) -> None:
+        self._handler = handler
+        self._transport = transport
+        self._remaining = remaining  # body bytes still in the socket
+        self._pool = pool
+        self._filling = pool.lend()
+        self._held = pool.lend()  # the buffer of the piece last returned by read()
+        self._filled = 0
+        self._paused = False
+        self._discarding = False  # the reader stopped: drop the rest, then close
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: BaseException | None = None
+        self._given_back = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    # -- the consumer's side --
+
+    async def read(self) -> Piece:
+        while self._filled == 0:
+            if self._lost is not None:
+                raise self._lost
+            if self._given_back:
+                return _EMPTY
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        piece = (self._filling, self._filled)
+        self._filling, self._held, self._filled = self._held, self._filling, 0
+        if self._paused and not self._given_back:
+            self._paused = False
+            self._transport.resume_reading()
+        return piece
+
+    def stop(self) -> None:
+        """The reader is done with the body, whole or not; the buffers go back. Answered
+        before the body's end, the rest is read and dropped, as aiohttp lingers: closing
+        with unread bytes would reset the connection, and the client could lose the answer.
+        """
+        self._pool.take_back(self._held)
+        self._held = bytearray(0)
+        if self._given_back or self._lost is not None:
+            self._pool.take_back(self._filling)
+            return
+        self._discarding = True
+        self._filled = 0
+        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self._transport.close)
+        if self._paused:
+            self._paused = False
+            self._transport.resume_reading()
+
+    # -- the transport's side --
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._discarding:
+            return memoryview(self._filling)[: min(len(self._filling), self._remaining)]
+        end = min(len(self._filling), self._filled + self._remaining)
+        return memoryview(self._filling)[self._filled : end]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._remaining -= nbytes
+        if not self._discarding:
+            self._filled += nbytes
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        if self._remaining == 0:
+            self._give_back()
+        elif not self._discarding and self._filled == len(self._filling):
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _give_back(self) -> None:
+        """Hand the connection back to aiohttp, with a parser that starts a new request."""
+        handler = self._handler
+        self._given_back = True
+        handler._parser = HttpRequestParser(
+            handler,
+            asyncio.get_running_loop(),
+            handler._read_bufsize,
+            max_line_size=handler.max_line_size,
+            max_field_size=handler.max_field_size,
+            max_headers=handler.max_headers,
+            payload_exception=RequestPayloadError,
+            max_msg_queue_size=MAX_MSG_QUEUE_SIZE,
+        )
+        self._transport.set_protocol(handler)
+        if self._discarding:
+            self._pool.take_back(self._filling)
+            self._end_linger()
+
+    def _end_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = ConnectionResetError("The client closed the connection mid-body")
+        self._end_linger()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self._handler.connection_lost(exc)
+
+    def eof_received(self) -> None:
+        self._handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+
+class BodyReader:
+    """The body of one request as pieces, each with an idle timeout (ClientTooSlow).
+
+    Use as a context manager: on leaving, a takeover still in progress is ended.
+    """
+
+    def __init__(
+        self, request: web.Request, idle_seconds: float, pool: ReceiveBuffers | None
+    ) -> None:
+        self._request = request
+        self._idle_seconds = idle_seconds
+        self._pool = pool
+        self._takeover: _Takeover | None = None
+        self._started = False
+
+    def __enter__(self) -> BodyReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._takeover is not None:
+            self._takeover.stop()
+            self._takeover = None
+
+    async def read(self) -> Piece:
+        try:
+            async with asyncio.timeout(self._idle_seconds):
+                if not self._started:
+                    self._started = True
+                    first = self._begin()
+                    if first is not None and first[1]:
+                        return first
+                if self._takeover is not None:
+                    return await self._takeover.read()
+                return await self._read_through_aiohttp()
+        except TimeoutError:
+            raise ClientTooSlow(self._idle_seconds) from None
+
+    def _begin(self) -> Piece | None:
+        """What aiohttp received already, taking the rest of the body over if it may."""
+        request = self._request
+        content = request.content
+        if self._pool is None or content.is_eof() or not self._may_take_over():
+            return None
+        # Draining may let a paused parser feed what it held back: drain until empty.
+        pieces = []
+        while data := content.read_nowait(-1):
+            pieces.append(data)
+        first = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        handler = request.protocol
+        transport = request.transport
+        assert isinstance(handler, RequestHandler) and transport is not None
+        remaining = (request.content_length or 0) - content.total_bytes
+        if content.is_eof() or handler._reading_paused or remaining <= 0:
+            return (first, len(first))  # the rest, if any, through aiohttp
+        content.feed_eof()
+        self._takeover = _Takeover(handler, transport, remaining, self._pool)
+        transport.set_protocol(self._takeover)
+        return (first, len(first))
+
+    def _may_take_over(self) -> bool:
+        request = self._request
+        headers = request.headers
+        transport = request.transport
+        return (
+            request.content_length is not None
+            and request.content_length >= TAKEOVER_MIN_BYTES
+            and hdrs.CONTENT_ENCODING not in headers
+            and hdrs.TRANSFER_ENCODING not in headers
+            and transport is not None
+            and transport.get_protocol() is request.protocol
+            and transport.get_extra_info("sslcontext") is None
+            and isinstance(request.protocol, RequestHandler)
+        )
+
+    async def _read_through_aiohttp(self) -> Piece:
+        """`readchunk` hands over one received buffer as it is, where `readany` would join
+        all the buffers waiting into a new one: a copy of every byte when the loop lags."""
+        content = self._request.content
+        while True:
+            data, end_of_http_chunk = await content.readchunk()
+            # (b"", True) marks the end of a chunked-encoding chunk, and is all that an
+            # empty body ever answers (at EOF already: return, do not spin).
+            if data or not end_of_http_chunk or content.at_eof():
+                return (data, len(data))
