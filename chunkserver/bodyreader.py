@@ -5,20 +5,23 @@ again into another `bytes` per body piece: two copies of every byte and a fresh 
 per piece before chunkserver sees it. For a large body of known length on a plain TCP or
 unix connection, `BodyReader` takes the rest of the body off aiohttp once its headers are
 parsed: it installs a `BufferedProtocol` of its own on the transport, so that the kernel
-copies the socket's bytes straight into one of two preallocated buffers that alternate
-(`recv_into`, as nginx reads into its own buffers), and gives the connection back to aiohttp
-with a fresh request parser after the body's last byte. The buffers come from a pool kept by
-the application, so their pages are touched once per process, not once per request.
+copies the socket's bytes straight into a preallocated buffer (`recv_into`, as nginx reads
+into its own buffers), and gives the connection back to aiohttp with a fresh request parser
+after the body's last byte. Buffers come from a pool kept by the application, so their pages
+are touched once per process, not once per request.
 
-A piece returned by `read()` is only valid until the next `read()`: its buffer is then
-refilled. The multipart parser and the local store's writer use each piece before asking for
-the next (views of a `bytearray` are flushed at once, see localstore `_stream`). The S3 store
-hands pieces to an HTTP client that may still hold them later, so it reads through aiohttp.
+A piece returned by `read()` is only valid until the next `read()`: the buffer then fills
+again (reading pauses while the consumer holds a piece; the socket's own buffer keeps what
+arrives meanwhile). The multipart parser and the local store's writer use each piece before
+asking for the next (views of a `bytearray` are written at once, see localstore `_stream`).
+The S3 store hands pieces to an HTTP client that may still hold them later, so there every
+body is read through aiohttp.
 
-The takeover uses two things aiohttp does not document: the handler's `_parser` (replaced
-by a new one after the body) and `_reading_paused` (a paused parser may hold unparsed bytes,
-and the takeover is then not attempted). `takeover_supported()` checks both once; without
-them every body is read through aiohttp, as before.
+The takeover uses things aiohttp does not document: the handler's `_parser` (replaced by a
+new one after the body, built with `_read_bufsize` and `MAX_MSG_QUEUE_SIZE` as aiohttp 3.14
+builds it) and `_reading_paused` (a paused parser may hold bytes it has not fed yet, and the
+takeover is then not attempted). `takeover_supported()` checks for them; without them every
+body is read through aiohttp, as before.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs, web, web_protocol
 from aiohttp.http_parser import HttpRequestParser
-from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from .errors import ClientTooSlow
 
@@ -44,6 +47,7 @@ RECEIVE_BUFFER_BYTES = 1024 * 1024
 # and new parser cost more than the copies they save.
 TAKEOVER_MIN_BYTES = 256 * 1024
 _EMPTY: Piece = (b"", 0)
+
 # How long the rest of a body answered early is read and dropped, as aiohttp's lingering_time.
 LINGER_SECONDS = 10.0
 
@@ -52,7 +56,8 @@ def takeover_supported() -> bool:
     """Whether this aiohttp has the request handler internals the takeover relies on."""
     slots = getattr(RequestHandler, "__slots__", ())
     return (
-        "max_line_size" in slots
+        hasattr(web_protocol, "MAX_MSG_QUEUE_SIZE")  # the new parser's pipelining limit
+        and "max_line_size" in slots
         and hasattr(RequestHandler, "_parser")
         and hasattr(RequestHandler, "_reading_paused")
         and hasattr(RequestHandler, "_read_bufsize")
@@ -62,7 +67,7 @@ def takeover_supported() -> bool:
 class ReceiveBuffers:
     """Buffers lent to body readers and taken back: a process allocates them once."""
 
-    def __init__(self, size: int = RECEIVE_BUFFER_BYTES, keep: int = 16) -> None:
+    def __init__(self, size: int = RECEIVE_BUFFER_BYTES, keep: int = 8) -> None:
         self.size = size
         self._keep = keep
         self._free: list[bytearray] = []
@@ -98,11 +103,11 @@ class _Takeover(asyncio.BufferedProtocol):
         self._transport = transport
         self._remaining = remaining  # body bytes still in the socket
         self._pool = pool
-        self._filling = pool.lend()
-        self._held = pool.lend()  # the buffer of the piece last returned by read()
+        self._buffer = pool.lend()
         self._filled = 0
+        self._lent = False  # the consumer holds a piece of the buffer: reading is paused
         self._paused = False
-        self._discarding = False  # the reader stopped: drop the rest, then close
+        self._discarding = False  # the reader stopped early: the rest is dropped
         self._waiter: asyncio.Future[None] | None = None
         self._lost: BaseException | None = None
         self._given_back = False
@@ -111,6 +116,10 @@ class _Takeover(asyncio.BufferedProtocol):
     # -- the consumer's side --
 
     async def read(self) -> Piece:
+        if self._lent:  # the last piece is done with: the buffer fills again
+            self._lent = False
+            self._filled = 0
+            self._resume()
         while self._filled == 0:
             if self._lost is not None:
                 raise self._lost
@@ -121,37 +130,40 @@ class _Takeover(asyncio.BufferedProtocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        piece = (self._filling, self._filled)
-        self._filling, self._held, self._filled = self._held, self._filling, 0
+        self._lent = True
+        self._pause()
+        return (self._buffer, self._filled)
+
+    def _pause(self) -> None:
+        if not self._paused and not self._given_back:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _resume(self) -> None:
         if self._paused and not self._given_back:
             self._paused = False
             self._transport.resume_reading()
-        return piece
 
     def stop(self) -> None:
         """The reader is done with the body, whole or not; the buffers go back. Answered
         before the body's end, the rest is read and dropped, as aiohttp lingers: closing
         with unread bytes would reset the connection, and the client could lose the answer.
         """
-        self._pool.take_back(self._held)
-        self._held = bytearray(0)
         if self._given_back or self._lost is not None:
-            self._pool.take_back(self._filling)
+            self._pool.take_back(self._buffer)
             return
         self._discarding = True
         self._filled = 0
         self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self._transport.close)
-        if self._paused:
-            self._paused = False
-            self._transport.resume_reading()
+        self._resume()
 
     # -- the transport's side --
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._discarding:
-            return memoryview(self._filling)[: min(len(self._filling), self._remaining)]
-        end = min(len(self._filling), self._filled + self._remaining)
-        return memoryview(self._filling)[self._filled : end]
+            return memoryview(self._buffer)[: min(len(self._buffer), self._remaining)]
+        end = min(len(self._buffer), self._filled + self._remaining)
+        return memoryview(self._buffer)[self._filled : end]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._remaining -= nbytes
@@ -162,9 +174,8 @@ class _Takeover(asyncio.BufferedProtocol):
                 waiter.set_result(None)
         if self._remaining == 0:
             self._give_back()
-        elif not self._discarding and self._filled == len(self._filling):
-            self._paused = True
-            self._transport.pause_reading()
+        elif not self._discarding and self._filled == len(self._buffer):
+            self._pause()
 
     def _give_back(self) -> None:
         """Hand the connection back to aiohttp, with a parser that starts a new request."""
@@ -178,11 +189,11 @@ class _Takeover(asyncio.BufferedProtocol):
             max_field_size=handler.max_field_size,
             max_headers=handler.max_headers,
             payload_exception=RequestPayloadError,
-            max_msg_queue_size=MAX_MSG_QUEUE_SIZE,
+            max_msg_queue_size=web_protocol.MAX_MSG_QUEUE_SIZE,
         )
         self._transport.set_protocol(handler)
         if self._discarding:
-            self._pool.take_back(self._filling)
+            self._pool.take_back(self._buffer)
             self._end_linger()
 
     def _end_linger(self) -> None:
