@@ -21,6 +21,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import asyncpg
@@ -30,111 +31,25 @@ from .model import CompletedUpload, UploadMeta
 
 SCHEMA_LOCK = 0x63686B73  # pg_advisory_xact_lock key: one host migrates at a time
 
-# Version 1 was the same statements before `receivers`; every statement is idempotent, so
-# version 2 brings a database of any earlier version up to date.
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS chunkserver_uploads (
-    file_id text PRIMARY KEY,
-    token text NOT NULL,
-    filename text NOT NULL,
-    total_chunks integer NOT NULL,
-    total_size bigint,
-    chunk_size bigint,
-    chunk_size_declared boolean NOT NULL DEFAULT false,
-    direct boolean,
-    created_at double precision NOT NULL,
-    last_activity double precision NOT NULL,
-    status text NOT NULL DEFAULT 'uploading',
-    claimed_at double precision,
-    object_key text NOT NULL,
-    s3_upload_id text NOT NULL,
-    size bigint,
-    crc64nvme text,
-    sha256 text,
-    completed_at double precision
-);
-CREATE INDEX IF NOT EXISTS chunkserver_uploads_status ON chunkserver_uploads (status);
-ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS metadata text;
-CREATE TABLE IF NOT EXISTS chunkserver_chunks (
-    file_id text NOT NULL REFERENCES chunkserver_uploads ON DELETE CASCADE,
-    token text NOT NULL,
-    idx integer NOT NULL,
-    length bigint NOT NULL,
-    crc bigint NOT NULL,
-    etag text,
-    staging_key text,
-    PRIMARY KEY (file_id, token, idx)
-);
-DROP FUNCTION IF EXISTS chunkserver_record_chunk(text, text, integer, bigint, bigint, text,
-    text, bigint, double precision);
-CREATE OR REPLACE FUNCTION chunkserver_record_chunk(
-    p_file_id text, p_token text, p_idx integer, p_length bigint, p_crc bigint, p_etag text,
-    p_staging_key text, p_learned_chunk_size bigint, p_now double precision,
-    p_run_first integer, p_run_last integer)
-RETURNS TABLE (o_upload json, o_replaced text, o_stored bigint, o_run_stored bigint) AS $$
-DECLARE
-    u chunkserver_uploads%ROWTYPE;
-BEGIN
-    SELECT * INTO u FROM chunkserver_uploads WHERE file_id = p_file_id FOR UPDATE;
-    IF NOT FOUND OR u.token <> p_token THEN
-        RETURN QUERY SELECT NULL::json, NULL::text, 0::bigint, 0::bigint;
-        RETURN;
-    END IF;
-    IF u.status <> 'uploading' THEN
-        RETURN QUERY SELECT row_to_json(u), NULL::text, 0::bigint, 0::bigint;
-        RETURN;
-    END IF;
-    SELECT c.staging_key INTO o_replaced FROM chunkserver_chunks c
-        WHERE c.file_id = p_file_id AND c.token = p_token AND c.idx = p_idx;
-    INSERT INTO chunkserver_chunks AS c (file_id, token, idx, length, crc, etag, staging_key)
-        VALUES (p_file_id, p_token, p_idx, p_length, p_crc, p_etag, p_staging_key)
-        ON CONFLICT (file_id, token, idx) DO UPDATE SET length = p_length, crc = p_crc,
-            etag = p_etag, staging_key = p_staging_key;
-    UPDATE chunkserver_uploads SET last_activity = p_now,
-            chunk_size = COALESCE(chunk_size, p_learned_chunk_size)
-        WHERE file_id = p_file_id
-        RETURNING * INTO u;
-    RETURN QUERY SELECT row_to_json(u), o_replaced,
-        (SELECT count(*) FROM chunkserver_chunks c
-         WHERE c.file_id = p_file_id AND c.token = p_token),
-        (SELECT count(*) FROM chunkserver_chunks c
-         WHERE c.file_id = p_file_id AND c.token = p_token
-           AND c.idx BETWEEN p_run_first AND p_run_last);
-END
-$$ LANGUAGE plpgsql;
-CREATE TABLE IF NOT EXISTS chunkserver_outbox (
-    id text PRIMARY KEY,
-    event text NOT NULL,
-    due double precision NOT NULL,
-    attempts integer NOT NULL DEFAULT 0,
-    claimed_until double precision NOT NULL DEFAULT 0
-);
-ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS protocol text NOT NULL DEFAULT 'chunks';
-ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS concat text;
-ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_offset bigint;
-ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_crc bigint;
-ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_tail text;
-ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_writer text;
-ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS stream_writer_until double precision;
--- Chunk requests that began receiving into the upload (see UploadState.join).
-ALTER TABLE chunkserver_uploads ADD COLUMN IF NOT EXISTS receivers integer NOT NULL DEFAULT 0;
-CREATE INDEX IF NOT EXISTS chunkserver_outbox_due ON chunkserver_outbox (due);
-CREATE TABLE IF NOT EXISTS chunkserver_parts (
-    file_id text NOT NULL REFERENCES chunkserver_uploads ON DELETE CASCADE,
-    token text NOT NULL,
-    part_number integer NOT NULL,
-    first_idx integer NOT NULL,
-    last_idx integer NOT NULL,
-    sources text NOT NULL DEFAULT '',
-    etag text,
-    PRIMARY KEY (file_id, token, part_number)
-);
-"""
+# Numbered migrations (chunkserver/migrations/NNNN_name.sql), applied in order, each once, by
+# one host at a time, each recorded in chunkserver_schema. A host that finds the database at
+# the newest version runs no DDL at all: an ALTER TABLE takes an exclusive lock and would
+# deadlock with the hosts already serving.
+MIGRATIONS_DIR = resources.files(__package__) / "migrations"
 
-# Numbered migrations, applied in order, each once, by one host at a time. A host that
-# finds the database at the newest version runs no DDL at all: an ALTER TABLE takes an
-# exclusive lock and would deadlock with the hosts already serving.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((2, SCHEMA),)
+
+def _migrations() -> tuple[tuple[int, str], ...]:
+    found = sorted(
+        (int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8"))
+        for entry in MIGRATIONS_DIR.iterdir()
+        if entry.name.endswith(".sql")
+    )
+    if [number for number, _ in found] != list(range(1, len(found) + 1)):
+        raise RuntimeError("chunkserver/migrations/*.sql must be numbered 0001, 0002, ...")
+    return tuple(found)
+
+
+MIGRATIONS = _migrations()
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
