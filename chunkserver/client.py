@@ -23,7 +23,6 @@ import asyncio
 import hashlib
 import json
 import os
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +34,7 @@ from typing import Any
 import aiohttp
 
 from . import checksums
+from .backoff import jittered_delay
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 507})
@@ -105,8 +105,7 @@ class Backoff:
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
             return min(self.cap, retry_after)
-        exponential: float = self.base * 2**attempt
-        return min(self.cap, exponential) * random.uniform(0.5, 1.0)
+        return jittered_delay(attempt, base=self.base, cap=self.cap, least_fraction=0.5)
 
 
 def crc64nvme_of_range(path: Path, offset: int, length: int) -> int:

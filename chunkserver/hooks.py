@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from .backoff import jittered_delay
 from .config import Config
 from .errors import HookRefused, HookUnavailable, StoreUnavailable
 from .logs import ThrottledLog
@@ -42,8 +42,10 @@ WAIT_FOR_COMPLETION_SECONDS = 1.0  # a post-finish whose upload is still complet
 
 def retry_delay(attempts: int) -> float:
     """Exponential backoff with full jitter, at least a tenth of a second."""
-    ceiling = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2**attempts)
-    return max(0.1, random.uniform(0, ceiling))
+    delay = jittered_delay(
+        attempts, base=RETRY_BASE_SECONDS, cap=RETRY_CAP_SECONDS, least_fraction=0.0
+    )
+    return max(0.1, delay)
 
 
 def upload_body(
