@@ -72,7 +72,6 @@ from . import checksums, recordlog
 from .errors import (
     DiskFull,
     OffsetMismatch,
-    PayloadTooLarge,
     StorageFailure,
     UploadConflict,
     UploadGone,
@@ -80,6 +79,7 @@ from .errors import (
 )
 from .fileio import copy_range, fsync_dir, hash_file, pwritev_all
 from .locks import FileLock, FolderGone, lock_range, pid_alive, unlock_range
+from .meter import count_piece
 from .model import (
     ChunkRecord,
     Committed,
@@ -667,21 +667,15 @@ class LocalStore:
         """
         if want_sha256:
             received.digest = hashlib.sha256()
-            on_piece = received.digest.update
         batch: list[memoryview] = []
         batch_bytes = 0
         try:
             async for piece in body:
-                received.length += len(piece)
-                if received.length > max_bytes:
-                    raise PayloadTooLarge(
-                        f"Chunk is larger than max_chunk_bytes ({max_bytes} bytes)"
-                    )
-                if received.limit is not None and received.length > received.limit:
-                    self._overflow(received)
-                received.crc = checksums.crc64nvme(piece, received.crc)
+                count_piece(received, piece, max_bytes)
                 if on_piece is not None:
                     on_piece(piece)
+                if received.limit is not None and received.length > received.limit:
+                    self._overflow(received)
                 batch.append(piece)
                 batch_bytes += len(piece)
                 # A bytearray's view is of a buffer reused after the next piece

@@ -54,6 +54,7 @@ from .errors import (
     UploadGone,
     UploadLocked,
 )
+from .meter import count_piece
 from .model import (
     Committed,
     CompletedUpload,
@@ -472,17 +473,12 @@ class S3Store:
     def _count(
         self, received: S3Received, piece: memoryview, max_bytes: int, limit: int | None
     ) -> None:
-        received.length += len(piece)
-        if received.length > max_bytes:
-            raise PayloadTooLarge(f"Chunk is larger than max_chunk_bytes ({max_bytes} bytes)")
+        count_piece(received, piece, max_bytes)
         if limit is not None and received.length > limit:
             raise UploadConflict(
                 f"Chunk {received.index} is larger than the chunk_size ({limit} bytes) of "
                 "this upload"
             )
-        received.crc = checksums.crc64nvme(piece, received.crc)
-        if received.digest is not None:
-            received.digest.update(piece)
 
     async def _fill(
         self,
