@@ -1003,18 +1003,8 @@ class LocalStore:
             with open(final, "rb") as f:
                 hash_file(f.fileno(), size, digest)
             sha256 = digest.hexdigest()
-        completed = CompletedUpload(
-            file_id=meta.file_id,
-            filename=meta.filename,
-            size=size,
-            crc64nvme=checksums.to_s3(crc),
-            total_chunks=meta.total_chunks,
-            completed_at=time.time(),
-            sha256=sha256,
-            metadata=meta.metadata,
-            token=meta.token,
-            protocol=meta.protocol,
-            concat=meta.concat,
+        completed = CompletedUpload.of(
+            meta, size=size, crc64nvme=checksums.to_s3(crc), sha256=sha256
         )
         self._write_json(self._completion_path(meta.file_id), asdict(completed))
         self._remove_folder(meta.file_id)

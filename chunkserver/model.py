@@ -156,6 +156,31 @@ class CompletedUpload:
     def is_partial(self) -> bool:
         return self.concat == "partial"
 
+    @classmethod
+    def of(
+        cls,
+        meta: UploadMeta,
+        *,
+        size: int,
+        crc64nvme: str,
+        sha256: str | None,
+        completed_at: float | None = None,
+    ) -> CompletedUpload:
+        """The record of `meta`'s upload once complete with these bytes (every backend's)."""
+        return cls(
+            file_id=meta.file_id,
+            filename=meta.filename,
+            size=size,
+            crc64nvme=crc64nvme,
+            total_chunks=meta.total_chunks,
+            completed_at=time.time() if completed_at is None else completed_at,
+            sha256=sha256,
+            metadata=meta.metadata,
+            token=meta.token,
+            protocol=meta.protocol,
+            concat=meta.concat,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class UploadProgress:

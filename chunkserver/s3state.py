@@ -124,18 +124,12 @@ def _upload_row(r: Mapping[str, Any]) -> UploadRow:
     )
     completed = None
     if r["status"] == "completed":
-        completed = CompletedUpload(
-            file_id=r["file_id"],
-            filename=r["filename"],
+        completed = CompletedUpload.of(
+            meta,
             size=r["size"],
             crc64nvme=r["crc64nvme"],
-            total_chunks=r["total_chunks"],
-            completed_at=r["completed_at"],
             sha256=r["sha256"],
-            metadata=meta.metadata,
-            token=r["token"],
-            protocol=meta.protocol,
-            concat=meta.concat,
+            completed_at=r["completed_at"],
         )
     stream = None
     if r.get("stream_offset") is not None:

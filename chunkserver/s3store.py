@@ -741,18 +741,11 @@ class S3Store:
             crc = row.stream.crc
         else:
             crc = checksums.combine((c.crc, c.length) for c in chunks)
-        record = CompletedUpload(
-            file_id=meta.file_id,
-            filename=meta.filename,
+        record = CompletedUpload.of(
+            meta,
             size=size,
             crc64nvme=checksums.to_s3(crc),
-            total_chunks=meta.total_chunks,
-            completed_at=time.time(),
             sha256=await self._sha256_of_object(row.object_key) if self.sha256 else None,
-            metadata=meta.metadata,
-            token=meta.token,
-            protocol=meta.protocol,
-            concat=meta.concat,
         )
         if not await self.state.mark_completed(meta, record):
             await self.objects.delete([row.object_key])  # removed while completing
