@@ -241,6 +241,10 @@ class UploadState:
         if self._pool is not None:
             await self._pool.close()
 
+    def connection(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        """A pooled connection whose errors answer 503, for the outbox's statements."""
+        return self._db()
+
     @contextlib.asynccontextmanager
     async def _db(self) -> AsyncIterator[asyncpg.Connection]:
         assert self._pool is not None, "UploadState.open() first"
@@ -529,50 +533,6 @@ class UploadState:
             )
             for r in rows
         }
-
-    # -- the hook events' outbox (outbox.PostgresOutbox) --
-
-    async def outbox_add(self, event_id: str, event: str, due: float) -> None:
-        async with self._db() as db:
-            await db.execute(
-                """INSERT INTO chunkserver_outbox (id, event, due) VALUES ($1, $2, $3)
-                   ON CONFLICT (id) DO NOTHING""",
-                event_id,
-                event,
-                due,
-            )
-
-    async def outbox_claim(self, now: float, lease: float, limit: int) -> list[asyncpg.Record]:
-        async with self._db() as db:
-            rows: list[asyncpg.Record] = await db.fetch(
-                """UPDATE chunkserver_outbox SET claimed_until = $1 + $2
-                   WHERE id IN (SELECT id FROM chunkserver_outbox
-                                WHERE due <= $1 AND claimed_until < $1
-                                ORDER BY due LIMIT $3 FOR UPDATE SKIP LOCKED)
-                   RETURNING id, event, attempts""",
-                now,
-                lease,
-                limit,
-            )
-        return rows
-
-    async def outbox_delete(self, event_id: str) -> None:
-        async with self._db() as db:
-            await db.execute("DELETE FROM chunkserver_outbox WHERE id = $1", event_id)
-
-    async def outbox_retry(self, event_id: str, due: float) -> None:
-        async with self._db() as db:
-            await db.execute(
-                """UPDATE chunkserver_outbox SET due = $2, attempts = attempts + 1,
-                       claimed_until = 0 WHERE id = $1""",
-                event_id,
-                due,
-            )
-
-    async def outbox_count(self) -> int:
-        async with self._db() as db:
-            count: int = await db.fetchval("SELECT count(*) FROM chunkserver_outbox")
-        return count
 
     # -- completion --
 
