@@ -17,18 +17,16 @@ from aiohttp.abc import AbstractStreamWriter
 from . import openapi
 from .addresses import remote_of
 from .bodyreader import BodyReader
+from .chunkrequest import receive_chunk_request
 from .errors import (
-    BadRequest,
     FileNotFound,
     RangeNotSatisfiable,
     StorageFailure,
 )
-from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkForm, check_file_id
+from .forms import check_file_id
 from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .model import CompletedUpload, StoredObject, StreamProgress, UploadProgress
 from .multipart import MultipartParser, boundary_from_content_type
-from .service import Prepared
-from .store import Received
 
 JSON = "application/json"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -86,58 +84,26 @@ async def _upload_chunk(request: web.Request) -> web.Response:
 
 
 async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.Response:
-    uploads = request.app[UPLOADS]
     config = request.app[CONFIG]
-    form = ChunkForm(max_total_chunks=config.max_total_chunks)
-    remote = remote_of(request, config)
-    prepared: Prepared | None = None
-    received: Received | None = None
-    try:
-        while (part := await parser.next_part()) is not None:
-            if part.name == "chunk":
-                if received is not None:
-                    raise BadRequest("More than one chunk part in the request")
-                if not form.has_required():  # its upload is not known yet: kept aside
-                    received = await uploads.receive_unplaced(
-                        parser.body(), want_sha256=form.wants_sha256()
-                    )
-                    continue
-                early = form.fields()
-                found = await uploads.prepare(early, request.content_length, remote=remote)
-                if isinstance(found, CompletedUpload):
-                    return json_answer(_completed_chunk_answer(found))
-                prepared = found
-                hint = parser.body_length_if_last(request.content_length)
-                outcome = await uploads.receive(prepared, early, parser.body(), hint)
-                if isinstance(outcome, CompletedUpload):
-                    return json_answer(_completed_chunk_answer(outcome))
-                prepared, received = outcome
-            elif part.name in TEXT_FIELDS:
-                form.set(part.name, await parser.read_text(limit=MAX_FIELD_BYTES))
-        fields = form.fields()
-        if received is None:
-            raise BadRequest("Missing required parameter: chunk")
-        if prepared is None:
-            found = await uploads.prepare(fields, None, remote=remote)
-            if isinstance(found, CompletedUpload):
-                return json_answer(_completed_chunk_answer(found))
-            prepared = found
-        owned, received = received, None  # store_chunk owns it from here on
-        result = await uploads.store_chunk(fields, prepared, owned, remote)
-    except BaseException:
-        await uploads.fail(prepared, received)
-        raise
+    result = await receive_chunk_request(
+        request.app[UPLOADS],
+        parser,
+        content_length=request.content_length,
+        max_total_chunks=config.max_total_chunks,
+        remote=remote_of(request, config),
+    )
     if isinstance(result, CompletedUpload):
         return json_answer(_completed_chunk_answer(result))
+    fields = result.fields
     return json_answer(
         {
             "file_id": fields.file_id,
             "filename": fields.filename,
             "type": "file",
             "status": "uploading",
-            "uploaded_chunks": result.uploaded_chunks,
+            "uploaded_chunks": result.committed.uploaded_chunks,
             "total_chunks": fields.total_chunks,
-            **metadata_field(result.meta.metadata),
+            **metadata_field(result.committed.meta.metadata),
         }
     )
 

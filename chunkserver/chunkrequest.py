@@ -1,0 +1,78 @@
+"""One POST /upload-chunk, from its multipart parts to a stored chunk: the seed protocol's
+steps in the order the parts arrive. The handler parses the request and shapes the answer;
+this module decides what each part means and calls the upload service.
+
+A chunk part whose fields all came before it is written straight into its upload; one that
+came first is kept aside until the fields say which upload it belongs to. Whatever fails on
+the way, nothing of the request remains (`Uploads.fail`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import BadRequest
+from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkFields, ChunkForm
+from .model import Committed, CompletedUpload
+from .multipart import MultipartParser
+from .service import Prepared, Uploads
+from .store import Received
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkStored:
+    """A chunk stored, its upload not complete yet."""
+
+    fields: ChunkFields
+    committed: Committed
+
+
+async def receive_chunk_request(
+    uploads: Uploads,
+    parser: MultipartParser,
+    *,
+    content_length: int | None,
+    max_total_chunks: int,
+    remote: str | None,
+) -> ChunkStored | CompletedUpload:
+    form = ChunkForm(max_total_chunks=max_total_chunks)
+    prepared: Prepared | None = None
+    received: Received | None = None
+    try:
+        while (part := await parser.next_part()) is not None:
+            if part.name == "chunk":
+                if received is not None:
+                    raise BadRequest("More than one chunk part in the request")
+                if not form.has_required():  # its upload is not known yet: kept aside
+                    received = await uploads.receive_unplaced(
+                        parser.body(), want_sha256=form.wants_sha256()
+                    )
+                    continue
+                early = form.fields()
+                found = await uploads.prepare(early, content_length, remote=remote)
+                if isinstance(found, CompletedUpload):
+                    return found
+                prepared = found
+                hint = parser.body_length_if_last(content_length)
+                outcome = await uploads.receive(prepared, early, parser.body(), hint)
+                if isinstance(outcome, CompletedUpload):
+                    return outcome
+                prepared, received = outcome
+            elif part.name in TEXT_FIELDS:
+                form.set(part.name, await parser.read_text(limit=MAX_FIELD_BYTES))
+        fields = form.fields()
+        if received is None:
+            raise BadRequest("Missing required parameter: chunk")
+        if prepared is None:
+            found = await uploads.prepare(fields, None, remote=remote)
+            if isinstance(found, CompletedUpload):
+                return found
+            prepared = found
+        owned, received = received, None  # store_chunk owns it from here on
+        result = await uploads.store_chunk(fields, prepared, owned, remote)
+    except BaseException:
+        await uploads.fail(prepared, received)
+        raise
+    if isinstance(result, CompletedUpload):
+        return result
+    return ChunkStored(fields, result)
