@@ -4,6 +4,9 @@ A backend keeps the truth about every upload; the service above it holds only ca
 manifest) and guards (per-file locks), checks the policy (limits, free space, conflicts),
 and calls these verbs. `localstore.LocalStore` keeps uploads on a local disk.
 
+The verbs are grouped by role, as tusd composes a store from small interfaces: `Catalog`,
+`ChunkWriter`, `StreamWriter`, `Assembler`, `Janitor` and `Backend`; `Store` is all of them.
+
 A chunk goes through three verbs: `receive` streams its bytes to where they will stay and
 returns a `Received` handle (length, CRC, optional SHA-256); the service checks them; then
 `commit` makes the chunk count, or `discard` forgets it. Until `commit` nothing of it is
@@ -51,15 +54,8 @@ R = TypeVar("R", bound=Received)
 A = TypeVar("A", bound=ReceivedAt)
 
 
-class Store(Protocol[R, A]):
-    """The verbs; `R` and `A` are the backend's own handles of a received chunk and of a
-    PATCH's received bytes."""
-
-    # Whether chunks take room on the local disk (the free-space checks reserve it).
-    keeps_bytes_locally: bool
-
-    async def open(self) -> None:
-        """Connect and check what the backend needs, before the first request."""
+class Catalog(Protocol):
+    """What the store knows of each upload, and its beginning and end."""
 
     async def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
         """What the backend knows of an upload: its metadata, its record once complete."""
@@ -72,6 +68,25 @@ class Store(Protocol[R, A]):
 
     async def abandon(self, meta: UploadMeta) -> None:
         """Remove an upload this request created, if it holds no chunk and none is coming."""
+
+    async def status(self, file_id: str) -> CompletedUpload | UploadProgress | None: ...
+
+    async def download(self, file_id: str) -> tuple[Path | StoredObject, CompletedUpload] | None:
+        """The completed file's path (for `FileResponse` or X-Accel-Redirect) or object, and
+        its record."""
+
+    async def delete(self, file_id: str) -> bool:
+        """Abort an upload in progress or delete a completed one; False when unknown."""
+
+    def location_of(self, file_id: str, filename: str) -> str:
+        """Where a completed file is: a path under data_dir, or an object key."""
+
+    async def uploads_in_progress(self) -> list[str]: ...
+
+
+class ChunkWriter(Protocol[R]):
+    """A chunk's bytes received, then committed or discarded (the seed protocol); `R` is the
+    backend's handle of a received chunk."""
 
     async def receive(
         self,
@@ -106,32 +121,10 @@ class Store(Protocol[R, A]):
     async def discard(self, received: R) -> None:
         """Forget a received chunk; nothing of it remains."""
 
-    async def finish(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
-        """Complete the upload when every chunk is stored: exactly once across processes.
 
-        Returns the record and whether this call completed it, or None when chunks are
-        still missing.
-        """
-
-    async def status(self, file_id: str) -> CompletedUpload | UploadProgress | None: ...
-
-    async def download(self, file_id: str) -> tuple[Path | StoredObject, CompletedUpload] | None:
-        """The completed file's path (for `FileResponse` or X-Accel-Redirect) or object, and
-        its record."""
-
-    async def delete(self, file_id: str) -> bool:
-        """Abort an upload in progress or delete a completed one; False when unknown."""
-
-    async def sweep(self, *, ttl_seconds: float) -> SweepReport:
-        """Expire idle uploads and finish what a crash left half done."""
-
-    def outbox(self) -> Outbox:
-        """Where this backend keeps hook events until they are delivered."""
-
-    def location_of(self, file_id: str, filename: str) -> str:
-        """Where a completed file is: a path under data_dir, or an object key."""
-
-    # -- tus uploads: a byte stream written at offsets (begun with `begin`) --
+class StreamWriter(Protocol[A]):
+    """A byte stream written at offsets (tus; begun with `Catalog.begin`); `A` is the backend's
+    handle of a PATCH's received bytes."""
 
     async def stream_progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
         """A tus upload's offset and CRC so far; its record once complete."""
@@ -168,11 +161,47 @@ class Store(Protocol[R, A]):
         """Fill a begun tus upload with completed uploads' bytes, in order, copying nothing
         the store can join in place; every chunk is then stored (call `finish`)."""
 
-    async def uploads_in_progress(self) -> list[str]: ...
-    def free_bytes(self) -> int: ...
+
+class Assembler(Protocol):
+    """Completion: the stored pieces become the file, once across processes and hosts."""
+
+    async def finish(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
+        """Complete the upload when every chunk is stored: exactly once across processes.
+
+        Returns the record and whether this call completed it, or None when chunks are
+        still missing.
+        """
+
+
+class Janitor(Protocol):
+    """What nobody asks for: expiry of idle uploads, and what a crash left half done."""
+
+    async def sweep(self, *, ttl_seconds: float) -> SweepReport:
+        """Expire idle uploads and finish what a crash left half done."""
+
+
+class Backend(Protocol):
+    """The store as a service of its own: started, checked, stopped."""
+
+    # Whether chunks take room on the local disk (the free-space checks reserve it).
+    keeps_bytes_locally: bool
+
+    async def open(self) -> None:
+        """Connect and check what the backend needs, before the first request."""
+
     async def health(self) -> dict[str, bool]:
         """Each part the store needs (the data folder; the object store and the database),
         and whether it works now."""
         ...
 
+    def free_bytes(self) -> int: ...
+
+    def outbox(self) -> Outbox:
+        """Where this backend keeps hook events until they are delivered."""
+
     async def close(self) -> None: ...
+
+
+class Store(Catalog, ChunkWriter[R], StreamWriter[A], Assembler, Janitor, Backend, Protocol[R, A]):
+    """Every role, as each backend implements them (`localstore.LocalStore`,
+    `s3store.S3Store`); the service holds one."""
