@@ -19,7 +19,7 @@ from .errors import ChunkServerError, NotAuthenticated, StorageFailure, StoreUna
 from .handlers import add_routes, json_answer
 from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .logs import ThrottledLog
-from .service import Uploads
+from .service import UploadService
 from .tus import EXPOSED_HEADERS as TUS_EXPOSED_HEADERS
 from .tus import PREFIX as TUS_PREFIX
 from .tus import TUS_VERSION
@@ -213,7 +213,7 @@ def create_app(config: Config) -> web.Application:
         middlewares.append(auth_middleware(config.auth_tokens))
     app = web.Application(middlewares=middlewares)
     app[CONFIG] = config
-    app[UPLOADS] = Uploads.open(config)
+    app[UPLOADS] = UploadService.open(config)
     app[RECEIVE_BUFFERS] = receive_buffers_for(config.storage)
     add_routes(app)
     add_tus_routes(app)

@@ -4,7 +4,7 @@ this module decides what each part means and calls the upload service.
 
 A chunk part whose fields all came before it is written straight into its upload; one that
 came first is kept aside until the fields say which upload it belongs to. Whatever fails on
-the way, nothing of the request remains (`Uploads.fail`).
+the way, nothing of the request remains (`UploadService.fail`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from .errors import BadRequest
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkFields, ChunkForm
 from .model import Committed, CompletedUpload
 from .multipart import MultipartParser
-from .service import Prepared, Uploads
-from .store import Received
+from .service import Prepared, UploadService
+from .store import PendingChunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +28,7 @@ class ChunkStored:
 
 
 async def receive_chunk_request(
-    uploads: Uploads,
+    uploads: UploadService,
     parser: MultipartParser,
     *,
     content_length: int | None,
@@ -37,7 +37,7 @@ async def receive_chunk_request(
 ) -> ChunkStored | CompletedUpload:
     form = ChunkForm(max_total_chunks=max_total_chunks)
     prepared: Prepared | None = None
-    received: Received | None = None
+    received: PendingChunk | None = None
     try:
         while (part := await parser.next_part()) is not None:
             if part.name == "chunk":

@@ -6,8 +6,8 @@ from aiohttp import web
 
 from .bodyreader import ReceiveBuffers
 from .config import Config
-from .service import Uploads
+from .service import UploadService
 
 CONFIG = web.AppKey("config", Config)
-UPLOADS = web.AppKey("uploads", Uploads)
+UPLOADS = web.AppKey("uploads", UploadService)
 RECEIVE_BUFFERS: web.AppKey[ReceiveBuffers | None] = web.AppKey("receive_buffers")

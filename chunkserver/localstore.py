@@ -121,7 +121,7 @@ OPEN_FLAGS = os.O_CLOEXEC
 
 
 @dataclass(slots=True)
-class ReceivedChunk:
+class LocalPendingChunk:
     """A chunk's bytes on disk, not yet committed; holds its fd (and region lock) till then."""
 
     fd: int
@@ -159,10 +159,10 @@ class ReceivedChunk:
 
 
 @dataclass(slots=True)
-class ReceivedAtOffset:
+class LocalPendingBytes:
     """A tus PATCH's bytes in the data file at the upload's offset, not yet counted."""
 
-    chunk: ReceivedChunk  # the data file (its writer byte locked) and the folder, open
+    chunk: LocalPendingChunk  # the data file (its writer byte locked) and the folder, open
     meta: UploadMeta
     crc_before: int  # the CRC of the upload's bytes before `chunk.base`
 
@@ -402,7 +402,7 @@ class LocalStore:
         meta = self._read_meta(file_id)
         if meta is not None and not (self._folder(file_id) / DATA_NAME).exists():
             # A completion cut short after its rename: finish it now.
-            completed = self._finish(meta, None)
+            completed = self._complete(meta, None)
             if completed is not None:
                 return completed, False
         if meta is not None:
@@ -478,14 +478,14 @@ class LocalStore:
         max_bytes: int,
         want_sha256: bool,
         length_hint: int | None = None,  # a file needs none: its offset is enough
-    ) -> ReceivedChunk:
+    ) -> LocalPendingChunk:
         received = self._open_for_chunk(meta, index, max_bytes)
         await self._stream(received, body, max_bytes, want_sha256)
         return received
 
     async def receive_unplaced(
         self, body: AsyncIterator[memoryview], *, max_bytes: int, want_sha256: bool
-    ) -> ReceivedChunk:
+    ) -> LocalPendingChunk:
         path = self.incoming_dir / self._temp_name("chunk", ".part")
         received = self._open_aside(path, None, None)
         await self._stream(received, body, max_bytes, want_sha256)
@@ -495,7 +495,7 @@ class LocalStore:
         """A new file beside the data file for chunk `index`, kept aside while received."""
         return folder / self._temp_name(f".{RECORD_PREFIX}{index:06d}", ".part")
 
-    def _open_for_chunk(self, meta: UploadMeta, index: int, max_bytes: int) -> ReceivedChunk:
+    def _open_for_chunk(self, meta: UploadMeta, index: int, max_bytes: int) -> LocalPendingChunk:
         """The chunk's region in the data file, locked; or a file aside when it cannot be
         written in place. Raises UploadGone when the data file is not there."""
         offset = meta.offset_of(index)
@@ -507,7 +507,7 @@ class LocalStore:
 
     def _open_in_place(
         self, meta: UploadMeta, index: int, offset: int, max_bytes: int
-    ) -> ReceivedChunk | None:
+    ) -> LocalPendingChunk | None:
         """The chunk's region, locked, in the upload's data file held open across its chunks;
         None when the region is busy or the chunk was stored before (a resend)."""
         limit = None if meta.is_last(index) or meta.chunk_size is None else meta.chunk_size
@@ -535,10 +535,10 @@ class LocalStore:
         *,
         limit: int | None,
         declared_size: bool,
-    ) -> ReceivedChunk:
+    ) -> LocalPendingChunk:
         """Bytes written at `base` of the upload's data file held open, whose `region` this
         process holds (see _hold_region) under `key`."""
-        return ReceivedChunk(
+        return LocalPendingChunk(
             fd=upload.data_fd,
             base=base,
             guard_fd=-1,
@@ -599,7 +599,7 @@ class LocalStore:
                 self._open_uploads.release(upload)
         return upload
 
-    def _open_kept_aside(self, meta: UploadMeta, index: int) -> ReceivedChunk:
+    def _open_kept_aside(self, meta: UploadMeta, index: int) -> LocalPendingChunk:
         """A file of its own for a chunk whose place is unknown or busy, or that was stored
         before (whose bytes must not touch its region); the data file stays open beside it
         with a shared lock on its GUARD_OFFSET byte, until the commit."""
@@ -632,14 +632,14 @@ class LocalStore:
         received.limit = None if last or not meta.chunk_size_declared else meta.chunk_size
         return received
 
-    def _open_aside(self, path: Path, folder: Path | None, index: int | None) -> ReceivedChunk:
+    def _open_aside(self, path: Path, folder: Path | None, index: int | None) -> LocalPendingChunk:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o644)
         except FileNotFoundError:
             raise UploadGone() from None
         except OSError as e:
             raise storage_error(e) from e
-        return ReceivedChunk(
+        return LocalPendingChunk(
             fd=fd,
             base=0,
             guard_fd=-1,
@@ -653,7 +653,7 @@ class LocalStore:
 
     async def _stream(
         self,
-        received: ReceivedChunk,
+        received: LocalPendingChunk,
         body: AsyncIterator[memoryview],
         max_bytes: int,
         want_sha256: bool,
@@ -693,14 +693,14 @@ class LocalStore:
             self._discard(received)
             raise
 
-    def _write(self, received: ReceivedChunk, batch: list[memoryview], size: int) -> None:
+    def _write(self, received: LocalPendingChunk, batch: list[memoryview], size: int) -> None:
         try:
             pwritev_all(received.fd, batch, received.base + received.written)
         except OSError as e:
             raise storage_error(e) from e
         received.written += size
 
-    def _overflow(self, received: ReceivedChunk) -> None:
+    def _overflow(self, received: LocalPendingChunk) -> None:
         """The chunk outgrows its region: refuse it, or move what is written aside."""
         if received.declared_size or received.folder is None or received.index is None:
             raise UploadConflict(
@@ -723,15 +723,15 @@ class LocalStore:
         )
         received.aside_path, received.data_identity = aside.aside_path, None
 
-    async def sha256_of(self, received: ReceivedChunk) -> str:
+    async def sha256_of(self, received: LocalPendingChunk) -> str:
         digest = hashlib.sha256()
         await self._run(hash_file, received.fd, received.length, digest, received.base)
         return digest.hexdigest()
 
-    async def discard(self, received: ReceivedChunk) -> None:
+    async def discard(self, received: LocalPendingChunk) -> None:
         self._discard(received)
 
-    def _discard(self, received: ReceivedChunk) -> None:
+    def _discard(self, received: LocalPendingChunk) -> None:
         upload = received.upload
         if upload is not None:  # its descriptors are the upload's, shared: not closed here
             for name in ("fd", "guard_fd", "folder_fd", "log_fd"):
@@ -760,7 +760,7 @@ class LocalStore:
     # -- committing --
 
     async def commit(
-        self, received: ReceivedChunk, meta: UploadMeta, index: int
+        self, received: LocalPendingChunk, meta: UploadMeta, index: int
     ) -> Committed | CompletedUpload:
         try:
             if self.fsync:
@@ -792,12 +792,14 @@ class LocalStore:
         return completed
 
     def _commit_waiting(
-        self, received: ReceivedChunk, meta: UploadMeta, index: int
+        self, received: LocalPendingChunk, meta: UploadMeta, index: int
     ) -> Committed | CompletedUpload:
         with self._lock(meta.file_id):
             return self._commit(received, meta, index)
 
-    def _commit_in_place(self, received: ReceivedChunk, meta: UploadMeta, index: int) -> Committed:
+    def _commit_in_place(
+        self, received: LocalPendingChunk, meta: UploadMeta, index: int
+    ) -> Committed:
         """Append the entry of a chunk written in place, whose region is known: no flock.
 
         Its region lock, held since before the data file's identity was checked, keeps every
@@ -810,7 +812,7 @@ class LocalStore:
         return self._progress(meta, index, received.log_fd)
 
     def _commit(
-        self, received: ReceivedChunk, meta: UploadMeta, index: int
+        self, received: LocalPendingChunk, meta: UploadMeta, index: int
     ) -> Committed | CompletedUpload:
         """Write chunk `index`'s record; under the upload's flock."""
         file_id = meta.file_id
@@ -822,7 +824,7 @@ class LocalStore:
             data = os.stat(folder / DATA_NAME)
         except FileNotFoundError:
             on_disk = self._read_meta(file_id)
-            finished = self._finish(on_disk, None) if on_disk is not None else None
+            finished = self._complete(on_disk, None) if on_disk is not None else None
             if finished is not None:  # a completion cut short after its rename
                 return finished
             raise UploadGone() from None
@@ -851,7 +853,7 @@ class LocalStore:
             os.close(log_fd)
 
     def _commit_logged(
-        self, received: ReceivedChunk, meta: UploadMeta, index: int, log_fd: int
+        self, received: LocalPendingChunk, meta: UploadMeta, index: int, log_fd: int
     ) -> Committed:
         folder = self._folder(meta.file_id)
         previous = self._records(meta.file_id).get(index)
@@ -891,13 +893,13 @@ class LocalStore:
 
     # -- completing --
 
-    async def finish(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
+    async def complete(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
         try:
-            return await self._run(self._finish_locked, meta)
+            return await self._run(self._complete_locked, meta)
         except OSError as e:
             raise storage_error(e) from e
 
-    def _finish_locked(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
+    def _complete_locked(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
         try:
             with (
                 self._whole_data_file(meta.file_id, wait=True) as data_fd,
@@ -909,7 +911,7 @@ class LocalStore:
                 on_disk = self._read_meta(meta.file_id)
                 if on_disk is None:
                     return None
-                record = self._finish(on_disk, data_fd)
+                record = self._complete(on_disk, data_fd)
                 return (record, True) if record is not None else None
         except FolderGone:  # another request completed it (or it was removed) first
             completed = self._read_completion(meta.file_id)
@@ -967,7 +969,7 @@ class LocalStore:
             return None
         return [records[index] for index in range(meta.total_chunks)]
 
-    def _finish(self, meta: UploadMeta, data_fd: int | None) -> CompletedUpload | None:
+    def _complete(self, meta: UploadMeta, data_fd: int | None) -> CompletedUpload | None:
         """Complete an upload whose chunks are all recorded; under its flock, with its data
         file (when it is still there) locked whole."""
         folded = self._folded(meta)
@@ -1100,7 +1102,7 @@ class LocalStore:
         length: int | None,
         max_bytes: int,
         on_piece: Callable[[memoryview], None] | None,
-    ) -> ReceivedAtOffset:
+    ) -> LocalPendingBytes:
         received = self._open_at(meta, offset)
         # The same hot path as a chunk's, at the upload's offset (the HTTP layer holds the
         # body to its Content-Length, `length`, when it has one).
@@ -1112,7 +1114,7 @@ class LocalStore:
             raise
         return received
 
-    def _open_at(self, meta: UploadMeta, offset: int) -> ReceivedAtOffset:
+    def _open_at(self, meta: UploadMeta, offset: int) -> LocalPendingBytes:
         """The data file at the upload's offset, with its writer byte locked."""
         crc_before = 0
 
@@ -1130,9 +1132,9 @@ class LocalStore:
         chunk = self._written_through(
             upload, meta, offset, writer, WRITER_KEY, limit=None, declared_size=True
         )
-        return ReceivedAtOffset(chunk, meta, crc_before)
+        return LocalPendingBytes(chunk, meta, crc_before)
 
-    async def commit_at(self, received: ReceivedAtOffset) -> StreamProgress:
+    async def commit_at(self, received: LocalPendingBytes) -> StreamProgress:
         chunk = received.chunk
         try:
             if self.fsync:
@@ -1143,7 +1145,7 @@ class LocalStore:
         finally:
             self._discard(chunk)  # the writer lock, held till here
 
-    def _commit_at(self, received: ReceivedAtOffset) -> StreamProgress:
+    def _commit_at(self, received: LocalPendingBytes) -> StreamProgress:
         """Append the new offset to the log; with chunk 0's entry once the length is reached.
 
         The writer lock keeps every other PATCH, completion and removal of this data file
@@ -1166,7 +1168,7 @@ class LocalStore:
                 os.fdatasync(chunk.log_fd)
         return StreamProgress(meta, offset, crc, time.time())
 
-    async def discard_at(self, received: ReceivedAtOffset) -> None:
+    async def discard_at(self, received: LocalPendingBytes) -> None:
         self._discard(received.chunk)
 
     async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
@@ -1360,7 +1362,7 @@ class LocalStore:
                 report.expired_uploads.append(meta)
                 return
             with contextlib.suppress(UploadConflict, StorageFailure):
-                completed = self._finish(meta, data_fd)
+                completed = self._complete(meta, data_fd)
                 if completed is not None:
                     report.completed.append(completed)
 

@@ -10,7 +10,7 @@ from .errors import PayloadTooLarge
 
 
 class Tally(Protocol):
-    """What a received handle counts of its bytes (ReceivedChunk, S3Received)."""
+    """What a received handle counts of its bytes (LocalPendingChunk, S3PendingChunk)."""
 
     length: int
     crc: int

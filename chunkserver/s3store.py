@@ -193,7 +193,7 @@ class StagedCopies:
 
 
 @dataclass(eq=False)
-class S3Received:
+class S3PendingChunk:
     """A chunk received: its bytes in a part, a staging object, or still in the spool."""
 
     length: int = 0
@@ -250,7 +250,7 @@ class BodySlices:
 
 
 @dataclass(eq=False)
-class S3ReceivedAt:
+class S3PendingBytes:
     """A PATCH's bytes in parts and staged tail pieces, not yet recorded."""
 
     row: UploadRow
@@ -433,12 +433,12 @@ class S3Store:
         max_bytes: int,
         want_sha256: bool,
         length_hint: int | None = None,
-    ) -> S3Received:
+    ) -> S3PendingChunk:
         row = await self.state.join(meta.file_id)
         if row is None or row.meta.token != meta.token or row.status != "uploading":
             raise UploadGone()
         meta = row.meta
-        received = S3Received(meta=meta, index=index, row=row)
+        received = S3PendingChunk(meta=meta, index=index, row=row)
         if want_sha256:
             received.digest = hashlib.sha256()
         last = meta.is_last(index)
@@ -460,8 +460,8 @@ class S3Store:
 
     async def receive_unplaced(
         self, body: AsyncIterator[memoryview], *, max_bytes: int, want_sha256: bool
-    ) -> S3Received:
-        received = S3Received(digest=hashlib.sha256() if want_sha256 else None)
+    ) -> S3PendingChunk:
+        received = S3PendingChunk(digest=hashlib.sha256() if want_sha256 else None)
         received.spool = Spool(self.scratch)
         try:
             await self._fill(received, received.spool, body, max_bytes, None)
@@ -471,7 +471,7 @@ class S3Store:
         return received
 
     def _count(
-        self, received: S3Received, piece: memoryview, max_bytes: int, limit: int | None
+        self, received: S3PendingChunk, piece: memoryview, max_bytes: int, limit: int | None
     ) -> None:
         count_piece(received, piece, max_bytes)
         if limit is not None and received.length > limit:
@@ -482,7 +482,7 @@ class S3Store:
 
     async def _fill(
         self,
-        received: S3Received,
+        received: S3PendingChunk,
         spool: Spool,
         body: AsyncIterator[memoryview],
         max_bytes: int,
@@ -494,7 +494,7 @@ class S3Store:
 
     async def _stream_part(
         self,
-        received: S3Received,
+        received: S3PendingChunk,
         body: AsyncIterator[memoryview],
         expected: int,
         max_bytes: int,
@@ -536,7 +536,12 @@ class S3Store:
         return direct
 
     async def _place(
-        self, received: S3Received, spool: Spool, row: UploadRow, index: int, direct: bool | None
+        self,
+        received: S3PendingChunk,
+        spool: Spool,
+        row: UploadRow,
+        index: int,
+        direct: bool | None,
     ) -> None:
         """Send spooled bytes to their place: the chunk's part, or a staging object.
 
@@ -548,7 +553,12 @@ class S3Store:
             raise _gone_midway() from None
 
     async def _place_spooled(
-        self, received: S3Received, spool: Spool, row: UploadRow, index: int, direct: bool | None
+        self,
+        received: S3PendingChunk,
+        spool: Spool,
+        row: UploadRow,
+        index: int,
+        direct: bool | None,
     ) -> None:
         meta = row.meta
         last = meta.is_last(index)
@@ -571,7 +581,7 @@ class S3Store:
             if data is not None:
                 self.copies.keep(key, data)
 
-    async def sha256_of(self, received: S3Received) -> str:
+    async def sha256_of(self, received: S3PendingChunk) -> str:
         digest = hashlib.sha256()
         if received.staging_key is not None:
             async for piece in self.objects.read_pieces(received.staging_key):
@@ -586,7 +596,7 @@ class S3Store:
         )
 
     async def commit(
-        self, received: S3Received, meta: UploadMeta, index: int
+        self, received: S3PendingChunk, meta: UploadMeta, index: int
     ) -> Committed | CompletedUpload:
         if received.spool is not None:  # came before its fields: placed now
             spool, received.spool = received.spool, None
@@ -635,7 +645,7 @@ class S3Store:
         etag = await self._build_part(row, number, group)
         await self.state.record_part(meta, PartRow(number, first, last, _sources(group), etag))
 
-    async def discard(self, received: S3Received) -> None:
+    async def discard(self, received: S3PendingChunk) -> None:
         if received.spool is not None:
             received.spool.close()
         if received.staging_key is not None:
@@ -651,7 +661,7 @@ class S3Store:
 
     # -- completing --
 
-    async def finish(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
+    async def complete(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
         claimed = await self.state.claim_completion(meta, self.lease_seconds)
         if claimed is None:
             row = await self.state.get(meta.file_id)
@@ -852,13 +862,13 @@ class S3Store:
         length: int | None,
         max_bytes: int,
         on_piece: Callable[[memoryview], None] | None,
-    ) -> S3ReceivedAt:
+    ) -> S3PendingBytes:
         writer, row = await self._claim_writer(meta)
         stream = row.stream
         assert stream is not None
         if row.meta.total_size is None and meta.total_size is not None:
             row = dataclasses.replace(row, meta=meta)  # a length this PATCH declares
-        received = S3ReceivedAt(row, writer, stream)
+        received = S3PendingBytes(row, writer, stream)
         renewal = asyncio.get_running_loop().create_task(self._keep_writer(row.meta, writer))
         spool = None
         try:
@@ -898,7 +908,7 @@ class S3Store:
             with contextlib.suppress(StoreUnavailable):
                 await self.state.renew_writer(meta, writer, WRITER_LEASE_SECONDS)
 
-    async def _stream_at(self, received: S3ReceivedAt, body: BodySlices, length: int) -> None:
+    async def _stream_at(self, received: S3PendingBytes, body: BodySlices, length: int) -> None:
         """Parts while there are enough bytes for one, the last taking the rest; a staged
         tail piece when the tail and this body are too little for a part."""
         row, before = received.row, received.before
@@ -943,7 +953,9 @@ class S3Store:
         async for view in rest:
             yield view
 
-    async def _stage_tail_piece(self, received: S3ReceivedAt, body: BodySlices, size: int) -> None:
+    async def _stage_tail_piece(
+        self, received: S3PendingBytes, body: BodySlices, size: int
+    ) -> None:
         meta, offset = received.row.meta, received.before.offset
         key = f"{self._staging_prefix(meta)}tail.{offset:015d}.{secrets.token_hex(6)}"
         try:
@@ -956,7 +968,7 @@ class S3Store:
         received.tail.append((key, size, body.crc))
         received.keep(size, body.crc)
 
-    async def commit_at(self, received: S3ReceivedAt) -> StreamProgress:
+    async def commit_at(self, received: S3PendingBytes) -> StreamProgress:
         before = received.before
         kept = () if received.took_tail else before.tail
         after = Stream(
@@ -974,7 +986,7 @@ class S3Store:
             self._later(self.objects.delete([key for key, _, _ in before.tail]))
         return StreamProgress(row.meta, after.offset, after.crc, row.last_activity)
 
-    async def discard_at(self, received: S3ReceivedAt) -> None:
+    async def discard_at(self, received: S3PendingBytes) -> None:
         """Staged pieces are deleted; parts put stay unlisted in the multipart upload, to be
         put again by the next PATCH (same numbers) or left out of the completion."""
         if received.tail:
@@ -992,7 +1004,7 @@ class S3Store:
     async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> StreamProgress:
         writer, row = await self._claim_writer(meta)
         assert row.stream is not None
-        received = S3ReceivedAt(row, writer, row.stream)
+        received = S3PendingBytes(row, writer, row.stream)
         renewal = asyncio.get_running_loop().create_task(self._keep_writer(row.meta, writer))
         try:
             for number, group in enumerate(_copy_groups(sources), start=1):
@@ -1067,7 +1079,7 @@ class S3Store:
             report.expired_uploads.append(row.meta)
         for row in await self.state.ready_to_finish(now - self.lease_seconds):
             try:
-                finished = await self.finish(row.meta)
+                finished = await self.complete(row.meta)
             except (UploadGone, StorageFailure) as e:
                 log.warning("Sweep could not complete %s: %s", row.meta.file_id, e)
                 continue

@@ -27,7 +27,7 @@ from .app import access_logger_for, create_app
 from .config import Config
 from .keys import UPLOADS
 from .logs import MalformedRequests, ThrottledLog
-from .service import Uploads
+from .service import UploadService
 
 SHUTDOWN_TIMEOUT = 30.0
 # aiohttp's own shutdown comes after our drain of the chunks in flight. It can wait out its
@@ -142,7 +142,7 @@ async def _serve_async(config: Config, sock: socket.socket, announce: bool) -> N
         await runner.cleanup()
 
 
-async def _drain(uploads: Uploads, site: web.BaseSite) -> None:
+async def _drain(uploads: UploadService, site: web.BaseSite) -> None:
     """Stop accepting, then let the chunks in flight finish (up to SHUTDOWN_TIMEOUT).
 
     This comes before aiohttp's own shutdown because that one stops reading from every

@@ -49,7 +49,7 @@ from .model import (
     UploadMeta,
     UploadProgress,
 )
-from .store import Received, ReceivedAt, Store
+from .store import PendingBytes, PendingChunk, Store
 
 log = logging.getLogger("chunkserver")
 
@@ -84,7 +84,7 @@ class Prepared:
     created: bool
 
 
-class Uploads:
+class UploadService:
     def __init__(self, config: Config, store: Store[Any, Any]) -> None:
         self.config = config
         self.store = store
@@ -98,7 +98,7 @@ class Uploads:
         self.draining = False  # the process is stopping: answers close their connection
 
     @classmethod
-    def open(cls, config: Config) -> Uploads:
+    def open(cls, config: Config) -> UploadService:
         """The service on the configured backend (connected later, by `start`)."""
         sha256 = "sha256" in config.checksums
         store: Store[Any, Any]
@@ -269,7 +269,7 @@ class Uploads:
         fields: ChunkFields,
         body: AsyncIterator[memoryview],
         length_hint: int | None = None,
-    ) -> tuple[Prepared, Received] | CompletedUpload:
+    ) -> tuple[Prepared, PendingChunk] | CompletedUpload:
         """Stream the chunk's bytes to the store.
 
         When the upload has ended since it was looked up (the manifest knew a completed or
@@ -293,13 +293,13 @@ class Uploads:
         fields: ChunkFields,
         body: AsyncIterator[memoryview],
         length_hint: int | None,
-    ) -> Received:
+    ) -> PendingChunk:
         offset = meta.offset_of(fields.chunk_index)
         if offset is not None and offset >= self.config.max_file_bytes:
             raise PayloadTooLarge(
                 f"Upload would exceed max_file_bytes ({self.config.max_file_bytes} bytes)"
             )
-        received: Received = await self.store.receive(
+        received: PendingChunk = await self.store.receive(
             meta,
             fields.chunk_index,
             body,
@@ -312,9 +312,9 @@ class Uploads:
 
     async def receive_unplaced(
         self, body: AsyncIterator[memoryview], *, want_sha256: bool
-    ) -> Received:
+    ) -> PendingChunk:
         """A chunk that came before the fields saying which upload it belongs to."""
-        received: Received = await self.store.receive_unplaced(
+        received: PendingChunk = await self.store.receive_unplaced(
             body, max_bytes=self.config.max_chunk_bytes, want_sha256=want_sha256
         )
         self.metrics.inc("bytes_received", received.length)
@@ -324,7 +324,7 @@ class Uploads:
         self,
         fields: ChunkFields,
         prepared: Prepared,
-        received: Received,
+        received: PendingChunk,
         remote: str | None = None,
     ) -> Committed | CompletedUpload:
         """Check and commit a received chunk; complete the upload when it was the last.
@@ -367,7 +367,7 @@ class Uploads:
         (exactly once across processes and hosts, shielded from a cancelled request), and
         the completion is counted where it happened; None while chunks are missing."""
         async with self.locks.hold(meta.file_id):
-            finished = await asyncio.shield(self.store.finish(meta))
+            finished = await asyncio.shield(self.store.complete(meta))
         if finished is None:
             return None
         completed, here = finished
@@ -376,7 +376,7 @@ class Uploads:
         return completed
 
     async def _check_received(
-        self, fields: ChunkFields, meta: UploadMeta, received: Received
+        self, fields: ChunkFields, meta: UploadMeta, received: PendingChunk
     ) -> None:
         cs = meta.chunk_size if meta.chunk_size_declared else fields.chunk_size
         if cs is not None and not meta.is_last(fields.chunk_index) and received.length != cs:
@@ -401,7 +401,7 @@ class Uploads:
         if self.store.free_bytes() < self.config.min_free_bytes:
             raise DiskFull()
 
-    async def fail(self, prepared: Prepared | None, received: Received | None) -> None:
+    async def fail(self, prepared: Prepared | None, received: PendingChunk | None) -> None:
         """A chunk request failed: nothing of it may remain, not even an upload it began."""
         if received is not None:
             await self.store.discard(received)
@@ -476,7 +476,7 @@ class Uploads:
         room = self._room_after(meta, offset, declared_length)
         meta = _with_length(meta, declared_length)
         try:
-            received: ReceivedAt = await self.store.receive_at(
+            received: PendingBytes = await self.store.receive_at(
                 meta, offset, body.pieces(), length=length, max_bytes=room, on_piece=on_piece
             )
         except UploadGone:
@@ -502,7 +502,7 @@ class Uploads:
         progress = await asyncio.shield(self.store.commit_at(received))
         if short:
             raise body.cut or BadRequest("The body ended before its Content-Length")
-        return await self._finish_stream(progress, remote)
+        return await self._complete_stream(progress, remote)
 
     def _room_after(self, meta: UploadMeta, offset: int, declared_length: int | None) -> int:
         """How many bytes a PATCH at `offset` may bring: up to the upload's length (given
@@ -559,7 +559,7 @@ class Uploads:
         if isinstance(state, CompletedUpload) and state.size != offset:
             raise OffsetMismatch(offset, state.size)
 
-    async def _finish_stream(
+    async def _complete_stream(
         self, progress: StreamProgress, remote: str | None
     ) -> StreamProgress | CompletedUpload:
         meta = progress.meta
@@ -597,7 +597,7 @@ class Uploads:
         total = sum(source.size for source in sources)
         begun = await self.create_stream(dataclasses.replace(meta, total_size=total), remote)
         progress = await asyncio.shield(self.store.concatenate(begun, sources))
-        return await self._finish_stream(progress, remote)
+        return await self._complete_stream(progress, remote)
 
     # -- the other verbs --
 
@@ -611,14 +611,16 @@ class Uploads:
             # Every chunk is stored but the upload is not complete: a completion whose
             # process or host died before or during it. Any request that finds it finishes
             # it (exactly once, whoever else tries), a status request too.
-            found = await self._finish_left_over(found)
+            found = await self._complete_left_over(found)
         if isinstance(found, UploadProgress):
             self.manifest.remember(found.meta)
         else:
             self.manifest.forget(file_id)
         return found
 
-    async def _finish_left_over(self, progress: UploadProgress) -> CompletedUpload | UploadProgress:
+    async def _complete_left_over(
+        self, progress: UploadProgress
+    ) -> CompletedUpload | UploadProgress:
         try:
             # At most a second: a completion that another live process or host runs is
             # waited for by the chunks, not by status requests (it goes on, shielded).
@@ -668,7 +670,10 @@ class Uploads:
     async def render_metrics(self) -> str:
         in_progress = len(await self.store.uploads_in_progress())
         gauges = {
-            "uploads_in_progress": ("Uploads with chunks stored, not yet complete", in_progress),
+            "uploads_in_progress": (
+                "Uploads with chunks stored, not yet complete",
+                in_progress,
+            ),
             "free_disk_bytes": (
                 "Free bytes on the data folder's filesystem",
                 self.store.free_bytes(),

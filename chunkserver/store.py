@@ -8,7 +8,7 @@ The verbs are grouped by role, as tusd composes a store from small interfaces: `
 `ChunkWriter`, `StreamWriter`, `Assembler`, `Janitor` and `Backend`; `Store` is all of them.
 
 A chunk goes through three verbs: `receive` streams its bytes to where they will stay and
-returns a `Received` handle (length, CRC, optional SHA-256); the service checks them; then
+returns a `PendingChunk` handle (length, CRC, optional SHA-256); the service checks them; then
 `commit` makes the chunk count, or `discard` forgets it. Until `commit` nothing of it is
 visible: a chunk cut off at any instant has no record and never counts.
 """
@@ -31,7 +31,7 @@ from .model import (
 from .outbox import Outbox
 
 
-class Received(Protocol):
+class PendingChunk(Protocol):
     """A chunk whose bytes are stored but not yet committed."""
 
     @property
@@ -41,7 +41,7 @@ class Received(Protocol):
     def sha256_hex(self) -> str | None: ...
 
 
-class ReceivedAt(Protocol):
+class PendingBytes(Protocol):
     """Bytes of a tus PATCH stored at the upload's offset, not yet committed."""
 
     @property
@@ -50,8 +50,8 @@ class ReceivedAt(Protocol):
         and staged pieces (S3) when the body ended early."""
 
 
-R = TypeVar("R", bound=Received)
-A = TypeVar("A", bound=ReceivedAt)
+R = TypeVar("R", bound=PendingChunk)
+A = TypeVar("A", bound=PendingBytes)
 
 
 class Catalog(Protocol):
@@ -149,7 +149,7 @@ class StreamWriter(Protocol[A]):
 
     async def commit_at(self, received: A) -> StreamProgress:
         """Make received bytes count: the offset moves past them. Once it reaches the
-        upload's length every chunk is stored, and `finish` completes it."""
+        upload's length every chunk is stored, and `complete` completes it."""
 
     async def discard_at(self, received: A) -> None:
         """Forget received bytes; the offset stays."""
@@ -159,13 +159,13 @@ class StreamWriter(Protocol[A]):
 
     async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> StreamProgress:
         """Fill a begun tus upload with completed uploads' bytes, in order, copying nothing
-        the store can join in place; every chunk is then stored (call `finish`)."""
+        the store can join in place; every chunk is then stored (call `complete`)."""
 
 
 class Assembler(Protocol):
     """Completion: the stored pieces become the file, once across processes and hosts."""
 
-    async def finish(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
+    async def complete(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
         """Complete the upload when every chunk is stored: exactly once across processes.
 
         Returns the record and whether this call completed it, or None when chunks are

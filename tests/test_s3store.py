@@ -24,7 +24,7 @@ from chunkserver import Config
 from chunkserver.errors import UploadConflict, UploadGone, UploadLocked
 from chunkserver.model import UploadMeta
 from chunkserver.s3store import S3Store
-from chunkserver.service import Uploads
+from chunkserver.service import UploadService
 
 from . import realstack
 from .conftest import ClientFactory, chunk_form, crc64, downloaded, s3_flags, split
@@ -174,7 +174,7 @@ async def test_the_bucket_or_the_database_unreachable_answers_503(
 
 
 async def open_store(config: Config, **settings: Any) -> S3Store:
-    store = Uploads.open(config.replace(**settings)).store
+    store = UploadService.open(config.replace(**settings)).store
     assert isinstance(store, S3Store)
     await store.open()
     return store
@@ -388,7 +388,7 @@ async def test_a_tus_writer_that_died_holds_the_upload_only_for_its_lease(
         received = await store.receive_at(meta, 0, body(), length=3, max_bytes=3, on_piece=None)
         progress = await store.commit_at(received)
         assert progress.offset == 3
-        completed, here = await store.finish(progress.meta) or (None, False)
+        completed, here = await store.complete(progress.meta) or (None, False)
         assert here and completed is not None and completed.crc64nvme == crc64(b"abc")
     finally:
         await store.close()

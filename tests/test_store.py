@@ -67,7 +67,7 @@ async def test_chunks_go_in_place_and_completion_is_a_rename(tmp_path: Path) -> 
     for index, chunk in [(2, b"z" * 500), (0, b"x" * 1000), (1, b"y" * 1000)]:
         result = await put(store, meta, index, chunk)
     assert not list((tmp_path / "chunks" / "p").glob(".*.aside"))  # nothing kept aside
-    _, here = await store.finish(result.meta) or (None, False)
+    _, here = await store.complete(result.meta) or (None, False)
     final = tmp_path / "uploads" / "p" / "f"
     assert here and final.stat().st_ino == inode  # the same file, renamed: no copy
     assert final.read_bytes() == b"x" * 1000 + b"y" * 1000 + b"z" * 500
@@ -97,7 +97,7 @@ async def test_no_file_is_made_per_chunk_and_completion_reads_the_log_once(
         recordlog, "read_from", lambda fd, at: reads.append(at) or real_read(fd, at)
     )
     log_size = (folder / recordlog.LOG_NAME).stat().st_size
-    done = await store.finish(result.meta)
+    done = await store.complete(result.meta)
     assert done is not None and done[0].crc64nvme == crc64(b"".join(chunks))
     assert done[0].size == 299 * 100 + 3
     assert reads == [log_size] == [300 * 40]
@@ -115,7 +115,7 @@ async def test_a_chunk_kept_aside_until_chunk_size_is_known_is_placed_at_complet
         result = await put(store, meta, index, chunks[index])
         meta = result.meta
     assert len(list((tmp_path / "chunks" / "runs").glob(".chunk_000001.*.aside"))) == 1
-    done = await store.finish(meta)
+    done = await store.complete(meta)
     assert done is not None and done[0].crc64nvme == crc64(b"".join(chunks))
     assert (tmp_path / "uploads" / "runs" / "f").read_bytes() == b"".join(chunks)
 
@@ -142,7 +142,7 @@ async def test_a_record_replaced_by_another_process_is_read_at_completion(
     await put(b, meta, 1, b"XY")  # kept aside (already recorded), replaces the record
     result = await put(a, meta, 2, b"c")
     assert result.all_stored
-    done = await a.finish(result.meta)
+    done = await a.complete(result.meta)
     assert done is not None and done[0].crc64nvme == crc64(b"aaXYc")
     assert (tmp_path / "uploads" / "swap" / "f").read_bytes() == b"aaXYc"
 
@@ -158,7 +158,7 @@ async def test_two_writers_of_one_chunk_leave_a_consistent_answer(tmp_path: Path
     await put(b, meta, 1, b"XY")  # the region is busy: kept aside, and the folder marked
     await a.commit(in_place, meta, 1)
     result = await put(a, meta, 2, b"c")
-    done = await a.finish(result.meta)
+    done = await a.complete(result.meta)
     assert done is not None
     data = (tmp_path / "uploads" / "both" / "f").read_bytes()
     assert data in (b"aabbc", b"aaXYc") and done[0].crc64nvme == crc64(data)
@@ -176,7 +176,7 @@ async def test_two_writers_of_one_chunk_never_mix(tmp_path: Path) -> None:
     await store.commit(second, meta, 0)
     await store.commit(first, meta, 0)  # the last commit wins, whole
     await put(store, meta, 1, b"end")
-    assert await store.finish(meta) is not None
+    assert await store.complete(meta) is not None
     assert (tmp_path / "uploads" / "mix" / "f").read_bytes() == b"A" * 100_000 + b"end"
     # the folder, with the chunk kept aside, left the tree; the trash is emptied behind it
     assert temp_files(tmp_path) == [] and not (tmp_path / "chunks" / "mix").exists()
@@ -288,8 +288,8 @@ async def test_the_loser_of_a_completion_race_brings_no_folder_back(tmp_path: Pa
     meta = await begin(store, UploadMeta.new("won", "f", 2, None, 2))
     await put(store, meta, 0, b"ab")
     await put(store, meta, 1, b"c")
-    first = await store.finish(meta)
-    late = await store.finish(meta)  # what the loser of the race does after the winner
+    first = await store.complete(meta)
+    late = await store.complete(meta)  # what the loser of the race does after the winner
     assert first is not None and first[1]
     assert late is not None and late == (first[0], False)
     assert not (tmp_path / "chunks" / "won").exists()
@@ -324,7 +324,7 @@ async def test_an_upload_completing_between_the_two_reads_of_a_lookup_is_found(
         calls.append(file_id)
         return None if len(calls) == 1 else real(file_id)
 
-    assert await store.finish(meta) is not None  # the completion, as if between the reads
+    assert await store.complete(meta) is not None  # the completion, as if between the reads
     monkeypatch.setattr(store, "_read_completion", not_yet_then_real)
     assert isinstance(await store.lookup("between"), CompletedUpload)
     calls.clear()
@@ -355,7 +355,7 @@ async def test_an_uploads_files_stay_open_across_its_chunks_and_close_when_it_en
     await put(store, meta, 1, b"b" * 10)
     assert descriptors_on(*upload_files) == 3
     result = await put(store, meta, 2, b"c" * 10)
-    assert await store.finish(result.meta) is not None
+    assert await store.complete(result.meta) is not None
     assert descriptors_on(*upload_files) == 0
 
 
@@ -368,7 +368,7 @@ async def test_an_upload_completed_by_another_process_is_not_written_through_old
     meta = await begin(a, UploadMeta.new("moved", "f", 2, 20, 10))
     await put(a, meta, 0, b"a" * 10)
     result = await put(b, meta, 1, b"b" * 10)
-    assert await b.finish(result.meta) is not None
+    assert await b.complete(result.meta) is not None
     with pytest.raises(UploadGone):
         await a.receive(meta, 0, pieces(b"X" * 10), max_bytes=100, want_sha256=False)
     assert (tmp_path / "uploads" / "moved" / "f").read_bytes() == b"a" * 10 + b"b" * 10
@@ -387,7 +387,7 @@ async def test_one_chunk_twice_at_once_in_one_process_goes_aside_the_second_time
     await store.commit(first, meta, 0)
     await store.commit(second, meta, 0)
     result = await put(store, meta, 1, b"c" * 10)
-    done = await store.finish(result.meta)
+    done = await store.complete(result.meta)
     assert done is not None
     assert (tmp_path / "uploads" / "twice" / "f").read_bytes() == b"b" * 10 + b"c" * 10
 
@@ -412,7 +412,7 @@ async def test_a_tus_uploads_patches_reuse_its_open_files_and_one_writer_at_a_ti
     )
     progress = await store.commit_at(second)
     assert progress.offset == 20
-    done = await store.finish(progress.meta)
+    done = await store.complete(progress.meta)
     assert done is not None
     assert (tmp_path / "uploads" / "tp" / "f").read_bytes() == b"a" * 10 + b"c" * 10
     assert descriptors_on(*upload_files) == 0

@@ -16,7 +16,7 @@ import pytest
 from chunkserver import Config, checksums
 from chunkserver.errors import UploadConflict, UploadGone
 from chunkserver.model import Committed, CompletedUpload, StoredObject, UploadMeta
-from chunkserver.service import Uploads
+from chunkserver.service import UploadService
 
 from .conftest import crc64, temp_files
 
@@ -36,7 +36,7 @@ async def open_store(config: Config) -> AsyncIterator[Any]:
     opened: list[Any] = []
 
     async def open_one(**changes: Any) -> Any:
-        store = Uploads.open(config.replace(**changes)).store
+        store = UploadService.open(config.replace(**changes)).store
         await store.open()
         opened.append(store)
         return store
@@ -84,7 +84,7 @@ async def upload(store: Any, meta: UploadMeta, order: list[int], chunks: list[by
         result = await put(store, meta, index, chunks[index])
         meta = result.meta
         if result.all_stored:
-            done = await store.finish(meta)
+            done = await store.complete(meta)
             assert done is not None
             finished.append(done)
     return finished
@@ -126,7 +126,7 @@ async def test_two_stores_see_each_others_chunks_and_complete_once(open_store) -
     assert not (await put(b, meta, 1, b"1")).all_stored
     assert not (await put(a, meta, 2, b"2")).all_stored
     assert (await put(b, meta, 3, b"3")).all_stored
-    results = await asyncio.gather(a.finish(meta), b.finish(meta))
+    results = await asyncio.gather(a.complete(meta), b.complete(meta))
     assert all(r is not None for r in results)
     assert sorted(here for _, here in results) == [False, True]  # type: ignore[misc]
     assert await read_back(b, "two") == b"0123"
@@ -189,7 +189,7 @@ async def test_a_chunk_after_completion_is_answered_with_the_record(open_store) 
     meta = await begin(store, UploadMeta.new("late", "f", 2, None, 2))
     await put(store, meta, 0, b"ab")
     await put(store, meta, 1, b"c")
-    assert await store.finish(meta) is not None
+    assert await store.complete(meta) is not None
     found, created = await store.begin(UploadMeta.new("late", "f", 2, None))
     assert isinstance(found, CompletedUpload) and not created
     assert found.size == 3 and found.crc64nvme == crc64(b"abc")

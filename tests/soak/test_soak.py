@@ -523,10 +523,10 @@ async def verify_s3(cluster: Cluster, uploads: list[Upload], stack: S3Stack) -> 
     multipart upload; the hosts are back near their idle descriptors and memory."""
     from chunkserver import Config
     from chunkserver.s3store import STAGED_COPIES_FILES, S3Store
-    from chunkserver.service import Uploads
+    from chunkserver.service import UploadService
 
     config = Config(data_dir=str(cluster.tmp / "sweeper"), **stack.settings)
-    store = Uploads.open(config).store
+    store = UploadService.open(config).store
     assert isinstance(store, S3Store)
     await store.open()
     try:
