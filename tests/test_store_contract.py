@@ -1,7 +1,8 @@
 """The store contract on both backends: the local disk, and S3 (a real Swift) with its state in
-a real PostgreSQL. What any backend must do, seen only through the store's verbs: chunks in
-any order, resent, uneven, cut off mid-write, from two stores (two processes or two hosts),
-removed, expired, and completed exactly once."""
+a real PostgreSQL. What any backend must do, seen only through the store's verbs, role by
+role: chunks in any order, resent, uneven, cut off mid-write, from two stores (two processes
+or two hosts), removed, expired, and completed exactly once; tus streams written at offsets,
+refused at a wrong offset, given a length later, and concatenated."""
 
 from __future__ import annotations
 
@@ -210,3 +211,81 @@ async def test_a_failed_creator_does_not_abandon_an_upload_another_request_strea
     result = await other.commit(streaming, meta, 1)
     assert isinstance(result, Committed) and result.uploaded_chunks == 1
     assert (await put(creator, meta, 0, b"a" * 1000)).all_stored
+
+
+# -- the stream writer role (tus): bytes at an offset, a declared length, concatenation --
+
+
+async def patch(store: Any, meta: UploadMeta, offset: int, data: bytes, **kw: Any) -> Any:
+    received = await store.receive_at(
+        meta, offset, pieces(data), length=len(data), max_bytes=2**30, on_piece=None, **kw
+    )
+    assert received.length == len(data)
+    return await store.commit_at(received)
+
+
+async def test_a_stream_written_at_offsets_completes_with_its_bytes(open_store) -> None:
+    store = await open_store()
+    data = random.Random(1).randbytes(7 * 1024 * 1024 + 3)
+    meta = await begin(store, UploadMeta.new_stream("s", "s.bin", len(data), None))
+    offset = 0
+    for size in (3, 6 * 1024 * 1024, len(data) - 6 * 1024 * 1024 - 3):
+        progress = await patch(store, meta, offset, data[offset : offset + size])
+        offset += size
+        assert progress.offset == offset
+        assert progress.crc == checksums.crc64nvme(data[:offset])
+    found = await store.stream_progress(meta)
+    assert found is not None and found.offset == len(data)
+    done = await store.complete(meta)
+    assert done is not None and done[1] is True
+    assert done[0].crc64nvme == crc64(data) and done[0].size == len(data)
+    assert await read_back(store, "s") == data
+
+
+async def test_a_stream_refuses_a_wrong_offset_and_a_discard_keeps_the_offset(open_store) -> None:
+    from chunkserver.errors import OffsetMismatch
+
+    store = await open_store()
+    meta = await begin(store, UploadMeta.new_stream("o", "o.bin", 10, None))
+    await patch(store, meta, 0, b"abcd")
+    with pytest.raises(OffsetMismatch):
+        await patch(store, meta, 2, b"xx")
+    received = await store.receive_at(meta, 4, pieces(b"ef"), length=2, max_bytes=6, on_piece=None)
+    await store.discard_at(received)
+    found = await store.stream_progress(meta)
+    assert found is not None and found.offset == 4
+    await patch(store, meta, 4, b"efghij")
+    assert (await store.complete(meta)) is not None
+    assert await read_back(store, "o") == b"abcdefghij"
+
+
+async def test_a_stream_begun_without_a_length_takes_one_declared_later(open_store) -> None:
+    store = await open_store()
+    meta = await begin(store, UploadMeta.new_stream("d", "d.bin", None, None))
+    progress = await patch(store, meta, 0, b"12345")
+    assert progress.offset == 5
+    meta = await store.declare_length(progress.meta, 8)
+    assert meta.total_size == 8
+    await patch(store, meta, 5, b"678")
+    done = await store.complete(meta)
+    assert done is not None and done[0].size == 8
+    assert await read_back(store, "d") == b"12345678"
+
+
+async def test_completed_streams_concatenate_into_a_final_one(open_store) -> None:
+    store = await open_store()
+    parts = [b"first part,", random.Random(2).randbytes(300_000), b"", b"last"]
+    records = []
+    for i, data in enumerate(parts):
+        meta = await begin(store, UploadMeta.new_stream(f"p{i}", "p", len(data), None, "partial"))
+        await patch(store, meta, 0, data)  # an empty one too: its commit makes it whole
+        done = await store.complete(meta)
+        assert done is not None
+        records.append(done[0])
+    whole = b"".join(parts)
+    final = await begin(store, UploadMeta.new_stream("f", "f.bin", len(whole), None, "final"))
+    progress = await store.concatenate(final, records)
+    assert progress.offset == len(whole)
+    done = await store.complete(final)
+    assert done is not None and done[0].crc64nvme == crc64(whole)
+    assert await read_back(store, "f") == whole
