@@ -1,9 +1,9 @@
-"""The upload service: the policy above the store, with the manifest, locks and metrics.
+"""The upload service above the store, with the manifest, locks, hooks and metrics.
 
-Handlers call this and nothing below it. Every check that can refuse a chunk (limits, free
-space, conflicts with earlier chunks, checksums) is made here, in `_check_before` before its
-bytes are read and `_check_received` after; the store only stores. The service holds no
-threads: the store runs its own.
+Handlers call this and nothing below it. Every check that can refuse a chunk or a PATCH
+(limits, free space, conflicts with earlier chunks, checksums) is in `policy.py`, called here
+before the bytes are read and after; the store only stores. The service holds no threads:
+the store runs its own.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from typing import Any, Protocol
 from .config import Config
 from .errors import (
     BadRequest,
-    ChecksumMismatch,
     CompletionPending,
-    DiskFull,
     FileNotFound,
     Forbidden,
     OffsetMismatch,
@@ -49,12 +47,11 @@ from .model import (
     UploadMeta,
     UploadProgress,
 )
+from .policy import Policy
 from .store import PendingBytes, PendingChunk, Store
 
 log = logging.getLogger("chunkserver")
 
-# Room for the form fields and multipart framing around a chunk, when judging Content-Length.
-MULTIPART_OVERHEAD_BYTES = 64 * 1024
 # How long a status request may spend finishing a completion left undone (see `status`).
 STATUS_FINISH_SECONDS = 1.0
 # How often a chunk looks its upload up again when it ended under it (see `receive`).
@@ -88,6 +85,7 @@ class UploadService:
     def __init__(self, config: Config, store: Store[Any, Any]) -> None:
         self.config = config
         self.store = store
+        self.policy = Policy(config, store)
         self.manifest = Manifest()
         self.locks = KeyedLocks()
         self.metrics = Metrics()
@@ -175,7 +173,7 @@ class UploadService:
         With `ask_store`, the upload is looked up under the store's lock (begin), which sees
         it either before or after a completion running elsewhere, never halfway.
         """
-        self._check_limits(fields, content_length)
+        self.policy.check_limits(fields, content_length)
         known: CompletedUpload | UploadMeta | None = None
         if not ask_store:
             known = self.manifest.get(fields.file_id) or await self.store.lookup(fields.file_id)
@@ -189,8 +187,8 @@ class UploadService:
             if isinstance(known, CompletedUpload):
                 return known
         if known is not None:
-            self._check_conflicts(known, fields)
-        self._check_free_space(known, fields, content_length)
+            self.policy.check_conflicts(known, fields)
+        self.policy.check_free_space(known, fields, content_length)
         created = False
         if known is None or known.adopts(fields.chunk_size, fields.metadata):
             proposed = UploadMeta.new(
@@ -209,59 +207,10 @@ class UploadService:
                 raise UploadConflict(f"{fields.file_id} is a tus upload: send its bytes with PATCH")
             if isinstance(begun, CompletedUpload):
                 return begun
-            self._check_conflicts(begun, fields)
+            self.policy.check_conflicts(begun, fields)
             known = begun
         self.manifest.remember(known)
         return Prepared(known, created)
-
-    def _check_limits(self, fields: ChunkFields, content_length: int | None) -> None:
-        limits = self.config
-        if content_length is not None and (
-            content_length > limits.max_chunk_bytes + MULTIPART_OVERHEAD_BYTES
-        ):
-            raise PayloadTooLarge(
-                f"Chunk is larger than max_chunk_bytes ({limits.max_chunk_bytes} bytes)"
-            )
-        if fields.total_size is not None and fields.total_size > limits.max_file_bytes:
-            raise PayloadTooLarge(
-                f"total_size {fields.total_size} exceeds max_file_bytes "
-                f"({limits.max_file_bytes} bytes)"
-            )
-        if (
-            fields.chunk_size is not None
-            and fields.total_chunks > 1
-            and fields.chunk_size > limits.max_chunk_bytes
-        ):
-            raise PayloadTooLarge(
-                f"chunk_size {fields.chunk_size} exceeds max_chunk_bytes "
-                f"({limits.max_chunk_bytes} bytes)"
-            )
-
-    @staticmethod
-    def _check_conflicts(meta: UploadMeta, fields: ChunkFields) -> None:
-        conflict = meta.conflict_with(
-            fields.filename,
-            fields.total_chunks,
-            fields.total_size,
-            fields.chunk_size,
-            fields.metadata,
-        )
-        if conflict is not None:
-            raise UploadConflict(conflict)
-
-    def _check_free_space(
-        self, known: UploadMeta | None, fields: ChunkFields, content_length: int | None
-    ) -> None:
-        if not self.store.keeps_bytes_locally:
-            needed = 0  # only scratch files, gone with their request
-        elif known is not None and known.total_size is not None:
-            needed = 0  # the whole file's room was reserved when the upload began
-        elif known is None and fields.total_size is not None:
-            needed = fields.total_size
-        else:
-            needed = content_length or 0
-        if self.store.free_bytes() - needed < self.config.min_free_bytes:
-            raise DiskFull()
 
     async def receive(
         self,
@@ -332,7 +281,7 @@ class UploadService:
         Takes ownership of `received`: it is committed or discarded.
         """
         try:
-            await self._check_received(fields, prepared.meta, received)
+            await self.policy.check_received(fields, prepared.meta, received)
         except BaseException:
             await self.store.discard(received)
             raise
@@ -375,32 +324,6 @@ class UploadService:
             self.metrics.inc("uploads_completed")
         return completed
 
-    async def _check_received(
-        self, fields: ChunkFields, meta: UploadMeta, received: PendingChunk
-    ) -> None:
-        cs = meta.chunk_size if meta.chunk_size_declared else fields.chunk_size
-        if cs is not None and not meta.is_last(fields.chunk_index) and received.length != cs:
-            raise UploadConflict(
-                f"Chunk {fields.chunk_index} has {received.length} bytes; every chunk but "
-                f"the last must have chunk_size ({cs}) bytes"
-            )
-        if fields.chunk_crc64nvme is not None and fields.chunk_crc64nvme != received.crc:
-            raise ChecksumMismatch()
-        if fields.chunk_sha256 is not None:
-            computed = received.sha256_hex()
-            if computed is None:  # the checksum field came after the chunk
-                computed = await self.store.sha256_of(received)
-            if computed != fields.chunk_sha256:
-                raise ChecksumMismatch()
-        if meta.chunk_size is not None:
-            end = fields.chunk_index * meta.chunk_size + received.length
-            if end > self.config.max_file_bytes:
-                raise PayloadTooLarge(
-                    f"Upload would exceed max_file_bytes ({self.config.max_file_bytes} bytes)"
-                )
-        if self.store.free_bytes() < self.config.min_free_bytes:
-            raise DiskFull()
-
     async def fail(self, prepared: Prepared | None, received: PendingChunk | None) -> None:
         """A chunk request failed: nothing of it may remain, not even an upload it began."""
         if received is not None:
@@ -414,30 +337,14 @@ class UploadService:
     async def create_stream(self, meta: UploadMeta, remote: str | None) -> UploadMeta:
         """Begin a tus upload (its file_id is new) after the limits and the pre-create hook."""
         if meta.total_size is not None:
-            self._check_stream_size(meta.total_size)
-            self._check_stream_room(meta.total_size)
+            self.policy.check_stream_size(meta.total_size)
+            self.policy.check_stream_room(meta.total_size)
         await self.hooks.pre_create(meta, remote)
         async with self.locks.hold(meta.file_id):
             begun, _ = await self.store.begin(meta)
         if isinstance(begun, CompletedUpload) or begun.token != meta.token:
             raise UploadConflict(f"{meta.file_id} exists already")
         return begun
-
-    def _check_stream_size(self, length: int) -> None:
-        if length > self.config.max_file_bytes:
-            raise PayloadTooLarge(
-                f"Upload-Length {length} exceeds max_file_bytes "
-                f"({self.config.max_file_bytes} bytes)"
-            )
-
-    def _check_stream_room(self, length: int) -> None:
-        if self.store.keeps_bytes_locally and (
-            self.store.free_bytes() - length < self.config.min_free_bytes
-        ):
-            raise DiskFull(
-                "Upload failed: not enough disk space for these bytes; retry later",
-                retry_after=60,
-            )
 
     async def stream_state(self, file_id: str) -> StreamProgress | CompletedUpload | None:
         """A tus upload's progress, or any completed upload's record (a file sent with the
@@ -473,7 +380,7 @@ class UploadService:
         if isinstance(meta, CompletedUpload):
             return meta
         deferred = meta.total_size is None
-        room = self._room_after(meta, offset, declared_length)
+        room = self.policy.room_after(meta, offset, declared_length)
         meta = _with_length(meta, declared_length)
         try:
             received: PendingBytes = await self.store.receive_at(
@@ -504,12 +411,6 @@ class UploadService:
             raise body.cut or BadRequest("The body ended before its Content-Length")
         return await self._complete_stream(progress, remote)
 
-    def _room_after(self, meta: UploadMeta, offset: int, declared_length: int | None) -> int:
-        """How many bytes a PATCH at `offset` may bring: up to the upload's length (given
-        or declared now), or to max_file_bytes."""
-        length = meta.total_size if meta.total_size is not None else declared_length
-        return (length if length is not None else self.config.max_file_bytes) - offset
-
     async def _stream_to_patch(
         self, file_id: str, offset: int, length: int | None, declared_length: int | None
     ) -> UploadMeta | CompletedUpload:
@@ -535,7 +436,7 @@ class UploadService:
             return known
         if declared_length is not None:
             if known.total_size is None:
-                self._check_stream_size(declared_length)
+                self.policy.check_stream_size(declared_length)
             elif known.total_size != declared_length:
                 raise BadRequest(
                     f"Upload-Length {declared_length} differs from the upload's length "
@@ -546,9 +447,9 @@ class UploadService:
         if limit is not None and end > limit:
             await self._check_offset(known, offset)  # a wrong offset is told first (409)
             raise PayloadTooLarge(f"The PATCH ends at {end}, past the upload's length {limit}")
-        self._check_stream_size(end)
+        self.policy.check_stream_size(end)
         if known.total_size is None and length:  # no room was reserved
-            self._check_stream_room(length)
+            self.policy.check_stream_room(length)
         return known
 
     async def _check_offset(self, meta: UploadMeta, offset: int) -> None:
