@@ -13,7 +13,7 @@ are touched once per process, not once per request.
 A piece returned by `read()` is only valid until the next `read()`: the buffer then fills
 again (reading pauses while the consumer holds a piece; the socket's own buffer keeps what
 arrives meanwhile). The multipart parser and the local store's writer use each piece before
-asking for the next (views of a `bytearray` are written at once, see localstore `_stream`).
+asking for the next (views of a `bytearray` are written at once, see `local/receive.py`).
 The S3 store hands pieces to an HTTP client that may still hold them later, so there every
 body is read through aiohttp.
 

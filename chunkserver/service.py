@@ -33,7 +33,7 @@ from .errors import (
 )
 from .forms import ChunkFields
 from .hooks import Hooks, finish_event_id, upload_body
-from .localstore import LocalStore
+from .local import LocalStore
 from .locks import KeyedLocks
 from .logs import ThrottledLog
 from .manifest import Manifest

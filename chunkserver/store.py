@@ -2,7 +2,7 @@
 
 A backend keeps the truth about every upload; the service above it holds only caches (the
 manifest) and guards (per-file locks), checks the policy (limits, free space, conflicts),
-and calls these verbs. `localstore.LocalStore` keeps uploads on a local disk.
+and calls these verbs. `local.LocalStore` keeps uploads on a local disk.
 
 The verbs are grouped by role, as tusd composes a store from small interfaces: `Catalog`,
 `ChunkWriter`, `StreamWriter`, `Assembler`, `Janitor` and `Backend`; `Store` is all of them.
@@ -203,5 +203,5 @@ class Backend(Protocol):
 
 
 class Store(Catalog, ChunkWriter[R], StreamWriter[A], Assembler, Janitor, Backend, Protocol[R, A]):
-    """Every role, as each backend implements them (`localstore.LocalStore`,
+    """Every role, as each backend implements them (`local.LocalStore`,
     `s3store.S3Store`); the service holds one."""

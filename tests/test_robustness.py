@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from chunkserver import Config, localstore
+from chunkserver import Config
 from chunkserver.app import access_logger_for, client_address
+from chunkserver.local import receive as local_receive
 
 from .conftest import ClientFactory, ServerProcess, chunk_form, crc64, stored_chunks, temp_files
 
@@ -36,17 +37,17 @@ async def test_disk_full_while_writing_is_507_and_removes_the_chunk(
     assert (
         await client.post("/upload-chunk", data=chunk_form("full", 0, 3, b"kept"))
     ).status == 200
-    real_write = localstore.pwritev_all
+    real_write = local_receive.pwritev_all
 
     def full(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(localstore, "pwritev_all", full)
+    monkeypatch.setattr(local_receive, "pwritev_all", full)
     resp = await client.post("/upload-chunk", data=chunk_form("full", 1, 3, b"x" * 2_000_000))
     assert resp.status == 507
     assert await resp.json() == {"detail": "Chunk upload failed: disk space full"}
     assert temp_files(Path(config.data_dir)) == []
-    monkeypatch.setattr(localstore, "pwritev_all", real_write)
+    monkeypatch.setattr(local_receive, "pwritev_all", real_write)
     status = await (await client.get("/upload-status/full")).json()
     assert status["uploaded_chunks"] == 1 and status["missing_chunks"] == [1, 2]
     # space is back: the upload finishes with its earlier chunk intact

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from chunkserver import recordlog
 from chunkserver.errors import UploadGone, UploadLocked
-from chunkserver.localstore import DATA_NAME, LocalStore
+from chunkserver.local import DATA_NAME, LocalStore
 from chunkserver.locks import lock_range
 from chunkserver.model import CompletedUpload, UploadMeta, UploadProgress
 
@@ -262,11 +262,11 @@ async def test_an_upload_removed_between_open_and_lock_is_gone(
     """A request that began an upload fails and removes it (its folder to the trash) just
     after another chunk opened the data file, before it locked its region: that chunk must
     find the upload gone, not be stored in the trash and answered as stored."""
-    import chunkserver.localstore as localstore
+    from chunkserver.local import receive as local_receive
 
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("race", "f", 3, None, 1))
-    real_lock_range = localstore.lock_range
+    real_lock_range = local_receive.lock_range
     removed = []
 
     def remove_then_lock(*args: object, **kwargs: object) -> bool:
@@ -275,7 +275,7 @@ async def test_an_upload_removed_between_open_and_lock_is_gone(
             store._remove_folder("race")  # what an abandon does, between open and lock
         return real_lock_range(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(localstore, "lock_range", remove_then_lock)
+    monkeypatch.setattr(local_receive, "lock_range", remove_then_lock)
     with pytest.raises(UploadGone):
         await store.receive(meta, 1, pieces(b"b"), max_bytes=2**30, want_sha256=False)
     assert removed

@@ -11,7 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chunkserver import Config, localstore
+from chunkserver import Config
+from chunkserver.local import receive as local_receive
 
 from .conftest import ClientFactory, chunk_form, crc64, downloaded, sha256, split, temp_files
 
@@ -381,7 +382,7 @@ async def test_a_storage_failure_answers_500_in_json_and_is_logged(
     def failing_disk(*args: object) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(localstore, "pwritev_all", failing_disk)
+    monkeypatch.setattr(local_receive, "pwritev_all", failing_disk)
     resp = await client.post("/upload-chunk", data=chunk_form("eio", 0, 1, b"abc"))
     assert resp.status == 500
     assert await resp.json() == {"detail": "Chunk upload failed: Input/output error"}
