@@ -102,8 +102,8 @@ class UploadService:
         store: Store[Any, Any]
         if config.storage == "s3":
             # Imported here: botocore's models cost the local backend ~20 MiB of memory.
+            from .s3 import S3Store
             from .s3objects import Settings
-            from .s3store import S3Store
 
             store = S3Store(
                 Settings(

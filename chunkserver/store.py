@@ -204,4 +204,4 @@ class Backend(Protocol):
 
 class Store(Catalog, ChunkWriter[R], StreamWriter[A], Assembler, Janitor, Backend, Protocol[R, A]):
     """Every role, as each backend implements them (`local.LocalStore`,
-    `s3store.S3Store`); the service holds one."""
+    `s3.S3Store`); the service holds one."""

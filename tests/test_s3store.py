@@ -23,7 +23,7 @@ import requests
 from chunkserver import Config
 from chunkserver.errors import UploadConflict, UploadGone, UploadLocked
 from chunkserver.model import UploadMeta
-from chunkserver.s3store import S3Store
+from chunkserver.s3 import S3Store
 from chunkserver.service import UploadService
 
 from . import realstack
@@ -416,9 +416,9 @@ async def test_a_dead_completion_is_taken_over_by_the_next_chunk_or_status(
     """While the dead host's lease runs, the last chunk sent again answers 503 with
     Retry-After (never a 409 saying the upload was removed); once it runs out, that chunk,
     or a status request, completes the upload."""
-    import chunkserver.s3store as s3store
+    import chunkserver.s3.assembly as s3_assembly
 
-    monkeypatch.setattr(s3store, "COMPLETION_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(s3_assembly, "COMPLETION_WAIT_SECONDS", 0.2)
     client = await make_client(**s3_settings)
     dead = await open_store(config, **s3_settings)
     chunks = [b"a" * 1000, b"b" * 1000, b"c" * 10]

@@ -522,7 +522,8 @@ async def verify_s3(cluster: Cluster, uploads: list[Upload], stack: S3Stack) -> 
     exactly the completed objects, byte for byte, and no staging object and no open
     multipart upload; the hosts are back near their idle descriptors and memory."""
     from chunkserver import Config
-    from chunkserver.s3store import STAGED_COPIES_FILES, S3Store
+    from chunkserver.s3 import S3Store
+    from chunkserver.s3.pieces import STAGED_COPIES_FILES
     from chunkserver.service import UploadService
 
     config = Config(data_dir=str(cluster.tmp / "sweeper"), **stack.settings)
