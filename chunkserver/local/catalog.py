@@ -18,7 +18,7 @@ from ..model import (
 from ..outbox import FolderOutbox
 from ..recordlog import LOG_NAME
 from .assembly import LocalAssembler
-from .disk import DATA_NAME, META_NAME, OPEN_FLAGS, _touch, storage_error
+from .disk import DATA_NAME, META_NAME, OPEN_FLAGS, storage_error, touch_file
 
 
 class LocalCatalog(LocalAssembler):
@@ -81,10 +81,10 @@ class LocalCatalog(LocalAssembler):
             if adopted != meta:
                 meta = adopted
                 self._write_json(self._folder(file_id) / META_NAME, asdict(meta))
-            _touch(self._folder(file_id) / LOG_NAME)  # begun by a version without the log
+            touch_file(self._folder(file_id) / LOG_NAME)  # begun by a version without the log
             return meta, False
         self._create_data_file(proposed)
-        _touch(self._folder(file_id) / LOG_NAME)
+        touch_file(self._folder(file_id) / LOG_NAME)
         self._write_json(self._folder(file_id) / META_NAME, asdict(proposed))
         if self.fsync:
             fsync_dir(self.chunks_dir)

@@ -24,8 +24,8 @@ from .disk import (
     META_NAME,
     OPEN_FLAGS,
     LocalPendingChunk,
-    _aside_file,
-    _aside_name,
+    aside_file,
+    aside_name,
     storage_error,
 )
 from .receive import LocalChunkReceiver
@@ -141,7 +141,7 @@ class LocalChunkCommitter(LocalChunkReceiver, LocalAssembler):
                 return self._progress(meta, index, log_fd)  # the same bytes again
             token = secrets.token_hex(6)
             try:
-                os.rename(received.aside_path, folder / _aside_file(index, token))
+                os.rename(received.aside_path, folder / aside_file(index, token))
             except FileNotFoundError:  # the folder it was received in was removed meanwhile
                 raise UploadGone() from None
             received.aside_path = None
@@ -149,7 +149,7 @@ class LocalChunkCommitter(LocalChunkReceiver, LocalAssembler):
         recordlog.append(log_fd, entry)
         if self.fsync:
             os.fdatasync(log_fd)
-        if previous is not None and previous.aside not in (None, _aside_name(index, token)):
+        if previous is not None and previous.aside not in (None, aside_name(index, token)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(folder / previous.aside)
         return self._progress(meta, index, log_fd)

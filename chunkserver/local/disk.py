@@ -156,7 +156,7 @@ class KnownLog:
                 entry.chunk_index,
                 entry.length,
                 entry.crc,
-                _aside_file(entry.chunk_index, entry.aside),
+                aside_file(entry.chunk_index, entry.aside),
             )
             self.aside.append(record)
         self.folded += 1
@@ -171,26 +171,26 @@ class KnownLog:
         return self.size, self.crc, self.aside
 
 
-def _aside_file(index: int, token: str) -> str:
+def aside_file(index: int, token: str) -> str:
     """The file of chunk `index` kept aside, by the token in its log entry."""
     return f".{RECORD_PREFIX}{index:06d}.{token}{ASIDE_SUFFIX}"
 
 
-def _aside_name(index: int, token: str) -> str | None:
-    return _aside_file(index, token) if token else None
+def aside_name(index: int, token: str) -> str | None:
+    return aside_file(index, token) if token else None
 
 
-def _progress_in(log_fd: int) -> tuple[int, int]:
+def progress_in(log_fd: int) -> tuple[int, int]:
     """(offset, crc) of a tus upload from its log; (0, 0) before its first bytes."""
     entry = recordlog.last_of_kind(log_fd, recordlog.OFFSET)
     return (entry.length, entry.crc) if entry is not None else (0, 0)
 
 
-def _touch(path: Path) -> None:
+def touch_file(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | OPEN_FLAGS, 0o644))
 
 
-def _writer_pid(temp_name: str) -> int | None:
+def writer_pid(temp_name: str) -> int | None:
     """The pid in a temporary name (`stem.<pid>.<rand>.suffix`)."""
     parts = temp_name.split(".")
     try:
@@ -199,9 +199,9 @@ def _writer_pid(temp_name: str) -> int | None:
         return None
 
 
-def _writer_alive(temp_name: str) -> bool:
+def writer_alive(temp_name: str) -> bool:
     """True when the process named in a temporary name runs."""
-    pid = _writer_pid(temp_name)
+    pid = writer_pid(temp_name)
     return pid is not None and pid_alive(pid)
 
 

@@ -18,7 +18,7 @@ from ..model import (
     UploadMeta,
 )
 from .assembly import LocalAssembler
-from .disk import DATA_NAME, ORPHAN_GRACE_SECONDS, TEMP_SUFFIXES, _writer_alive
+from .disk import DATA_NAME, ORPHAN_GRACE_SECONDS, TEMP_SUFFIXES, writer_alive
 
 
 class LocalJanitor(LocalAssembler):
@@ -104,7 +104,7 @@ class LocalJanitor(LocalAssembler):
                 continue
             try:
                 idle = now - entry.stat().st_mtime
-                if not _writer_alive(entry.name) or idle > ttl_seconds:
+                if not writer_alive(entry.name) or idle > ttl_seconds:
                     os.unlink(entry.path)
                     removed += 1
             except FileNotFoundError:

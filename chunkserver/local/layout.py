@@ -40,9 +40,9 @@ from .disk import (
     TRASH,
     KnownLog,
     T,
-    _aside_name,
-    _writer_alive,
-    _writer_pid,
+    aside_name,
+    writer_alive,
+    writer_pid,
 )
 
 
@@ -117,7 +117,7 @@ class LocalLayout:
             os.close(fd)
         return {
             e.chunk_index: ChunkRecord(
-                e.chunk_index, e.length, e.crc, _aside_name(e.chunk_index, e.aside)
+                e.chunk_index, e.length, e.crc, aside_name(e.chunk_index, e.aside)
             )
             for e in entries
             if e.kind == recordlog.CHUNK
@@ -208,7 +208,7 @@ class LocalLayout:
             except FileNotFoundError:
                 return
             for name in names:
-                if _writer_pid(name) == os.getpid() or not _writer_alive(name):
+                if writer_pid(name) == os.getpid() or not writer_alive(name):
                     shutil.rmtree(self.trash_dir / name, ignore_errors=True)
 
     def free_bytes(self) -> int:

@@ -28,7 +28,7 @@ from .disk import (
     WRITER_KEY,
     WRITER_OFFSET,
     LocalPendingBytes,
-    _progress_in,
+    progress_in,
     storage_error,
 )
 from .receive import LocalChunkReceiver
@@ -44,7 +44,7 @@ class LocalStreamWriter(LocalChunkReceiver):
         except FileNotFoundError:
             return 0, 0
         try:
-            return _progress_in(fd)
+            return progress_in(fd)
         finally:
             os.close(fd)
 
@@ -99,7 +99,7 @@ class LocalStreamWriter(LocalChunkReceiver):
 
         def at_offset(upload: OpenUpload) -> bool:
             nonlocal crc_before
-            stored, crc_before = _progress_in(upload.log_fd)
+            stored, crc_before = progress_in(upload.log_fd)
             if stored != offset:
                 raise OffsetMismatch(offset, stored)
             return True

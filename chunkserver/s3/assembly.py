@@ -28,9 +28,9 @@ from .pieces import (
     COMPLETION_RENEW_SECONDS,
     COMPLETION_WAIT_SECONDS,
     WAIT_STEP_SECONDS,
-    _gather_runs,
-    _sources,
+    gather_runs,
     log,
+    part_sources,
 )
 
 
@@ -148,7 +148,7 @@ class S3Assembler(S3Layout):
         if row.direct:
             groups = [(c.index + 1, [c]) for c in chunks]
         else:
-            groups = list(enumerate(_gather_runs(chunks), start=1))
+            groups = list(enumerate(gather_runs(chunks), start=1))
         if len(groups) > self.max_parts:
             raise StorageFailure(f"{len(groups)} parts exceed the store's limit")
         built = {} if row.direct else await self.state.parts(row.meta)
@@ -159,7 +159,7 @@ class S3Assembler(S3Layout):
                 ahead is not None
                 and ahead.etag is not None
                 and (ahead.first, ahead.last) == (group[0].index, group[-1].index)
-                and ahead.sources == _sources(group)
+                and ahead.sources == part_sources(group)
             ):
                 return number, ahead.etag  # gathered while the upload went on
             return number, await self._build_part(row, number, group)

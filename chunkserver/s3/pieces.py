@@ -224,20 +224,20 @@ class S3PendingBytes:
         self.length += size
 
 
-def _gone_midway() -> UploadConflict:
+def gone_midway() -> UploadConflict:
     return UploadConflict(
         "The upload was completed or removed while this chunk was being received: "
         "ask /upload-status for its state"
     )
 
 
-def _length_mismatch() -> BadRequest:
+def length_mismatch() -> BadRequest:
     return BadRequest(
         "With the s3 storage, a chunk of 5 MiB or more must be the last part of the form"
     )
 
 
-def _run_of(meta: UploadMeta, index: int) -> tuple[int, int] | None:
+def run_of(meta: UploadMeta, index: int) -> tuple[int, int] | None:
     """The run of chunks gathered ahead into one part with chunk `index`: ceil(5 MiB /
     chunk_size) chunks each, which is the completion's plan when chunks are even (checked
     there). None for the run holding the last chunk (gathered at the completion) or while
@@ -250,7 +250,7 @@ def _run_of(meta: UploadMeta, index: int) -> tuple[int, int] | None:
     return None if last >= meta.total_chunks - 1 else (first, last)
 
 
-def _copy_groups(
+def copy_groups(
     sources: list[CompletedUpload],
 ) -> list[list[tuple[CompletedUpload, int, int]]]:
     """The parts of a concatenation, as (source, start, end) pieces: a source of 5 MiB or
@@ -278,11 +278,11 @@ def _copy_groups(
     return groups
 
 
-def _sources(group: list[ChunkRow]) -> str:
+def part_sources(group: list[ChunkRow]) -> str:
     return " ".join(c.staging_key or "" for c in group)
 
 
-def _gather_runs(chunks: list[ChunkRow]) -> list[list[ChunkRow]]:
+def gather_runs(chunks: list[ChunkRow]) -> list[list[ChunkRow]]:
     """Consecutive chunks in groups of at least MIN_PART_BYTES; the last group may be less."""
     groups: list[list[ChunkRow]] = [[]]
     size = 0

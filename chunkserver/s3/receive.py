@@ -24,10 +24,10 @@ from .pieces import (
     MIN_PART_BYTES,
     S3PendingChunk,
     Spool,
-    _gone_midway,
-    _length_mismatch,
-    _run_of,
-    _sources,
+    gone_midway,
+    length_mismatch,
+    part_sources,
+    run_of,
 )
 
 
@@ -116,10 +116,10 @@ class S3ChunkReceiver(S3Assembler):
                 async for piece in body:
                     self._count(received, piece, max_bytes, limit)
                     if received.length > expected:
-                        raise _length_mismatch()
+                        raise length_mismatch()
                     yield piece
                 if received.length != expected:
-                    raise _length_mismatch()
+                    raise length_mismatch()
             except BaseException as e:
                 received.failure = e  # the HTTP client may wrap it: kept to raise as is
                 raise
@@ -129,7 +129,7 @@ class S3ChunkReceiver(S3Assembler):
                 row.object_key, row.upload_id, index + 1, counted(), expected
             )
         except NoSuchUpload:
-            raise _gone_midway() from None
+            raise gone_midway() from None
         except BaseException:
             if received.failure is not None:
                 raise received.failure from None
@@ -158,7 +158,7 @@ class S3ChunkReceiver(S3Assembler):
         try:
             await self._place_spooled(received, spool, row, index, direct)
         except (UploadGone, NoSuchUpload):
-            raise _gone_midway() from None
+            raise gone_midway() from None
 
     async def _place_spooled(
         self,
@@ -217,7 +217,7 @@ class S3ChunkReceiver(S3Assembler):
             finally:
                 spool.close()
         chunk = ChunkRow(index, received.length, received.crc, received.etag, received.staging_key)
-        run = _run_of(meta, index) if received.staging_key is not None else None
+        run = run_of(meta, index) if received.staging_key is not None else None
         row, count, replaced, run_stored = await self.state.record_chunk(
             meta, chunk, is_last=meta.is_last(index), run=run or (-1, -1)
         )
@@ -251,7 +251,7 @@ class S3ChunkReceiver(S3Assembler):
         if group is None or any(c.length != meta.chunk_size for c in group):
             return
         etag = await self._build_part(row, number, group)
-        await self.state.record_part(meta, PartRow(number, first, last, _sources(group), etag))
+        await self.state.record_part(meta, PartRow(number, first, last, part_sources(group), etag))
 
     async def discard(self, received: S3PendingChunk) -> None:
         if received.spool is not None:

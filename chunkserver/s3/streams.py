@@ -34,8 +34,8 @@ from .pieces import (
     MiB,
     S3PendingBytes,
     Spool,
-    _copy_groups,
-    _gone_midway,
+    copy_groups,
+    gone_midway,
 )
 
 
@@ -152,7 +152,7 @@ class S3StreamWriter(S3Layout):
                     size,
                 )
             except NoSuchUpload:
-                raise _gone_midway() from None
+                raise gone_midway() from None
             except Exception:
                 if body.short:
                     return  # the client went away: the parts before this one count
@@ -224,7 +224,7 @@ class S3StreamWriter(S3Layout):
         received = S3PendingBytes(row, writer, row.stream)
         renewal = asyncio.get_running_loop().create_task(self._keep_writer(row.meta, writer))
         try:
-            for number, group in enumerate(_copy_groups(sources), start=1):
+            for number, group in enumerate(copy_groups(sources), start=1):
                 etag = await self._join_part(row, number, group)
                 size = sum(end - start for _, start, end in group)
                 received.parts.append(ChunkRow(number - 1, size, 0, etag, None))
