@@ -1,0 +1,134 @@
+"""The upload service's shared state: the store, the policy, the manifest, locks, hooks and
+metrics, built from the configuration; what both protocols' steps stand on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Self
+
+from .config import Config
+from .hooks import Hooks, upload_body
+from .local import LocalStore
+from .locks import KeyedLocks
+from .logs import ThrottledLog
+from .manifest import Manifest
+from .metrics import Metrics
+from .model import (
+    CompletedUpload,
+    UploadMeta,
+)
+from .policy import Policy
+from .store import Store
+
+log = logging.getLogger("chunkserver")
+
+# How long a status request may spend finishing a completion left undone (see `status`).
+STATUS_FINISH_SECONDS = 1.0
+# How often a chunk looks its upload up again when it ended under it (see `receive`).
+RECEIVE_ATTEMPTS = 4
+
+
+class PieceChecker(Protocol):
+    """A PATCH's checksum (tus's Upload-Checksum), fed every byte as it passes."""
+
+    def update(self, piece: memoryview) -> None: ...
+    def matches(self) -> bool: ...
+
+
+class PatchBody(Protocol):
+    """A PATCH's body; `cut` says why it ended early (the client went away), or None."""
+
+    cut: BaseException | None
+
+    def pieces(self) -> AsyncIterator[memoryview]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The upload a chunk goes into, and whether this request created it."""
+
+    meta: UploadMeta
+    created: bool
+
+
+class ServiceCore:
+    def __init__(self, config: Config, store: Store[Any, Any]) -> None:
+        self.config = config
+        self.store = store
+        self.policy = Policy(config, store)
+        self.manifest = Manifest()
+        self.locks = KeyedLocks()
+        self.metrics = Metrics()
+        # One WARNING line per outage of the database or the object store, not one per request.
+        self.outages = ThrottledLog(log)
+        self.hooks = Hooks(config, self.metrics, self.outages)
+        self.inflight = 0  # chunk requests being handled now
+        self.draining = False  # the process is stopping: answers close their connection
+
+    @classmethod
+    def open(cls, config: Config) -> Self:
+        """The service on the configured backend (connected later, by `start`)."""
+        sha256 = "sha256" in config.checksums
+        store: Store[Any, Any]
+        if config.storage == "s3":
+            # Imported here: botocore's models cost the local backend ~20 MiB of memory.
+            from .s3 import S3Store
+            from .s3objects import Settings
+
+            store = S3Store(
+                Settings(
+                    bucket=config.s3_bucket,
+                    endpoint_url=config.s3_endpoint_url or None,
+                    region=config.s3_region or None,
+                    access_key_id=config.s3_access_key_id or None,
+                    secret_access_key=config.s3_secret_access_key or None,
+                ),
+                config.database_url,
+                prefix=config.s3_prefix,
+                scratch=Path(config.data_dir) / "scratch",
+                sha256=sha256,
+                max_parts=config.s3_max_parts,
+                max_file_bytes=config.max_file_bytes,
+            )
+        else:
+            store = LocalStore(Path(config.data_dir), fsync=config.fsync, sha256=sha256)
+        return cls(config, store)
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.hooks.start(self.store.outbox(), self.store.lookup, self._event_body)
+
+    async def close(self) -> None:
+        await self.hooks.close()
+        await self.store.close()
+
+    def _event_body(self, upload: UploadMeta | CompletedUpload) -> dict[str, Any]:
+        return upload_body(
+            upload,
+            storage=self.config.storage,
+            location=self.store.location_of(upload.file_id, upload.filename),
+        )
+
+    async def rebuild_manifest(self) -> None:
+        """Fill the manifest from the store (at start)."""
+        for file_id in await self.store.uploads_in_progress():
+            found = await self.store.lookup(file_id)
+            if isinstance(found, UploadMeta):
+                self.manifest.remember(found)
+
+    async def _complete(self, meta: UploadMeta) -> CompletedUpload | None:
+        """The one completion step of both protocols: the store completes the upload
+        (exactly once across processes and hosts, shielded from a cancelled request), and
+        the completion is counted where it happened; None while chunks are missing."""
+        async with self.locks.hold(meta.file_id):
+            finished = await asyncio.shield(self.store.complete(meta))
+        if finished is None:
+            return None
+        completed, here = finished
+        if here and not completed.is_partial:  # a part of a concatenation is not a file
+            self.metrics.inc("uploads_completed")
+        return completed
