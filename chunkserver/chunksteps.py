@@ -14,7 +14,6 @@ from .errors import (
     UploadGone,
 )
 from .forms import ChunkFields
-from .hooks import finish_event_id
 from .model import (
     Committed,
     CompletedUpload,
@@ -174,15 +173,7 @@ class ChunkSteps(ServiceCore):
         self.metrics.inc("chunks_stored")
         if not result.all_stored:
             return result
-        # post-finish is queued before the completion (sent once it is done, with its
-        # figures), so that a process killed between the two loses no event.
-        await self.hooks.emit(
-            "post-finish",
-            result.meta,
-            remote,
-            finish_event_id(result.meta.file_id, result.meta.token),
-        )
-        completed = await self._complete(result.meta)
+        completed = await self._complete_and_announce(result.meta, remote)
         if completed is None:
             return result
         self.manifest.forget(fields.file_id)

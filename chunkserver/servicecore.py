@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol, Self
 
 from .config import Config
-from .hooks import Hooks, upload_body
+from .hooks import Hooks, finish_event_id, upload_body
 from .local import LocalStore
 from .locks import KeyedLocks
 from .logs import ThrottledLog
@@ -119,6 +119,19 @@ class ServiceCore:
             found = await self.store.lookup(file_id)
             if isinstance(found, UploadMeta):
                 self.manifest.remember(found)
+
+    async def _complete_and_announce(
+        self, meta: UploadMeta, remote: str | None
+    ) -> CompletedUpload | None:
+        """The completion path of both protocols once every byte is stored. post-finish is
+        queued before the completion (sent once it is done, with its figures), so that a
+        process killed between the two loses no event; a part of a concatenation is not a
+        file and announces nothing."""
+        if meta.concat != "partial":
+            await self.hooks.emit(
+                "post-finish", meta, remote, finish_event_id(meta.file_id, meta.token)
+            )
+        return await self._complete(meta)
 
     async def _complete(self, meta: UploadMeta) -> CompletedUpload | None:
         """The one completion step of both protocols: the store completes the upload

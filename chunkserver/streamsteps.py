@@ -16,7 +16,6 @@ from .errors import (
     UploadConflict,
     UploadGone,
 )
-from .hooks import finish_event_id
 from .model import (
     CompletedUpload,
     StreamProgress,
@@ -162,11 +161,7 @@ class StreamSteps(ServiceCore):
                 self.manifest.remember(meta)
             return progress
         self.manifest.forget(meta.file_id)
-        if meta.concat != "partial":  # a part of a concatenation is not a file yet
-            await self.hooks.emit(
-                "post-finish", meta, remote, finish_event_id(meta.file_id, meta.token)
-            )
-        completed = await self._complete(meta)
+        completed = await self._complete_and_announce(meta, remote)
         return progress if completed is None else completed
 
     async def abandon_stream(self, meta: UploadMeta) -> None:
