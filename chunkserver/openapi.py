@@ -13,9 +13,10 @@ from importlib import metadata
 from typing import Any
 
 from .config import Config
-from .forms import MAX_FIELD_BYTES, MAX_FILENAME_BYTES
+from .forms import FILE_ID_PATTERN, MAX_FIELD_BYTES, MAX_FILENAME_BYTES, SHA256_PATTERN
 
-FILE_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}
+# The rules of forms.py, written once there.
+FILE_ID = {"type": "string", "pattern": f"^{FILE_ID_PATTERN.pattern}$"}
 CRC64NVME = {
     "type": "string",
     "description": "CRC-64/NVME in S3's form: base64 of the 8 big-endian bytes",
@@ -157,7 +158,7 @@ def _chunk_form(config: Config) -> dict[str, Any]:
             },
             "filename": {
                 "type": "string",
-                "pattern": r"^(?!\.{1,2}$)[^/\\\x00-\x1f\x7f]{1,255}$",
+                "pattern": r"^(?!\.{1,2}$)[^/\\\x00-\x1f\x7f]{1," + f"{MAX_FILENAME_BYTES}" + "}$",
                 "description": (
                     f"not '.' or '..', no '/', '\\', NUL or control characters, at most "
                     f"{MAX_FILENAME_BYTES} bytes of UTF-8"
@@ -169,7 +170,7 @@ def _chunk_form(config: Config) -> dict[str, Any]:
                 "description": f"the chunk's bytes, at most max_chunk_bytes "
                 f"({config.max_chunk_bytes})",
             },
-            "chunk_sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+            "chunk_sha256": {"type": "string", "pattern": f"^{SHA256_PATTERN.pattern}$"},
             "chunk_crc64nvme": {**CRC64NVME, "description": "this chunk's CRC-64/NVME"},
             "total_size": {
                 "type": "integer",
