@@ -7,12 +7,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, Self
 
+from .backends import build_store
 from .config import Config
 from .hooks import Hooks, finish_event_id, upload_body
-from .local import LocalStore
 from .locks import KeyedLocks
 from .logs import ThrottledLog
 from .manifest import Manifest
@@ -72,31 +71,7 @@ class ServiceCore:
     @classmethod
     def open(cls, config: Config) -> Self:
         """The service on the configured backend (connected later, by `start`)."""
-        sha256 = "sha256" in config.checksums
-        store: Store[Any, Any]
-        if config.storage == "s3":
-            # Imported here: botocore's models cost the local backend ~20 MiB of memory.
-            from .s3 import S3Store
-            from .s3objects import Settings
-
-            store = S3Store(
-                Settings(
-                    bucket=config.s3_bucket,
-                    endpoint_url=config.s3_endpoint_url or None,
-                    region=config.s3_region or None,
-                    access_key_id=config.s3_access_key_id or None,
-                    secret_access_key=config.s3_secret_access_key or None,
-                ),
-                config.database_url,
-                prefix=config.s3_prefix,
-                scratch=Path(config.data_dir) / "scratch",
-                sha256=sha256,
-                max_parts=config.s3_max_parts,
-                max_file_bytes=config.max_file_bytes,
-            )
-        else:
-            store = LocalStore(Path(config.data_dir), fsync=config.fsync, sha256=sha256)
-        return cls(config, store)
+        return cls(config, build_store(config))
 
     async def start(self) -> None:
         await self.store.open()
