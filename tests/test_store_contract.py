@@ -2,7 +2,8 @@
 a real PostgreSQL. What any backend must do, seen only through the store's verbs, role by
 role: chunks in any order, resent, uneven, cut off mid-write, from two stores (two processes
 or two hosts), removed, expired, and completed exactly once; tus streams written at offsets,
-refused at a wrong offset, given a length later, and concatenated."""
+refused at a wrong offset, given a length later, and concatenated; the backend's health and
+the hooks' outbox (claimed once, retried, delivered)."""
 
 from __future__ import annotations
 
@@ -289,3 +290,28 @@ async def test_completed_streams_concatenate_into_a_final_one(open_store) -> Non
     done = await store.complete(final)
     assert done is not None and done[0].crc64nvme == crc64(whole)
     assert await read_back(store, "f") == whole
+
+
+# -- the backend role: health, free space, the hooks' outbox --
+
+
+async def test_the_backend_reports_its_health_and_keeps_an_outbox(open_store) -> None:
+    import time
+
+    store = await open_store()
+    health = await store.health()
+    assert health and all(health.values())
+    assert store.free_bytes() > 0
+    outbox = store.outbox()
+    event = {"id": "ev-1", "type": "post-finish", "upload": {"file_id": "x"}}
+    await outbox.add(event)
+    await outbox.add(event)  # the same event twice is kept once
+    assert await outbox.count() == 1
+    [pending] = await outbox.claim_due(10)
+    assert pending.event == event and pending.attempts == 0
+    assert await outbox.claim_due(10) == []  # claimed: nobody else gets it meanwhile
+    await outbox.retry_at(pending, time.time() - 1)  # due again at once
+    [again] = await outbox.claim_due(10)
+    assert again.attempts == 1
+    await outbox.delivered(again)
+    assert await outbox.count() == 0
