@@ -27,8 +27,6 @@ body is read through aiohttp, as before.
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.http_parser import HttpRequestParser
@@ -36,11 +34,9 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from .errors import ClientTooSlow
 
-log = logging.getLogger("chunkserver")
-
-# One piece of a body: a buffer and how many of its first bytes are the piece.
+# One piece of a body: a buffer and how many of its first bytes are the piece
+# (multipart.ReadFunction returns these).
 Piece = tuple[bytes | bytearray, int]
-ReadFunction = Callable[[], Awaitable[Piece]]
 
 RECEIVE_BUFFER_BYTES = 1024 * 1024
 # Bodies shorter than this are read through aiohttp: the takeover's two protocol switches
@@ -145,7 +141,7 @@ class _Takeover(asyncio.BufferedProtocol):
             self._transport.resume_reading()
 
     def stop(self) -> None:
-        """The reader is done with the body, whole or not; the buffers go back. Answered
+        """The reader is done with the body, whole or not; the buffer goes back. Answered
         before the body's end, the rest is read and dropped, as aiohttp lingers: closing
         with unread bytes would reset the connection, and the client could lose the answer.
         """
