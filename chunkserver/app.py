@@ -13,10 +13,11 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
 
 from .addresses import Network, client_address, trusted_proxies
+from .answers import Error
 from .bodyreader import receive_buffers_for
 from .config import Config
 from .errors import ChunkServerError, NotAuthenticated, StorageFailure, StoreUnavailable
-from .handlers import add_routes, json_answer
+from .handlers import add_routes, answer
 from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .logs import ThrottledLog
 from .service import UploadService
@@ -43,7 +44,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.error("Storage failure on %s %s", request.method, request.path, exc_info=e)
         elif isinstance(e, StoreUnavailable):  # an outage: one line, not one per request
             uploads.outages.warning(e.component, f"{e.detail} (answering 503)")
-        response = json_answer({"detail": e.detail}, status=e.status)
+        response = answer(Error(detail=e.detail), e.status)
         response.headers.update(e.headers)
         if e.close_connection:
             # Send the answer, then hang up at once: aiohttp would otherwise linger, reading
@@ -56,7 +57,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        response = json_answer({"detail": e.reason}, status=e.status)
+        response = answer(Error(detail=e.reason), e.status)
         for name in (hdrs.ALLOW, hdrs.RETRY_AFTER):
             if name in e.headers:
                 response.headers[name] = e.headers[name]
@@ -64,13 +65,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # The client went away mid-request (its temp file is already removed): nobody is
         # left to answer, so no traceback either; the status is for the metrics only.
         log.info("Client disconnected during %s %s", request.method, request.path)
-        response = json_answer({"detail": "Client disconnected"}, status=400)
+        response = answer(Error(detail="Client disconnected"), 400)
     except Exception:
         log.exception("Unexpected error on %s %s", request.method, request.path)
         detail = "Internal server error"
         if request.path == "/upload-chunk":
             detail = "Chunk upload failed: internal error"
-        response = json_answer({"detail": detail}, status=500)
+        response = answer(Error(detail=detail), 500)
     if request.path.startswith(TUS_PREFIX) and not response.prepared:
         response.headers.setdefault("Tus-Resumable", TUS_VERSION)  # errors too, as tus says
     if uploads.draining:

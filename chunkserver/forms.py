@@ -16,6 +16,9 @@ OPTIONAL_FIELDS = ("chunk_sha256", "chunk_crc64nvme", "total_size", "chunk_size"
 TEXT_FIELDS = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
 MAX_FIELD_BYTES = 4096  # also the limit of `metadata`, encoded
 MAX_FILENAME_BYTES = 255
+# check_filename's rules as one pattern, for the OpenAPI document (which counts characters,
+# not bytes: the byte limit is said in words there).
+FILENAME_PATTERN = r"^(?!\.{1,2}$)[^/\\\x00-\x1f\x7f]{1," + f"{MAX_FILENAME_BYTES}" + "}$"
 
 
 def check_file_id(file_id: str) -> str:

@@ -16,6 +16,16 @@ from aiohttp.abc import AbstractStreamWriter
 
 from . import openapi
 from .addresses import remote_of
+from .answers import (
+    Answer,
+    ChunkCompleted,
+    ChunkUploading,
+    Health,
+    StatusCompleted,
+    StatusNotFound,
+    StatusStreaming,
+    StatusUploading,
+)
 from .bodyreader import BodyReader
 from .chunkrequest import receive_chunk_request
 from .errors import (
@@ -46,29 +56,21 @@ def json_answer(data: dict[str, Any], status: int = 200) -> web.Response:
     )
 
 
-def completed_fields(record: CompletedUpload) -> dict[str, Any]:
-    """What every completed answer says of the file."""
-    fields: dict[str, Any] = {"size": record.size, "crc64nvme": record.crc64nvme}
-    if record.sha256 is not None:
-        fields["sha256"] = record.sha256
-    return fields | metadata_field(record.metadata)
+def answer(value: Answer, status: int = 200) -> web.Response:
+    return json_answer(value.body(), status)
 
 
-def metadata_field(metadata: dict[str, str] | None) -> dict[str, Any]:
-    """`"metadata"` in an answer when the client gave it."""
-    return {} if metadata is None else {"metadata": metadata}
-
-
-def _completed_chunk_answer(record: CompletedUpload) -> dict[str, Any]:
-    return {
-        "file_id": record.file_id,
-        "filename": record.filename,
-        "type": "file",
-        "status": "completed",
-        "uploaded_chunks": record.total_chunks,
-        "total_chunks": record.total_chunks,
-        **completed_fields(record),
-    }
+def chunk_completed(record: CompletedUpload) -> ChunkCompleted:
+    return ChunkCompleted(
+        file_id=record.file_id,
+        filename=record.filename,
+        uploaded_chunks=record.total_chunks,
+        total_chunks=record.total_chunks,
+        size=record.size,
+        crc64nvme=record.crc64nvme,
+        sha256=record.sha256,
+        metadata=record.metadata,
+    )
 
 
 async def upload_chunk(request: web.Request) -> web.Response:
@@ -93,64 +95,57 @@ async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.R
         remote=remote_of(request, config),
     )
     if isinstance(result, CompletedUpload):
-        return json_answer(_completed_chunk_answer(result))
+        return answer(chunk_completed(result))
     fields = result.fields
-    return json_answer(
-        {
-            "file_id": fields.file_id,
-            "filename": fields.filename,
-            "type": "file",
-            "status": "uploading",
-            "uploaded_chunks": result.committed.uploaded_chunks,
-            "total_chunks": fields.total_chunks,
-            **metadata_field(result.committed.meta.metadata),
-        }
+    return answer(
+        ChunkUploading(
+            file_id=fields.file_id,
+            filename=fields.filename,
+            uploaded_chunks=result.committed.uploaded_chunks,
+            total_chunks=fields.total_chunks,
+            metadata=result.committed.meta.metadata,
+        )
     )
 
 
 async def upload_status(request: web.Request) -> web.Response:
     file_id = check_file_id(request.match_info["file_id"])
     found = await request.app[UPLOADS].status(file_id)
+    if found is None:
+        return answer(StatusNotFound(), status=404)
+    return answer(status_answer(file_id, found))
+
+
+def status_answer(
+    file_id: str, found: CompletedUpload | StreamProgress | UploadProgress
+) -> StatusCompleted | StatusStreaming | StatusUploading:
     if isinstance(found, CompletedUpload):
-        return json_answer(
-            {
-                "status": "completed",
-                "file_exists": True,
-                "file_id": file_id,
-                "filename": found.filename,
-                **completed_fields(found),
-                "uploaded_chunks": found.total_chunks,
-                "total_chunks": found.total_chunks,
-            }
+        return StatusCompleted(
+            file_id=file_id,
+            filename=found.filename,
+            size=found.size,
+            crc64nvme=found.crc64nvme,
+            sha256=found.sha256,
+            metadata=found.metadata,
+            uploaded_chunks=found.total_chunks,
+            total_chunks=found.total_chunks,
         )
     if isinstance(found, StreamProgress):
-        size = {} if found.meta.total_size is None else {"size": found.meta.total_size}
-        return json_answer(
-            {
-                "status": "uploading",
-                "file_exists": False,
-                "file_id": file_id,
-                "protocol": "tus",
-                "offset": found.offset,
-                **size,
-                "filename": found.meta.filename,
-                **metadata_field(found.meta.metadata),
-            }
+        return StatusStreaming(
+            file_id=file_id,
+            offset=found.offset,
+            size=found.meta.total_size,
+            filename=found.meta.filename,
+            metadata=found.meta.metadata,
         )
-    if isinstance(found, UploadProgress):
-        return json_answer(
-            {
-                "status": "uploading",
-                "uploaded_chunks": len(found.stored),
-                "file_exists": False,
-                "file_id": file_id,
-                "filename": found.meta.filename,
-                "total_chunks": found.meta.total_chunks,
-                "missing_chunks": found.missing,
-                **metadata_field(found.meta.metadata),
-            }
-        )
-    return json_answer({"status": "not_found", "file_exists": False}, status=404)
+    return StatusUploading(
+        uploaded_chunks=len(found.stored),
+        file_id=file_id,
+        filename=found.meta.filename,
+        total_chunks=found.meta.total_chunks,
+        missing_chunks=found.missing,
+        metadata=found.meta.metadata,
+    )
 
 
 def content_disposition(filename: str) -> str:
@@ -259,14 +254,14 @@ HEALTH_FAILURES = {
 async def healthz(request: web.Request) -> web.Response:
     checks = await request.app[UPLOADS].health()
     if all(checks.values()):
-        return json_answer({"status": "ok"})
+        return answer(Health(status="ok"))
     failing = [HEALTH_FAILURES[name] for name, ok in checks.items() if not ok]
-    body = {
-        "status": "error",
-        "detail": "; ".join(failing),
-        "checks": {name: "ok" if ok else "failing" for name, ok in checks.items()},
-    }
-    response = json_answer(body, 503)
+    health = Health(
+        status="error",
+        detail="; ".join(failing),
+        checks={name: "ok" if ok else "failing" for name, ok in checks.items()},
+    )
+    response = answer(health, 503)
     response.headers[hdrs.RETRY_AFTER] = "5"
     return response
 

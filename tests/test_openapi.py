@@ -69,11 +69,33 @@ async def test_real_answers_match_the_document(client) -> None:
         ("/uploads/{file_id}", "delete", await client.delete("/uploads/nobody")),
         ("/healthz", "get", await client.get("/healthz")),
     ]  # fmt: skip
+    created = await client.post(
+        "/tus/", headers={"Tus-Resumable": "1.0.0", "Upload-Length": "10"})  # fmt: skip
+    tus_id = created.headers["Location"].rsplit("/", 1)[-1]
+    answers.append(
+        ("/upload-status/{file_id}", "get", await client.get(f"/upload-status/{tus_id}"))
+    )
     statuses = []
     for path, method, resp in answers:
         statuses.append(resp.status)
         check(doc, path, method, resp.status, await resp.json())
-    assert statuses == [200, 200, 200, 200, 404, 200, 409, 400, 404, 404, 200]
+    assert statuses == [200, 200, 200, 200, 404, 200, 409, 400, 404, 404, 200, 200]
+
+
+def test_every_answer_type_is_a_component_and_leaves_out_what_is_none() -> None:
+    from chunkserver.answers import ANSWERS, ChunkUploading, StatusStreaming
+    from chunkserver.openapi import document
+
+    components = document(Config())["components"]["schemas"]
+    assert {cls.__name__ for cls in ANSWERS} <= set(components)
+    body = ChunkUploading(file_id="a", filename="b", uploaded_chunks=1, total_chunks=2).body()
+    assert body == {"file_id": "a", "filename": "b", "type": "file", "status": "uploading",
+                    "uploaded_chunks": 1, "total_chunks": 2}  # fmt: skip
+    jsonschema.validate(body, components["ChunkUploading"])
+    stream = StatusStreaming(file_id="a", offset=3, filename="b").body()
+    assert "size" not in stream and "metadata" not in stream
+    jsonschema.validate(stream, components["StatusStreaming"])
+    assert "size" not in components["StatusStreaming"]["required"]
 
 
 @pytest.mark.slow

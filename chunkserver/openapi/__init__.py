@@ -1,8 +1,9 @@
 """The OpenAPI 3.1 document of every route, field, answer and error: `GET /openapi.json`.
 
-Written by hand from PROTOCOL.md, next to the handlers it describes; `tests/test_openapi.py`
-checks that it lists exactly the server's routes and that real answers match it, and CI runs
-schemathesis against a live server from it.
+The paths are written from PROTOCOL.md, next to the handlers they describe; the component
+schemas are generated from the answer types of answers.py, which the handlers send.
+`tests/test_openapi.py` checks that the document lists exactly the server's routes and that
+real answers match it, and CI runs schemathesis against a live server from it.
 """
 
 from __future__ import annotations

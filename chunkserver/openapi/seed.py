@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config
-from ..forms import MAX_FIELD_BYTES, MAX_FILENAME_BYTES, SHA256_PATTERN
+from ..forms import FILENAME_PATTERN, MAX_FIELD_BYTES, MAX_FILENAME_BYTES, SHA256_PATTERN
 from .common import (
     AUTH_ERROR,
     CRC64NVME,
@@ -38,7 +38,7 @@ def chunk_form(config: Config) -> dict[str, Any]:
             },
             "filename": {
                 "type": "string",
-                "pattern": r"^(?!\.{1,2}$)[^/\\\x00-\x1f\x7f]{1," + f"{MAX_FILENAME_BYTES}" + "}$",
+                "pattern": FILENAME_PATTERN,
                 "description": (
                     f"not '.' or '..', no '/', '\\', NUL or control characters, at most "
                     f"{MAX_FILENAME_BYTES} bytes of UTF-8"
@@ -89,7 +89,9 @@ def links_from_file_id() -> dict[str, Any]:
 
 def seed_paths(config: Config) -> dict[str, Any]:
     chunk_answer = {"oneOf": [ref("ChunkUploading"), ref("ChunkCompleted")]}
-    status_answer = {"oneOf": [ref("StatusUploading"), ref("StatusCompleted")]}
+    status_answer = {
+        "oneOf": [ref("StatusUploading"), ref("StatusStreaming"), ref("StatusCompleted")]
+    }
     return {
         "/upload-chunk": {
             "post": {
