@@ -15,6 +15,7 @@ import typing
 from typing import Annotated, Any, ClassVar, Literal
 
 from .forms import FILE_ID_PATTERN
+from .model import CompletedUpload, StreamProgress, UploadProgress
 
 JsonSchema = dict[str, Any]
 
@@ -44,6 +45,7 @@ Metadata = Annotated[dict[str, str], METADATA_SCHEMA]
 Sha256Hex = Annotated[str, Rule(pattern="^[0-9a-f]{64}$")]  # answers give it in lower case
 Count = Annotated[int, Rule(minimum=1)]
 Size = Annotated[int, Rule(minimum=0)]
+
 
 class Answer:
     """A JSON answer: `body()` is what goes on the wire, fields in declaration order."""
@@ -104,12 +106,13 @@ class StatusUploading(Answer):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class StatusStreaming(Answer):
-    """A tus upload in progress: its bytes so far, and its length once declared."""
+    """A byte stream in progress (tus, or the IETF draft): its bytes so far, and its length
+    once declared."""
 
     status: Literal["uploading"] = "uploading"
     file_exists: Literal[False] = False
     file_id: FileId
-    protocol: Literal["tus"] = "tus"
+    protocol: Annotated[str, Rule(enum=["tus", "ietf"])]
     offset: Size
     size: Size | None = None
     filename: str
@@ -154,6 +157,39 @@ class Error(Answer):
     """Every refusal and failure: what went wrong, in a sentence."""
 
     detail: str
+
+
+def status_answer(
+    file_id: str, found: CompletedUpload | StreamProgress | UploadProgress
+) -> StatusCompleted | StatusStreaming | StatusUploading:
+    if isinstance(found, CompletedUpload):
+        return StatusCompleted(
+            file_id=file_id,
+            filename=found.filename,
+            size=found.size,
+            crc64nvme=found.crc64nvme,
+            sha256=found.sha256,
+            metadata=found.metadata,
+            uploaded_chunks=found.total_chunks,
+            total_chunks=found.total_chunks,
+        )
+    if isinstance(found, StreamProgress):
+        return StatusStreaming(
+            file_id=file_id,
+            protocol=found.meta.protocol,
+            offset=found.offset,
+            size=found.meta.total_size,
+            filename=found.meta.filename,
+            metadata=found.meta.metadata,
+        )
+    return StatusUploading(
+        uploaded_chunks=len(found.stored),
+        file_id=file_id,
+        filename=found.meta.filename,
+        total_chunks=found.meta.total_chunks,
+        missing_chunks=found.missing,
+        metadata=found.meta.metadata,
+    )
 
 
 ANSWERS: tuple[type[Answer], ...] = (

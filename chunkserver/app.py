@@ -20,6 +20,10 @@ from .errors import ChunkServerError, NotAuthenticated, StorageFailure, StoreUna
 from .handlers import add_routes, answer
 from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .logs import ThrottledLog
+from .resumable import EXPOSED_HEADERS as RESUMABLE_EXPOSED_HEADERS
+from .resumable import PREFIX as RESUMABLE_PREFIX
+from .resumable import add_routes as add_resumable_routes
+from .resumable import problem_response
 from .service import UploadService
 from .tus import EXPOSED_HEADERS as TUS_EXPOSED_HEADERS
 from .tus import PREFIX as TUS_PREFIX
@@ -44,7 +48,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             log.error("Storage failure on %s %s", request.method, request.path, exc_info=e)
         elif isinstance(e, StoreUnavailable):  # an outage: one line, not one per request
             uploads.outages.warning(e.component, f"{e.detail} (answering 503)")
-        response = answer(Error(detail=e.detail), e.status)
+        response = _error(request, e.status, e.detail, e)
         response.headers.update(e.headers)
         if e.close_connection:
             # Send the answer, then hang up at once: aiohttp would otherwise linger, reading
@@ -57,7 +61,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        response = answer(Error(detail=e.reason), e.status)
+        response = _error(request, e.status, e.reason, e)
         for name in (hdrs.ALLOW, hdrs.RETRY_AFTER):
             if name in e.headers:
                 response.headers[name] = e.headers[name]
@@ -65,13 +69,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # The client went away mid-request (its temp file is already removed): nobody is
         # left to answer, so no traceback either; the status is for the metrics only.
         log.info("Client disconnected during %s %s", request.method, request.path)
-        response = answer(Error(detail="Client disconnected"), 400)
+        response = _error(request, 400, "Client disconnected")
     except Exception:
         log.exception("Unexpected error on %s %s", request.method, request.path)
         detail = "Internal server error"
         if request.path == "/upload-chunk":
             detail = "Chunk upload failed: internal error"
-        response = answer(Error(detail=detail), 500)
+        response = _error(request, 500, detail)
     if request.path.startswith(TUS_PREFIX) and not response.prepared:
         response.headers.setdefault("Tus-Resumable", TUS_VERSION)  # errors too, as tus says
     if uploads.draining:
@@ -105,6 +109,15 @@ def auth_middleware(tokens: tuple[str, ...]) -> Middleware:
     return require_token
 
 
+def _error(
+    request: web.Request, status: int, detail: str, error: BaseException | None = None
+) -> web.Response:
+    """`{"detail": ...}`, or problem details on the IETF draft's routes."""
+    if request.path.startswith(RESUMABLE_PREFIX):
+        return problem_response(status, detail, error, getattr(error, "headers", {}))
+    return answer(Error(detail=detail), status)
+
+
 def cors_middleware(origins: tuple[str, ...]) -> Middleware:
     allow_any = "*" in origins
 
@@ -116,7 +129,9 @@ def cors_middleware(origins: tuple[str, ...]) -> Middleware:
         cors_headers = {
             hdrs.ACCESS_CONTROL_ALLOW_ORIGIN: "*" if allow_any else origin,
             hdrs.ACCESS_CONTROL_EXPOSE_HEADERS: "Content-Disposition, Content-Length, "
-            + TUS_EXPOSED_HEADERS,
+            + TUS_EXPOSED_HEADERS
+            + ", "
+            + RESUMABLE_EXPOSED_HEADERS,
             hdrs.VARY: "Origin",
         }
         if request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_REQUEST_METHOD in (
@@ -218,6 +233,7 @@ def create_app(config: Config) -> web.Application:
     app[RECEIVE_BUFFERS] = receive_buffers_for(config.storage)
     add_routes(app)
     add_tus_routes(app)
+    add_resumable_routes(app)
     app.cleanup_ctx.append(_uploads_context(config))
     app.on_response_prepare.append(_count_status)
     return app

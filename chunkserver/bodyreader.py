@@ -27,6 +27,7 @@ body is read through aiohttp, as before.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.http_parser import HttpRequestParser
@@ -299,3 +300,32 @@ class BodyReader:
             # empty body ever answers (at EOF already: return, do not spin).
             if data or not end_of_http_chunk or content.at_eof():
                 return (data, len(data))
+
+
+class StreamBody:
+    """A PATCH's body as pieces (tus, the IETF draft); a client that goes away ends it, the
+    reason kept in `cut` (the service commits what arrived, then raises it)."""
+
+    def __init__(
+        self, request: web.Request, idle_seconds: float, buffers: ReceiveBuffers | None
+    ) -> None:
+        self.reader = BodyReader(request, idle_seconds, buffers)
+        self.cut: BaseException | None = None
+
+    def __enter__(self) -> StreamBody:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.reader.__exit__(*exc_info)
+
+    async def pieces(self) -> AsyncIterator[memoryview]:
+        while True:
+            try:
+                data, length = await self.reader.read()
+            except (ConnectionError, ClientTooSlow, asyncio.CancelledError) as e:
+                # Cancelled too (a server that cancels handlers of lost clients).
+                self.cut = e
+                return
+            if not length:
+                return
+            yield memoryview(data)[:length]

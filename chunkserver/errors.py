@@ -159,7 +159,24 @@ class OffsetMismatch(UploadConflict):
 
     def __init__(self, given: int, stored: int) -> None:
         super().__init__(f"Upload-Offset {given} does not match the upload's offset {stored}")
+        self.given = given
+        self.stored = stored
         self.headers = {"Upload-Offset": str(stored)}
+
+
+class UploadAlreadyComplete(PayloadTooLarge):
+    """Bytes sent to an upload that is complete (tus: 413; the IETF draft: 400)."""
+
+    def __init__(self) -> None:
+        super().__init__("The upload is complete: no byte may be added")
+
+
+class InconsistentLength(BadRequest):
+    """A length given by a request differs from one given before, or from its bytes."""
+
+
+class DigestMismatch(BadRequest):
+    """Content-Digest or Repr-Digest (RFC 9530) does not match the bytes sent."""
 
 
 class UploadLocked(ChunkServerError):
@@ -182,8 +199,10 @@ class UnsupportedTusVersion(ChunkServerError):
 class UnsupportedMediaType(ChunkServerError):
     status = 415
 
-    def __init__(self) -> None:
-        super().__init__("A PATCH must have Content-Type: application/offset+octet-stream")
+    def __init__(
+        self, detail: str = "A PATCH must have Content-Type: application/offset+octet-stream"
+    ) -> None:
+        super().__init__(detail)
 
 
 class LengthRequired(ChunkServerError):

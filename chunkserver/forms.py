@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from dataclasses import dataclass
@@ -160,3 +162,31 @@ def _checked_crc64nvme(value: str) -> int:
         raise BadRequest(
             "Invalid chunk_crc64nvme: must be the base64 of 8 bytes (S3's form)"
         ) from None
+
+
+# -- Upload-Metadata (tus, and the IETF draft's clients that send it) --
+
+
+def parse_metadata(header: str | None) -> dict[str, str] | None:
+    """Upload-Metadata: comma-separated `key base64(value)` pairs (the value may be absent)."""
+    if header is None or not header.strip():
+        return None
+    pairs: dict[str, str] = {}
+    for item in header.split(","):
+        key, _, encoded = item.strip().partition(" ")
+        if not key or not key.isascii() or any(c.isspace() for c in key):
+            raise BadRequest(f"Upload-Metadata: invalid key {key[:40]!r}")
+        try:
+            pairs[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"Upload-Metadata: the value of {key!r} is not base64 UTF-8") from None
+    if len(json.dumps(pairs).encode()) > MAX_FIELD_BYTES:
+        raise BadRequest(f"Upload-Metadata: longer than {MAX_FIELD_BYTES} bytes")
+    return pairs
+
+
+def encode_metadata(metadata: dict[str, str] | None) -> str:
+    return ",".join(
+        f"{key} {base64.b64encode(value.encode()).decode()}".rstrip()
+        for key, value in (metadata or {}).items()
+    )

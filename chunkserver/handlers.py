@@ -21,10 +21,8 @@ from .answers import (
     ChunkCompleted,
     ChunkUploading,
     Health,
-    StatusCompleted,
     StatusNotFound,
-    StatusStreaming,
-    StatusUploading,
+    status_answer,
 )
 from .bodyreader import BodyReader
 from .chunkrequest import receive_chunk_request
@@ -35,7 +33,7 @@ from .errors import (
 )
 from .forms import check_file_id
 from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
-from .model import CompletedUpload, StoredObject, StreamProgress, UploadProgress
+from .model import CompletedUpload, StoredObject
 from .multipart import MultipartParser, boundary_from_content_type
 
 JSON = "application/json"
@@ -114,38 +112,6 @@ async def upload_status(request: web.Request) -> web.Response:
     if found is None:
         return answer(StatusNotFound(), status=404)
     return answer(status_answer(file_id, found))
-
-
-def status_answer(
-    file_id: str, found: CompletedUpload | StreamProgress | UploadProgress
-) -> StatusCompleted | StatusStreaming | StatusUploading:
-    if isinstance(found, CompletedUpload):
-        return StatusCompleted(
-            file_id=file_id,
-            filename=found.filename,
-            size=found.size,
-            crc64nvme=found.crc64nvme,
-            sha256=found.sha256,
-            metadata=found.metadata,
-            uploaded_chunks=found.total_chunks,
-            total_chunks=found.total_chunks,
-        )
-    if isinstance(found, StreamProgress):
-        return StatusStreaming(
-            file_id=file_id,
-            offset=found.offset,
-            size=found.meta.total_size,
-            filename=found.meta.filename,
-            metadata=found.meta.metadata,
-        )
-    return StatusUploading(
-        uploaded_chunks=len(found.stored),
-        file_id=file_id,
-        filename=found.meta.filename,
-        total_chunks=found.meta.total_chunks,
-        missing_chunks=found.missing,
-        metadata=found.meta.metadata,
-    )
 
 
 def content_disposition(filename: str) -> str:

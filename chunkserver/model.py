@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 TUS = "tus"  # UploadMeta.protocol of a tus upload
+IETF = "ietf"  # of an upload made with the IETF draft (resumable.py): a stream, as tus's
+STREAM_PROTOCOLS = (TUS, IETF)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +71,16 @@ class UploadMeta:
         length: int | None,
         metadata: dict[str, str] | None,
         concat: str | None = None,
+        protocol: str = TUS,
     ) -> UploadMeta:
-        """A tus upload: one chunk record (local) or its parts (S3) once its bytes are in."""
+        """A byte stream (tus, or the IETF draft): one chunk record (local) or its parts (S3)
+        once its bytes are in."""
         meta = cls.new(file_id, filename, 1, length, None, metadata)
-        return replace(meta, protocol=TUS, concat=concat)
+        return replace(meta, protocol=protocol, concat=concat)
 
     @property
     def is_stream(self) -> bool:
-        return self.protocol == TUS
+        return self.protocol in STREAM_PROTOCOLS
 
     def adopts(self, chunk_size: int | None, metadata: dict[str, str] | None) -> bool:
         """Whether a chunk brings what this upload has not fixed yet (a declared chunk size,

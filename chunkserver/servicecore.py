@@ -11,6 +11,7 @@ from typing import Any, Protocol, Self
 
 from .backends import build_store
 from .config import Config
+from .errors import ChunkServerError
 from .hooks import Hooks, finish_event_id, upload_body
 from .locks import KeyedLocks
 from .logs import ThrottledLog
@@ -32,10 +33,12 @@ RECEIVE_ATTEMPTS = 4
 
 
 class PieceChecker(Protocol):
-    """A PATCH's checksum (tus's Upload-Checksum), fed every byte as it passes."""
+    """A PATCH's checksum (tus's Upload-Checksum, the draft's digests), fed every byte as it
+    passes; `mismatch()` is the error its protocol answers when they do not match."""
 
     def update(self, piece: memoryview) -> None: ...
     def matches(self) -> bool: ...
+    def mismatch(self) -> ChunkServerError: ...
 
 
 class PatchBody(Protocol):

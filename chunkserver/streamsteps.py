@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator
 
 from .errors import (
     BadRequest,
     FileNotFound,
     Forbidden,
+    InconsistentLength,
     OffsetMismatch,
     PayloadTooLarge,
-    TusChecksumMismatch,
+    UploadAlreadyComplete,
     UploadConflict,
     UploadGone,
 )
@@ -58,10 +60,15 @@ class StreamSteps(ServiceCore):
         declared_length: int | None,
         checksum: PieceChecker | None,
         remote: str | None,
+        complete: bool | None = None,
     ) -> StreamProgress | CompletedUpload:
         """A PATCH: its bytes at `offset`, then the completion when they were the last.
         `length` is None for a body without Content-Length (chunked transfer coding): it
         ends where the body ends, within the upload's length.
+
+        `complete` says when the upload completes: None (tus) once its offset reaches its
+        length; True or False (the IETF draft's Upload-Complete) with this PATCH or not,
+        whatever the offset. A completing PATCH fixes a length still unknown at its end.
 
         A refused PATCH changes nothing: its bytes are discarded and a length it declares is
         kept only once its bytes are committed. A body cut short (the client went away)
@@ -94,14 +101,21 @@ class StreamSteps(ServiceCore):
             await self.store.discard_at(received)
             if short:
                 raise body.cut or BadRequest("The body ended before its Content-Length")
-            raise TusChecksumMismatch()
+            raise checksum.mismatch()
         if declared_length is not None and deferred:
             # Every check passed (offset, checksum, room): the length counts from now on.
             await self.store.declare_length(meta, declared_length)
         progress = await asyncio.shield(self.store.commit_at(received))
         if short:
             raise body.cut or BadRequest("The body ended before its Content-Length")
-        return await self._complete_stream(progress, remote)
+        if complete and progress.meta.total_size is None:
+            # Said complete, its length unknown until its body ended (chunked): declared now
+            # by an append of no bytes, as a tus client would (S3 puts its staged tail).
+            return await self.append(
+                file_id, progress.offset, NO_BYTES, length=0,
+                declared_length=progress.offset, checksum=None, remote=remote, complete=True,
+            )  # fmt: skip
+        return await self._complete_stream(progress, remote, complete)
 
     async def _stream_to_patch(
         self, file_id: str, offset: int, length: int | None, declared_length: int | None
@@ -124,13 +138,14 @@ class StreamSteps(ServiceCore):
             if offset != known.size:
                 raise OffsetMismatch(offset, known.size)
             if length != 0 or (declared_length not in (None, known.size)):
-                raise PayloadTooLarge("The upload is complete: no byte may be added")
+                raise UploadAlreadyComplete()
             return known
         if declared_length is not None:
             if known.total_size is None:
                 self.policy.check_stream_size(declared_length)
             elif known.total_size != declared_length:
-                raise BadRequest(
+                await self._check_offset(known, offset)  # a wrong offset is told first (409)
+                raise InconsistentLength(
                     f"Upload-Length {declared_length} differs from the upload's length "
                     f"{known.total_size}"
                 )
@@ -153,16 +168,27 @@ class StreamSteps(ServiceCore):
             raise OffsetMismatch(offset, state.size)
 
     async def _complete_stream(
-        self, progress: StreamProgress, remote: str | None
+        self, progress: StreamProgress, remote: str | None, complete: bool | None = None
     ) -> StreamProgress | CompletedUpload:
+        if complete:
+            self._check_complete_length(progress)
         meta = progress.meta
-        if meta.total_size is None or progress.offset != meta.total_size:
+        if complete is False or meta.total_size is None or progress.offset != meta.total_size:
             if meta.total_size is not None:
                 self.manifest.remember(meta)
             return progress
         self.manifest.forget(meta.file_id)
         completed = await self._complete_and_announce(meta, remote)
         return progress if completed is None else completed
+
+    def _check_complete_length(self, progress: StreamProgress) -> None:
+        """An upload said complete ends at its length."""
+        length = progress.meta.total_size
+        if length is not None and length != progress.offset:
+            raise InconsistentLength(
+                f"The upload is said complete at offset {progress.offset}, but its length "
+                f"is {length}"
+            )
 
     async def abandon_stream(self, meta: UploadMeta) -> None:
         """A creation whose bytes were refused: nothing of it remains (its room included)."""
@@ -187,6 +213,19 @@ class StreamSteps(ServiceCore):
         begun = await self.create_stream(dataclasses.replace(meta, total_size=total), remote)
         progress = await asyncio.shield(self.store.concatenate(begun, sources))
         return await self._complete_stream(progress, remote)
+
+
+class _NoBytes:
+    """The body of an append that carries no byte."""
+
+    cut: BaseException | None = None
+
+    async def pieces(self) -> AsyncIterator[memoryview]:
+        return
+        yield
+
+
+NO_BYTES = _NoBytes()
 
 
 def _with_length(meta: UploadMeta, declared_length: int | None) -> UploadMeta:

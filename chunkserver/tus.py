@@ -7,24 +7,21 @@ same store, limits, hooks, expiry and download); only the way its bytes arrive d
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
-import json
 import secrets
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Any
 
 from aiohttp import hdrs, web
 
 from .addresses import forwarded_base, remote_of
-from .bodyreader import BodyReader
+from .bodyreader import StreamBody
 from .errors import (
     BadRequest,
-    ClientTooSlow,
     DiskFull,
     FileNotFound,
     PayloadTooLarge,
@@ -33,7 +30,7 @@ from .errors import (
     UnsupportedMediaType,
     UnsupportedTusVersion,
 )
-from .forms import MAX_FIELD_BYTES, check_file_id, check_filename
+from .forms import check_file_id, check_filename, encode_metadata, parse_metadata
 from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .model import CompletedUpload, StreamProgress, UploadMeta
 
@@ -103,32 +100,8 @@ class UploadChecksum:
     def matches(self) -> bool:
         return bool(self.hash.digest() == self.expected)
 
-
-class RequestBody:
-    """A PATCH's body as pieces; a client that goes away ends it, the reason kept in `cut`."""
-
-    def __init__(self, request: web.Request, idle_seconds: float) -> None:
-        self.reader = BodyReader(request, idle_seconds, request.app[RECEIVE_BUFFERS])
-        self.cut: BaseException | None = None
-
-    def __enter__(self) -> RequestBody:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.reader.__exit__(*exc_info)
-
-    async def pieces(self) -> AsyncIterator[memoryview]:
-        while True:
-            try:
-                data, length = await self.reader.read()
-            except (ConnectionError, ClientTooSlow, asyncio.CancelledError) as e:
-                # Cancelled too (a server that cancels handlers of lost clients): the
-                # service commits what arrived, then raises this again.
-                self.cut = e
-                return
-            if not length:
-                return
-            yield memoryview(data)[:length]
+    def mismatch(self) -> TusChecksumMismatch:
+        return TusChecksumMismatch()
 
 
 # -- header parsing --
@@ -147,31 +120,6 @@ def _non_negative(name: str, text: str | None) -> int | None:
     if not text.isdigit() or len(text) > 19:
         raise BadRequest(f"{name} must be a non-negative integer, got {text[:40]!r}")
     return int(text)
-
-
-def parse_metadata(header: str | None) -> dict[str, str] | None:
-    """Upload-Metadata: comma-separated `key base64(value)` pairs (the value may be absent)."""
-    if header is None or not header.strip():
-        return None
-    pairs: dict[str, str] = {}
-    for item in header.split(","):
-        key, _, encoded = item.strip().partition(" ")
-        if not key or not key.isascii() or any(c.isspace() for c in key):
-            raise BadRequest(f"Upload-Metadata: invalid key {key[:40]!r}")
-        try:
-            pairs[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, ValueError):
-            raise BadRequest(f"Upload-Metadata: the value of {key!r} is not base64 UTF-8") from None
-    if len(json.dumps(pairs).encode()) > MAX_FIELD_BYTES:
-        raise BadRequest(f"Upload-Metadata: longer than {MAX_FIELD_BYTES} bytes")
-    return pairs
-
-
-def encode_metadata(metadata: dict[str, str] | None) -> str:
-    return ",".join(
-        f"{key} {base64.b64encode(value.encode()).decode()}".rstrip()
-        for key, value in (metadata or {}).items()
-    )
 
 
 def _partial_ids(request: web.Request, header: str) -> list[str]:
@@ -348,7 +296,9 @@ async def _append(
     if length is None and not request.body_exists:
         length = 0
     checksum_header = request.headers.get("Upload-Checksum")
-    with RequestBody(request, request.app[CONFIG].idle_timeout_seconds) as body:
+    with StreamBody(
+        request, request.app[CONFIG].idle_timeout_seconds, request.app[RECEIVE_BUFFERS]
+    ) as body:
         return await request.app[UPLOADS].append(
             file_id,
             offset,

@@ -308,3 +308,104 @@ def test_uppy_dashboard_drop_interrupt_resume(
     after_cut = requests_seen[requests_seen.index("PATCH") :]
     assert "HEAD" in after_cut  # it asked the server where to resume
     assert_stored(server, file_id_of(result["ok"][0]), data, "clip.mov")
+
+
+# -- tus-js-client speaking the IETF draft (its `protocol` option) to /resumable/ --
+
+IETF_PROTOCOLS = pytest.mark.parametrize("protocol", ["ietf-draft-03", "ietf-draft-05"])
+
+
+@needs_node
+@pytest.mark.slow
+@IETF_PROTOCOLS
+@pytest.mark.parametrize("with_creation", [False, True], ids=["empty-creation", "data-in-creation"])
+def test_tus_js_client_ietf_draft(
+    server: ServerProcess, tmp_path: Path, protocol: str, with_creation: bool
+) -> None:
+    path, data = make_file(tmp_path, 5 * MiB + 11)
+    events = run_node(
+        {
+            "endpoint": f"{server.url}/resumable/",
+            "path": str(path),
+            "protocol": protocol,
+            "uploadDataDuringCreation": with_creation,
+            "chunkSize": 2 * MiB,
+            "metadata": {"filename": "movie.bin"},
+        }
+    )
+    assert events[-1]["event"] == "success", events[-3:]
+    file_id = file_id_of(events[-1]["url"])
+    assert_stored(server, file_id, data, "movie.bin")
+
+
+@needs_node
+@pytest.mark.slow
+@IETF_PROTOCOLS
+def test_tus_js_client_ietf_draft_resumes_after_being_killed(
+    server: ServerProcess, tmp_path: Path, protocol: str
+) -> None:
+    path, data = make_file(tmp_path, 16 * MiB)
+    options = {
+        "endpoint": f"{server.url}/resumable/",
+        "path": str(path),
+        "protocol": protocol,
+        "chunkSize": 512 * 1024,
+        "urlStorage": str(tmp_path / "urls.json"),
+        "metadata": {"filename": "movie.bin"},
+    }
+    first = run_node(options, kill_after_bytes=4 * MiB)
+    assert first[-1]["event"] == "progress"
+    again = run_node(options)
+    resuming = [e for e in again if e["event"] == "resuming"]
+    assert len(resuming) == 1, again[:3]
+    progress = [e["sent"] for e in again if e["event"] == "progress"]
+    assert progress[0] >= 4 * MiB
+    assert again[-1]["event"] == "success", again[-3:]
+    assert_stored(server, file_id_of(again[-1]["url"]), data, "movie.bin")
+
+
+@needs_node
+@pytest.mark.slow
+@IETF_PROTOCOLS
+def test_tus_js_client_ietf_draft_goes_on_after_the_server_is_sigkilled(
+    servers: Callable[..., ServerProcess], backend: str, tmp_path: Path, protocol: str, request
+) -> None:
+    """The server SIGKILLed mid-upload and started again on the same port: the client asks
+    the offset (HEAD) and goes on from the last one committed."""
+    lines = []
+    if backend == "s3":
+        lines += s3_flags(request.getfixturevalue("s3_settings"))
+    config = tmp_path / "chunkserver.toml"
+    config.write_text("\n".join(lines) + "\n")
+    first = servers("--config", str(config))
+    port = first.url.rsplit(":", 1)[1]
+    path, data = make_file(tmp_path, 24 * MiB)
+    options = {
+        "endpoint": f"{first.url}/resumable/",
+        "path": str(path),
+        "protocol": protocol,
+        "chunkSize": MiB,
+        "metadata": {"filename": "movie.bin"},
+        "retryDelays": [200, 500, 1000, 2000, 3000, 5000, 8000],
+    }
+    process = subprocess.Popen(
+        [NODE, str(JS / "tus_upload.js"), json.dumps(options)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=JS,
+    )  # fmt: skip
+    events = []
+    assert process.stdout is not None
+    try:
+        for line in process.stdout:
+            if line.startswith("{"):
+                events.append(json.loads(line))
+            if events and events[-1].get("sent", 0) >= 6 * MiB and first.process.poll() is None:
+                os.killpg(first.process.pid, signal.SIGKILL)
+                first.process.wait(10)
+                servers("--config", str(config), "--port", port)
+        process.wait(120)
+    finally:
+        process.kill()
+        process.stdout.close()
+    assert first.process.poll() is not None, "the server was not killed mid-upload"
+    assert events[-1]["event"] == "success", events[-3:]
+    assert_stored(first, file_id_of(events[-1]["url"]), data, "movie.bin")

@@ -132,6 +132,8 @@ class S3StreamWriter(S3Layout):
         meta = row.meta
         part_bytes = self._stream_part_bytes(meta)
         available = before.tail_bytes + length
+        if not available and meta.total_chunks:
+            return  # nothing to put after the parts there are (an empty upload puts one)
         ends = meta.total_size is not None and before.offset + length == meta.total_size
         if available < part_bytes and not ends:
             if length:

@@ -2,7 +2,8 @@
 //
 // node tus_upload.js '{"endpoint": "...", "path": "...", ...}'
 // Options: chunkSize, parallelUploads, metadata, urlStorage (a file: resume what an earlier
-// run began), checksum (send Upload-Checksum: sha1 of every PATCH), headers.
+// run began), checksum (send Upload-Checksum: sha1 of every PATCH), headers, protocol
+// ("tus-v1", "ietf-draft-03" or "ietf-draft-05"), uploadDataDuringCreation, retryDelays.
 // Prints JSON lines: {"event": "progress", "sent": n}, then {"event": "success", "url": ...}
 // or {"event": "error", "message": ...} (exit status 1).
 'use strict'
@@ -39,7 +40,9 @@ async function main() {
     parallelUploads: options.parallelUploads || 1,
     metadata: options.metadata || {},
     headers: options.headers || {},
-    retryDelays: [0, 200, 500, 1000, 2000],
+    protocol: options.protocol || 'tus-v1',
+    uploadDataDuringCreation: Boolean(options.uploadDataDuringCreation),
+    retryDelays: options.retryDelays || [0, 200, 500, 1000, 2000],
     fingerprint: async () => 'chunkserver-test-' + options.path,
     removeFingerprintOnSuccess: true,
     onBeforeRequest(req) {

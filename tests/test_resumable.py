@@ -1,0 +1,341 @@
+"""Resumable Uploads for HTTP (the IETF draft) under /resumable/, over raw HTTP, following the
+draft's own examples: creation with and without content, offset retrieval, append,
+completion, cancellation, each error, with revision 15's interop version, with none, and with
+the older ones that clients send (3, 5, 6)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+
+BOTH_BACKENDS = True
+PARTIAL = "application/partial-upload"
+V8 = {"Upload-Draft-Interop-Version": "8"}
+PROBLEMS = "https://iana.org/assignments/http-problem-types#"
+
+
+def sha256_field(data: bytes) -> str:
+    return f"sha-256=:{base64.b64encode(hashlib.sha256(data).digest()).decode()}:"
+
+
+async def create(client, body: bytes = b"", **headers: str):
+    return await client.post("/resumable/", data=body, headers=headers)
+
+
+def path_of(resp) -> str:
+    return urlsplit(resp.headers["Location"]).path
+
+
+async def append(client, path: str, body: bytes, offset: int, complete: bool, **headers: str):
+    sent = {
+        "Content-Type": PARTIAL,
+        "Upload-Offset": str(offset),
+        "Upload-Complete": "?1" if complete else "?0",
+        **headers,
+    }
+    return await client.patch(path, data=body, headers=sent)
+
+
+async def downloaded(client, path: str) -> bytes:
+    resp = await client.get("/files/" + path.rsplit("/", 1)[1])
+    assert resp.status == 200
+    return await resp.read()
+
+
+@pytest.mark.parametrize("interop", [V8, {}], ids=["interop-8", "no-interop-version"])
+async def test_example_2_upload_as_a_series_of_parts(client, interop) -> None:
+    created = await create(client, b"hello ", **{"Upload-Complete": "?0"}, **interop)
+    assert created.status == 201
+    assert created.headers["Upload-Complete"] == "?0"
+    assert created.headers["Upload-Offset"] == "6"
+    assert "max-size=" in created.headers["Upload-Limit"]
+    path = path_of(created)
+    assert path.startswith("/resumable/")
+    middle = await append(client, path, b"resumable ", 6, False, **interop)
+    assert middle.status == 204 and middle.headers["Upload-Complete"] == "?0"
+    assert middle.headers["Upload-Offset"] == "16"
+    probe = await client.head(path, headers=interop)
+    assert probe.status == 204
+    assert probe.headers["Upload-Offset"] == "16"
+    assert probe.headers["Upload-Complete"] == "?0"
+    assert probe.headers["Cache-Control"] == "no-store"
+    assert "Upload-Length" not in probe.headers  # not told yet
+    assert "max-age=" in probe.headers["Upload-Limit"]
+    last = await append(client, path, b"world", 16, True, **interop)
+    assert last.status == 200 and last.headers["Upload-Complete"] == "?1"
+    answer = await last.json()
+    assert answer["status"] == "completed" and answer["size"] == 21
+    done = await client.head(path, headers=interop)
+    assert done.headers["Upload-Complete"] == "?1"
+    assert done.headers["Upload-Length"] == "21"
+    assert await downloaded(client, path) == b"hello resumable world"
+    status = await (await client.get("/upload-status/" + path.rsplit("/", 1)[1])).json()
+    assert status["status"] == "completed"
+
+
+async def test_example_1_the_whole_file_in_the_creation(client) -> None:
+    body = b"x" * 100_000
+    resp = await create(
+        client, body, **{"Upload-Complete": "?1", "Upload-Length": str(len(body))}, **V8
+    )
+    assert resp.status == 200
+    assert resp.headers["Upload-Complete"] == "?1"
+    assert resp.headers["Content-Type"] == "application/json"
+    assert (await resp.json())["size"] == len(body)
+    assert await downloaded(client, path_of(resp)) == body
+
+
+async def test_creation_without_content_then_appends_with_a_known_length(client) -> None:
+    created = await create(client, **{"Upload-Complete": "?0", "Upload-Length": "8"}, **V8)
+    assert created.status == 201 and created.headers["Upload-Offset"] == "0"
+    path = path_of(created)
+    probe = await client.head(path)
+    assert probe.headers["Upload-Length"] == "8" and probe.headers["Upload-Offset"] == "0"
+    # Every byte sent, yet not said complete: the upload stays incomplete until it is.
+    await append(client, path, b"12345678", 0, False)
+    probe = await client.head(path)
+    assert probe.headers["Upload-Offset"] == "8" and probe.headers["Upload-Complete"] == "?0"
+    done = await append(client, path, b"", 8, True)
+    assert done.status == 200 and done.headers["Upload-Complete"] == "?1"
+    assert await downloaded(client, path) == b"12345678"
+
+
+async def test_status_says_the_protocol(client) -> None:
+    created = await create(client, b"ab", **{"Upload-Complete": "?0", "Upload-Length": "4"})
+    file_id = path_of(created).rsplit("/", 1)[1]
+    status = await (await client.get(f"/upload-status/{file_id}")).json()
+    assert status == {
+        "status": "uploading", "file_exists": False, "file_id": file_id, "protocol": "ietf",
+        "offset": 2, "size": 4, "filename": file_id,
+    }  # fmt: skip
+
+
+async def test_a_mismatching_offset_is_409_with_the_right_one(client) -> None:
+    path = path_of(await create(client, b"abc", **{"Upload-Complete": "?0"}))
+    resp = await append(client, path, b"zz", 7, False)
+    assert resp.status == 409
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    assert resp.headers["Upload-Offset"] == "3" and resp.headers["Upload-Complete"] == "?0"
+    problem = await resp.json()
+    assert problem["type"] == PROBLEMS + "mismatching-upload-offset"
+    assert problem["expected-offset"] == 3 and problem["provided-offset"] == 7
+    assert (await client.head(path)).headers["Upload-Offset"] == "3"
+
+
+async def test_a_mismatching_offset_is_told_before_an_inconsistent_length(client) -> None:
+    path = path_of(await create(client, b"abc", **{"Upload-Complete": "?0", "Upload-Length": "9"}))
+    resp = await append(client, path, b"zz", 1, True)  # ends at 3, not 9, and at a wrong offset
+    assert resp.status == 409
+
+
+async def test_inconsistent_lengths_are_400_problems(client) -> None:
+    resp = await create(client, b"abcd", **{"Upload-Complete": "?1", "Upload-Length": "9"})
+    assert resp.status == 400
+    assert (await resp.json())["type"] == PROBLEMS + "inconsistent-upload-length"
+    path = path_of(await create(client, b"abc", **{"Upload-Complete": "?0", "Upload-Length": "9"}))
+    resp = await append(client, path, b"zz", 3, False, **{"Upload-Length": "10"})
+    assert resp.status == 400
+    assert (await resp.json())["type"] == PROBLEMS + "inconsistent-upload-length"
+    resp = await append(client, path, b"zz", 3, True)  # completes at 5, the length is 9
+    assert resp.status == 400
+    assert (await resp.json())["type"] == PROBLEMS + "inconsistent-upload-length"
+    assert (await client.head(path)).headers["Upload-Offset"] == "3"  # nothing of it kept
+
+
+async def test_bytes_past_the_length_are_refused(client) -> None:
+    path = path_of(await create(client, b"abc", **{"Upload-Complete": "?0", "Upload-Length": "4"}))
+    resp = await append(client, path, b"zz", 3, False)
+    assert resp.status == 413
+    assert (await client.head(path)).headers["Upload-Offset"] == "3"
+
+
+async def test_appending_to_a_completed_upload(client) -> None:
+    resp = await create(client, b"done", **{"Upload-Complete": "?1"})
+    path = path_of(resp)
+    more = await append(client, path, b"more", 4, True)
+    assert more.status == 400
+    assert (await more.json())["type"] == PROBLEMS + "completed-upload"
+    # The final answer lost and asked again (nothing added): replayed.
+    again = await append(client, path, b"", 4, True)
+    assert again.status == 200 and again.headers["Upload-Complete"] == "?1"
+    assert await downloaded(client, path) == b"done"
+
+
+async def test_cancellation(client) -> None:
+    path = path_of(await create(client, b"abc", **{"Upload-Complete": "?0"}))
+    assert (await client.delete(path)).status == 204
+    gone = await client.head(path)
+    assert gone.status == 404
+    resp = await append(client, path, b"d", 3, False)
+    assert resp.status == 404
+    assert resp.headers["Content-Type"] == "application/problem+json"
+    assert (await client.delete(path)).status == 404
+
+
+async def test_requests_the_draft_requires_fields_of(client) -> None:
+    missing_complete = await client.post("/resumable/", data=b"x")
+    assert missing_complete.status == 400
+    path = path_of(await create(client, b"abc", **{"Upload-Complete": "?0"}))
+    no_type = await client.patch(
+        path, data=b"d", headers={"Upload-Offset": "3", "Upload-Complete": "?0", **V8}
+    )
+    assert no_type.status == 415
+    no_offset = await client.patch(
+        path, data=b"d", headers={"Content-Type": PARTIAL, "Upload-Complete": "?0"}
+    )
+    assert no_offset.status == 400
+    no_flag = await client.patch(
+        path, data=b"d", headers={"Content-Type": PARTIAL, "Upload-Offset": "3"}
+    )
+    assert no_flag.status == 400
+    bad_version = await create(client, **{"Upload-Complete": "?0"}, **{
+        "Upload-Draft-Interop-Version": "2"})  # fmt: skip
+    assert bad_version.status == 400
+    assert (await client.head("/resumable/not*an*id")).status == 400
+    assert (await client.head(path)).headers["Upload-Offset"] == "3"
+
+
+async def test_options_announces_the_limits(client) -> None:
+    resp = await client.options("/resumable/")
+    assert resp.status == 204
+    assert resp.headers["Upload-Limit"].startswith("max-size=")
+    assert resp.headers["Accept-Patch"] == PARTIAL
+
+
+async def test_digests_are_checked_and_a_mismatch_keeps_nothing(client) -> None:
+    path = path_of(await create(client, b"abc", **{"Upload-Complete": "?0"}))
+    good = await append(client, path, b"def", 3, False, **{"Content-Digest": sha256_field(b"def")})
+    assert good.status == 204
+    bad = await append(client, path, b"ghi", 6, False, **{"Content-Digest": sha256_field(b"xyz")})
+    assert bad.status == 400
+    assert "Content-Digest" in (await bad.json())["detail"]
+    assert (await client.head(path)).headers["Upload-Offset"] == "6"
+    # Repr-Digest on the request that carries the whole representation.
+    whole = b"the whole file"
+    refused = await create(client, whole, **{"Upload-Complete": "?1",
+                                             "Repr-Digest": sha256_field(b"another file")})  # fmt: skip
+    assert refused.status == 400
+    accepted = await create(
+        client, whole, **{"Upload-Complete": "?1", "Repr-Digest": sha256_field(whole)}
+    )
+    assert accepted.status == 200
+    # Repr-Digest with the append that completes an upload begun earlier: read back.
+    last = await append(
+        client, path, b"ghi", 6, True, **{"Repr-Digest": sha256_field(b"abcdefghi")}
+    )
+    assert last.status == 200
+    other = path_of(await create(client, b"abc", **{"Upload-Complete": "?0"}))
+    wrong = await append(client, other, b"def", 3, True, **{"Repr-Digest": sha256_field(b"x")})
+    assert wrong.status == 400
+    assert (await client.head(other)).status == 404  # removed: resuming cannot mend it
+    # Algorithms the server does not compute are ignored, as RFC 9530 allows.
+    sha512 = f"sha-512=:{base64.b64encode(hashlib.sha512(b'j').digest()).decode()}:"
+    fine = await create(client, b"j", **{"Upload-Complete": "?1", "Content-Digest": sha512})
+    assert fine.status == 200
+
+
+async def test_filename_from_content_disposition_and_upload_metadata(client) -> None:
+    resp = await create(client, b"a", **{
+        "Upload-Complete": "?1",
+        "Content-Disposition": "inline; filename=\"file name.jpg\"; filename*=UTF-8''f%C3%BC.jpg",
+    })  # fmt: skip
+    assert (await resp.json())["filename"] == "fü.jpg"
+    meta = base64.b64encode(b"movie.bin").decode()
+    resp = await create(
+        client, b"a", **{"Upload-Complete": "?1", "Upload-Metadata": f"filename {meta}"}
+    )
+    answer = await resp.json()
+    assert answer["filename"] == "movie.bin" and answer["metadata"] == {"filename": "movie.bin"}
+
+
+@pytest.mark.parametrize("version", ["5", "6"])
+async def test_interop_versions_of_tus_js_client(client, version: str) -> None:
+    headers = {"Upload-Draft-Interop-Version": version}
+    created = await create(
+        client, b"ab", **{"Upload-Complete": "?0", "Upload-Length": "4"}, **headers
+    )
+    assert created.headers["Upload-Draft-Interop-Version"] == version
+    path = path_of(created)
+    if version == "5":  # -03: an append has no media type of its own
+        resp = await client.patch(path, data=b"cd", headers={
+            "Upload-Offset": "2", "Upload-Complete": "?1", **headers})  # fmt: skip
+    else:
+        resp = await append(client, path, b"cd", 2, True, **headers)
+    assert resp.status == 200 and resp.headers["Upload-Complete"] == "?1"
+    assert await downloaded(client, path) == b"abcd"
+
+
+async def test_interop_version_3_speaks_upload_incomplete(client) -> None:
+    """What iOS 17's URLSession sends: Upload-Incomplete, the opposite of Upload-Complete."""
+    v3 = {"Upload-Draft-Interop-Version": "3"}
+    created = await create(client, b"ab", **{"Upload-Incomplete": "?1"}, **v3)
+    assert created.status == 201 and created.headers["Upload-Incomplete"] == "?1"
+    path = path_of(created)
+    probe = await client.head(path, headers=v3)
+    assert probe.headers["Upload-Incomplete"] == "?1" and probe.headers["Upload-Offset"] == "2"
+    done = await client.patch(path, data=b"cd", headers={
+        "Upload-Offset": "2", "Upload-Incomplete": "?0", **v3})  # fmt: skip
+    assert done.status == 200 and done.headers["Upload-Incomplete"] == "?0"
+    assert await downloaded(client, path) == b"abcd"
+
+
+def raw_exchange(url: str, request: bytes) -> bytes:
+    """Send one request on a socket of its own; everything the server answers until it
+    closes (Connection: close)."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+async def test_104_comes_first_with_the_location(client) -> None:
+    """Raw HTTP/1.1, as the draft's example A: the interim answer, then the final one with the
+    same Location."""
+    base = str(client.make_url("/"))
+    body = b"0123456789"
+    request = (
+        b"POST /resumable/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Upload-Draft-Interop-Version: 8\r\nUpload-Complete: ?1\r\n"
+        b"Content-Length: 10\r\n\r\n" + body
+    )
+    import asyncio
+
+    answer = await asyncio.to_thread(raw_exchange, base, request)
+    interim, _, final = answer.partition(b"\r\n\r\n")
+    assert interim.startswith(b"HTTP/1.1 104 Upload Resumption Supported\r\n")
+    interim_headers = dict(line.split(b": ", 1) for line in interim.split(b"\r\n")[1:])
+    assert interim_headers[b"Upload-Draft-Interop-Version"] == b"8"
+    assert final.startswith(b"HTTP/1.1 200 OK\r\n")
+    location = interim_headers[b"Location"]
+    assert b"Location: " + location in final
+    assert json.loads(final.partition(b"\r\n\r\n")[2])["size"] == 10
+    # Without an interop version the draft forbids the 104.
+    plain = request.replace(b"Upload-Draft-Interop-Version: 8\r\n", b"")
+    answer = await asyncio.to_thread(raw_exchange, base, plain)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_chunked_appends_and_a_chunked_completion(client) -> None:
+    """Bodies without Content-Length (chunked transfer coding): the completing one fixes the
+    length where its content ends."""
+
+    async def pieces(*parts: bytes):
+        for part in parts:
+            yield part
+
+    path = path_of(await create(client, **{"Upload-Complete": "?0"}))
+    first = await client.patch(path, data=pieces(b"ab", b"cd"), headers={
+        "Content-Type": PARTIAL, "Upload-Offset": "0", "Upload-Complete": "?0"})  # fmt: skip
+    assert first.status == 204 and first.headers["Upload-Offset"] == "4"
+    last = await client.patch(path, data=pieces(b"ef", b"g" * 70_000), headers={
+        "Content-Type": PARTIAL, "Upload-Offset": "4", "Upload-Complete": "?1"})  # fmt: skip
+    assert last.status == 200, await last.text()
+    assert await downloaded(client, path) == b"abcdef" + b"g" * 70_000
