@@ -51,6 +51,13 @@ def remote_of(request: web.BaseRequest, config: Config) -> str:
     return client_address(request, trusted_proxies(config))
 
 
+def from_proxy(request: web.BaseRequest, config: Config) -> bool:
+    """Whether the request came through a trusted proxy (nginx: it takes a 1xx interim
+    answer from upstream for the final one, so none must be sent to it)."""
+    trusted = trusted_proxies(config)
+    return bool(trusted) and _is_trusted(request.remote or UNIX_PEER, trusted)
+
+
 def forwarded_base(request: web.BaseRequest, config: Config) -> str:
     """`scheme://host` as the client sees it: X-Forwarded-Proto and X-Forwarded-Host when a
     trusted proxy sent them, the request's own otherwise."""

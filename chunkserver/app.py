@@ -114,7 +114,8 @@ def _error(
 ) -> web.Response:
     """`{"detail": ...}`, or problem details on the IETF draft's routes."""
     if request.path.startswith(RESUMABLE_PREFIX):
-        return problem_response(status, detail, error, getattr(error, "headers", {}))
+        headers = error.headers if isinstance(error, ChunkServerError) else {}
+        return problem_response(status, detail, error, headers)
     return answer(Error(detail=detail), status)
 
 

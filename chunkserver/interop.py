@@ -11,8 +11,8 @@ With 3 to 6 an upload whose length is known also completes when its offset reach
 tusd does: tus-js-client reading a stream sends its last bytes with `Upload-Complete: ?0`
 (it cannot know they are the last) and takes the offset reaching the length as the end.
 
-Without the field the newest rules apply, and no 104 is sent: the draft forbids a 104 to a
-request without the interop version it is sent with.
+Without the field, or with a version above 8, the newest rules apply and no 104 is sent: the
+draft forbids a 104 to a request without the interop version it is sent with.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .errors import BadRequest
 
 CURRENT = "8"  # the newest interop version of the draft's text this server follows
 OLDEST = 3
+SERVED = tuple(str(v) for v in range(OLDEST, int(CURRENT) + 1))
 INTEGER = re.compile(r"[0-9]{1,15}")
 
 
@@ -62,7 +63,9 @@ class Interop:
 
     @property
     def sends_interim(self) -> bool:
-        return self.version is not None
+        """A 104 goes only to a client of a version served (the draft: not to one whose
+        version is missing or another)."""
+        return self.version in SERVED
 
     @property
     def complete_name(self) -> str:

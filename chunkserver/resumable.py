@@ -22,7 +22,7 @@ from urllib.parse import unquote
 
 from aiohttp import HttpVersion11, hdrs, web
 
-from .addresses import forwarded_base, remote_of
+from .addresses import forwarded_base, from_proxy, remote_of
 from .answers import status_answer
 from .bodyreader import StreamBody
 from .config import Config
@@ -174,9 +174,12 @@ def _location(request: web.Request, file_id: str) -> str:
 
 def _send_interim(request: web.Request, interop: Interop, headers: dict[str, str]) -> None:
     """104 (Upload Resumption Supported) before the final answer, on HTTP/1.1 when the
-    client named a served interop version (the draft forbids it otherwise)."""
+    client named a served interop version (the draft forbids it otherwise), and not to a
+    trusted proxy: nginx would take it for the final answer."""
     transport = request.transport
     if not interop.sends_interim or request.version < HttpVersion11 or transport is None:
+        return
+    if from_proxy(request, request.app[CONFIG]):
         return
     lines = "".join(f"{name}: {value}\r\n" for name, value in (headers | interop.echo()).items())
     transport.write(f"HTTP/1.1 104 Upload Resumption Supported\r\n{lines}\r\n".encode("latin-1"))
@@ -216,14 +219,13 @@ def problem_response(
 
 
 async def options(request: web.Request) -> web.Response:
-    if "file_id" in request.match_info:
-        check_file_id(request.match_info["file_id"])
+    """The limits of an upload created here (the draft's OPTIONS on the creation resource)."""
     return web.Response(
         status=204,
         headers={
             "Upload-Limit": _limits(request.app[CONFIG]),
             "Accept-Patch": PARTIAL_UPLOAD,
-            hdrs.ALLOW: ", ".join(UPLOAD_METHODS if "file_id" in request.match_info else ROOT),
+            hdrs.ALLOW: ", ".join(ROOT),
         },
     )
 
@@ -237,6 +239,7 @@ async def create(request: web.Request) -> web.Response:
     if complete is None:
         raise BadRequest(f"{interop.complete_name} is required to create an upload")
     length = _declared_length(request, complete, 0)
+    _digests(request, whole=True)  # a malformed digest field is refused before any upload
     metadata = parse_metadata(request.headers.get("Upload-Metadata"))
     file_id = secrets.token_urlsafe(16)
     meta = UploadMeta.new_stream(
@@ -368,7 +371,6 @@ def _remote(request: web.Request) -> str:
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 ROOT: dict[str, Handler] = {"OPTIONS": options, "POST": create}
 UPLOAD_METHODS: dict[str, Handler] = {
-    "OPTIONS": options,
     "HEAD": head,
     "GET": head,
     "PATCH": append,

@@ -269,3 +269,43 @@ def test_tus_through_nginx(deployment: Deployment, tmp_path: Path) -> None:
     assert (deployment.data_dir / "uploads" / file_id / "big.iso").read_bytes() == data
     del uploader
     gc.collect()  # what tuspy left open is collected here, under this test's filter
+
+
+def test_resumable_through_nginx(deployment: Deployment) -> None:
+    """The IETF draft through deploy/nginx.conf: creation with the interop version (whose 104
+    nginx does not pass on), Location with nginx's address, an append, HEAD, and a body past
+    the chunk routes' 65m limit."""
+    data = os.urandom(70 * MiB + 3)
+    headers = {"Upload-Draft-Interop-Version": "8", "Upload-Complete": "?0"}
+    created = requests.post(
+        f"{deployment.url}/resumable/", data=data[:MiB], headers=headers, timeout=60
+    )
+    assert created.status_code == 201, created.text
+    location = created.headers["Location"]
+    assert location.startswith(f"{deployment.url}/resumable/")
+    assert created.headers["Upload-Offset"] == str(MiB)
+    appended = requests.patch(
+        location,
+        data=data[MiB:],
+        headers={
+            "Upload-Draft-Interop-Version": "8",
+            "Content-Type": "application/partial-upload",
+            "Upload-Offset": str(MiB),
+            "Upload-Complete": "?1",
+        },
+        timeout=120,
+    )
+    assert appended.status_code == 200, appended.text
+    assert appended.headers["Upload-Complete"] == "?1"
+    probe = requests.head(location, timeout=10)
+    assert probe.status_code == 204 and probe.headers["Upload-Offset"] == str(len(data))
+    file_id = location.rsplit("/", 1)[1]
+    status = requests.get(f"{deployment.url}/upload-status/{file_id}", timeout=10).json()
+    assert status["status"] == "completed" and status["crc64nvme"] == crc64(data)
+    whole = requests.post(
+        f"{deployment.url}/resumable/",
+        data=b"small",
+        headers={"Upload-Draft-Interop-Version": "6", "Upload-Complete": "?1"},
+        timeout=10,
+    )
+    assert whole.status_code == 200 and whole.json()["size"] == 5

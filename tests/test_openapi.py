@@ -37,6 +37,9 @@ def test_the_document_lists_exactly_the_servers_routes() -> None:
 
     doc = document(Config())
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"}
+    # HEAD beside GET is aiohttp's (and /resumable/'s offset retrieval is both): compared
+    # without it on both sides.
+    documented = {(m, p) for m, p in documented if not (m == "head" and ("get", p) in documented)}
     assert documented == routes_of_the_server()
     assert doc["openapi"] == "3.1.0"
 
@@ -92,7 +95,7 @@ def test_every_answer_type_is_a_component_and_leaves_out_what_is_none() -> None:
     assert body == {"file_id": "a", "filename": "b", "type": "file", "status": "uploading",
                     "uploaded_chunks": 1, "total_chunks": 2}  # fmt: skip
     jsonschema.validate(body, components["ChunkUploading"])
-    stream = StatusStreaming(file_id="a", offset=3, filename="b").body()
+    stream = StatusStreaming(file_id="a", protocol="ietf", offset=3, filename="b").body()
     assert "size" not in stream and "metadata" not in stream
     jsonschema.validate(stream, components["StatusStreaming"])
     assert "size" not in components["StatusStreaming"]["required"]

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import Config
 from .common import schemas
+from .resumable import resumable_paths
 from .seed import seed_paths
 from .tus import tus_paths
 
@@ -38,7 +39,7 @@ def document(config: Config) -> dict[str, Any]:
                 "clients ignore keys they do not know."
             ),
         },
-        "paths": seed_paths(config) | tus_paths(config),
+        "paths": seed_paths(config) | tus_paths(config) | resumable_paths(config),
         "components": {
             "schemas": schemas(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
