@@ -38,7 +38,7 @@ from .targets import (
     start_tus_s3_server,
     start_tus_server,
 )
-from .tusload import TusLoad
+from .tusload import ResumableLoad, TusLoad
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -360,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
             tus_load = TusLoad(f"{ours.url}/tus/", buffer=buffer, token=args.token)
             # The same process as `chunkserver` (its CPU and memory), sent tus's requests.
             targets.append(Target("chunkserver-tus", ours.url, ours.process, peer=tus_load))
+            resumable_load = ResumableLoad(
+                f"{ours.url}/resumable/", buffer=buffer, token=args.token
+            )
+            targets.append(
+                Target("chunkserver-resumable", ours.url, ours.process, peer=resumable_load)
+            )
             peer = start_tus_server(data_root, buffer)
             if peer is None:
                 raise SystemExit("--protocol tus needs Node.js and `npm ci` in tests/js")

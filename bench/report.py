@@ -199,28 +199,38 @@ def _tus_markdown(result: dict[str, Any]) -> str:
         f"Throughput in {result['unit']}; median of {options['repeats']} runs of "
         f"{options['volume_mib']} MiB per cell (files of 64 MiB, `conc` at once), min-max in "
         "brackets. seed: chunkserver's POST /upload-chunk; tus: chunkserver's /tus/ (POST, then "
-        "PATCHes of the chunk size); @tus/server: the npm package with its FileStore on Node "
+        "PATCHes of the chunk size); resumable: chunkserver's /resumable/ (the IETF draft: "
+        "POST, then PATCHes, the last with Upload-Complete: ?1); @tus/server: the npm package "
+        "with its FileStore on Node "
         "(bench/tus_server.js), sent the same tus requests (bench/tusload.py).",
         "",
-        "| chunk | conc | seed MiB/s | tus MiB/s | @tus/server MiB/s | tus x @tus/server "
-        "| CPU s/GiB seed, tus, @tus/server | peak RSS MiB seed/tus, @tus/server "
-        "| PATCH p50 ms tus, @tus/server |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| chunk | conc | seed MiB/s | tus MiB/s | resumable MiB/s | @tus/server MiB/s "
+        "| tus x @tus/server | resumable x tus "
+        "| CPU s/GiB seed, tus, resumable, @tus/server | peak RSS MiB seed/tus/resumable, "
+        "@tus/server | PATCH p50 ms tus, resumable, @tus/server |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cell in result["cells"]:
         seed = cell["targets"].get("chunkserver", {})
         tus = cell["targets"].get("chunkserver-tus", {})
+        ietf = cell["targets"].get("chunkserver-resumable", {})
         peer = cell["targets"].get("tus-server", {})
         chunk = cell["chunk_mib"]
         chunk_text = f"{chunk} MiB" if chunk >= 1 else f"{round(chunk * 1024)} KiB"
+        ratio = None
+        if ietf.get("MiB_per_s") and tus.get("MiB_per_s"):
+            ratio = ietf["MiB_per_s"] / tus["MiB_per_s"]
+        rss = max(seed.get("peak_rss_mib") or 0, tus.get("peak_rss_mib") or 0)
+        rss = max(rss, ietf.get("peak_rss_mib") or 0)
         lines.append(
             f"| {chunk_text} | {cell['concurrency']} | {_speed(seed)} | {_speed(tus)} "
-            f"| {_speed(peer)} | {_num(cell.get('tus_vs_tus_server'), 2)} "
+            f"| {_speed(ietf)} | {_speed(peer)} | {_num(cell.get('tus_vs_tus_server'), 2)} "
+            f"| {_num(ratio, 2)} "
             f"| {_num(seed.get('cpu_s_per_gib'), 2)}, {_num(tus.get('cpu_s_per_gib'), 2)}, "
-            f"{_num(peer.get('cpu_s_per_gib'), 2)} "
-            f"| {_num(max(seed.get('peak_rss_mib') or 0, tus.get('peak_rss_mib') or 0), 1)}, "
-            f"{_num(peer.get('peak_rss_mib'), 1)} "
-            f"| {_num(tus.get('latency_p50_ms'), 1)}, {_num(peer.get('latency_p50_ms'), 1)} |"
+            f"{_num(ietf.get('cpu_s_per_gib'), 2)}, {_num(peer.get('cpu_s_per_gib'), 2)} "
+            f"| {_num(rss, 1)}, {_num(peer.get('peak_rss_mib'), 1)} "
+            f"| {_num(tus.get('latency_p50_ms'), 1)}, {_num(ietf.get('latency_p50_ms'), 1)}, "
+            f"{_num(peer.get('latency_p50_ms'), 1)} |"
         )
     lines += [
         "",

@@ -119,7 +119,8 @@ def test_the_s3_matrix_runs_beside_a_plain_s3_client(tmp_path: Path) -> None:
     not (ROOT / "tests" / "js" / "node_modules" / "@tus" / "server").is_dir(),
     reason="needs `npm ci` in tests/js (.ci/run does it) for @tus/server",
 )
-def test_tus_protocol_run_sends_the_same_bytes_to_both_tus_servers(tmp_path: Path) -> None:
+def test_tus_protocol_run_sends_the_same_bytes_to_every_stream_target(tmp_path: Path) -> None:
+    """--protocol tus: chunkserver's seed, tus and IETF draft loads, and @tus/server."""
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--smallest", "--protocol", "tus", "--no-sink",
          "--out", str(tmp_path), "--name", "t", "--data-root", str(tmp_path)],
@@ -127,11 +128,13 @@ def test_tus_protocol_run_sends_the_same_bytes_to_both_tus_servers(tmp_path: Pat
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "t.json").read_text())
-    assert result["targets"] == ["chunkserver", "chunkserver-tus", "tus-server"]
+    assert result["targets"] == [
+        "chunkserver", "chunkserver-tus", "chunkserver-resumable", "tus-server"]  # fmt: skip
     for cell in result["cells"]:
         assert cell["shape"] == "files" and cell["tus_vs_tus_server"] > 0
         for name in result["targets"]:
             figures = cell["targets"][name]
             assert figures["bytes_sent_total"] == 16 * 2**20
             assert figures["uploads_completed_right_size_total"] == figures["uploads_total"]
-    assert "@tus/server" in (tmp_path / "t.md").read_text()
+    report = (tmp_path / "t.md").read_text()
+    assert "@tus/server" in report and "resumable" in report
