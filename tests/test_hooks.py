@@ -286,6 +286,28 @@ async def test_tus_uploads_fire_the_hooks(make_client, receiver: Receiver) -> No
     assert terminated["file_id"] == other.headers["Location"].rsplit("/", 1)[1]
 
 
+async def test_ietf_draft_uploads_fire_the_hooks(make_client, receiver: Receiver) -> None:
+    client = await make_client(hook_url=receiver.url)
+    receiver.refuse["secret.bin"] = (403, "no secrets here")
+    refused = await client.post(
+        "/resumable/",
+        data=b"abc",
+        headers={"Upload-Complete": "?1", "Content-Disposition": 'inline; filename="secret.bin"'},
+    )
+    assert refused.status == 403
+    assert refused.headers["Content-Type"] == "application/problem+json"
+    assert (await refused.json())["detail"] == "no secrets here"
+    created = await client.post(
+        "/resumable/",
+        data=b"hello",
+        headers={"Upload-Complete": "?1", "Content-Disposition": 'inline; filename="a.bin"'},
+    )
+    assert created.status == 200
+    finished = (await wait_for(receiver, "post-finish", 1))[0]["upload"]
+    assert finished["filename"] == "a.bin" and finished["size"] == 5
+    assert finished["crc64nvme"] == crc64(b"hello")
+
+
 async def test_the_parts_of_a_concatenation_are_not_finished_files(
     make_client, receiver: Receiver
 ) -> None:
