@@ -101,6 +101,16 @@ def test_every_answer_type_is_a_component_and_leaves_out_what_is_none() -> None:
     assert "size" not in components["StatusStreaming"]["required"]
 
 
+def test_the_chunk_form_is_the_fields_forms_py_reads() -> None:
+    from chunkserver.forms import OPTIONAL_FIELDS, REQUIRED_FIELDS
+    from chunkserver.openapi import document
+
+    post = document(Config())["paths"]["/upload-chunk"]["post"]
+    form = post["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(form["properties"]) == {*REQUIRED_FIELDS, *OPTIONAL_FIELDS, "chunk"}
+    assert form["required"] == [*REQUIRED_FIELDS, "chunk"]
+
+
 @pytest.mark.slow
 def test_schemathesis_finds_nothing(
     servers: Callable[..., ServerProcess], backend: str, request: pytest.FixtureRequest,

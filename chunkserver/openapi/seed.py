@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config
-from ..forms import FILENAME_PATTERN, MAX_FIELD_BYTES, MAX_FILENAME_BYTES, SHA256_PATTERN
+from ..forms import (
+    FILENAME_PATTERN,
+    MAX_FIELD_BYTES,
+    MAX_FILENAME_BYTES,
+    REQUIRED_FIELDS,
+    SHA256_PATTERN,
+)
 from .common import (
     AUTH_ERROR,
     CRC64NVME,
@@ -21,7 +27,7 @@ from .common import (
 def chunk_form(config: Config) -> dict[str, Any]:
     return {
         "type": "object",
-        "required": ["file_id", "chunk_index", "total_chunks", "filename", "chunk"],
+        "required": [*REQUIRED_FIELDS, "chunk"],
         "properties": {
             "file_id": {**FILE_ID, "description": "the upload's id, chosen by the client"},
             "chunk_index": {
