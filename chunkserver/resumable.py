@@ -15,12 +15,12 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import unquote
 
 from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.typedefs import Handler
 
 from .addresses import forwarded_base, from_proxy, remote_of
 from .answers import status_answer
@@ -368,7 +368,6 @@ def _remote(request: web.Request) -> str:
     return remote_of(request, request.app[CONFIG])
 
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
 ROOT: dict[str, Handler] = {"OPTIONS": options, "POST": create}
 UPLOAD_METHODS: dict[str, Handler] = {
     "HEAD": head,

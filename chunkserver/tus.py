@@ -12,11 +12,12 @@ import binascii
 import hashlib
 import secrets
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from .addresses import forwarded_base, remote_of
 from .bodyreader import StreamBody
@@ -323,7 +324,6 @@ def _remote(request: web.Request) -> str:
     return remote_of(request, request.app[CONFIG])
 
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
 # The methods of each tus route, and what serves them.
 COLLECTION_METHODS: dict[str, Handler] = {"OPTIONS": options, "POST": create}
 UPLOAD_METHODS: dict[str, Handler] = {
@@ -339,7 +339,7 @@ def _dispatcher(methods: dict[str, Handler]) -> Handler:
     method, on every tus route (what clients behind a proxy that passes only GET and POST
     send: tus-js-client's overridePatchMethod)."""
 
-    async def dispatch(request: web.Request) -> web.Response:
+    async def dispatch(request: web.Request) -> web.StreamResponse:
         method = request.headers.get("X-HTTP-Method-Override", request.method).strip().upper()
         handler = methods.get(method)
         if handler is None:
