@@ -11,8 +11,9 @@ With 3 to 6 an upload whose length is known also completes when its offset reach
 tusd does: tus-js-client reading a stream sends its last bytes with `Upload-Complete: ?0`
 (it cannot know they are the last) and takes the offset reaching the length as the end.
 
-Without the field, or with a version above 8, the newest rules apply and no 104 is sent: the
-draft forbids a 104 to a request without the interop version it is sent with.
+Without the field the newest rules apply and no 104 is sent: the draft forbids a 104 to a
+request without an interop version. A version above 8 (a revision newer than the text this
+server follows, such as revision 15's) gets the newest rules and its 104, its version echoed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from .errors import BadRequest
 
 CURRENT = "8"  # the newest interop version of the draft's text this server follows
 OLDEST = 3
-SERVED = tuple(str(v) for v in range(OLDEST, int(CURRENT) + 1))
 INTEGER = re.compile(r"[0-9]{1,15}")
 
 
@@ -63,9 +63,10 @@ class Interop:
 
     @property
     def sends_interim(self) -> bool:
-        """A 104 goes only to a client of a version served (the draft: not to one whose
-        version is missing or another)."""
-        return self.version in SERVED
+        """A 104 goes only to a client that named its version (the draft: not to one whose
+        version is missing), echoed back; a version above 8 is taken for a newer revision's,
+        served by the newest rules."""
+        return self.version is not None
 
     @property
     def complete_name(self) -> str:
@@ -101,6 +102,6 @@ def interop_of(request: web.Request) -> Interop:
     if version is None or version < OLDEST:
         raise BadRequest(
             f"Upload-Draft-Interop-Version {given.strip()[:20]!r} is not served: "
-            f"{OLDEST} to {CURRENT}"
+            f"{OLDEST} or more (the newest rules from 7 on)"
         )
     return Interop(str(version))

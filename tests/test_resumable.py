@@ -320,6 +320,11 @@ async def test_104_comes_first_with_the_location(client) -> None:
     location = interim_headers[b"Location"]
     assert b"Location: " + location in final
     assert json.loads(final.partition(b"\r\n\r\n")[2])["size"] == 10
+    # A newer revision's version (revision 15's, say) gets the newest rules, echoed.
+    newer = request.replace(b"Interop-Version: 8", b"Interop-Version: 15")
+    answer = await asyncio.to_thread(raw_exchange, base, newer)
+    assert answer.startswith(b"HTTP/1.1 104 Upload Resumption Supported\r\n")
+    assert answer.partition(b"\r\n\r\n")[0].endswith(b"Upload-Draft-Interop-Version: 15")
     # Without an interop version the draft forbids the 104.
     plain = request.replace(b"Upload-Draft-Interop-Version: 8\r\n", b"")
     answer = await asyncio.to_thread(raw_exchange, base, plain)

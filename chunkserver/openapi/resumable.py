@@ -24,8 +24,8 @@ PROBLEM = {
 INTEROP = header(
     "Upload-Draft-Interop-Version",
     {"type": "string", "pattern": "^[0-9]{1,15}$"},
-    "the draft revision's interop version: 3 to 8 (another, or below 3, answers 400); "
-    "without it the newest rules apply and no 104 is sent",
+    "the draft revision's interop version: 3 or more (below 3 answers 400; above 8, the "
+    "newest rules); without it the newest rules apply and no 104 is sent",
 )
 UPLOAD_COMPLETE = header(
     "Upload-Complete",
@@ -82,7 +82,7 @@ def completed(description: str) -> dict[str, Any]:
 
 
 def resumable_paths(config: Config) -> dict[str, Any]:
-    """draft-ietf-httpbis-resumable-upload (revision 15, and interop versions 3 to 8)."""
+    """draft-ietf-httpbis-resumable-upload (revision 15, and interop versions 3 and more)."""
     limits = {
         "204": {
             "description": "the limits of an upload made here",
@@ -111,7 +111,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "responses": {
                     "104": {
                         "description": "Upload Resumption Supported: the Location, before the "
-                        "final answer (interop versions 3 to 8, HTTP/1.1, not to a proxy)",
+                        "final answer (an interop version sent, HTTP/1.1, not to a proxy)",
                         "headers": location,
                     },
                     "200": {**completed("complete: the file"), "headers": STATE | location},
