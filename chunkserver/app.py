@@ -114,8 +114,7 @@ def _error(
 ) -> web.Response:
     """`{"detail": ...}`, or problem details on the IETF draft's routes."""
     if request.path.startswith(RESUMABLE_PREFIX):
-        headers = error.headers if isinstance(error, ChunkServerError) else {}
-        return problem_response(status, detail, error, headers)
+        return problem_response(request, status, detail, error)
     return answer(Error(detail=detail), status)
 
 

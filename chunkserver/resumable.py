@@ -29,6 +29,7 @@ from .config import Config
 from .digests import DigestCheck, field_value, sha256_of_field
 from .errors import (
     BadRequest,
+    ChunkServerError,
     DigestMismatch,
     DiskFull,
     FileNotFound,
@@ -186,10 +187,14 @@ def _send_interim(request: web.Request, interop: Interop, headers: dict[str, str
 
 
 def problem_response(
-    status: int, detail: str, error: BaseException | None, headers: dict[str, str]
+    request: web.Request, status: int, detail: str, error: BaseException | None
 ) -> web.Response:
     """An error on /resumable/: problem details (RFC 9457), with the draft's problem types
-    for a mismatching offset, an inconsistent length and a completed upload."""
+    for a mismatching offset, an inconsistent length and a completed upload; a 413 says the
+    limits (Upload-Limit), as the draft asks."""
+    headers = dict(error.headers) if isinstance(error, ChunkServerError) else {}
+    if status == 413:
+        headers["Upload-Limit"] = _limits(request.app[CONFIG])
     body: dict[str, object] = {"type": "about:blank"}
     if isinstance(error, OffsetMismatch):
         body = {

@@ -154,6 +154,7 @@ async def test_bytes_past_the_length_are_refused(client) -> None:
     path = path_of(await create(client, b"abc", **{"Upload-Complete": "?0", "Upload-Length": "4"}))
     resp = await append(client, path, b"zz", 3, False)
     assert resp.status == 413
+    assert resp.headers["Upload-Limit"].startswith("max-size=")
     assert (await client.head(path)).headers["Upload-Offset"] == "3"
 
 

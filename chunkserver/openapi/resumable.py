@@ -68,7 +68,10 @@ def errors(*statuses: str) -> dict[str, Any]:
             "Upload-Offset is not the upload's (mismatching-upload-offset)",
             {"Upload-Offset": {"schema": COUNT, "description": "the right offset"}},
         ),
-        "413": problem("the bytes go past the upload's length or max_file_bytes"),
+        "413": problem(
+            "the bytes go past the upload's length or max_file_bytes",
+            {"Upload-Limit": {"schema": {"type": "string"}, "description": "max-size"}},
+        ),
         "415": problem("an append's Content-Type is not application/partial-upload"),
         "423": problem("another request is writing to this upload"),
         "503": problem("the storage or the pre-create hook cannot be reached", RETRY_AFTER),
