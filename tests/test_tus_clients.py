@@ -379,7 +379,7 @@ def test_tus_js_client_ietf_draft_goes_on_after_the_server_is_sigkilled(
     config.write_text("\n".join(lines) + "\n")
     first = servers("--config", str(config))
     port = first.url.rsplit(":", 1)[1]
-    path, data = make_file(tmp_path, 24 * MiB)
+    path, data = make_file(tmp_path, 16 * MiB)
     options = {
         "endpoint": f"{first.url}/resumable/",
         "path": str(path),
