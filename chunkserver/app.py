@@ -18,7 +18,8 @@ from .bodyreader import receive_buffers_for
 from .config import Config
 from .errors import ChunkServerError, NotAuthenticated, StorageFailure, StoreUnavailable
 from .handlers import add_routes, answer
-from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
+from .inflight import InFlightAppends
+from .keys import CONFIG, IN_FLIGHT, RECEIVE_BUFFERS, UPLOADS
 from .logs import ThrottledLog
 from .resumable import EXPOSED_HEADERS as RESUMABLE_EXPOSED_HEADERS
 from .resumable import PREFIX as RESUMABLE_PREFIX
@@ -231,6 +232,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[UPLOADS] = UploadService.open(config)
     app[RECEIVE_BUFFERS] = receive_buffers_for(config.storage)
+    app[IN_FLIGHT] = InFlightAppends()
     add_routes(app)
     add_tus_routes(app)
     add_resumable_routes(app)

@@ -6,8 +6,10 @@ from aiohttp import web
 
 from .bodyreader import ReceiveBuffers
 from .config import Config
+from .inflight import InFlightAppends
 from .service import UploadService
 
 CONFIG = web.AppKey("config", Config)
 UPLOADS = web.AppKey("uploads", UploadService)
 RECEIVE_BUFFERS: web.AppKey[ReceiveBuffers | None] = web.AppKey("receive_buffers")
+IN_FLIGHT = web.AppKey("in_flight_appends", InFlightAppends)

@@ -42,7 +42,7 @@ from .errors import (
 )
 from .forms import check_file_id, check_filename, parse_metadata
 from .interop import Interop, interop_of, structured_integer
-from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
+from .keys import CONFIG, IN_FLIGHT, RECEIVE_BUFFERS, UPLOADS
 from .model import IETF, CompletedUpload, StoredObject, StreamProgress, UploadMeta
 
 PREFIX = "/resumable/"
@@ -296,9 +296,14 @@ async def _append(
     content_length = request.content_length
     if content_length is None and not request.body_exists:
         content_length = 0
-    with StreamBody(
-        request, request.app[CONFIG].idle_timeout_seconds, request.app[RECEIVE_BUFFERS]
-    ) as body:
+    in_flight = request.app[IN_FLIGHT]
+    await in_flight.cut_earlier(file_id, request.transport)
+    with (
+        in_flight.track(file_id, request.transport),
+        StreamBody(
+            request, request.app[CONFIG].idle_timeout_seconds, request.app[RECEIVE_BUFFERS]
+        ) as body,
+    ):
         state = await uploads.append(
             file_id,
             offset,
@@ -354,6 +359,7 @@ async def head(request: web.Request) -> web.Response:
     """Offset retrieval (HEAD, or GET as the draft allows): 204 with the upload's state."""
     interop = interop_of(request)
     file_id = check_file_id(request.match_info["file_id"])
+    await request.app[IN_FLIGHT].cut_earlier(file_id, request.transport)
     found = await request.app[UPLOADS].stream_state(file_id)
     if found is None:
         raise FileNotFound("No upload of this id")
@@ -364,6 +370,7 @@ async def head(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     interop_of(request)
     file_id = check_file_id(request.match_info["file_id"])
+    await request.app[IN_FLIGHT].cut_earlier(file_id, request.transport)
     if not await request.app[UPLOADS].delete(file_id, _remote(request)):
         raise FileNotFound("No upload of this id")
     return web.Response(status=204)

@@ -419,3 +419,36 @@ async def test_an_append_cut_short_keeps_what_arrived(client, backend: str) -> N
     rest = await append(client, path, io.BytesIO(data[offset:]), offset, True)
     assert rest.status == 200, await rest.text()
     assert await downloaded(client, path) == data
+
+
+async def test_a_new_request_cuts_a_stale_append(client, backend: str) -> None:
+    """The draft's recommended concurrency: the client lost its connection mid-append but the
+    server has not seen it go; its HEAD cuts the stale append at once (its bytes committed:
+    all of them on the local disk, whole parts only on S3), answers the current offset, and
+    the PATCH from there is accepted."""
+    import asyncio
+
+    data = bytes(range(256)) * 8192  # 2 MiB
+    path = path_of(await create(client, **{"Upload-Complete": "?0"}))
+    parts = urlsplit(str(client.make_url("/")))
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(
+        f"PATCH {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {PARTIAL}\r\n"
+        f"Upload-Offset: 0\r\nUpload-Complete: ?1\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data[: 1024 * 1024]
+    )
+    await writer.drain()
+    await asyncio.sleep(0.5)  # the stale append is being received; its socket stays open
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    probe = await client.head(path)
+    assert loop.time() - started < 5  # not the idle timeout
+    offset = int(probe.headers["Upload-Offset"])
+    assert offset <= 1024 * 1024 and probe.headers["Upload-Complete"] == "?0"
+    if backend == "local":
+        assert offset > 0
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the stale connection was cut
+    writer.close()
+    rest = await append(client, path, io.BytesIO(data[offset:]), offset, True)
+    assert rest.status == 200, await rest.text()
+    assert await downloaded(client, path) == data
