@@ -389,6 +389,22 @@ def test_two_servers_serve_one_upload(servers, backend: str, tmp_path, request) 
     assert requests.get(f"{first.url}/files/{file_id}", timeout=30).content == data
 
 
+async def half_an_append(client, path: str, data: bytes):
+    """A completing append of `data` from offset 0 on a socket of its own, of which only the
+    first MiB is sent: (reader, writer) of that socket, left open."""
+    import asyncio
+
+    parts = urlsplit(str(client.make_url("/")))
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(
+        f"PATCH {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {PARTIAL}\r\n"
+        f"Upload-Offset: 0\r\nUpload-Complete: ?1\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data[: 1024 * 1024]
+    )
+    await writer.drain()
+    return reader, writer
+
+
 async def test_an_append_cut_short_keeps_what_arrived(client, backend: str) -> None:
     """The client gone mid-append: what arrived is kept (the draft's SHOULD; on S3 the whole
     parts put, 5 MiB at least, so none here), HEAD says how much, and the upload goes on
@@ -397,14 +413,7 @@ async def test_an_append_cut_short_keeps_what_arrived(client, backend: str) -> N
 
     data = bytes(range(256)) * 8192  # 2 MiB
     path = path_of(await create(client, **{"Upload-Complete": "?0"}))
-    parts = urlsplit(str(client.make_url("/")))
-    _, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    writer.write(
-        f"PATCH {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {PARTIAL}\r\n"
-        f"Upload-Offset: 0\r\nUpload-Complete: ?1\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-        + data[: 1024 * 1024]
-    )
-    await writer.drain()
+    _, writer = await half_an_append(client, path, data)
     await asyncio.sleep(0.5)
     writer.close()
     for _ in range(20):  # until the server has seen the client go
@@ -430,14 +439,7 @@ async def test_a_new_request_cuts_a_stale_append(client, backend: str) -> None:
 
     data = bytes(range(256)) * 8192  # 2 MiB
     path = path_of(await create(client, **{"Upload-Complete": "?0"}))
-    parts = urlsplit(str(client.make_url("/")))
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    writer.write(
-        f"PATCH {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {PARTIAL}\r\n"
-        f"Upload-Offset: 0\r\nUpload-Complete: ?1\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-        + data[: 1024 * 1024]
-    )
-    await writer.drain()
+    reader, writer = await half_an_append(client, path, data)
     await asyncio.sleep(0.5)  # the stale append is being received; its socket stays open
     loop = asyncio.get_running_loop()
     started = loop.time()
