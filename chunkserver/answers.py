@@ -1,6 +1,6 @@
 """The JSON answers of the seed routes, as types.
 
-The handlers build these and send `answer.body()`; `/openapi.json`'s component schemas are
+The handlers build these and send them with `answer()`; `/openapi.json`'s component schemas are
 generated from the same classes (`schema_of`), so the document and the wire cannot drift.
 A field whose value is None is left out of the body and is optional in the schema; every
 other field is required. Value rules (the file-id pattern, the checksum forms) come from
@@ -10,9 +10,13 @@ forms.py and checksums.py, where the requests are checked against them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
+
+from aiohttp import web
 
 from .forms import FILE_ID_PATTERN
 from .model import CompletedUpload, StreamProgress, UploadProgress
@@ -159,12 +163,42 @@ class Error(Answer):
     detail: str
 
 
+# Reason phrases of the statuses http.HTTPStatus does not know.
+REASONS = {460: "Checksum Mismatch"}
+
+
+def answer(
+    value: Answer, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The answer as a JSON response, `Content-Type: application/json` exactly (no charset)."""
+    return web.Response(
+        body=json.dumps(value.body()).encode(),
+        status=status,
+        reason=REASONS.get(status),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def chunk_completed(record: CompletedUpload) -> ChunkCompleted:
+    return ChunkCompleted(
+        file_id=record.file_id,
+        filename=record.filename,
+        uploaded_chunks=record.total_chunks,
+        total_chunks=record.total_chunks,
+        size=record.size,
+        crc64nvme=record.crc64nvme,
+        sha256=record.sha256,
+        metadata=record.metadata,
+    )
+
+
 def status_answer(
-    file_id: str, found: CompletedUpload | StreamProgress | UploadProgress
+    found: CompletedUpload | StreamProgress | UploadProgress,
 ) -> StatusCompleted | StatusStreaming | StatusUploading:
     if isinstance(found, CompletedUpload):
         return StatusCompleted(
-            file_id=file_id,
+            file_id=found.file_id,
             filename=found.filename,
             size=found.size,
             crc64nvme=found.crc64nvme,
@@ -175,7 +209,7 @@ def status_answer(
         )
     if isinstance(found, StreamProgress):
         return StatusStreaming(
-            file_id=file_id,
+            file_id=found.meta.file_id,
             protocol=found.meta.protocol,
             offset=found.offset,
             size=found.meta.total_size,
@@ -184,7 +218,7 @@ def status_answer(
         )
     return StatusUploading(
         uploaded_chunks=len(found.stored),
-        file_id=file_id,
+        file_id=found.meta.file_id,
         filename=found.meta.filename,
         total_chunks=found.meta.total_chunks,
         missing_chunks=found.missing,

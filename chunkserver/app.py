@@ -13,11 +13,11 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
 
 from .addresses import Network, client_address, trusted_proxies
-from .answers import Error
+from .answers import Error, answer
 from .bodyreader import receive_buffers_for
 from .config import Config
 from .errors import ChunkServerError, NotAuthenticated, StorageFailure, StoreUnavailable
-from .handlers import add_routes, answer
+from .handlers import add_routes
 from .inflight import InFlightAppends
 from .keys import CONFIG, IN_FLIGHT, RECEIVE_BUFFERS, UPLOADS
 from .logs import ThrottledLog

@@ -5,10 +5,8 @@ No handler builds a path or touches the disk; that is the store's job.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from aiohttp import hdrs, web
@@ -17,11 +15,11 @@ from aiohttp.abc import AbstractStreamWriter
 from . import openapi
 from .addresses import remote_of
 from .answers import (
-    Answer,
-    ChunkCompleted,
     ChunkUploading,
     Health,
     StatusNotFound,
+    answer,
+    chunk_completed,
     status_answer,
 )
 from .bodyreader import BodyReader
@@ -38,37 +36,6 @@ from .multipart import MultipartParser, boundary_from_content_type
 
 JSON = "application/json"
 STATIC_DIR = Path(__file__).parent / "static"
-
-
-# Reason phrases of the statuses http.HTTPStatus does not know.
-REASONS = {460: "Checksum Mismatch"}
-
-
-def json_answer(data: dict[str, Any], status: int = 200) -> web.Response:
-    """A JSON response with `Content-Type: application/json` exactly (no charset)."""
-    return web.Response(
-        body=json.dumps(data).encode(),
-        status=status,
-        reason=REASONS.get(status),
-        content_type=JSON,
-    )
-
-
-def answer(value: Answer, status: int = 200) -> web.Response:
-    return json_answer(value.body(), status)
-
-
-def chunk_completed(record: CompletedUpload) -> ChunkCompleted:
-    return ChunkCompleted(
-        file_id=record.file_id,
-        filename=record.filename,
-        uploaded_chunks=record.total_chunks,
-        total_chunks=record.total_chunks,
-        size=record.size,
-        crc64nvme=record.crc64nvme,
-        sha256=record.sha256,
-        metadata=record.metadata,
-    )
 
 
 async def upload_chunk(request: web.Request) -> web.Response:
@@ -111,7 +78,7 @@ async def upload_status(request: web.Request) -> web.Response:
     found = await request.app[UPLOADS].status(file_id)
     if found is None:
         return answer(StatusNotFound(), status=404)
-    return answer(status_answer(file_id, found))
+    return answer(status_answer(found))
 
 
 def content_disposition(filename: str) -> str:

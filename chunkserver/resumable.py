@@ -23,7 +23,7 @@ from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.typedefs import Handler
 
 from .addresses import forwarded_base, from_proxy, remote_of
-from .answers import status_answer
+from .answers import answer, status_answer
 from .bodyreader import StreamBody
 from .config import Config
 from .digests import DigestCheck, field_value, sha256_of_field
@@ -164,8 +164,7 @@ def _result(
     /upload-status answers), or the progress (201 or 204) with no content."""
     headers = _state_headers(request, interop, state) | (extra or {})
     if isinstance(state, CompletedUpload):
-        body = json.dumps(status_answer(state.file_id, state).body()).encode()
-        return web.Response(body=body, content_type="application/json", headers=headers)
+        return answer(status_answer(state), headers=headers)
     return web.Response(status=status_in_progress, headers=headers)
 
 
@@ -244,7 +243,7 @@ async def create(request: web.Request) -> web.Response:
     if complete is None:
         raise BadRequest(f"{interop.complete_name} is required to create an upload")
     length = _declared_length(request, complete, 0)
-    _digests(request, whole=True)  # a malformed digest field is refused before any upload
+    digests = _digests(request, whole=complete)  # malformed: refused before any upload
     metadata = parse_metadata(request.headers.get("Upload-Metadata"))
     file_id = secrets.token_urlsafe(16)
     meta = UploadMeta.new_stream(
@@ -258,7 +257,7 @@ async def create(request: web.Request) -> web.Response:
         return _result(request, interop, progress, 201, location)
     try:
         with uploads.admit():
-            state = await _append(request, interop, file_id, 0, complete, length)
+            state = await _append(request, interop, file_id, 0, complete, length, digests)
     except REFUSED_BODY:
         await uploads.abandon_stream(begun)  # nothing of a refused creation remains
         raise
@@ -279,8 +278,9 @@ async def append(request: web.Request) -> web.Response:
     if complete is None:
         raise BadRequest(f"{interop.complete_name} is required on an append")
     length = _declared_length(request, complete, offset)
+    digests = _digests(request, whole=offset == 0 and complete)
     with request.app[UPLOADS].admit():
-        state = await _append(request, interop, file_id, offset, complete, length)
+        state = await _append(request, interop, file_id, offset, complete, length, digests)
     return _result(request, interop, state, 204)
 
 
@@ -291,6 +291,7 @@ async def _append(
     offset: int,
     complete: bool,
     length: int | None,
+    digests: DigestCheck | None,
 ) -> StreamProgress | CompletedUpload:
     uploads = request.app[UPLOADS]
     content_length = request.content_length
@@ -310,7 +311,7 @@ async def _append(
             body,
             length=content_length,
             declared_length=length,
-            checksum=_digests(request, whole=offset == 0 and complete),
+            checksum=digests,
             remote=_remote(request),
             complete=interop.completion(complete),
         )

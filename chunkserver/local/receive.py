@@ -30,6 +30,9 @@ from .disk import (
 )
 from .layout import LocalLayout
 
+# A pending chunk's descriptors: its own, or the upload's open ones it borrows.
+PENDING_FDS = ("fd", "guard_fd", "folder_fd", "log_fd")
+
 
 class LocalChunkReceiver(LocalLayout):
     """The hot path: a chunk's bytes streamed into place (or aside), with its tally."""
@@ -295,25 +298,18 @@ class LocalChunkReceiver(LocalLayout):
     def _discard(self, received: LocalPendingChunk) -> None:
         upload = received.upload
         if upload is not None:  # its descriptors are the upload's, shared: not closed here
-            for name in ("fd", "guard_fd", "folder_fd", "log_fd"):
+            for name in PENDING_FDS:
                 if getattr(received, name) in (upload.data_fd, upload.folder_fd, upload.log_fd):
                     setattr(received, name, -1)
             unlock_range(upload.data_fd, *received.region)
             upload.writing.discard(received.writing_key)
             received.upload = None
             self._open_uploads.release(upload)
-        if received.fd >= 0:
-            os.close(received.fd)
-            received.fd = -1
-        if received.guard_fd >= 0:
-            os.close(received.guard_fd)
-            received.guard_fd = -1
-        if received.folder_fd >= 0:
-            os.close(received.folder_fd)
-            received.folder_fd = -1
-        if received.log_fd >= 0:
-            os.close(received.log_fd)
-            received.log_fd = -1
+        for name in PENDING_FDS:
+            fd = getattr(received, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(received, name, -1)
         if received.aside_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(received.aside_path)
