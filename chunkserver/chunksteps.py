@@ -14,6 +14,7 @@ from .errors import (
     UploadGone,
 )
 from .forms import ChunkFields
+from .meter import ByteLimit
 from .model import (
     Committed,
     CompletedUpload,
@@ -128,7 +129,7 @@ class ChunkSteps(ServiceCore):
             meta,
             fields.chunk_index,
             body,
-            max_bytes=self.config.max_chunk_bytes,
+            max_bytes=ByteLimit.chunk(self.config.max_chunk_bytes),
             want_sha256=fields.chunk_sha256 is not None,
             length_hint=length_hint,
         )
@@ -140,7 +141,9 @@ class ChunkSteps(ServiceCore):
     ) -> PendingChunk:
         """A chunk that came before the fields saying which upload it belongs to."""
         received: PendingChunk = await self.store.receive_unplaced(
-            body, max_bytes=self.config.max_chunk_bytes, want_sha256=want_sha256
+            body,
+            max_bytes=ByteLimit.chunk(self.config.max_chunk_bytes),
+            want_sha256=want_sha256,
         )
         self.metrics.inc("bytes_received", received.length)
         return received

@@ -5,12 +5,9 @@ No handler builds a path or touches the disk; that is the store's job.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from urllib.parse import quote
 
 from aiohttp import hdrs, web
-from aiohttp.abc import AbstractStreamWriter
 
 from . import openapi
 from .addresses import remote_of
@@ -24,14 +21,11 @@ from .answers import (
 )
 from .bodyreader import BodyReader
 from .chunkrequest import receive_chunk_request
-from .errors import (
-    FileNotFound,
-    RangeNotSatisfiable,
-    StorageFailure,
-)
+from .downloads import download_file
+from .errors import FileNotFound
 from .forms import check_file_id
 from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
-from .model import CompletedUpload, StoredObject
+from .model import CompletedUpload
 from .multipart import MultipartParser, boundary_from_content_type
 
 JSON = "application/json"
@@ -79,95 +73,6 @@ async def upload_status(request: web.Request) -> web.Response:
     if found is None:
         return answer(StatusNotFound(), status=404)
     return answer(status_answer(found))
-
-
-def content_disposition(filename: str) -> str:
-    """`attachment` with an ASCII fallback name and the exact name in RFC 5987 form."""
-    fallback = filename.encode("ascii", "replace").decode().replace('"', "_").replace("?", "_")
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
-
-
-async def download_file(request: web.Request) -> web.StreamResponse:
-    file_id = check_file_id(request.match_info["file_id"])
-    found = await request.app[UPLOADS].download(file_id)
-    if found is None:
-        raise FileNotFound()
-    path, record = found
-    disposition = content_disposition(record.filename)
-    # RFC 9110: a Range the server cannot parse, or several ranges, may be ignored: the
-    # whole file, 200.
-    whole = usable_range(request.headers.get(hdrs.RANGE), record.size) is None
-    if isinstance(path, StoredObject):
-        return await stream_object(request, path, disposition, whole=whole)
-    prefix = request.app[CONFIG].accel_redirect_prefix
-    if prefix:
-        # Behind nginx: it sends the file from its internal location, with sendfile and Range.
-        location = f"{prefix}{file_id}/{quote(record.filename, safe='')}"
-        return web.Response(
-            headers={"X-Accel-Redirect": location, hdrs.CONTENT_DISPOSITION: disposition}
-        )
-    response_type = WholeFileResponse if whole else web.FileResponse
-    return response_type(path, headers={hdrs.CONTENT_DISPOSITION: disposition})
-
-
-class WholeFileResponse(web.FileResponse):
-    """A FileResponse that answers the whole file whatever the request's Range says."""
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "range"}
-        return await super().prepare(request.clone(headers=headers))
-
-
-RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-
-
-def usable_range(header: str | None, size: int) -> str | None:
-    """The header when it is one byte range that can be served; None when there is none,
-    or it cannot be parsed, or it asks for several ranges (served whole); raises
-    RangeNotSatisfiable (416) for a range the file cannot satisfy."""
-    if header is None:
-        return None
-    match = RANGE.fullmatch(header.strip())
-    if match is None:
-        return None
-    first, last = match.groups()
-    if not first and not last:
-        return None
-    if first and last and int(last) < int(first):
-        return None  # invalid: ignored, as RFC 9110 allows
-    if (first and int(first) >= size) or (not first and int(last) == 0):
-        raise RangeNotSatisfiable(size)
-    return header
-
-
-# What a download passes on from the object store's answer.
-OBJECT_HEADERS = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_RANGE, hdrs.ETAG, hdrs.LAST_MODIFIED)
-
-
-async def stream_object(
-    request: web.Request, stored: StoredObject, disposition: str, *, whole: bool
-) -> web.StreamResponse:
-    """A completed file from the object store, streamed through with its Range answer (or
-    whole, when the request's Range is to be ignored)."""
-    wanted = None if whole else request.headers.get(hdrs.RANGE)
-    async with stored.open(wanted) as answer:
-        if answer.status == 416:
-            return web.Response(status=416, headers={hdrs.CONTENT_RANGE: f"bytes */{stored.size}"})
-        if answer.status not in (200, 206):
-            raise StorageFailure(f"the object store answered {answer.status} to a download")
-        response = web.StreamResponse(status=answer.status)
-        for name in OBJECT_HEADERS:
-            if name in answer.headers:
-                response.headers[name] = answer.headers[name]
-        response.headers[hdrs.CONTENT_TYPE] = "application/octet-stream"
-        response.headers[hdrs.ACCEPT_RANGES] = "bytes"
-        response.headers[hdrs.CONTENT_DISPOSITION] = disposition
-        await response.prepare(request)
-        if request.method != hdrs.METH_HEAD:
-            async for piece in answer.pieces():
-                await response.write(piece)
-        await response.write_eof()
-        return response
 
 
 async def delete_upload(request: web.Request) -> web.Response:

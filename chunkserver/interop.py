@@ -1,19 +1,21 @@
-"""The draft revisions /resumable/ serves, told apart by `Upload-Draft-Interop-Version`.
+"""The draft revisions /resumable/ serves, told apart by `Upload-Draft-Interop-Version`,
+and the Structured Field items (RFC 9651) its header fields carry.
 
 | interop version | drafts | what differs |
 |---|---|---|
 | 3 | -01 (iOS 17's URLSession) | `Upload-Incomplete` (its opposite) instead of `Upload-Complete` |
-| 4, 5 | -02, -03 (tus-js-client's `ietf-draft-03` sends 5) | an append needs no media type |
+| 5 | -03 (tus-js-client's `ietf-draft-03`) | an append needs no media type |
 | 6 | -04, -05 (tus-js-client's `ietf-draft-05`) | an append is `application/partial-upload` |
-| 7 and later, or none | -09 to revision 15 | an upload is complete only when a request says so |
+| 8 | -09 to -11 | an upload is complete only when a request says so |
+| 9 | -12, the current revision | as 8 (-12 changed the text, not the requests) |
 
 With 3 to 6 an upload whose length is known also completes when its offset reaches it, as
 tusd does: tus-js-client reading a stream sends its last bytes with `Upload-Complete: ?0`
 (it cannot know they are the last) and takes the offset reaching the length as the end.
 
-Without the field the newest rules apply and no 104 is sent: the draft forbids a 104 to a
-request without an interop version. A version above 8 (a revision newer than the text this
-server follows, such as revision 15's) gets the newest rules and its 104, its version echoed.
+A request without the field, or naming a version not served (4, 7, 10, a malformed value),
+is answered by the current rules with no 104 and no version echoed: the draft forbids a
+104 to a request whose interop version is missing or mismatching.
 """
 
 from __future__ import annotations
@@ -23,31 +25,35 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .errors import BadRequest
+CURRENT = "9"  # the interop version of the current revision, draft -12
+SERVED = frozenset({"3", "5", "6", "8", CURRENT})
 
-CURRENT = "8"  # the newest interop version of the draft's text this server follows
-OLDEST = 3
-INTEGER = re.compile(r"[0-9]{1,15}")
+# RFC 9651 parameters after an item (`;key` or `;key=value`), allowed and ignored.
+PARAMETERS = r'(?:\s*;\s*[a-z*][a-z0-9_.*-]*(?:=(?:"(?:[^"\\]|\\.)*"|[^;"\s]+))?)*'
+INTEGER_ITEM = re.compile(r"([0-9]{1,15})" + PARAMETERS)
+BOOLEAN_ITEM = re.compile(r"\?([01])" + PARAMETERS)
 
 
 def structured_integer(value: str | None) -> int | None:
-    """A non-negative Integer Structured Field (RFC 9651), or None: the draft says a field
-    of any other value is ignored."""
+    """A non-negative Integer item (RFC 9651), its parameters ignored; None when absent or
+    of another form (the draft says a field of any other value is ignored)."""
     if value is None:
         return None
-    value = value.strip()
-    return int(value) if INTEGER.fullmatch(value) else None
+    match = INTEGER_ITEM.fullmatch(value.strip())
+    return int(match.group(1)) if match else None
 
 
 def structured_boolean(value: str | None) -> bool | None:
+    """A Boolean item, its parameters ignored; None when absent or of another form."""
     if value is None:
         return None
-    return {"?1": True, "?0": False}.get(value.strip())
+    match = BOOLEAN_ITEM.fullmatch(value.strip())
+    return match.group(1) == "1" if match else None
 
 
 @dataclass(frozen=True, slots=True)
 class Interop:
-    version: str | None  # as the client sent it; None when it sent none
+    version: str | None  # a served version the client named; None: the current rules, unnamed
 
     @property
     def uses_incomplete(self) -> bool:
@@ -55,17 +61,15 @@ class Interop:
 
     @property
     def requires_media_type(self) -> bool:
-        return self.version not in ("3", "4", "5")
+        return self.version not in ("3", "5")
 
     @property
     def completes_at_length(self) -> bool:
-        return self.version in ("3", "4", "5", "6")
+        return self.version in ("3", "5", "6")
 
     @property
     def sends_interim(self) -> bool:
-        """A 104 goes only to a client that named its version (the draft: not to one whose
-        version is missing), echoed back; a version above 8 is taken for a newer revision's,
-        served by the newest rules."""
+        """A 104 goes only to a client that named a version served here, echoed back."""
         return self.version is not None
 
     @property
@@ -95,13 +99,7 @@ class Interop:
 
 
 def interop_of(request: web.Request) -> Interop:
-    given = request.headers.get("Upload-Draft-Interop-Version")
-    if given is None:
+    version = structured_integer(request.headers.get("Upload-Draft-Interop-Version"))
+    if version is None or str(version) not in SERVED:
         return Interop(None)
-    version = structured_integer(given)
-    if version is None or version < OLDEST:
-        raise BadRequest(
-            f"Upload-Draft-Interop-Version {given.strip()[:20]!r} is not served: "
-            f"{OLDEST} or more (the newest rules from 7 on)"
-        )
     return Interop(str(version))

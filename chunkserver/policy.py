@@ -9,6 +9,7 @@ from typing import Any
 from .config import Config
 from .errors import ChecksumMismatch, DiskFull, PayloadTooLarge, UploadConflict
 from .forms import ChunkFields
+from .meter import ByteLimit
 from .model import UploadMeta
 from .store import PendingChunk, Store
 
@@ -112,8 +113,14 @@ class Policy:
                 retry_after=60,
             )
 
-    def room_after(self, meta: UploadMeta, offset: int, declared_length: int | None) -> int:
+    def room_after(self, meta: UploadMeta, offset: int, declared_length: int | None) -> ByteLimit:
         """How many bytes a PATCH at `offset` may bring: up to the upload's length (given
         or declared now), or to max_file_bytes."""
         length = meta.total_size if meta.total_size is not None else declared_length
-        return (length if length is not None else self.config.max_file_bytes) - offset
+        if length is not None:
+            return ByteLimit(
+                length - offset,
+                f"This request's content runs past the upload's length ({length} bytes)",
+            )
+        limit = self.config.max_file_bytes
+        return ByteLimit(limit - offset, f"The upload would exceed max_file_bytes ({limit} bytes)")

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from .meter import ByteLimit
 from .model import (
     Committed,
     CompletedUpload,
@@ -94,7 +95,7 @@ class ChunkWriter(Protocol[R]):
         index: int,
         body: AsyncIterator[memoryview],
         *,
-        max_bytes: int,
+        max_bytes: ByteLimit,
         want_sha256: bool,
         length_hint: int | None = None,
     ) -> R:
@@ -105,7 +106,7 @@ class ChunkWriter(Protocol[R]):
         Content-Length): an object store needs a length before the first byte."""
 
     async def receive_unplaced(
-        self, body: AsyncIterator[memoryview], *, max_bytes: int, want_sha256: bool
+        self, body: AsyncIterator[memoryview], *, max_bytes: ByteLimit, want_sha256: bool
     ) -> R:
         """Stream a chunk that came before the fields that say where it belongs."""
 
@@ -136,7 +137,7 @@ class StreamWriter(Protocol[A]):
         body: AsyncIterator[memoryview],
         *,
         length: int | None,
-        max_bytes: int,
+        max_bytes: ByteLimit,
         on_piece: Callable[[memoryview], None] | None,
     ) -> A:
         """Write a PATCH's `length` bytes at `offset`, which must be the upload's offset

@@ -131,7 +131,7 @@ class StreamSteps(ServiceCore):
         if cached is None or not cached.is_stream:
             known = await self.store.lookup(file_id)
         if known is None or (isinstance(known, UploadMeta) and not known.is_stream):
-            raise FileNotFound("No tus upload of this id")
+            raise FileNotFound("No upload of this id")
         if known.concat is not None and known.concat.startswith("final"):
             raise Forbidden("A final upload of a concatenation takes no PATCH")
         if isinstance(known, CompletedUpload):
@@ -153,7 +153,10 @@ class StreamSteps(ServiceCore):
         limit = known.total_size if known.total_size is not None else declared_length
         if limit is not None and end > limit:
             await self._check_offset(known, offset)  # a wrong offset is told first (409)
-            raise PayloadTooLarge(f"The PATCH ends at {end}, past the upload's length {limit}")
+            raise PayloadTooLarge(
+                f"This request's content ends at byte {end}, past the upload's length "
+                f"({limit} bytes)"
+            )
         self.policy.check_stream_size(end)
         if known.total_size is None and length:  # no room was reserved
             self.policy.check_stream_room(length)

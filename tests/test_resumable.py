@@ -1,7 +1,7 @@
 """Resumable Uploads for HTTP (the IETF draft) under /resumable/, over raw HTTP, following the
 draft's own examples: creation with and without content, offset retrieval, append,
-completion, cancellation, each error, with revision 15's interop version, with none, and with
-the older ones that clients send (3, 5, 6)."""
+completion, cancellation, each error, with the current revision's interop version (9, draft
+-12), with -11's (8), with none, and with the older ones that clients send (3, 5, 6)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 BOTH_BACKENDS = True
 PARTIAL = "application/partial-upload"
 V8 = {"Upload-Draft-Interop-Version": "8"}
+V9 = {"Upload-Draft-Interop-Version": "9"}
 PROBLEMS = "https://iana.org/assignments/http-problem-types#"
 
 
@@ -50,7 +51,9 @@ async def downloaded(client, path: str) -> bytes:
     return await resp.read()
 
 
-@pytest.mark.parametrize("interop", [V8, {}], ids=["interop-8", "no-interop-version"])
+@pytest.mark.parametrize(
+    "interop", [V9, V8, {}], ids=["interop-9", "interop-8", "no-interop-version"]
+)
 async def test_example_2_upload_as_a_series_of_parts(client, interop) -> None:
     created = await create(client, b"hello ", **{"Upload-Complete": "?0"}, **interop)
     assert created.status == 201
@@ -197,9 +200,11 @@ async def test_requests_the_draft_requires_fields_of(client) -> None:
         path, data=b"d", headers={"Content-Type": PARTIAL, "Upload-Offset": "3"}
     )
     assert no_flag.status == 400
-    bad_version = await create(client, **{"Upload-Complete": "?0"}, **{
+    # A version not served (2 is draft -00's) is answered by the current rules, unechoed.
+    unserved = await create(client, **{"Upload-Complete": "?0"}, **{
         "Upload-Draft-Interop-Version": "2"})  # fmt: skip
-    assert bad_version.status == 400
+    assert unserved.status == 201
+    assert "Upload-Draft-Interop-Version" not in unserved.headers
     assert (await client.head("/resumable/not*an*id")).status == 400
     assert (await client.head(path)).headers["Upload-Offset"] == "3"
 
@@ -274,6 +279,33 @@ async def test_interop_versions_of_tus_js_client(client, version: str) -> None:
     assert await downloaded(client, path) == b"abcd"
 
 
+async def test_structured_field_parameters_are_ignored(client) -> None:
+    """RFC 9651: an Item may carry parameters, which a recipient ignores; the same for
+    Upload-Offset, Upload-Complete and Upload-Length."""
+    created = await create(
+        client, b"ab", **{"Upload-Complete": "?0;a", "Upload-Length": "4;x", **V8}
+    )
+    assert created.status == 201 and created.headers["Upload-Length"] == "4"
+    path = path_of(created)
+    resp = await client.patch(path, data=b"cd", headers={
+        "Content-Type": PARTIAL, "Upload-Offset": "2;x=1", "Upload-Complete": '?1;note="z"',
+        **V8})  # fmt: skip
+    assert resp.status == 200, await resp.text()
+    assert await downloaded(client, path) == b"abcd"
+
+
+async def test_errors_name_what_the_client_sent(client) -> None:
+    """A creation's content past its length is told as such, not as a PATCH; an unknown id is
+    "no upload", not "no tus upload"."""
+    resp = await create(client, b"abcdef", **{"Upload-Complete": "?0", "Upload-Length": "4"})
+    assert resp.status == 413
+    detail = (await resp.json())["detail"]
+    assert "PATCH" not in detail and "length (4 bytes)" in detail, detail
+    resp = await append(client, "/resumable/nosuchupload", b"x", 0, False)
+    assert resp.status == 404
+    assert "tus" not in (await resp.json())["detail"]
+
+
 async def test_interop_version_3_speaks_upload_incomplete(client) -> None:
     """What iOS 17's URLSession sends: Upload-Incomplete, the opposite of Upload-Complete."""
     v3 = {"Upload-Draft-Interop-Version": "3"}
@@ -321,11 +353,17 @@ async def test_104_comes_first_with_the_location(client) -> None:
     location = interim_headers[b"Location"]
     assert b"Location: " + location in final
     assert json.loads(final.partition(b"\r\n\r\n")[2])["size"] == 10
-    # A newer revision's version (revision 15's, say) gets the newest rules, echoed.
-    newer = request.replace(b"Interop-Version: 8", b"Interop-Version: 15")
-    answer = await asyncio.to_thread(raw_exchange, base, newer)
+    # The current revision's version (9, draft -12) is served and echoed.
+    current = request.replace(b"Interop-Version: 8", b"Interop-Version: 9")
+    answer = await asyncio.to_thread(raw_exchange, base, current)
     assert answer.startswith(b"HTTP/1.1 104 Upload Resumption Supported\r\n")
-    assert answer.partition(b"\r\n\r\n")[0].endswith(b"Upload-Draft-Interop-Version: 15")
+    assert answer.partition(b"\r\n\r\n")[0].endswith(b"Upload-Draft-Interop-Version: 9")
+    # A version not served gets no 104 (the draft: MUST NOT) and the plain answer.
+    for unserved in (b"4", b"7", b"10", b"99", b"x"):
+        other = request.replace(b"Interop-Version: 8", b"Interop-Version: " + unserved)
+        answer = await asyncio.to_thread(raw_exchange, base, other)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), unserved
+        assert b"Upload-Draft-Interop-Version" not in answer, unserved
     # Without an interop version the draft forbids the 104.
     plain = request.replace(b"Upload-Draft-Interop-Version: 8\r\n", b"")
     answer = await asyncio.to_thread(raw_exchange, base, plain)

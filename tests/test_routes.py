@@ -66,6 +66,36 @@ async def test_download_with_range_and_disposition(client) -> None:
     assert resp.headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
 
 
+async def test_if_range_compares_entity_tags_strongly(client) -> None:
+    """A resumed download must not splice two files: an If-Range naming the ETag of a file
+    since deleted and uploaded again under the same id answers 200 with the whole new file;
+    the current ETag answers the range; a weak tag never matches; dates work as before."""
+    old = os.urandom(5000)
+    await send(client, "demo1", 0, 1, old)
+    first = await client.get("/files/demo1")
+    old_tag = first.headers["ETag"]
+    assert await first.read() == old
+    assert (await client.delete("/uploads/demo1")).status == 204
+    new = os.urandom(5000)
+    await send(client, "demo1", 0, 1, new)
+    stale = await client.get("/files/demo1", headers={"Range": "bytes=1000-", "If-Range": old_tag})
+    assert stale.status == 200 and await stale.read() == new
+    current = await client.get("/files/demo1")
+    tag, modified = current.headers["ETag"], current.headers["Last-Modified"]
+    assert tag != old_tag
+    fresh = await client.get("/files/demo1", headers={"Range": "bytes=1000-", "If-Range": tag})
+    assert fresh.status == 206 and await fresh.read() == new[1000:]
+    weak = await client.get(
+        "/files/demo1", headers={"Range": "bytes=1000-", "If-Range": "W/" + tag}
+    )
+    assert weak.status == 200 and await weak.read() == new
+    dated = await client.get("/files/demo1", headers={"Range": "bytes=1000-", "If-Range": modified})
+    assert dated.status == 206 and await dated.read() == new[1000:]
+    old_date = "Mon, 01 Jan 2001 00:00:00 GMT"
+    older = await client.get("/files/demo1", headers={"Range": "bytes=1000-", "If-Range": old_date})
+    assert older.status == 200 and await older.read() == new
+
+
 async def test_ranges_malformed_several_or_unsatisfiable(client) -> None:
     """RFC 9110: a Range that cannot be parsed, or several ranges, is ignored (200, the
     whole file); a range past the end is 416 in JSON with Content-Range; /metrics counts

@@ -193,6 +193,35 @@ async def test_limits_apply(make_client: ClientFactory) -> None:
     assert (await patch(client, path, 0, b"x" * 1001)).status == 413
 
 
+async def test_a_413_names_the_limit_passed(make_client: ClientFactory) -> None:
+    """What tus-java-client and tus-android do: every PATCH chunked (no Content-Length). A
+    body running past the upload's length is told as that length, not as max_chunk_bytes
+    or max_file_bytes; past max_file_bytes (a deferred length) as max_file_bytes."""
+
+    async def chunked(data: bytes):
+        yield data
+
+    client = await make_client(max_file_bytes=1000, max_chunk_bytes=4)
+    _, path = await create(client, 100)
+    resp = await client.patch(
+        path, data=chunked(b"x" * 150), headers={**V, **OCTETS, "Upload-Offset": "0"}
+    )
+    assert resp.status == 413
+    detail = (await resp.json())["detail"]
+    assert "upload's length (100 bytes)" in detail, detail
+    assert (await head(client, path)).headers["Upload-Offset"] == "0"
+    _, deferred = await create(client, None)
+    resp = await client.patch(
+        deferred, data=chunked(b"x" * 1001), headers={**V, **OCTETS, "Upload-Offset": "0"}
+    )
+    assert resp.status == 413
+    assert "max_file_bytes (1000 bytes)" in (await resp.json())["detail"]
+    # The seed's chunks name max_chunk_bytes.
+    resp = await client.post("/upload-chunk", data=chunk_form("limits", 0, 2, b"y" * 5))
+    assert resp.status == 413
+    assert "max_chunk_bytes (4 bytes)" in (await resp.json())["detail"]
+
+
 async def test_bad_metadata_and_filenames(client) -> None:
     bad = await client.post(
         "/tus/", headers={**V, "Upload-Length": "1", "Upload-Metadata": "filename !!!"}

@@ -14,7 +14,7 @@ from ..errors import (
 )
 from ..fileio import copy_range, hash_file, pwritev_all
 from ..locks import lock_range, unlock_range
-from ..meter import count_piece
+from ..meter import ByteLimit, count_piece
 from ..model import (
     UploadMeta,
 )
@@ -43,7 +43,7 @@ class LocalChunkReceiver(LocalLayout):
         index: int,
         body: AsyncIterator[memoryview],
         *,
-        max_bytes: int,
+        max_bytes: ByteLimit,
         want_sha256: bool,
         length_hint: int | None = None,  # a file needs none: its offset is enough
     ) -> LocalPendingChunk:
@@ -52,14 +52,16 @@ class LocalChunkReceiver(LocalLayout):
         return received
 
     async def receive_unplaced(
-        self, body: AsyncIterator[memoryview], *, max_bytes: int, want_sha256: bool
+        self, body: AsyncIterator[memoryview], *, max_bytes: ByteLimit, want_sha256: bool
     ) -> LocalPendingChunk:
         path = self.incoming_dir / self._temp_name("chunk", ".part")
         received = self._open_aside(path, None, None)
         await self._stream(received, body, max_bytes, want_sha256)
         return received
 
-    def _open_for_chunk(self, meta: UploadMeta, index: int, max_bytes: int) -> LocalPendingChunk:
+    def _open_for_chunk(
+        self, meta: UploadMeta, index: int, max_bytes: ByteLimit
+    ) -> LocalPendingChunk:
         """The chunk's region in the data file, locked; or a file aside when it cannot be
         written in place. Raises UploadGone when the data file is not there."""
         offset = meta.offset_of(index)
@@ -70,12 +72,12 @@ class LocalChunkReceiver(LocalLayout):
         return self._open_kept_aside(meta, index)
 
     def _open_in_place(
-        self, meta: UploadMeta, index: int, offset: int, max_bytes: int
+        self, meta: UploadMeta, index: int, offset: int, max_bytes: ByteLimit
     ) -> LocalPendingChunk | None:
         """The chunk's region, locked, in the upload's data file held open across its chunks;
         None when the region is busy or the chunk was stored before (a resend)."""
         limit = None if meta.is_last(index) or meta.chunk_size is None else meta.chunk_size
-        region = (offset, limit or max_bytes)
+        region = (offset, limit or max_bytes.bytes)
         known = self._known_of(meta)
 
         def not_stored(upload: OpenUpload) -> bool:
@@ -219,7 +221,7 @@ class LocalChunkReceiver(LocalLayout):
         self,
         received: LocalPendingChunk,
         body: AsyncIterator[memoryview],
-        max_bytes: int,
+        max_bytes: ByteLimit,
         want_sha256: bool,
         on_piece: Callable[[memoryview], None] | None = None,
     ) -> None:

@@ -15,6 +15,7 @@ from ..errors import (
 )
 from ..fileio import copy_range
 from ..locks import FolderGone
+from ..meter import ByteLimit
 from ..model import (
     CompletedUpload,
     StreamProgress,
@@ -79,15 +80,15 @@ class LocalStreamWriter(LocalChunkReceiver):
         body: AsyncIterator[memoryview],
         *,
         length: int | None,
-        max_bytes: int,
+        max_bytes: ByteLimit,
         on_piece: Callable[[memoryview], None] | None,
     ) -> LocalPendingBytes:
         received = self._open_at(meta, offset)
         # The same hot path as a chunk's, at the upload's offset (the HTTP layer holds the
-        # body to its Content-Length, `length`, when it has one).
-        limit = max_bytes if length is None else min(length, max_bytes)
+        # body to its Content-Length, `length`, which the service has checked against
+        # `max_bytes`).
         try:
-            await self._stream(received.chunk, body, limit, False, on_piece)
+            await self._stream(received.chunk, body, max_bytes, False, on_piece)
         except BaseException:
             self._discard(received.chunk)
             raise

@@ -11,7 +11,7 @@ from ..errors import (
     UploadConflict,
     UploadGone,
 )
-from ..meter import count_piece
+from ..meter import ByteLimit, count_piece
 from ..model import (
     Committed,
     CompletedUpload,
@@ -38,7 +38,7 @@ class S3ChunkReceiver(S3Assembler):
         index: int,
         body: AsyncIterator[memoryview],
         *,
-        max_bytes: int,
+        max_bytes: ByteLimit,
         want_sha256: bool,
         length_hint: int | None = None,
     ) -> S3PendingChunk:
@@ -67,7 +67,7 @@ class S3ChunkReceiver(S3Assembler):
         return received
 
     async def receive_unplaced(
-        self, body: AsyncIterator[memoryview], *, max_bytes: int, want_sha256: bool
+        self, body: AsyncIterator[memoryview], *, max_bytes: ByteLimit, want_sha256: bool
     ) -> S3PendingChunk:
         received = S3PendingChunk(digest=hashlib.sha256() if want_sha256 else None)
         received.spool = Spool(self.scratch)
@@ -79,7 +79,7 @@ class S3ChunkReceiver(S3Assembler):
         return received
 
     def _count(
-        self, received: S3PendingChunk, piece: memoryview, max_bytes: int, limit: int | None
+        self, received: S3PendingChunk, piece: memoryview, max_bytes: ByteLimit, limit: int | None
     ) -> None:
         count_piece(received, piece, max_bytes)
         if limit is not None and received.length > limit:
@@ -93,7 +93,7 @@ class S3ChunkReceiver(S3Assembler):
         received: S3PendingChunk,
         spool: Spool,
         body: AsyncIterator[memoryview],
-        max_bytes: int,
+        max_bytes: ByteLimit,
         limit: int | None,
     ) -> None:
         async for piece in body:
@@ -105,7 +105,7 @@ class S3ChunkReceiver(S3Assembler):
         received: S3PendingChunk,
         body: AsyncIterator[memoryview],
         expected: int,
-        max_bytes: int,
+        max_bytes: ByteLimit,
         limit: int | None,
     ) -> None:
         assert received.row is not None and received.index is not None

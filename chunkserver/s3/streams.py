@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator, Callable
 from .. import checksums
 from ..errors import (
     OffsetMismatch,
-    PayloadTooLarge,
     StoreUnavailable,
     UploadGone,
     UploadLocked,
 )
+from ..meter import ByteLimit
 from ..model import (
     CompletedUpload,
     StreamProgress,
@@ -77,7 +77,7 @@ class S3StreamWriter(S3Layout):
         body: AsyncIterator[memoryview],
         *,
         length: int | None,
-        max_bytes: int,
+        max_bytes: ByteLimit,
         on_piece: Callable[[memoryview], None] | None,
     ) -> S3PendingBytes:
         writer, row = await self._claim_writer(meta)
@@ -106,12 +106,12 @@ class S3StreamWriter(S3Layout):
                 spool.close()
         return received
 
-    async def _spool_body(self, body: AsyncIterator[memoryview], max_bytes: int) -> Spool:
+    async def _spool_body(self, body: AsyncIterator[memoryview], max_bytes: ByteLimit) -> Spool:
         spool = Spool(self.scratch)
         try:
             async for piece in body:
-                if spool.length + len(piece) > max_bytes:
-                    raise PayloadTooLarge(f"The body is larger than the {max_bytes} bytes left")
+                if spool.length + len(piece) > max_bytes.bytes:
+                    raise max_bytes.exceeded()
                 spool.write(piece)
         except BaseException:
             spool.close()
