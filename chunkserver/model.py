@@ -40,6 +40,9 @@ class UploadMeta:
     protocol: str = "chunks"
     # tus concatenation: "partial", or "final <file_id> <file_id>..." naming its partials.
     concat: str | None = None
+    # The IETF draft: the whole upload's SHA-256 (hex) that a request's Repr-Digest gave,
+    # checked once the upload is complete.
+    repr_sha256: str | None = None
 
     @classmethod
     def new(
@@ -155,6 +158,7 @@ class CompletedUpload:
     token: str = ""  # the upload's (UploadMeta.token); empty in records made before it
     protocol: str = "chunks"  # as UploadMeta.protocol
     concat: str | None = None  # as UploadMeta.concat
+    repr_sha256: str | None = None  # as UploadMeta.repr_sha256
 
     @property
     def is_partial(self) -> bool:
@@ -183,6 +187,7 @@ class CompletedUpload:
             token=meta.token,
             protocol=meta.protocol,
             concat=meta.concat,
+            repr_sha256=meta.repr_sha256,
         )
 
 

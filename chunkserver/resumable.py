@@ -10,6 +10,7 @@ rules (interop.py); errors are problem details (RFC 9457) with the draft's probl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import re
@@ -249,6 +250,9 @@ async def create(request: web.Request) -> web.Response:
     meta = UploadMeta.new_stream(
         file_id, _filename(request, metadata, file_id), length, metadata, protocol=IETF
     )
+    representation = sha256_of_field("Repr-Digest", request.headers.get("Repr-Digest"))
+    if representation is not None:  # kept with the upload, checked when it completes
+        meta = dataclasses.replace(meta, repr_sha256=representation.hex())
     begun = await uploads.create_stream(meta, _remote(request))
     location = {"Location": _location(request, file_id)}
     _send_interim(request, interop, location | {"Upload-Limit": _limits(request.app[CONFIG])})
@@ -279,6 +283,9 @@ async def append(request: web.Request) -> web.Response:
         raise BadRequest(f"{interop.complete_name} is required on an append")
     length = _declared_length(request, complete, offset)
     digests = _digests(request, whole=offset == 0 and complete)
+    representation = sha256_of_field("Repr-Digest", request.headers.get("Repr-Digest"))
+    if representation is not None:  # kept with the upload, checked when it completes
+        await request.app[UPLOADS].keep_digest(file_id, representation.hex())
     with request.app[UPLOADS].admit():
         state = await _append(request, interop, file_id, offset, complete, length, digests)
     return _result(request, interop, state, 204)
@@ -315,22 +322,29 @@ async def _append(
             remote=_remote(request),
             complete=interop.completion(complete),
         )
-    if isinstance(state, CompletedUpload) and offset > 0:
-        await _check_representation(request, state)
+    if isinstance(state, CompletedUpload):
+        await _check_representation(request, state, streamed=offset == 0 and complete)
     return state
 
 
-async def _check_representation(request: web.Request, record: CompletedUpload) -> None:
-    """Repr-Digest sent with the append that completed an upload begun earlier: the whole
-    file's sha-256, read back once. A mismatch removes the upload (resuming cannot mend it)."""
-    expected = sha256_of_field("Repr-Digest", request.headers.get("Repr-Digest"))
-    if expected is None:
+async def _check_representation(
+    request: web.Request, record: CompletedUpload, *, streamed: bool
+) -> None:
+    """The Repr-Digests of a completed upload (kept from an earlier request, or on this
+    one) against the whole file's sha-256, read back once; `streamed` when this request's
+    was checked as its bytes passed (it carried them all). A mismatch removes the upload
+    (resuming cannot mend it)."""
+    sent = sha256_of_field("Repr-Digest", request.headers.get("Repr-Digest"))
+    expected = {sent} if sent is not None and not streamed else set()
+    if record.repr_sha256 is not None and bytes.fromhex(record.repr_sha256) != sent:
+        expected.add(bytes.fromhex(record.repr_sha256))
+    if not expected:
         return
     if record.sha256 is not None:
         actual = bytes.fromhex(record.sha256)
     else:
         actual = await _sha256_of_file(request, record.file_id)
-    if actual != expected:
+    if expected != {actual}:
         await request.app[UPLOADS].delete(record.file_id, _remote(request))
         raise DigestMismatch(
             "Repr-Digest sha-256 does not match the completed upload's bytes; it was removed"

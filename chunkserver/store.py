@@ -158,6 +158,10 @@ class StreamWriter(Protocol[A]):
     async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
         """Fix the length of an upload begun without one (tus creation-defer-length)."""
 
+    async def declare_digest(self, meta: UploadMeta, sha256: str) -> UploadMeta:
+        """Keep the whole upload's SHA-256 (the IETF draft's Repr-Digest) with an upload
+        begun without one; the upload as stored after (an earlier digest stays)."""
+
     async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> StreamProgress:
         """Fill a begun tus upload with completed uploads' bytes, in order, copying nothing
         the store can join in place; every chunk is then stored (call `complete`)."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from .errors import (
     BadRequest,
+    DigestMismatch,
     FileNotFound,
     Forbidden,
     InconsistentLength,
@@ -49,6 +50,21 @@ class StreamSteps(ServiceCore):
         if not known.is_stream:
             return None
         return await self.store.stream_progress(known)
+
+    async def keep_digest(self, file_id: str, sha256: str) -> None:
+        """Keep a representation digest (hex SHA-256) with an upload in progress, to be
+        checked against its bytes when it completes; one that differs from the digest an
+        earlier request gave is refused (400) before any byte is read."""
+        known = await self.store.lookup(file_id)
+        if known is None or (isinstance(known, UploadMeta) and not known.is_stream):
+            raise FileNotFound("No upload of this id")
+        if isinstance(known, CompletedUpload):
+            return  # checked against the completed bytes by the caller
+        if known.repr_sha256 is None:
+            known = await self.store.declare_digest(known, sha256)
+            self.manifest.forget(file_id)
+        if known.repr_sha256 != sha256:
+            raise DigestMismatch("Repr-Digest differs from the one an earlier request gave")
 
     async def append(
         self,

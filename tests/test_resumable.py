@@ -209,6 +209,27 @@ async def test_requests_the_draft_requires_fields_of(client) -> None:
     assert (await client.head(path)).headers["Upload-Offset"] == "3"
 
 
+async def test_a_repr_digest_from_any_request_is_checked_at_completion(client) -> None:
+    """The digest given on the creating request (or on a middle append) is kept with the
+    upload and checked when a later request completes it without repeating it."""
+    given = {"Repr-Digest": sha256_field(b"hello WORLD")}
+    path = path_of(await create(client, b"hello ", **{"Upload-Complete": "?0"}, **given))
+    done = await append(client, path, b"world", 6, True)
+    assert done.status == 400 and "Repr-Digest" in (await done.json())["detail"]
+    assert (await client.head(path)).status == 404  # removed: resuming cannot mend it
+    right = {"Repr-Digest": sha256_field(b"hello world")}
+    path = path_of(await create(client, b"hello ", **{"Upload-Complete": "?0"}, **right))
+    done = await append(client, path, b"world", 6, True)
+    assert done.status == 200 and await downloaded(client, path) == b"hello world"
+    # Given on a middle append; another digest later is refused before its bytes count.
+    path = path_of(await create(client, b"ab", **{"Upload-Complete": "?0"}))
+    assert (await append(client, path, b"cd", 2, False, **given)).status == 204
+    other = await append(client, path, b"ef", 4, False, **right)
+    assert other.status == 400
+    assert (await client.head(path)).headers["Upload-Offset"] == "4"
+    assert (await append(client, path, b"ef", 4, True)).status == 400
+
+
 async def test_options_announces_the_limits(client) -> None:
     resp = await client.options("/resumable/")
     assert resp.status == 204
@@ -405,7 +426,8 @@ def test_two_servers_serve_one_upload(servers, backend: str, tmp_path, request) 
     data = bytes(range(256)) * 40_000  # 10 MB: more than one S3 part
     created = requests.post(
         f"{first.url}/resumable/", data=data[:3_000_000],
-        headers={"Upload-Complete": "?0", "Upload-Length": str(len(data))}, timeout=30,
+        headers={"Upload-Complete": "?0", "Upload-Length": str(len(data)),
+                 "Repr-Digest": sha256_field(data)}, timeout=30,
     )  # fmt: skip
     assert created.status_code == 201
     path = urlsplit(created.headers["Location"]).path
@@ -425,6 +447,17 @@ def test_two_servers_serve_one_upload(servers, backend: str, tmp_path, request) 
     assert last.status_code == 200, last.text
     file_id = path.rsplit("/", 1)[1]
     assert requests.get(f"{first.url}/files/{file_id}", timeout=30).content == data
+    # The digest kept by one host is checked by the other when it completes the upload.
+    created = requests.post(
+        f"{first.url}/resumable/", data=b"hello ", timeout=30,
+        headers={"Upload-Complete": "?0", "Repr-Digest": sha256_field(b"hello WORLD")},
+    )  # fmt: skip
+    path = urlsplit(created.headers["Location"]).path
+    last = requests.patch(
+        f"{second.url}{path}", data=b"world", timeout=30,
+        headers={"Content-Type": PARTIAL, "Upload-Offset": "6", "Upload-Complete": "?1"},
+    )  # fmt: skip
+    assert last.status_code == 400 and "Repr-Digest" in last.json()["detail"]
 
 
 async def half_an_append(client, path: str, data: bytes):

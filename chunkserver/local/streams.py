@@ -153,21 +153,30 @@ class LocalStreamWriter(LocalChunkReceiver):
 
     async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
         try:
-            return await self._run(self._declare_length, meta, length)
+            return await self._run(self._adopt, meta, _unless_set("total_size", length))
         except FolderGone:
             raise UploadGone() from None
         except OSError as e:
             raise storage_error(e) from e
 
-    def _declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
+    async def declare_digest(self, meta: UploadMeta, sha256: str) -> UploadMeta:
+        try:
+            return await self._run(self._adopt, meta, _unless_set("repr_sha256", sha256))
+        except FolderGone:
+            raise UploadGone() from None
+        except OSError as e:
+            raise storage_error(e) from e
+
+    def _adopt(self, meta: UploadMeta, change: Callable[[UploadMeta], UploadMeta]) -> UploadMeta:
+        """The upload's record on disk, changed under its lock (written when it changed)."""
         with self._lock(meta.file_id):
             on_disk = self._read_meta(meta.file_id)
             if on_disk is None or on_disk.token != meta.token:
                 raise UploadGone()
-            if on_disk.total_size is None:
-                on_disk = replace(on_disk, total_size=length)
-                self._write_json(self._folder(meta.file_id) / META_NAME, asdict(on_disk))
-            return on_disk
+            changed = change(on_disk)
+            if changed != on_disk:
+                self._write_json(self._folder(meta.file_id) / META_NAME, asdict(changed))
+            return changed
 
     async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> StreamProgress:
         try:
@@ -196,3 +205,14 @@ class LocalStreamWriter(LocalChunkReceiver):
             return self._commit_at(received)
         finally:
             self._discard(chunk)
+
+
+def _unless_set(name: str, value: int | str) -> Callable[[UploadMeta], UploadMeta]:
+    """A change of an upload's record that sets `name` when it is not set yet."""
+
+    def change(on_disk: UploadMeta) -> UploadMeta:
+        if getattr(on_disk, name) is not None:
+            return on_disk
+        return replace(on_disk, **{name: value})  # type: ignore[arg-type]
+
+    return change

@@ -220,6 +220,12 @@ class S3StreamWriter(S3Layout):
             raise UploadGone()
         return row.meta
 
+    async def declare_digest(self, meta: UploadMeta, sha256: str) -> UploadMeta:
+        row = await self.state.declare_digest(meta, sha256)
+        if row is None or row.meta.token != meta.token:
+            raise UploadGone()
+        return row.meta
+
     async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> StreamProgress:
         writer, row = await self._claim_writer(meta)
         assert row.stream is not None

@@ -143,6 +143,17 @@ class ClaimStatements(UploadStatements):
             )
         return await self.get(meta.file_id)
 
+    async def declare_digest(self, meta: UploadMeta, sha256: str) -> UploadRow | None:
+        async with self._db() as db:
+            await db.execute(
+                """UPDATE chunkserver_uploads SET repr_sha256 = $3
+                   WHERE file_id = $1 AND token = $2 AND repr_sha256 IS NULL""",
+                meta.file_id,
+                meta.token,
+                sha256,
+            )
+        return await self.get(meta.file_id)
+
     async def forget_chunk(self, meta: UploadMeta, index: int, unless_etag: str) -> None:
         """A part was overwritten by bytes that were then refused: its chunk is missing."""
         async with self._db() as db:

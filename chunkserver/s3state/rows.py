@@ -80,6 +80,7 @@ def upload_row(r: Mapping[str, Any]) -> UploadRow:
         metadata=metadata_of(r.get("metadata")),
         protocol=r.get("protocol") or "chunks",
         concat=r.get("concat"),
+        repr_sha256=r.get("repr_sha256"),
     )
     completed = None
     if r["status"] == "completed":
