@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from aiohttp import hdrs, web, web_protocol
+from aiohttp import HttpVersion11, hdrs, web, web_protocol
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
@@ -47,6 +47,25 @@ _EMPTY: Piece = (b"", 0)
 
 # How long the rest of a body answered early is read and dropped, as aiohttp's lingering_time.
 LINGER_SECONDS = 10.0
+
+
+async def continue_when_read(request: web.Request) -> web.StreamResponse | None:
+    """Every route's Expect handler. aiohttp's default sends `100 Continue` before the handler
+    runs; here `BodyReader` sends it when it starts reading the body, so that a request
+    refused from its headers alone (credentials, limits, an unknown upload, a wrong offset)
+    gets its final answer without it, and its client never sends the body."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version == HttpVersion11 and expect.lower() != "100-continue":
+        return web.json_response({"detail": f"Unknown Expect: {expect[:60]}"}, status=417)
+    return None
+
+
+async def _send_continue(request: web.Request) -> None:
+    """`100 Continue`, when the client waits for it before sending the body."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the final answer's size is counted from here
 
 
 def takeover_supported() -> bool:
@@ -244,6 +263,7 @@ class BodyReader:
             async with asyncio.timeout(self._idle_seconds):
                 if not self._started:
                     self._started = True
+                    await _send_continue(self._request)
                     first = self._begin()
                     if first is not None and first[1]:
                         return first

@@ -19,7 +19,7 @@ from .answers import (
     chunk_completed,
     status_answer,
 )
-from .bodyreader import BodyReader
+from .bodyreader import BodyReader, continue_when_read
 from .chunkrequest import receive_chunk_request
 from .downloads import download_file
 from .errors import FileNotFound
@@ -40,6 +40,7 @@ async def upload_chunk(request: web.Request) -> web.Response:
 async def _upload_chunk(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     boundary = boundary_from_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
+    request.app[UPLOADS].policy.check_request_length(request.content_length)
     with BodyReader(request, config.idle_timeout_seconds, request.app[RECEIVE_BUFFERS]) as body:
         return await _receive_chunk(request, MultipartParser(body.read, boundary))
 
@@ -129,7 +130,7 @@ async def upload_page(request: web.Request) -> web.FileResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/upload-chunk", upload_chunk)
+    app.router.add_post("/upload-chunk", upload_chunk, expect_handler=continue_when_read)
     app.router.add_get("/upload-status/{file_id}", upload_status)
     app.router.add_get("/files/{file_id}", download_file)
     app.router.add_delete("/uploads/{file_id}", delete_upload)

@@ -38,7 +38,8 @@ class UploadMeta:
     # "chunks" for the seed's protocol, "tus" for a tus upload (a byte stream at offsets:
     # total_size is its Upload-Length, None while deferred).
     protocol: str = "chunks"
-    # tus concatenation: "partial", or "final <file_id> <file_id>..." naming its partials.
+    # tus concatenation: "partial", or a final upload's Upload-Concat as received
+    # ("final;<url> <url>...", echoed by HEAD; "final <file_id>..." in older records).
     concat: str | None = None
     # The IETF draft: the whole upload's SHA-256 (hex) that a request's Repr-Digest gave,
     # checked once the upload is complete.

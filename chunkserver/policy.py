@@ -22,14 +22,16 @@ class Policy:
         self.config = config
         self.store = store
 
+    def check_request_length(self, content_length: int | None) -> None:
+        """A chunk request whose Content-Length cannot hold a chunk within max_chunk_bytes:
+        refused from its headers, before a byte of its body is read."""
+        limit = self.config.max_chunk_bytes
+        if content_length is not None and content_length > limit + MULTIPART_OVERHEAD_BYTES:
+            raise PayloadTooLarge(f"Chunk is larger than max_chunk_bytes ({limit} bytes)")
+
     def check_limits(self, fields: ChunkFields, content_length: int | None) -> None:
         limits = self.config
-        if content_length is not None and (
-            content_length > limits.max_chunk_bytes + MULTIPART_OVERHEAD_BYTES
-        ):
-            raise PayloadTooLarge(
-                f"Chunk is larger than max_chunk_bytes ({limits.max_chunk_bytes} bytes)"
-            )
+        self.check_request_length(content_length)
         if fields.total_size is not None and fields.total_size > limits.max_file_bytes:
             raise PayloadTooLarge(
                 f"total_size {fields.total_size} exceeds max_file_bytes "

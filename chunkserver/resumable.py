@@ -25,7 +25,7 @@ from aiohttp.typedefs import Handler
 
 from .addresses import forwarded_base, from_proxy, remote_of
 from .answers import answer, status_answer
-from .bodyreader import StreamBody
+from .bodyreader import StreamBody, continue_when_read
 from .config import Config
 from .digests import DigestCheck, field_value, sha256_of_field
 from .errors import (
@@ -406,6 +406,7 @@ UPLOAD_METHODS: dict[str, Handler] = {
 
 def add_routes(app: web.Application) -> None:
     for method, handler in ROOT.items():
-        app.router.add_route(method, PREFIX, handler)
+        app.router.add_route(method, PREFIX, handler, expect_handler=continue_when_read)
     for method, handler in UPLOAD_METHODS.items():
-        app.router.add_route(method, PREFIX + "{file_id}", handler)
+        path = PREFIX + "{file_id}"
+        app.router.add_route(method, path, handler, expect_handler=continue_when_read)

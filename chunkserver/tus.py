@@ -15,12 +15,13 @@ import zlib
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
+from urllib.parse import urljoin
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from .addresses import forwarded_base, remote_of
-from .bodyreader import StreamBody
+from .bodyreader import StreamBody, continue_when_read
 from .errors import (
     BadRequest,
     DiskFull,
@@ -118,24 +119,26 @@ def _non_negative(name: str, text: str | None) -> int | None:
     if text is None:
         return None
     text = text.strip()
-    if not text.isdigit() or len(text) > 19:
+    # Any number of digits: a length past Tus-Max-Size is a 413, not a malformed header.
+    if not (text.isascii() and text.isdigit()) or len(text) > 100:
         raise BadRequest(f"{name} must be a non-negative integer, got {text[:40]!r}")
     return int(text)
 
 
 def _partial_ids(request: web.Request, header: str) -> list[str]:
-    """The file_ids of `final;<url> <url>...`: paths /tus/<file_id>, or URLs of this server
-    (another server's upload cannot be a part of this one)."""
+    """The file_ids of `final;<url> <url>...`: absolute URLs of this server (another
+    server's upload cannot be a part of this one) or relative references, resolved against
+    the creation's URL (`/tus/<id>`, `<id>`, `../tus/<id>`)."""
     urls = header.partition(";")[2].split()
     if not urls:
         raise BadRequest("Upload-Concat: final names no partial upload")
-    base = forwarded_base(request, request.app[CONFIG])
+    collection = forwarded_base(request, request.app[CONFIG]) + PREFIX
     ids = []
     for url in urls:
-        path = url.removeprefix(base) if url.startswith(base + PREFIX) else url
-        if not path.startswith(PREFIX):
+        resolved = urljoin(collection, url)
+        if not resolved.startswith(collection):
             raise BadRequest(f"Upload-Concat: {url[:200]!r} is not an upload of this server")
-        ids.append(check_file_id(path.removeprefix(PREFIX).rstrip("/")))
+        ids.append(check_file_id(resolved.removeprefix(collection).rstrip("/")))
     return ids
 
 
@@ -181,10 +184,11 @@ def _state_headers(request: web.Request, found: StreamProgress | CompletedUpload
 
 
 def _concat_header(concat: str) -> str:
-    kind, *partials = concat.split()
-    if kind == "partial":
-        return "partial"
-    return "final;" + " ".join(f"{PREFIX}{file_id}" for file_id in partials)
+    """Upload-Concat as the creation sent it (UploadMeta.concat keeps it so); a final upload
+    recorded by an earlier version as `final <id> <id>...` names its partials' paths."""
+    if concat == "partial" or concat.startswith("final;"):
+        return concat
+    return "final;" + " ".join(f"{PREFIX}{file_id}" for file_id in concat.split()[1:])
 
 
 def _location(request: web.Request, file_id: str) -> str:
@@ -236,9 +240,7 @@ async def create(request: web.Request) -> web.Response:
         if length is not None or deferred is not None:
             raise BadRequest("A final upload's length is its partial uploads': no Upload-Length")
         partials = _partial_ids(request, concat)
-        meta = UploadMeta.new_stream(
-            file_id, meta.filename, None, meta.metadata, "final " + " ".join(partials)
-        )
+        meta = UploadMeta.new_stream(file_id, meta.filename, None, meta.metadata, concat)
         done = await uploads.concatenate(meta, partials, remote)
         headers = {"Location": _location(request, file_id)} | _state_headers(request, done)
         return _answer(201, headers)
@@ -350,9 +352,8 @@ def _dispatcher(methods: dict[str, Handler]) -> Handler:
 
 
 def add_routes(app: web.Application) -> None:
-    collection = _dispatcher(COLLECTION_METHODS)
-    for method in COLLECTION_METHODS:
-        app.router.add_route(method, PREFIX, collection)
+    # Every method reaches the dispatcher: X-HTTP-Method-Override wins over any of them.
+    expect = continue_when_read
+    app.router.add_route("*", PREFIX, _dispatcher(COLLECTION_METHODS), expect_handler=expect)
     upload = _dispatcher(UPLOAD_METHODS)
-    for method in (*UPLOAD_METHODS, "POST"):  # POST: overridden as PATCH or DELETE
-        app.router.add_route(method, PREFIX + "{file_id}", upload)
+    app.router.add_route("*", PREFIX + "{file_id}", upload, expect_handler=expect)

@@ -189,6 +189,8 @@ async def test_limits_apply(make_client: ClientFactory) -> None:
     client = await make_client(max_file_bytes=1000)
     resp = await client.post("/tus/", headers={**V, "Upload-Length": "1001"})
     assert resp.status == 413
+    huge = await client.post("/tus/", headers={**V, "Upload-Length": str(10**29)})
+    assert huge.status == 413  # over Tus-Max-Size, however many digits
     _, path = await create(client, None)
     assert (await patch(client, path, 0, b"x" * 1001)).status == 413
 
@@ -220,6 +222,55 @@ async def test_a_413_names_the_limit_passed(make_client: ClientFactory) -> None:
     resp = await client.post("/upload-chunk", data=chunk_form("limits", 0, 2, b"y" * 5))
     assert resp.status == 413
     assert "max_chunk_bytes (4 bytes)" in (await resp.json())["detail"]
+
+
+async def expect_continue(client, head: str) -> bytes:
+    """Send a request's head with `Expect: 100-continue` and no body; the first thing the
+    server answers (within 5 s): a `100 Continue`, or a final answer."""
+    url = client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(head.replace("\n", "\r\n").encode() + b"Expect: 100-continue\r\n\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+
+
+async def test_100_continue_only_to_a_request_that_will_be_read(client) -> None:
+    """A request refused from its headers alone gets its final answer without a 100 first
+    (its client then never sends the body); one that will be read gets the 100."""
+    _, path = await create(client, 10)
+    patch_head = (
+        "PATCH {path} HTTP/1.1\nHost: x\nTus-Resumable: {version}\n"
+        "Content-Type: {type}\nUpload-Offset: {offset}\nContent-Length: {length}\n"
+    )
+    good = dict(path=path, version="1.0.0", type=OCTETS["Content-Type"], offset=0, length=4)
+    refused = {
+        "404": dict(good, path="/tus/nosuchupload"),
+        "409": dict(good, offset=3),
+        "412": dict(good, version="0.2.2"),
+        "415": dict(good, type="text/plain"),
+        "413": dict(good, length=11),
+    }
+    for status, fields in refused.items():
+        first = await expect_continue(client, patch_head.format(**fields))
+        assert first.startswith(f"HTTP/1.1 {status} ".encode()), (status, first)
+    first = await expect_continue(client, patch_head.format(**good))
+    assert first.startswith(b"HTTP/1.1 100 Continue"), first
+    # The seed route: a chunk over max_chunk_bytes by its Content-Length, or not multipart.
+    too_big = await expect_continue(
+        client,
+        "POST /upload-chunk HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; "
+        "boundary=b\nContent-Length: 999999999999\n",
+    )
+    assert too_big.startswith(b"HTTP/1.1 413 "), too_big
+    chunk = await expect_continue(
+        client,
+        "POST /upload-chunk HTTP/1.1\nHost: x\nContent-Type: multipart/form-data; "
+        "boundary=b\nContent-Length: 100\n",
+    )
+    assert chunk.startswith(b"HTTP/1.1 100 Continue"), chunk
 
 
 async def test_bad_metadata_and_filenames(client) -> None:
@@ -280,6 +331,10 @@ async def test_x_http_method_override(client) -> None:
     assert await downloaded(client, path.rsplit("/", 1)[1]) == b"abcdef"
     bare = await client.post(path, headers=V)
     assert bare.status == 405 and "PATCH" in bare.headers["Allow"]
+    # The header wins over any method (tus: MUST), GET and PUT included.
+    for method in ("GET", "PUT"):
+        probe = await client.request(method, path, headers={**V, "X-HTTP-Method-Override": "HEAD"})
+        assert probe.status == 200 and probe.headers["Upload-Offset"] == "6", method
     deleted = await client.post(path, headers={**V, "X-HTTP-Method-Override": "DELETE"})
     assert deleted.status == 204
     assert (await head(client, path)).status == 404
@@ -315,10 +370,37 @@ async def test_concatenation(client) -> None:
     whole = b"".join(parts)
     probe = await head(client, final)
     assert probe.headers["Upload-Offset"] == probe.headers["Upload-Length"] == str(len(whole))
+    assert probe.headers["Upload-Concat"] == "final;" + " ".join(paths)
     done = await status_of(client, final)
     assert done["status"] == "completed" and done["filename"] == "joined.bin"
     assert done["crc64nvme"] == crc64(whole)
     assert await downloaded(client, final.rsplit("/", 1)[1]) == whole
+
+
+async def test_concatenation_urls_are_echoed_as_received(client) -> None:
+    """tus: the final upload's Upload-Concat is answered as the client sent it (MUST), with
+    absolute URLs or relative references of any form."""
+    paths = []
+    for data in (b"abc", b"def", b"ghi"):
+        _, path = await create(client, 3, None, **{"Upload-Concat": "partial"})
+        assert (await patch(client, path, 0, data)).status == 204
+        paths.append(path)
+    base = str(client.make_url("")).rstrip("/")
+    forms = [
+        base + paths[0],
+        paths[1].removeprefix("/tus/"),
+        "../tus/" + paths[2].removeprefix("/tus/"),
+    ]
+    header = "final;" + " ".join(forms)
+    resp = await client.post("/tus/", headers={**V, "Upload-Concat": header})
+    assert resp.status == 201, await resp.text()
+    final = "/tus/" + resp.headers["Location"].rsplit("/tus/", 1)[1]
+    assert (await head(client, final)).headers["Upload-Concat"] == header
+    assert await downloaded(client, final.rsplit("/", 1)[1]) == b"abcdefghi"
+    elsewhere = await client.post(
+        "/tus/", headers={**V, "Upload-Concat": "final;http://elsewhere.example/tus/abc"}
+    )
+    assert elsewhere.status == 400
 
 
 async def test_concatenation_refuses_incomplete_partials(client) -> None:
