@@ -91,26 +91,30 @@ def resumable_file_id(path: Path) -> str:
     return "cs-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def _mistake(command: str, message: str, code: int = 2) -> int:
+    """A mistake of the command line's user, or a server that is not the one expected: one
+    line on stderr."""
+    print(f"chunkserver {command}: {message}", file=sys.stderr)
+    return code
+
+
 def _upload(args: argparse.Namespace) -> int:
-    from .client import UploadError, parse_size, upload_file
+    from .client import UploadError, check_file_id, parse_size, upload_file
 
     path = Path(args.path)
     if not path.is_file():
-        print(json.dumps({"status": "failed", "detail": f"not a file: {path}"}))
-        return 2
+        return _mistake("upload", f"not a file: {path}")
     try:
         chunk_size = parse_size(args.chunk_size)
+        file_id = check_file_id(args.file_id) if args.file_id else resumable_file_id(path)
     except ValueError as e:
-        print(json.dumps({"status": "failed", "detail": str(e)}))
-        return 2
+        return _mistake("upload", str(e))
     metadata: dict[str, str] = {}
     for pair in args.metadata:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            print(json.dumps({"status": "failed", "detail": f"--metadata {pair!r}: use KEY=VALUE"}))
-            return 2
+            return _mistake("upload", f"--metadata {pair!r}: use KEY=VALUE")
         metadata[key] = value
-    file_id = args.file_id or resumable_file_id(path)
     show_progress = not args.quiet and sys.stderr.isatty()
     if not args.quiet:
         print(f"uploading {path} as {file_id} to {args.url}", file=sys.stderr)
@@ -127,20 +131,26 @@ def _upload(args: argparse.Namespace) -> int:
             metadata=metadata or None,
         )
     except (UploadError, OSError) as e:
+        # The reason on stderr; the result, failed, still on stdout's last line.
         print(json.dumps({"status": "failed", "file_id": file_id, "detail": str(e)}))
-        return 1
+        return _mistake("upload", str(e), 1)
     print(json.dumps(result))
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .client import get_status
+    import aiohttp
+
+    from .client import UploadError, check_file_id, get_status
 
     try:
+        check_file_id(args.file_id)
+    except ValueError as e:
+        return _mistake("status", str(e))
+    try:
         body = get_status(args.url, args.file_id, token=args.token)
-    except OSError as e:
-        print(json.dumps({"status": "failed", "detail": str(e)}))
-        return 1
+    except (UploadError, OSError, aiohttp.ClientError) as e:
+        return _mistake("status", f"{args.url}: {e}", 1)
     print(json.dumps(body))
     return 0 if body.get("status") in ("uploading", "completed") else 1
 

@@ -14,7 +14,8 @@ is read once more to check that too.
 Retries: connection errors, timeouts, 408, 429, 5xx and 507 are retried up to `retries`
 times per chunk, waiting `min(backoff_cap, backoff_base * 2**attempt)` seconds times a random
 factor in [0.5, 1] (capped exponential backoff with jitter), or the server's Retry-After.
-Any other 4xx fails at once with the server's `detail`.
+Any other 4xx fails at once with the server's `detail`; an answer that is not chunkserver's
+(not its JSON: a wrong URL, another server) fails at once, naming the URL and what came back.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ import aiohttp
 
 from . import checksums
 from .backoff import jittered_delay
+from .forms import FILE_ID_PATTERN
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+# The `status` of every answer of /upload-chunk and /upload-status.
+ANSWER_STATUSES = frozenset({"uploading", "completed", "not_found"})
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 507})
 # How long the client waits for the server to complete an upload whose chunks are all stored.
 COMPLETION_WAIT_SECONDS = 60.0
@@ -60,6 +64,40 @@ class UploadError(Exception):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+def check_file_id(file_id: str) -> str:
+    """The id as the server would take it; ValueError (saying the rule) otherwise."""
+    if not FILE_ID_PATTERN.fullmatch(file_id):
+        raise ValueError(
+            f"not a file_id: {file_id[:140]!r} (1 to 128 characters from A-Z, a-z, 0-9, _ and -)"
+        )
+    return file_id
+
+
+def answer_of(
+    what: str, url: str, status: int, body: bytes, done: tuple[int, ...]
+) -> dict[str, Any]:
+    """A chunk's or a status's JSON answer when `status` is in `done`; UploadError otherwise:
+    the server's `detail`, or, for an answer that is not chunkserver's, the URL and what
+    came back."""
+    text = body.decode("utf-8", "replace")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        if status in done and parsed.get("status") in ANSWER_STATUSES:
+            return parsed
+        if isinstance(parsed.get("detail"), str):
+            raise UploadError(
+                f"{what}: HTTP {status} from {url}: {parsed['detail']}", status=status
+            )
+    excerpt = " ".join(text.split())[:120] or "an empty body"
+    raise UploadError(
+        f"{what}: {url} did not answer as chunkserver does: HTTP {status}, {excerpt!r}",
+        status=status,
+    )
 
 
 def parse_size(text: str) -> int:
@@ -173,7 +211,7 @@ class Uploader:
         self.chunk_size = chunk_size
         self.total_chunks = max(1, -(-self.size // chunk_size))
         self.concurrency = concurrency
-        self.file_id = file_id or str(uuid.uuid4())
+        self.file_id = check_file_id(file_id) if file_id else str(uuid.uuid4())
         self.retries = retries
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.progress = progress
@@ -211,14 +249,12 @@ class Uploader:
             retry_after: float | None = None
             try:
                 async with send() as response:
-                    body: dict[str, Any] = await response.json(content_type=None)
-                    if response.status in done:
-                        return body
-                    problem = f"{what}: HTTP {response.status}: {body.get('detail', body)}"
+                    body = await response.read()
                     if response.status not in RETRYABLE_STATUSES:
-                        raise UploadError(problem, status=response.status)
+                        return answer_of(what, str(response.url), response.status, body, done)
+                    problem = f"{what}: HTTP {response.status}: {body[:200]!r}"
                     retry_after = _retry_after(response.headers.get("Retry-After"))
-            except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 problem = f"{what}: {type(e).__name__}: {e}"
             if attempt >= self.retries:
                 raise UploadError(f"giving up after {attempt + 1} attempts: {problem}")
@@ -429,13 +465,16 @@ def upload_file(path: str | os.PathLike[str], url: str, **options: Any) -> dict[
 
 
 async def get_status_async(url: str, file_id: str, *, token: str | None = None) -> dict[str, Any]:
+    """The upload's status answer (`not_found` included). ValueError for an id the server
+    would refuse; UploadError for an answer that is not a status (another server, an error)."""
+    check_file_id(file_id)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
         session.get(f"{url.rstrip('/')}/upload-status/{file_id}", headers=headers) as response,
     ):
-        body: dict[str, Any] = await response.json(content_type=None)
-        return body
+        body = await response.read()
+        return answer_of("status", str(response.url), response.status, body, (200, 404))
 
 
 def get_status(url: str, file_id: str, *, token: str | None = None) -> dict[str, Any]:

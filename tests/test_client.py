@@ -231,12 +231,50 @@ def test_cli_upload_failure_exits_1_with_json(big_file, tmp_path: Path) -> None:
     assert failed.returncode == 1
     last = json.loads(failed.stdout.strip().splitlines()[-1])
     assert last["status"] == "failed" and last["detail"]
-    bad_size = run_cli("upload", str(path), "--chunk-size", "lots")
-    assert bad_size.returncode == 2
-    assert "not a size" in json.loads(bad_size.stdout.splitlines()[-1])["detail"]
-    bad_metadata = run_cli("upload", str(path), "--metadata", "no-equals-sign")
-    assert bad_metadata.returncode == 2
-    assert "KEY=VALUE" in json.loads(bad_metadata.stdout.splitlines()[-1])["detail"]
+    assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+    mistakes = {
+        "not a size": ["upload", str(path), "--chunk-size", "lots"],
+        "KEY=VALUE": ["upload", str(path), "--metadata", "no-equals-sign"],
+        "not a file:": ["upload", str(tmp_path / "nothing")],
+        "not a file_id": ["upload", str(path), "--file-id", "../files/x"],
+        "not a file_id:": ["status", "../files/demo1"],
+    }
+    for word, args in mistakes.items():
+        done = run_cli(*args)
+        assert done.returncode == 2 and done.stdout == "", args
+        assert done.stderr.count("\n") == 1 and word in done.stderr, (args, done.stderr)
+
+
+def test_cli_says_in_one_line_when_a_server_is_not_chunkserver(
+    servers: Callable[..., ServerProcess], big_file
+) -> None:
+    """A URL of the tus endpoint, or a server that answers something else (here a plain
+    HTTP file server): one line naming the URL and what came back, exit 1, no traceback."""
+    import http.server
+    import threading
+
+    server = servers()
+    path, _ = big_file
+    wrong = run_cli("upload", str(path), "--url", server.url + "/tus/", "--quiet")
+    assert wrong.returncode == 1, wrong.stderr
+    assert wrong.stderr.count("\n") == 1 and "/tus/upload-status/" in wrong.stderr
+    assert json.loads(wrong.stdout.splitlines()[-1])["status"] == "failed"
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        for args in (
+            ["status", "demo1", "--url", url],
+            ["upload", str(path), "--url", url, "--quiet"],
+        ):
+            done = run_cli(*args)
+            assert done.returncode == 1, args
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert url in done.stderr and "did not answer as chunkserver" in done.stderr
+            assert "Traceback" not in done.stderr
+    finally:
+        other.shutdown()
+        other.server_close()
 
 
 def test_cli_upload_with_metadata(servers: Callable[..., ServerProcess], big_file) -> None:
