@@ -16,7 +16,13 @@ from .addresses import Network, client_address, trusted_proxies
 from .answers import Error, answer
 from .bodyreader import receive_buffers_for
 from .config import Config
-from .errors import ChunkServerError, NotAuthenticated, StorageFailure, StoreUnavailable
+from .errors import (
+    ChunkServerError,
+    HeaderFieldsTooLarge,
+    NotAuthenticated,
+    StorageFailure,
+    StoreUnavailable,
+)
 from .handlers import add_routes
 from .inflight import InFlightAppends
 from .keys import CONFIG, IN_FLIGHT, RECEIVE_BUFFERS, UPLOADS
@@ -33,6 +39,11 @@ from .tus import add_routes as add_tus_routes
 
 log = logging.getLogger("chunkserver")
 
+# The longest header line taken (name, ": " and value), as nginx's default and aiohttp's own;
+# the parser is given more room so that a longer one is answered here, in JSON.
+MAX_HEADER_LINE_BYTES = 8190
+PARSER_FIELD_BYTES = 64 * 1024
+
 # Routes that answer without a token even when auth_tokens is set.
 PUBLIC_PATHS = ("/healthz", "/openapi.json")
 PUBLIC_PREFIXES = ("/static/",)
@@ -43,6 +54,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Turn every error into a JSON answer `{"detail": ...}` and count answers by status."""
     uploads = request.app[UPLOADS]
     try:
+        _check_header_lines(request)
         response = await handler(request)
     except ChunkServerError as e:
         if isinstance(e, StorageFailure):  # the disk failed us, not the client: say how
@@ -84,6 +96,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.path == "/upload-chunk" and response.status >= 400:
         uploads.metrics.inc("chunks_rejected")
     return response
+
+
+def _check_header_lines(request: web.Request) -> None:
+    """431 for a header line over MAX_HEADER_LINE_BYTES. aiohttp's parser takes lines up to
+    PARSER_FIELD_BYTES (server.py sets it) so that such a request reaches this JSON answer,
+    not the parser's plain-text 400."""
+    for name, value in request.raw_headers:
+        if len(name) + len(value) + 2 > MAX_HEADER_LINE_BYTES:
+            raise HeaderFieldsTooLarge(MAX_HEADER_LINE_BYTES)
 
 
 def auth_middleware(tokens: tuple[str, ...]) -> Middleware:

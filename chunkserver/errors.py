@@ -82,6 +82,25 @@ class ChecksumMismatch(ChunkServerError):
         super().__init__(detail)
 
 
+class EmptyChunk(ChunkServerError):
+    """A chunk of no bytes that is not the last: only the last chunk may be empty."""
+
+    status = 422
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"Chunk {index} is empty: only the last chunk of an upload may be")
+
+
+class HeaderFieldsTooLarge(ChunkServerError):
+    """A header line over the limit (RFC 6585's 431), refused as JSON like every error."""
+
+    status = 431
+    close_connection = True
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request header fields too large: a header line is over {limit} bytes")
+
+
 class DiskFull(ChunkServerError):
     status = 507
 

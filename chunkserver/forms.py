@@ -55,9 +55,9 @@ def check_metadata(text: str) -> dict[str, str]:
 
 
 def _integer(name: str, text: str) -> int:
-    text = text.strip()
-    if not re.fullmatch(r"[+-]?[0-9]{1,19}", text):
-        raise BadRequest(f"Invalid {name}: must be an integer, got {text[:40]!r}")
+    """A plain decimal integer: digits only (no sign, no spaces), as the seed's clients send."""
+    if not re.fullmatch(r"[0-9]{1,19}", text):
+        raise BadRequest(f"Invalid {name}: must be a decimal integer, got {text[:40]!r}")
     return int(text)
 
 
@@ -85,6 +85,8 @@ class ChunkForm:
         self._checked: ChunkFields | None = None  # fields() of the values as they are
 
     def set(self, name: str, value: str) -> None:
+        if name in self.values:
+            raise BadRequest(f"Invalid {name}: given more than once")
         self.values[name] = value
         self._checked = None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import Config
-from .errors import ChecksumMismatch, DiskFull, PayloadTooLarge, UploadConflict
+from .errors import ChecksumMismatch, DiskFull, EmptyChunk, PayloadTooLarge, UploadConflict
 from .forms import ChunkFields
 from .meter import ByteLimit
 from .model import UploadMeta
@@ -76,6 +76,8 @@ class Policy:
     async def check_received(
         self, fields: ChunkFields, meta: UploadMeta, received: PendingChunk
     ) -> None:
+        if received.length == 0 and not meta.is_last(fields.chunk_index):
+            raise EmptyChunk(fields.chunk_index)
         cs = meta.chunk_size if meta.chunk_size_declared else fields.chunk_size
         if cs is not None and not meta.is_last(fields.chunk_index) and received.length != cs:
             raise UploadConflict(

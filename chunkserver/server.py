@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import access_logger_for, create_app
+from .app import PARSER_FIELD_BYTES, access_logger_for, create_app
 from .config import Config
 from .keys import UPLOADS
 from .logs import MalformedRequests, ThrottledLog
@@ -124,6 +124,7 @@ async def _serve_async(config: Config, sock: socket.socket, announce: bool) -> N
         access_log=logging.getLogger("chunkserver.access") if config.access_log else None,
         shutdown_timeout=AIOHTTP_SHUTDOWN_TIMEOUT,
         read_bufsize=READ_BUFSIZE,
+        max_field_size=PARSER_FIELD_BYTES,  # a longer header line is a 431 in JSON (app.py)
     )
     await runner.setup()
     site = web.SockSite(runner, sock)

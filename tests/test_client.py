@@ -320,6 +320,20 @@ def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path: Path, args, word) ->
     assert "Traceback" not in done.stderr
 
 
+def test_a_header_line_too_long_is_431_in_json(servers: Callable[..., ServerProcess]) -> None:
+    """A header line over 8,190 bytes (nginx's and aiohttp's limit): 431 in JSON like every
+    error, not the parser's plain-text 400 echoing the header."""
+    import requests
+
+    server = servers()
+    resp = requests.get(f"{server.url}/upload-status/x", headers={"X-Big": "a" * 9000}, timeout=10)
+    assert resp.status_code == 431
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert "header" in resp.json()["detail"] and "aaaa" not in resp.text
+    fine = requests.get(f"{server.url}/upload-status/x", headers={"X-Big": "a" * 8000}, timeout=10)
+    assert fine.status_code == 404
+
+
 def test_serve_workers_takes_a_number_or_auto() -> None:
     done = run_cli("serve", "--workers", "nope")
     assert done.returncode == 2 and done.stderr.count("\n") == 1

@@ -208,6 +208,9 @@ async def test_missing_chunk_part(client) -> None:
         ({"filename": "é" * 128}, "filename"),
         ({"chunk_sha256": "zz"}, "chunk_sha256"),
         ({"total_size": "-5"}, "total_size"),
+        ({"total_chunks": " 2"}, "total_chunks"),
+        ({"chunk_index": "+0"}, "chunk_index"),
+        ({"chunk_size": "1_000"}, "chunk_size"),
     ],
 )
 async def test_bad_fields_are_400_naming_the_field(client, config: Config, overrides, word) -> None:
@@ -228,6 +231,29 @@ async def test_bad_fields_are_400_naming_the_field(client, config: Config, overr
     assert temp_files(Path(config.data_dir)) == []
     if config.storage == "local":
         assert list((Path(config.data_dir) / "uploads").iterdir()) == []
+
+
+async def test_a_field_given_twice_is_400(client) -> None:
+    """Each field of the seed's form is given once; a second value is not silently taken."""
+    form = aiohttp.FormData()
+    for k, v in (("file_id", "first"), ("chunk_index", "0"), ("total_chunks", "1"),
+                 ("filename", "f"), ("file_id", "second")):  # fmt: skip
+        form.add_field(k, v)
+    form.add_field("chunk", b"data", filename="blob")
+    resp = await client.post("/upload-chunk", data=form)
+    assert resp.status == 400 and "file_id" in (await resp.json())["detail"]
+    for file_id in ("first", "second"):
+        assert (await client.get(f"/upload-status/{file_id}")).status == 404
+
+
+async def test_an_empty_chunk_that_is_not_the_last_is_422(client) -> None:
+    """Without chunk_size as with it: only the last chunk may be empty."""
+    for extra in ({}, {"chunk_size": "4"}):
+        resp = await client.post("/upload-chunk", data=chunk_form("hollow", 0, 2, b"", **extra))
+        assert resp.status == 422, extra
+        assert "empty" in (await resp.json())["detail"]
+    assert (await client.get("/upload-status/hollow")).status == 404  # nothing was kept
+    assert (await client.post("/upload-chunk", data=chunk_form("hollow", 1, 2, b""))).status == 200
 
 
 async def test_not_multipart_is_400(client) -> None:
