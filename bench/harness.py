@@ -26,6 +26,7 @@ from . import report
 from .loadgen import CellRun, LoadGenerator, MiB
 from .s3peer import S3Direct
 from .targets import (
+    NGINX_LOCATIONS,
     ResourceSampler,
     S3Stack,
     Target,
@@ -65,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shapes", help="files,parallel (default both)")
     parser.add_argument("--no-sink", action="store_true", help="skip the sink (client ceiling)")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx limit")
+    parser.add_argument(
+        "--no-warm",
+        action="store_true",
+        help="do not write and drop a file of the volume before every run (see README)",
+    )
     parser.add_argument(
         "--no-fastapi", action="store_true", help="skip the seed's FastAPI endpoint"
     )
@@ -175,6 +181,22 @@ async def server_bytes_received(url: str, token: str | None) -> int | None:
     return None
 
 
+def warm_pages(folder: Path, volume: int, buffer: memoryview) -> None:
+    """Write a file of `volume` bytes on the data filesystem and drop it, untimed, before
+    every run of every target. This VM hands memory free for a few seconds back to its host
+    (virtio free-page reporting), and the first write into such a page costs about 10 us per
+    4 KiB: a server that keeps its uploads would otherwise pay for the machine's cold pages
+    (measured: a fresh page-cache write at ~400 MB/s, one into just-freed pages at ~5,000)."""
+    fd, name = tempfile.mkstemp(prefix="bench-warm-", dir=folder)
+    try:
+        written = 0
+        while written < volume:
+            written += os.write(fd, buffer[: min(len(buffer), volume - written)])
+    finally:
+        os.close(fd)
+        os.unlink(name)  # its pages are freed at once: warm for the run that follows
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] if ordered else 0.0
@@ -220,7 +242,7 @@ async def measure(
         await server_bytes_received(target.url, token) if target.name == "chunkserver" else None
     )
     await generator.delete_uploads(run)
-    if target.name == "nginx":
+    if target.name in NGINX_LOCATIONS:
         clear_nginx_store(target)
     gib = run.bytes_sent / 2**30
     return {
@@ -301,12 +323,18 @@ async def run_matrix(
         for concurrency in args.concurrency
     ]
     volume = args.volume * MiB
+    # Pages are warmed on the filesystem the servers write to (not with --url: not ours).
+    warm_root = (
+        None if args.url or args.no_warm else (args.data_root or Path(tempfile.gettempdir()))
+    )
     for number, cell in enumerate(cells, 1):
         # tus has no concatenation: its loads send files, PATCH after PATCH.
         active = [t for t in targets if cell["shape"] == "files" or not isinstance(t.peer, TusLoad)]
         runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in active}
         for _ in range(args.repeats):
             for target in active:  # interleaved, so that drift hits every target alike
+                if warm_root is not None:
+                    warm_pages(warm_root, volume, buffer)
                 runs[target.name].append(
                     await measure(target, buffer, args.token, cell, volume, store_pids)
                 )
@@ -326,10 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.storage == "local":
         print("measuring the disk limit", file=sys.stderr, flush=True)
     for chunk in args.chunk_sizes if args.storage == "local" else []:
-        speeds = [
-            disk_limit(buffer, data_root, int(chunk * MiB), args.volume * MiB, args.fsync)
-            for _ in range(args.repeats)
-        ]
+        speeds = []
+        for _ in range(args.repeats):
+            if not args.no_warm:
+                warm_pages(data_root, args.volume * MiB, buffer)
+            speeds.append(
+                disk_limit(buffer, data_root, int(chunk * MiB), args.volume * MiB, args.fsync)
+            )
         limits["disk_MiB_per_s"][str(chunk)] = statistics.median(speeds)
     targets: list[Target] = []
     stack: S3Stack | None = None
@@ -377,9 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                     targets.append(fastapi)
             if not args.no_sink:
                 targets.append(start_sink())
-            nginx = None if args.no_nginx else start_nginx(data_root, args.workers)
-            if nginx is not None:
-                targets.append(nginx)
+            if not args.no_nginx:
+                targets += start_nginx(data_root, args.workers)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             store_pids = stack.pids() if stack is not None else None
             cells = runner.run(run_matrix(args, targets, buffer, store_pids))

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from .targets import NGINX_LOCATIONS
+
 MiB = 2**20
 FILES_SHAPE_FILE_BYTES = 64 * MiB  # the size of each file in the `files` shape
 
@@ -103,8 +105,9 @@ class LoadGenerator:
         length = len(head) + len(data) + len(tail)
         headers = {**self.headers, "Content-Type": f"multipart/form-data; boundary={boundary}",
                    "Content-Length": str(length)}  # fmt: skip
-        path = f"/sink/{file_id}/{index}" if self.target == "nginx" else "/upload-chunk"
-        method = "PUT" if self.target == "nginx" else "POST"
+        location = NGINX_LOCATIONS.get(self.target)
+        path = f"/{location}/{file_id}/{index}" if location else "/upload-chunk"
+        method = "PUT" if location else "POST"
         started = time.perf_counter()
         async with session.request(method, self.url + path, data=body(), headers=headers) as resp:
             text = await resp.read()

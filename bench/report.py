@@ -18,6 +18,8 @@ def add_fractions(result: dict[str, Any]) -> None:
         ours_cpu = cell["targets"].get("chunkserver", {}).get("cpu_s_per_gib")
         nginx_cpu = cell["targets"].get("nginx", {}).get("cpu_s_per_gib")
         cell["cpu_vs_nginx"] = ours_cpu / nginx_cpu if ours_cpu and nginx_cpu else None
+        keeping = cell["targets"].get("nginx-keep", {}).get("MiB_per_s")
+        cell["fraction_of_nginx_keep"] = ours / keeping if ours and keeping else None
         # Against the faster of the seed's FastAPI code as `def` and as `async def`.
         fastapi = max(
             (cell["targets"].get(name, {}).get("MiB_per_s") or 0)
@@ -62,16 +64,18 @@ def markdown(result: dict[str, Any]) -> str:
             f"{k} MiB: {v:.0f} MiB/s" for k, v in result["limits"]["disk_MiB_per_s"].items()
         ),
         "",
-        "| shape | chunk | conc | chunkserver MiB/s | x disk | x nginx | x FastAPI | nginx MiB/s "
+        "| shape | chunk | conc | chunkserver MiB/s | x disk | x nginx | x nginx-keep "
+        "| x FastAPI | nginx MiB/s (clean / keep) "
         "| FastAPI MiB/s (def / async) | sink MiB/s | req/s (nginx, FastAPI) | p50 ms | p99 ms "
         "| completion ms | peak RSS MiB | CPU s/GiB (nginx, FastAPI) | CPU ms/req "
         "| dirtied/byte |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-        "| --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for cell in result["cells"]:
         ours = cell["targets"].get("chunkserver", {})
         nginx = cell["targets"].get("nginx", {})
+        nginx_keep = cell["targets"].get("nginx-keep", {})
         sink = cell["targets"].get("sink", {})
         speed = (
             f"{ours['MiB_per_s']:.0f} ({ours['min_MiB_per_s']:.0f}-{ours['max_MiB_per_s']:.0f})"
@@ -85,8 +89,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {cell['shape']} | {chunk_text} | {cell['concurrency']} | {speed} "
             f"| {_num(cell['fraction_of_disk'], 2)} | {_num(cell['fraction_of_nginx'], 2)} "
+            f"| {_num(cell.get('fraction_of_nginx_keep'), 2)} "
             f"| {_num(cell.get('fraction_of_fastapi'), 2)} "
-            f"| {_num(nginx.get('MiB_per_s'))} | {_num(fastapi.get('MiB_per_s'))} / "
+            f"| {_num(nginx.get('MiB_per_s'))} / {_num(nginx_keep.get('MiB_per_s'))} "
+            f"| {_num(fastapi.get('MiB_per_s'))} / "
             f"{_num(fastapi_async.get('MiB_per_s'))} "
             f"| {_num(sink.get('MiB_per_s'))} "
             f"| {_num(ours.get('requests_per_s'))} ({_num(nginx.get('requests_per_s'))}, "
@@ -105,7 +111,10 @@ def markdown(result: dict[str, Any]) -> str:
         "cache dirtied, /proc/PID/io write_bytes, per byte uploaded): the server's processes, "
         "from /proc (left out with --url). FastAPI: the seed's endpoint on uvicorn "
         "(bench/fastapi_seed.py), as `def` and as `async def`; x FastAPI is against the "
-        "faster of the two.",
+        "faster of the two. nginx: the DAV module's PUT with client_body_in_file_only clean "
+        "(the reference of every earlier run); nginx-keep: the same with `on`, its bodies' "
+        "files kept. Before every run of every target a file of the run's volume is written "
+        "and dropped on the data filesystem (untimed): see bench/README.md.",
         "",
     ]
     return "\n".join(lines)

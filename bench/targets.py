@@ -40,6 +40,14 @@ http {{
             create_full_put_path on;
             client_body_in_file_only clean;
         }}
+        # The second reference: the same, its bodies' files kept (`on`), as chunkserver keeps
+        # its uploads until the cell's end.
+        location /keep/ {{
+            root {prefix}/store;
+            dav_methods PUT;
+            create_full_put_path on;
+            client_body_in_file_only on;
+        }}
     }}
 }}
 """
@@ -230,15 +238,17 @@ def free_port() -> int:
         return port
 
 
-def start_nginx(data_root: Path | None, workers: int | str = 1) -> Target | None:
-    """nginx with as many worker processes as chunkserver has (`auto`: one per core)."""
+def start_nginx(data_root: Path | None, workers: int | str = 1) -> list[Target]:
+    """nginx with as many worker processes as chunkserver has (`auto`: one per core), as two
+    targets: `nginx` (its location /sink/) and `nginx-keep` (/keep/, bodies kept)."""
     binary = shutil.which("nginx") or (
         "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
     )
     if binary is None:
-        return None
+        return []
     prefix = Path(tempfile.mkdtemp(prefix="bench-nginx-", dir=data_root))
-    (prefix / "store" / "sink").mkdir(parents=True)
+    for location in NGINX_LOCATIONS:
+        (prefix / "store" / location).mkdir(parents=True)
     port = free_port()
     # As root, nginx's workers would run as nobody, who cannot write to our temp folder.
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -262,13 +272,19 @@ def start_nginx(data_root: Path | None, workers: int | str = 1) -> Target | None
                     f"nginx did not start: {process.stdout.read() if process.stdout else ''}"
                 ) from None
             time.sleep(0.05)
-    return Target("nginx", f"http://127.0.0.1:{port}", process, [prefix])
+    url = f"http://127.0.0.1:{port}"
+    return [Target("nginx", url, process, [prefix]), Target("nginx-keep", url, process, [prefix])]
+
+
+# nginx's targets, by the location each is sent to.
+NGINX_LOCATIONS = {"nginx": "sink", "nginx-keep": "keep"}
 
 
 def clear_nginx_store(target: Target) -> None:
+    location = NGINX_LOCATIONS[target.name]
     for folder in target.cleanup_dirs:
-        shutil.rmtree(folder / "store" / "sink", ignore_errors=True)
-        (folder / "store" / "sink").mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(folder / "store" / location, ignore_errors=True)
+        (folder / "store" / location).mkdir(parents=True, exist_ok=True)
 
 
 class ResourceSampler:

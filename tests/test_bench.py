@@ -51,6 +51,9 @@ def test_smallest_run_counts_every_byte_and_completes_every_upload(tmp_path: Pat
     assert {c["shape"] for c in result["cells"]} == {"files", "parallel"}
     for cell in result["cells"]:
         assert {"fraction_of_disk", "fraction_of_nginx", "cpu_vs_nginx"} <= set(cell)
+        if "nginx" in cell["targets"]:  # both references: bodies' files cleaned, and kept
+            assert cell["targets"]["nginx-keep"]["uploads_total"] >= 1
+            assert cell["fraction_of_nginx_keep"] is not None
         ours = cell["targets"]["chunkserver"]
         assert set(ours) >= TARGET_FIELDS
         assert ours["bytes_sent_total"] == 16 * 2**20
@@ -66,6 +69,7 @@ def test_smallest_run_counts_every_byte_and_completes_every_upload(tmp_path: Pat
     assert "| shape | chunk | conc |" in (tmp_path / "t.md").read_text()
     assert "| files | 1 MiB | 2 |" in done.stdout
     assert (tmp_path / "t.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("bench-warm-*"))  # the pages' warm-up file is dropped
 
 
 def test_floor_times_each_step_the_protocol_requires(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import requests
 
 from chunkserver import Config
 from chunkserver.errors import UploadConflict, UploadGone, UploadLocked
+from chunkserver.meter import ByteLimit
 from chunkserver.model import UploadMeta
 from chunkserver.s3 import S3Store
 from chunkserver.service import UploadService
@@ -217,7 +218,9 @@ async def test_a_completion_whose_host_died_is_taken_over(
             async def body(data: bytes = data) -> AsyncIterator[memoryview]:
                 yield memoryview(data)
 
-            received = await a.receive(meta, index, body(), max_bytes=99, want_sha256=False)
+            received = await a.receive(
+                meta, index, body(), max_bytes=ByteLimit.chunk(99), want_sha256=False
+            )
             await a.commit(received, meta, index)
         # host A claims the completion, then dies before doing it
         assert await a.state.claim_completion(meta, a.lease_seconds) is not None
@@ -249,7 +252,12 @@ async def test_an_upload_removed_while_a_part_streams_is_a_conflict_not_a_retry(
 
         with pytest.raises(UploadConflict) as caught:
             await store.receive(
-                meta, 0, body(), max_bytes=2**30, want_sha256=False, length_hint=5 * MiB
+                meta,
+                0,
+                body(),
+                max_bytes=ByteLimit.chunk(2**30),
+                want_sha256=False,
+                length_hint=5 * MiB,
             )
         assert not isinstance(caught.value, UploadGone)
         assert await store.status("gone") is None
@@ -275,7 +283,12 @@ async def test_a_part_stored_after_its_upload_was_removed_is_not_recorded(
 
         try:
             received = await store.receive(
-                meta, 0, body(), max_bytes=2**30, want_sha256=False, length_hint=5 * MiB
+                meta,
+                0,
+                body(),
+                max_bytes=ByteLimit.chunk(2**30),
+                want_sha256=False,
+                length_hint=5 * MiB,
             )
         except UploadConflict as e:  # the store refused the part: as good
             assert not isinstance(e, UploadGone)
@@ -383,9 +396,13 @@ async def test_a_tus_writer_that_died_holds_the_upload_only_for_its_lease(
             yield memoryview(b"abc")
 
         with pytest.raises(UploadLocked):
-            await store.receive_at(meta, 0, body(), length=3, max_bytes=3, on_piece=None)
+            await store.receive_at(
+                meta, 0, body(), length=3, max_bytes=ByteLimit.chunk(3), on_piece=None
+            )
         await asyncio.sleep(0.6)
-        received = await store.receive_at(meta, 0, body(), length=3, max_bytes=3, on_piece=None)
+        received = await store.receive_at(
+            meta, 0, body(), length=3, max_bytes=ByteLimit.chunk(3), on_piece=None
+        )
         progress = await store.commit_at(received)
         assert progress.offset == 3
         completed, here = await store.complete(progress.meta) or (None, False)
@@ -404,7 +421,9 @@ async def died_mid_completion(store: S3Store, file_id: str, chunks: list[bytes])
         async def body(data: bytes = data) -> AsyncIterator[memoryview]:
             yield memoryview(data)
 
-        received = await store.receive(meta, index, body(), max_bytes=2**30, want_sha256=False)
+        received = await store.receive(
+            meta, index, body(), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+        )
         await store.commit(received, meta, index)
     assert await store.state.claim_completion(meta, store.lease_seconds) is not None
     return meta

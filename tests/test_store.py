@@ -18,6 +18,7 @@ from chunkserver import recordlog
 from chunkserver.errors import UploadGone, UploadLocked
 from chunkserver.local import DATA_NAME, LocalStore
 from chunkserver.locks import lock_range
+from chunkserver.meter import ByteLimit
 from chunkserver.model import CompletedUpload, UploadMeta, UploadProgress
 
 from .conftest import crc64, sha256, temp_files
@@ -153,7 +154,9 @@ async def test_two_writers_of_one_chunk_leave_a_consistent_answer(tmp_path: Path
     a, b = LocalStore(tmp_path), LocalStore(tmp_path)
     meta = await begin(a, UploadMeta.new("both", "f", 3, None, 2))
     await put(a, meta, 0, b"aa")
-    in_place = await a.receive(meta, 1, pieces(b"bb"), max_bytes=2**30, want_sha256=False)
+    in_place = await a.receive(
+        meta, 1, pieces(b"bb"), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+    )
     assert in_place.in_place
     await put(b, meta, 1, b"XY")  # the region is busy: kept aside, and the folder marked
     await a.commit(in_place, meta, 1)
@@ -167,10 +170,12 @@ async def test_two_writers_of_one_chunk_leave_a_consistent_answer(tmp_path: Path
 async def test_two_writers_of_one_chunk_never_mix(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("mix", "f", 2, None, 100_000))
-    first = await store.receive(meta, 0, pieces(b"A" * 100_000), max_bytes=2**30, want_sha256=False)
+    first = await store.receive(
+        meta, 0, pieces(b"A" * 100_000), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+    )
     # The region is locked by the first, uncommitted writer: the second goes aside.
     second = await store.receive(
-        meta, 0, pieces(b"B" * 100_000), max_bytes=2**30, want_sha256=False
+        meta, 0, pieces(b"B" * 100_000), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
     )
     assert first.in_place and not second.in_place
     await store.commit(second, meta, 0)
@@ -204,7 +209,9 @@ async def test_a_delete_waits_for_the_chunks_in_flight(tmp_path: Path) -> None:
     record never lands in an upload begun again under the same file_id."""
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("del", "f", 3, None, 1))
-    received = await store.receive(meta, 1, pieces(b"b"), max_bytes=2**30, want_sha256=False)
+    received = await store.receive(
+        meta, 1, pieces(b"b"), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+    )
     assert received.in_place
     deleting = asyncio.create_task(store.delete("del"))
     await asyncio.sleep(0.3)
@@ -223,7 +230,9 @@ async def test_a_chunk_kept_aside_guards_its_upload_until_committed(tmp_path: Pa
     store = LocalStore(tmp_path)
     meta, created = await store.begin(UploadMeta.new("guard", "f", 3, None))
     assert created and isinstance(meta, UploadMeta)
-    received = await store.receive(meta, 1, pieces(b"x" * 10), max_bytes=2**30, want_sha256=False)
+    received = await store.receive(
+        meta, 1, pieces(b"x" * 10), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+    )
     assert not received.in_place  # chunk_size unknown: its place is not known yet
     fd = os.open(tmp_path / "chunks" / "guard" / DATA_NAME, os.O_RDWR)
     try:
@@ -245,7 +254,9 @@ async def test_begin_waits_while_the_upload_is_ending(tmp_path: Path) -> None:
     try:
         assert lock_range(fd, 0, 0, wait=False)  # held whole, as a completion holds it
         with pytest.raises(UploadGone):  # a chunk cannot start meanwhile
-            await store.receive(meta, 0, pieces(b"a"), max_bytes=2**30, want_sha256=False)
+            await store.receive(
+                meta, 0, pieces(b"a"), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+            )
         asking = asyncio.create_task(store.begin(meta))
         await asyncio.sleep(0.3)
         assert not asking.done()
@@ -277,7 +288,9 @@ async def test_an_upload_removed_between_open_and_lock_is_gone(
 
     monkeypatch.setattr(local_receive, "lock_range", remove_then_lock)
     with pytest.raises(UploadGone):
-        await store.receive(meta, 1, pieces(b"b"), max_bytes=2**30, want_sha256=False)
+        await store.receive(
+            meta, 1, pieces(b"b"), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+        )
     assert removed
 
 
@@ -370,7 +383,9 @@ async def test_an_upload_completed_by_another_process_is_not_written_through_old
     result = await put(b, meta, 1, b"b" * 10)
     assert await b.complete(result.meta) is not None
     with pytest.raises(UploadGone):
-        await a.receive(meta, 0, pieces(b"X" * 10), max_bytes=100, want_sha256=False)
+        await a.receive(
+            meta, 0, pieces(b"X" * 10), max_bytes=ByteLimit.chunk(100), want_sha256=False
+        )
     assert (tmp_path / "uploads" / "moved" / "f").read_bytes() == b"a" * 10 + b"b" * 10
 
 
@@ -381,8 +396,12 @@ async def test_one_chunk_twice_at_once_in_one_process_goes_aside_the_second_time
     keep them apart: the second writer of a chunk in flight is kept aside instead."""
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("twice", "f", 2, 20, 10))
-    first = await store.receive(meta, 0, pieces(b"a" * 10), max_bytes=100, want_sha256=False)
-    second = await store.receive(meta, 0, pieces(b"b" * 10), max_bytes=100, want_sha256=False)
+    first = await store.receive(
+        meta, 0, pieces(b"a" * 10), max_bytes=ByteLimit.chunk(100), want_sha256=False
+    )
+    second = await store.receive(
+        meta, 0, pieces(b"b" * 10), max_bytes=ByteLimit.chunk(100), want_sha256=False
+    )
     assert first.in_place and not second.in_place
     await store.commit(first, meta, 0)
     await store.commit(second, meta, 0)
@@ -399,16 +418,18 @@ async def test_a_tus_uploads_patches_reuse_its_open_files_and_one_writer_at_a_ti
     upload_files = (tmp_path / "chunks" / "tp", tmp_path / "uploads" / "tp")
     meta = await begin(store, UploadMeta.new_stream("tp", "f", 20, None))
     first = await store.receive_at(
-        meta, 0, pieces(b"a" * 10), length=10, max_bytes=100, on_piece=None
+        meta, 0, pieces(b"a" * 10), length=10, max_bytes=ByteLimit.chunk(100), on_piece=None
     )
     # A second PATCH of this process while the first is held: the writer is busy.
     with pytest.raises(UploadLocked):
-        await store.receive_at(meta, 0, pieces(b"b" * 10), length=10, max_bytes=100, on_piece=None)
+        await store.receive_at(
+            meta, 0, pieces(b"b" * 10), length=10, max_bytes=ByteLimit.chunk(100), on_piece=None
+        )
     progress = await store.commit_at(first)
     assert progress.offset == 10
     assert descriptors_on(*upload_files) == 3  # kept for the next PATCH
     second = await store.receive_at(
-        meta, 10, pieces(b"c" * 10), length=10, max_bytes=100, on_piece=None
+        meta, 10, pieces(b"c" * 10), length=10, max_bytes=ByteLimit.chunk(100), on_piece=None
     )
     progress = await store.commit_at(second)
     assert progress.offset == 20

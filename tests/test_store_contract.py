@@ -17,6 +17,7 @@ import pytest
 
 from chunkserver import Config, checksums
 from chunkserver.errors import UploadConflict, UploadGone
+from chunkserver.meter import ByteLimit
 from chunkserver.model import Committed, CompletedUpload, StoredObject, UploadMeta
 from chunkserver.service import UploadService
 
@@ -67,7 +68,7 @@ async def begin(store: Any, meta: UploadMeta) -> UploadMeta:
 
 async def put(store: Any, meta: UploadMeta, index: int, data: bytes, **kw: Any) -> Committed:
     received = await store.receive(
-        meta, index, pieces(data), max_bytes=2**30, want_sha256=False, **kw
+        meta, index, pieces(data), max_bytes=ByteLimit.chunk(2**30), want_sha256=False, **kw
     )
     assert received.length == len(data) and received.crc == checksums.crc64nvme(data)
     result = await store.commit(received, meta, index)
@@ -143,7 +144,7 @@ async def test_a_chunk_cut_off_mid_write_never_counts(open_store, config: Config
         raise ConnectionResetError("client went away")
 
     with pytest.raises(ConnectionResetError):
-        await store.receive(meta, 0, broken(), max_bytes=2**30, want_sha256=False)
+        await store.receive(meta, 0, broken(), max_bytes=ByteLimit.chunk(2**30), want_sha256=False)
     status = await store.status("cut")
     assert status is not None and status.stored == frozenset()  # type: ignore[union-attr]
     assert temp_files(Path(config.data_dir)) == []
@@ -156,7 +157,9 @@ async def test_a_declared_chunk_size_is_enforced_while_streaming(open_store) -> 
     store = await open_store()
     meta = await begin(store, UploadMeta.new("big", "f", 3, None, 1000))
     with pytest.raises(UploadConflict):
-        await store.receive(meta, 1, pieces(b"x" * 1001), max_bytes=2**30, want_sha256=False)
+        await store.receive(
+            meta, 1, pieces(b"x" * 1001), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+        )
     assert (await store.status("big")).stored == frozenset()  # type: ignore[union-attr]
 
 
@@ -166,7 +169,9 @@ async def test_recreated_upload_is_a_new_one(open_store) -> None:
     await put(store, old, 0, b"a")
     assert await store.delete("re")
     with pytest.raises(UploadGone):  # a chunk of the removed upload never lands in the new
-        received = await store.receive(old, 1, pieces(b"b"), max_bytes=99, want_sha256=False)
+        received = await store.receive(
+            old, 1, pieces(b"b"), max_bytes=ByteLimit.chunk(99), want_sha256=False
+        )
         await store.commit(received, old, 1)
     new = await begin(store, UploadMeta.new("re", "f", 2, None, 1))
     result = await put(store, new, 1, b"b")
@@ -205,8 +210,12 @@ async def test_a_failed_creator_does_not_abandon_an_upload_another_request_strea
     upload stays, and that chunk is stored."""
     creator, other = await open_store(), await open_store()
     meta = await begin(creator, UploadMeta.new("joined", "f.bin", 2, None, 1000))
-    cut = await creator.receive(meta, 0, pieces(b"a" * 400), max_bytes=2**30, want_sha256=False)
-    streaming = await other.receive(meta, 1, pieces(b"b" * 10), max_bytes=2**30, want_sha256=False)
+    cut = await creator.receive(
+        meta, 0, pieces(b"a" * 400), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+    )
+    streaming = await other.receive(
+        meta, 1, pieces(b"b" * 10), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+    )
     await creator.discard(cut)
     await creator.abandon(meta)  # what the service does for the creator's failed request
     result = await other.commit(streaming, meta, 1)
@@ -219,7 +228,13 @@ async def test_a_failed_creator_does_not_abandon_an_upload_another_request_strea
 
 async def patch(store: Any, meta: UploadMeta, offset: int, data: bytes, **kw: Any) -> Any:
     received = await store.receive_at(
-        meta, offset, pieces(data), length=len(data), max_bytes=2**30, on_piece=None, **kw
+        meta,
+        offset,
+        pieces(data),
+        length=len(data),
+        max_bytes=ByteLimit.chunk(2**30),
+        on_piece=None,
+        **kw,
     )
     assert received.length == len(data)
     return await store.commit_at(received)
@@ -251,7 +266,9 @@ async def test_a_stream_refuses_a_wrong_offset_and_a_discard_keeps_the_offset(op
     await patch(store, meta, 0, b"abcd")
     with pytest.raises(OffsetMismatch):
         await patch(store, meta, 2, b"xx")
-    received = await store.receive_at(meta, 4, pieces(b"ef"), length=2, max_bytes=6, on_piece=None)
+    received = await store.receive_at(
+        meta, 4, pieces(b"ef"), length=2, max_bytes=ByteLimit.chunk(6), on_piece=None
+    )
     await store.discard_at(received)
     found = await store.stream_progress(meta)
     assert found is not None and found.offset == 4
