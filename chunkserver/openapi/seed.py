@@ -113,13 +113,16 @@ def seed_paths(config: Config) -> dict[str, Any]:
                         "links": links_from_file_id(),
                     },
                     "400": error_answer(
-                        "a field is missing or malformed, or the body is not multipart"
+                        "a field is missing, malformed or given twice, or the body is not multipart"
                     ),
                     "401": AUTH_ERROR,
                     "408": error_answer("no byte of the body arrived for idle_timeout_seconds"),
                     "409": error_answer("a field differs from earlier chunks of the file_id"),
                     "413": error_answer("larger than max_chunk_bytes or max_file_bytes"),
-                    "422": error_answer("chunk_sha256 or chunk_crc64nvme does not match"),
+                    "422": error_answer(
+                        "chunk_sha256 or chunk_crc64nvme does not match, or a chunk other "
+                        "than the last is empty"
+                    ),
                     "4XX": error_answer(
                         "the pre-create hook refused the upload: its status and detail"
                     ),
