@@ -187,9 +187,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def crc64_value(data: bytes) -> int:
+    """CRC-64/NVME, computed apart from the server's code (awscrt, for speed on large inputs;
+    checked against tests/reference.py's bit-by-bit reference in test_checksums.py)."""
+    return int(checksums.crc64nvme(data))
+
+
 def crc64(data: bytes) -> str:
-    """CRC-64/NVME in S3's form, computed apart from the server's code."""
-    return base64.b64encode(checksums.crc64nvme(data).to_bytes(8, "big")).decode()
+    """CRC-64/NVME in S3's form (base64 of the 8 big-endian bytes)."""
+    return base64.b64encode(crc64_value(data).to_bytes(8, "big")).decode()
 
 
 def dead_pid() -> int:

@@ -1,5 +1,6 @@
-"""CRC-64/NVME: S3's form, combining chunk CRCs, and the browser's JavaScript implementation
-checked against the standard check value and against the server's."""
+"""CRC-64/NVME: S3's form, combining chunk CRCs, and the browser's JavaScript implementation,
+each checked against an independent bit-by-bit reference (tests/reference.py) and the
+standard check value."""
 
 from __future__ import annotations
 
@@ -16,14 +17,17 @@ from hypothesis import strategies as st
 
 from chunkserver import checksums
 
+from . import reference
 from .conftest import ClientFactory, chunk_form, crc64
 
 STATIC = Path(__file__).resolve().parent.parent / "chunkserver" / "static"
-CHECK_VALUE = 0xAE8B14860A799888  # CRC-64/NVME of b"123456789"
+CHECK_VALUE = reference.CHECK_VALUE  # CRC-64/NVME of b"123456789"
 
 
 def test_check_value_and_s3_form() -> None:
+    assert reference.crc64nvme(b"123456789") == CHECK_VALUE
     assert checksums.crc64nvme(b"123456789") == CHECK_VALUE
+    # S3's form: base64 of the 8 big-endian bytes, as `aws s3api` shows ChecksumCRC64NVME.
     assert checksums.to_s3(CHECK_VALUE) == "rosUhgp5mIg="
     assert checksums.from_s3("rosUhgp5mIg=") == CHECK_VALUE
     for bad in ("", "rosUhgp5mI", "rosUhgp5mIgA", "!!!!!!!!!!!=", "AAAAAAAAAAAAAAA="):
@@ -37,7 +41,18 @@ def test_combined_chunk_crcs_equal_the_whole_files(data: bytes, cuts: list[int])
     edges = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
     pieces = [data[a:b] for a, b in itertools.pairwise(edges)]
     combined = checksums.combine((checksums.crc64nvme(p), len(p)) for p in pieces)
-    assert combined == checksums.crc64nvme(data)
+    assert combined == reference.crc64nvme(data)
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(max_size=3000))
+def test_the_fast_crc_the_tests_use_is_the_reference(data: bytes) -> None:
+    """conftest.crc64 (awscrt, for speed on large files) against the bit-by-bit reference:
+    the tests' expected values do not depend on the server's code being right."""
+    import base64
+
+    assert crc64(data) == base64.b64encode(reference.crc64nvme(data).to_bytes(8, "big")).decode()
+    assert checksums.crc64nvme(data) == reference.crc64nvme(data)
 
 
 def run_node(script: str) -> str:

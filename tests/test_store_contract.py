@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from chunkserver import Config, checksums
+from chunkserver import Config
 from chunkserver.errors import UploadConflict, UploadGone
 from chunkserver.meter import ByteLimit
 from chunkserver.model import Committed, CompletedUpload, StoredObject, UploadMeta
 from chunkserver.service import UploadService
 
-from .conftest import crc64, temp_files
+from .conftest import crc64, crc64_value, temp_files
 
 BOTH_BACKENDS = True
 
@@ -70,7 +70,7 @@ async def put(store: Any, meta: UploadMeta, index: int, data: bytes, **kw: Any) 
     received = await store.receive(
         meta, index, pieces(data), max_bytes=ByteLimit.chunk(2**30), want_sha256=False, **kw
     )
-    assert received.length == len(data) and received.crc == checksums.crc64nvme(data)
+    assert received.length == len(data) and received.crc == crc64_value(data)
     result = await store.commit(received, meta, index)
     assert isinstance(result, Committed)
     return result
@@ -249,7 +249,7 @@ async def test_a_stream_written_at_offsets_completes_with_its_bytes(open_store) 
         progress = await patch(store, meta, offset, data[offset : offset + size])
         offset += size
         assert progress.offset == offset
-        assert progress.crc == checksums.crc64nvme(data[:offset])
+        assert progress.crc == crc64_value(data[:offset])
     found = await store.stream_progress(meta)
     assert found is not None and found.offset == len(data)
     done = await store.complete(meta)
