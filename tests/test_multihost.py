@@ -22,6 +22,7 @@ import requests
 
 from . import realstack
 from .conftest import ServerProcess, crc64, s3_flags, split, start_server
+from .reference import metric_value
 from .test_nginx import NGINX, free_port, posts_seen_by, run_nginx, stop_nginx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +125,31 @@ def test_the_seed_client_over_three_hosts(cluster: Cluster) -> None:
     part = requests.get(f"{cluster.url}/files/seed", headers={"Range": "bytes=5-14"}, timeout=10)
     assert part.status_code == 206 and part.content == data[5:15]
     assert requests.get(f"{cluster.url}/files/seed", timeout=60).content == data
+
+
+def test_last_chunks_racing_on_three_hosts_complete_once(cluster: Cluster) -> None:
+    """Chunks sent to the three hosts at once, last ones first: one CompleteMultipartUpload
+    in all (each host counts the completions it made, so the hosts' counts add up to 1)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = os.urandom(6 * MiB + 5)
+    chunks = split(data, MiB)
+
+    def send(i: int) -> dict:
+        return seed_post(cluster.hosts[i % 3].url, "race3", i, len(chunks), chunks[i])
+
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        answers = list(pool.map(send, reversed(range(len(chunks)))))
+    assert any(a["status"] == "completed" for a in answers)
+    assert object_bytes(cluster, "race3", "seed.bin") == data
+    completions = sum(
+        metric_value(
+            requests.get(f"{host.url}/metrics", timeout=10).text,
+            "chunkserver_uploads_completed_total",
+        )
+        for host in cluster.hosts
+    )
+    assert completions == 1
 
 
 def test_a_host_killed_mid_upload_the_others_finish(cluster: Cluster, tmp_path: Path) -> None:
