@@ -303,8 +303,10 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start real server processes; all are killed at the end of the test."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, data_dir: Path | None = None) -> ServerProcess:
-        server = start_server(data_dir or tmp_path / "data", *args)
+    def start(
+        *args: str, data_dir: Path | None = None, env: dict[str, str] | None = None
+    ) -> ServerProcess:
+        server = start_server(data_dir or tmp_path / "data", *args, env=env)
         started.append(server)
         return server
 

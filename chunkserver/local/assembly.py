@@ -15,6 +15,7 @@ from ..errors import (
     StorageFailure,
     UploadConflict,
 )
+from ..faults import fault_point
 from ..fileio import copy_range, fsync_dir, hash_file
 from ..locks import FolderGone, lock_range
 from ..model import (
@@ -130,7 +131,9 @@ class LocalAssembler(LocalLayout):
         if data_fd is not None and data_path.exists():
             placed = self._place_chunks(meta, records, size, data_fd)
             final.parent.mkdir(exist_ok=True)
+            fault_point("local-before-rename")
             os.rename(placed, final)
+            fault_point("local-after-rename")
             if self.fsync:
                 fsync_dir(final.parent)
                 fsync_dir(self.uploads_dir)

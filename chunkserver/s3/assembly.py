@@ -17,6 +17,7 @@ from ..errors import (
     UploadConflict,
     UploadGone,
 )
+from ..faults import fault_point
 from ..model import (
     CompletedUpload,
     UploadMeta,
@@ -116,6 +117,7 @@ class S3Assembler(S3Layout):
             await self.objects.complete(row.object_key, row.upload_id, parts)
         except NoSuchUpload:
             pass  # completed by a host that died before recording it: checked below
+        fault_point("s3-after-complete")
         stored = await self.objects.size_of(row.object_key)
         if stored != size:
             raise StorageFailure(
