@@ -149,8 +149,9 @@ def test_sigkill_mid_upload_then_restart(
 ) -> None:
     data_dir = tmp_path / "data"
     server = servers()
-    data = os.urandom(10 * 50_000)
-    chunks = split(data, 50_000)
+    size = 400_000  # a body over 256 KiB: received into reused buffers, written as it comes
+    data = os.urandom(10 * size)
+    chunks = split(data, size)
     for i in range(6):
         post_chunk(server.url, "crash", i, len(chunks), chunks[i])
     # a chunk half sent when the process dies: never acknowledged, so it must not count
@@ -171,10 +172,15 @@ def test_sigkill_mid_upload_then_restart(
     )
     sock.sendall(
         f"POST /upload-chunk HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: 100000\r\n\r\n{head}".encode()
-        + b"x" * 20_000
+        f"Content-Length: {size + 1000}\r\n\r\n{head}".encode()
+        + b"x" * (size // 2)
     )
-    time.sleep(0.3)
+    # The kill lands mid-chunk: some of chunk 6's bytes are in the data file, past chunk 5.
+    data_file = data_dir / "chunks" / "crash" / ".data"
+    deadline = time.monotonic() + 10
+    while data_file.stat().st_size <= 6 * size and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert data_file.stat().st_size > 6 * size, "chunk 6 should be streaming into place"
     os.killpg(server.process.pid, signal.SIGKILL)
     server.process.wait(10)
     sock.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,13 @@ async def test_a_chunk_kept_aside_guards_its_upload_until_committed(tmp_path: Pa
         os.close(fd)
 
 
+def lock_waiter_on(inode: int) -> bool:
+    """Whether a lock request waits on a file of this inode (a `->` line of /proc/locks,
+    whose file field is major:minor:inode)."""
+    lines = Path("/proc/locks").read_text().splitlines()
+    return any("->" in line and f":{inode} " in line for line in lines)
+
+
 async def test_begin_waits_while_the_upload_is_ending(tmp_path: Path) -> None:
     """A chunk that found its upload being completed or removed asks again through begin,
     which waits for that to end instead of answering halfway."""
@@ -258,7 +266,13 @@ async def test_begin_waits_while_the_upload_is_ending(tmp_path: Path) -> None:
                 meta, 0, pieces(b"a"), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
             )
         asking = asyncio.create_task(store.begin(meta))
-        await asyncio.sleep(0.3)
+        # Observed, not timed: begin is blocked on the data file's lock (/proc/locks lists
+        # a waiter, "->", on its inode), and has not answered.
+        inode = os.fstat(fd).st_ino
+        deadline = time.monotonic() + 10
+        while not lock_waiter_on(inode):
+            assert time.monotonic() < deadline, "begin should wait for the data file's lock"
+            await asyncio.sleep(0.01)
         assert not asking.done()
     finally:
         os.close(fd)

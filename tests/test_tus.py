@@ -542,6 +542,34 @@ def test_a_cut_patch_keeps_what_arrived(
 
 
 @pytest.mark.slow
+def some_of_the_patch_stored(
+    backend: str, data_dir: Path, file_id: str, data: bytes, request: pytest.FixtureRequest
+) -> bool:
+    """Whether the second PATCH is being stored: its first MiB read back from the data file;
+    on S3, its writer lease taken in the upload's row."""
+    if backend == "local":
+        path = data_dir / "chunks" / file_id / ".data"
+        with path.open("rb") as f:
+            f.seek(5 * MiB)
+            return f.read(MiB) == data[5 * MiB : 6 * MiB]
+    database_url = request.getfixturevalue("s3_settings")["database_url"]
+    return asyncio.run(holds_the_writer_lease(database_url, file_id))
+
+
+async def holds_the_writer_lease(database_url: str, file_id: str) -> bool:
+    """On S3 a PATCH being received holds its upload's writer lease (its row says so)."""
+    import asyncpg
+
+    db = await asyncpg.connect(database_url)
+    try:
+        writer = await db.fetchval(
+            "SELECT stream_writer FROM chunkserver_uploads WHERE file_id = $1", file_id
+        )
+    finally:
+        await db.close()
+    return writer is not None
+
+
 def test_a_server_killed_mid_patch_loses_only_that_patch(
     servers: Callable[..., ServerProcess], backend: str, tmp_path: Path, request
 ) -> None:
@@ -568,8 +596,13 @@ def test_a_server_killed_mid_patch_loses_only_that_patch(
             f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {5 * MiB}\r\n"
             f"Content-Length: {len(data) - 5 * MiB}\r\n\r\n".encode()
         )
-        raw.sendall(data[5 * MiB : 9 * MiB])
-        time.sleep(0.5)
+        raw.sendall(data[5 * MiB : 11 * MiB])
+        # The kill lands mid-PATCH: it is being stored (some of its bytes in the data file;
+        # on S3 its writer lease taken), nothing of it committed.
+        deadline = time.monotonic() + 20
+        while not some_of_the_patch_stored(backend, data_dir, file_id, data, request):
+            assert time.monotonic() < deadline, "the PATCH's bytes should be arriving"
+            time.sleep(0.05)
         server.kill()
     again = servers(*args, data_dir=data_dir)
     url = f"{again.url}/tus/{file_id}"
