@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 
 from chunkserver import bodyreader
 
@@ -132,6 +133,7 @@ def test_a_body_sent_in_small_pieces_with_pauses_is_stored_whole(
         status, _, body = read_answer(stream)
         assert status == 200 and b'"status": "completed"' in body
         assert f'"crc64nvme": "{crc64(data)}"'.encode() in body
+    assert requests.get(f"{server.url}/files/trickle", timeout=10).content == data
 
 
 def test_an_answer_given_before_the_body_ends_keeps_the_connection(

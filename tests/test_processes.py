@@ -99,6 +99,7 @@ def test_workers_share_a_port_and_their_metrics(
     for i, chunk in enumerate(chunks):
         answer = post_chunk(server.url, "w", i, len(chunks), chunk)
     assert answer["crc64nvme"] == crc64(data)
+    assert requests.get(f"{server.url}/files/w", timeout=10).content == data
     # each worker publishes its counters; any of them answers for all
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

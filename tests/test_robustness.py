@@ -54,6 +54,7 @@ async def test_disk_full_while_writing_is_507_and_removes_the_chunk(
     for i in (1, 2):
         resp = await client.post("/upload-chunk", data=chunk_form("full", i, 3, b"more"))
     assert (await resp.json())["crc64nvme"] == crc64(b"keptmoremore")
+    assert (Path(config.data_dir) / "uploads" / "full" / "file.bin").read_bytes() == b"keptmoremore"
 
 
 def test_sigterm_with_a_chunk_in_flight_leaves_no_partial_chunk(

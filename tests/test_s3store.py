@@ -29,6 +29,7 @@ from chunkserver.service import UploadService
 
 from . import realstack
 from .conftest import ClientFactory, chunk_form, crc64, downloaded, s3_flags, split
+from .test_store_contract import read_back
 
 MiB = 2**20
 
@@ -230,6 +231,7 @@ async def test_a_completion_whose_host_died_is_taken_over(
         report = await b.sweep(ttl_seconds=3600)
         assert [r.file_id for r in report.completed] == ["orphan"]
         assert report.completed[0].crc64nvme == crc64(b"abc")
+        assert await read_back(b, "orphan") == b"abc"
     finally:
         await a.close()
         await b.close()
@@ -401,6 +403,7 @@ async def test_a_tus_writer_that_died_holds_the_upload_only_for_its_lease(
         assert progress.offset == 3
         completed, here = await store.complete(progress.meta) or (None, False)
         assert here and completed is not None and completed.crc64nvme == crc64(b"abc")
+        assert await read_back(store, progress.meta.file_id) == b"abc"
     finally:
         await store.close()
 

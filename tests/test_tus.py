@@ -414,11 +414,14 @@ async def test_concatenation_refuses_incomplete_partials(client) -> None:
 async def test_upload_chunk_refuses_a_tus_upload(client) -> None:
     _, path = await create(client, 6)
     file_id = path.rsplit("/", 1)[1]
-    resp = await client.post("/upload-chunk", data=chunk_form(file_id, 0, 1, b"abcdef"))
+    # Other bytes than the tus upload's own: a write-through would show in the file.
+    resp = await client.post("/upload-chunk", data=chunk_form(file_id, 0, 1, b"XXXXXX"))
     assert resp.status == 409
+    assert (await head(client, path)).headers["Upload-Offset"] == "0"
     assert (await patch(client, path, 0, b"abcdef")).status == 204
-    resp = await client.post("/upload-chunk", data=chunk_form(file_id, 0, 1, b"abcdef"))
+    resp = await client.post("/upload-chunk", data=chunk_form(file_id, 0, 1, b"YYYYYY"))
     assert resp.status == 409
+    assert await downloaded(client, file_id) == b"abcdef"
 
 
 async def test_a_seed_upload_reads_as_complete_over_tus(client) -> None:
