@@ -366,6 +366,16 @@ def s3_settings(swift: realstack.Swift, postgres: realstack.Postgres) -> dict[st
     }
 
 
+def s3_leftovers(request: pytest.FixtureRequest, config: Config, file_id: str) -> list[str]:
+    """What the bucket holds of `file_id`: objects (the file, staging objects) and open
+    multipart uploads whose key names it."""
+    s3: Any = realstack.s3_client(request.getfixturevalue("swift"))
+    bucket = config.s3_bucket
+    objects = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+    uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    return [item["Key"] for item in [*objects, *uploads] if file_id in item["Key"]]
+
+
 def s3_flags(settings: dict[str, Any]) -> list[str]:
     """The same settings as a config file's lines, for real `chunkserver serve` processes."""
     return [f"{key} = {json.dumps(value)}" for key, value in settings.items()]

@@ -21,14 +21,34 @@ from chunkserver.local import receive as local_receive
 from .conftest import ClientFactory, ServerProcess, chunk_form, crc64, stored_chunks, temp_files
 
 
-async def test_fsync_mode_uploads_and_merges(make_client: ClientFactory, config: Config) -> None:
-    client = await make_client(fsync=True)
+@pytest.mark.parametrize("fsync", [True, False])
+async def test_fsync_mode_syncs_every_chunk_before_its_answer(
+    make_client: ClientFactory, config: Config, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    """With fsync = true each chunk's bytes and record are synced before it is answered, and
+    the merge syncs the file and its folders; with false, nothing is synced at all."""
+    synced: list[int] = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def counting(fd: int, real=real) -> None:
+            synced.append(fd)
+            real(fd)
+
+        monkeypatch.setattr(os, name, counting)
+    client = await make_client(fsync=fsync)
     data = os.urandom(300_000)
     for i, part in enumerate((data[:100_000], data[100_000:200_000], data[200_000:])):
-        resp = await client.post("/upload-chunk", data=chunk_form("sync", i, 3, part))
+        before = len(synced)
+        resp = await client.post("/upload-chunk", data=chunk_form(f"sync{fsync}", i, 3, part))
         assert resp.status == 200
+        # the chunk's data and its record synced before the answer: two at least
+        assert len(synced) - before >= (2 if fsync else 0), (i, synced)
     assert (await resp.json())["crc64nvme"] == crc64(data)
-    assert (Path(config.data_dir) / "uploads" / "sync" / "file.bin").read_bytes() == data
+    final = Path(config.data_dir) / "uploads" / f"sync{fsync}" / "file.bin"
+    assert final.read_bytes() == data
+    if not fsync:
+        assert synced == []
 
 
 async def test_disk_full_while_writing_is_507_and_removes_the_chunk(

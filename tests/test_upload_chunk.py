@@ -14,7 +14,16 @@ import pytest
 from chunkserver import Config
 from chunkserver.local import receive as local_receive
 
-from .conftest import ClientFactory, chunk_form, crc64, downloaded, sha256, split, temp_files
+from .conftest import (
+    ClientFactory,
+    chunk_form,
+    crc64,
+    downloaded,
+    s3_leftovers,
+    sha256,
+    split,
+    temp_files,
+)
 from .reference import metric_value
 
 FILE_ID = "550e8400-e29b-41d4-a716-446655440000"
@@ -304,9 +313,20 @@ async def test_chunk_over_max_chunk_bytes_is_413(
 async def test_content_length_far_over_the_limit_is_413_before_reading(
     make_client: ClientFactory,
 ) -> None:
-    client = await make_client(max_chunk_bytes=1000)
+    """Only the head is sent: the answer comes without a byte of the body (a server that
+    read first would wait for it until idle_timeout_seconds)."""
+    client = await make_client(max_chunk_bytes=1000, idle_timeout_seconds=30)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST /upload-chunk HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 200000\r\n\r\n"
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 413 ")
     resp = await client.post("/upload-chunk", data=chunk_form("big", 0, 2, b"x" * 200_000))
-    assert resp.status == 413
+    assert resp.status == 413 and "max_chunk_bytes (1000 bytes)" in (await resp.json())["detail"]
 
 
 async def test_upload_over_max_file_bytes_is_413(make_client: ClientFactory) -> None:
@@ -359,7 +379,9 @@ async def test_low_disk_is_507(make_client: ClientFactory, config: Config) -> No
     assert temp_files(Path(config.data_dir)) == []
 
 
-async def test_client_disconnect_mid_chunk_leaves_nothing(client, config: Config) -> None:
+async def test_client_disconnect_mid_chunk_leaves_nothing(
+    client, config: Config, request: pytest.FixtureRequest
+) -> None:
     boundary = "b0undary"
     head = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file_id"\r\n\r\ncut\r\n'
@@ -387,7 +409,10 @@ async def test_client_disconnect_mid_chunk_leaves_nothing(client, config: Config
     assert temp_files(data_dir) == []
     # the upload this chunk began is gone with it: nothing of the request remains
     assert (await client.get("/upload-status/cut")).status == 404
-    assert not (data_dir / "chunks" / "cut").exists()  # (S3: tests/test_s3store.py)
+    if config.storage == "local":
+        assert not (data_dir / "chunks" / "cut").exists()
+    else:  # no object, staging object or multipart upload: S3's "nothing remains"
+        assert s3_leftovers(request, config, "cut") == []
     # the server keeps serving
     resp = await client.post("/upload-chunk", data=chunk_form("cut", 0, 2, b"ok"))
     assert resp.status == 200
@@ -483,10 +508,16 @@ def files_left(data_dir: Path) -> list[Path]:
     ids=["checksum", "chunk_size", "max_chunk_bytes"],
 )
 async def test_a_refused_first_chunk_leaves_no_file_anywhere(
-    make_client: ClientFactory, config: Config, fields: dict, data: bytes, status: int
+    make_client: ClientFactory,
+    config: Config,
+    fields: dict,
+    data: bytes,
+    status: int,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Nothing of a refused first chunk remains once it is answered: no upload folder, no
-    data file reserved for total_size, nothing in the trash."""
+    data file reserved for total_size, nothing in the trash; on S3 no object, no staging
+    object and no open multipart upload in the bucket."""
     client = await make_client(max_chunk_bytes=1000)
     form = chunk_form("refused", 0, 3, data, total_size="2500", **fields)
     resp = await client.post("/upload-chunk", data=form)
@@ -494,3 +525,5 @@ async def test_a_refused_first_chunk_leaves_no_file_anywhere(
     assert (await client.get("/upload-status/refused")).status == 404
     if config.storage == "local":
         assert files_left(Path(config.data_dir)) == []
+    else:
+        assert s3_leftovers(request, config, "refused") == []
