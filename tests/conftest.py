@@ -366,6 +366,15 @@ def s3_settings(swift: realstack.Swift, postgres: realstack.Postgres) -> dict[st
     }
 
 
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = 15.0) -> None:
+    """Poll `condition` until it holds: an event waited for with a deadline (a loaded
+    machine may take long), never a bare sleep; AssertionError naming `what` otherwise."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def s3_leftovers(request: pytest.FixtureRequest, config: Config, file_id: str) -> list[str]:
     """What the bucket holds of `file_id`: objects (the file, staging objects) and open
     multipart uploads whose key names it."""

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from . import realstack
-from .conftest import ServerProcess, crc64, s3_flags, split, start_server
+from .conftest import ServerProcess, crc64, s3_flags, split, start_server, wait_until
 from .reference import metric_value
 from .test_nginx import NGINX, free_port, posts_seen_by, run_nginx, stop_nginx
 
@@ -115,7 +115,10 @@ def test_the_seed_client_over_three_hosts(cluster: Cluster) -> None:
     assert [a["uploaded_chunks"] for a in answers] == list(range(1, len(chunks) + 1))
     assert answers[-1]["status"] == "completed" and answers[-1]["crc64nvme"] == crc64(data)
     assert object_bytes(cluster, "seed", "seed.bin") == data
-    time.sleep(0.3)  # let the access log lines arrive
+    wait_until(
+        lambda: sum(posts_seen_by(h) for h in cluster.hosts) >= len(chunks),
+        "the access log lines of every chunk",
+    )
     counts = [posts_seen_by(h) for h in cluster.hosts]
     assert min(counts) > 0 and sum(counts) == len(chunks), counts
     # every host answers for the upload, and streams the file back with Range
@@ -199,8 +202,12 @@ def test_tus_over_three_hosts(cluster: Cluster, tmp_path: Path) -> None:
     uploader.upload()
     assert uploader.url is not None and uploader.url.startswith(f"{cluster.url}/tus/")
     file_id = uploader.url.rsplit("/", 1)[1]
-    time.sleep(0.3)  # let the access log lines arrive
-    patches = [sum('"PATCH /tus/' in line for line in h.output) for h in cluster.hosts]
+
+    def patches_seen() -> list[int]:
+        return [sum('"PATCH /tus/' in line for line in h.output) for h in cluster.hosts]
+
+    wait_until(lambda: min(patches_seen()) > 0, "a PATCH in every host's access log")
+    patches = patches_seen()
     assert min(patches) > 0, patches
     for host in cluster.hosts:
         status = requests.get(f"{host.url}/upload-status/{file_id}", timeout=10).json()

@@ -21,7 +21,7 @@ import requests
 
 from chunkserver.client import Backoff, upload_file_async
 
-from .conftest import ServerProcess, crc64, start_server
+from .conftest import ServerProcess, crc64, start_server, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
@@ -150,7 +150,10 @@ def test_100_mib_through_nginx_spreads_over_both_processes(
     )
     assert result["verified"] and result["crc64nvme"] == crc64(data)
     assert (deployment.data_dir / "uploads" / "big" / "big.bin").read_bytes() == data
-    time.sleep(0.3)  # let the access log lines arrive
+    wait_until(
+        lambda: sum(posts_seen_by(s) for s in deployment.servers) >= 20,
+        "the access log lines of the chunks",
+    )
     counts = [posts_seen_by(s) for s in deployment.servers]
     assert sum(counts) >= 20 and min(counts) > 0, counts
 
@@ -214,8 +217,12 @@ def test_access_log_shows_the_original_client(deployment: Deployment) -> None:
     requests.get(
         f"{deployment.url}/healthz", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=10
     )
-    time.sleep(0.3)
-    lines = [line for s in deployment.servers for line in s.output if '"GET /healthz' in line]
+
+    def healthz_lines() -> list[str]:
+        return [line for s in deployment.servers for line in s.output if '"GET /healthz' in line]
+
+    wait_until(lambda: bool(healthz_lines()), "the access log line of /healthz")
+    lines = healthz_lines()
     # the client nginx saw (127.0.0.1), not the unix socket, and not the spoofed header
     clients = [line.split("chunkserver.access: ", 1)[1].split()[0] for line in lines]
     assert clients and all(client == "127.0.0.1" for client in clients), lines

@@ -225,10 +225,12 @@ async def test_a_completion_whose_host_died_is_taken_over(
             await a.commit(received, meta, index)
         # host A claims the completion, then dies before doing it
         assert await a.state.claim_completion(meta, a.lease_seconds) is not None
-        b.lease_seconds = 0.3
+        b.lease_seconds = 3.0  # a margin for a loaded machine: the claim is fresh here
         assert (await b.sweep(ttl_seconds=3600)).completed == []  # A's claim is still fresh
-        await asyncio.sleep(0.4)
-        report = await b.sweep(ttl_seconds=3600)
+        deadline = time.monotonic() + 20
+        while not (report := await b.sweep(ttl_seconds=3600)).completed:
+            assert time.monotonic() < deadline, "B should take the completion over"
+            await asyncio.sleep(0.2)
         assert [r.file_id for r in report.completed] == ["orphan"]
         assert report.completed[0].crc64nvme == crc64(b"abc")
         assert await read_back(b, "orphan") == b"abc"
@@ -386,7 +388,7 @@ async def test_a_tus_writer_that_died_holds_the_upload_only_for_its_lease(
     try:
         meta, _ = await store.begin(UploadMeta.new_stream("tusdead", "f", 3, None))
         assert isinstance(meta, UploadMeta)
-        assert await store.state.claim_writer(meta, "the-dead-host", 0.5)
+        assert await store.state.claim_writer(meta, "the-dead-host", 3.0)
 
         async def body() -> AsyncIterator[memoryview]:
             yield memoryview(b"abc")
@@ -395,7 +397,7 @@ async def test_a_tus_writer_that_died_holds_the_upload_only_for_its_lease(
             await store.receive_at(
                 meta, 0, body(), length=3, max_bytes=ByteLimit.chunk(3), on_piece=None
             )
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(3.1)  # the lease runs out
         received = await store.receive_at(
             meta, 0, body(), length=3, max_bytes=ByteLimit.chunk(3), on_piece=None
         )
@@ -447,13 +449,21 @@ async def test_a_dead_completion_is_taken_over_by_the_next_chunk_or_status(
 
     store = client.server.app[UPLOADS].store
     assert isinstance(store, S3Store)
-    store.lease_seconds = 1.5
+    store.lease_seconds = 4.0  # the dead host's claims are fresh for the first checks
     resp = await client.post("/upload-chunk", data=chunk_form("by-chunk", 2, 3, chunks[2], "f.bin"))
     assert resp.status == 503 and resp.headers["Retry-After"], await resp.text()
     status = await (await client.get("/upload-status/by-status")).json()
     assert status["status"] == "uploading" and status["missing_chunks"] == []
-    await asyncio.sleep(1.6)
-    _, body = await post(client, chunk_form("by-chunk", 2, 3, chunks[2], "f.bin"))
+    deadline = time.monotonic() + 30  # the lease runs out, then the chunk takes it over
+    while True:
+        resp = await client.post(
+            "/upload-chunk", data=chunk_form("by-chunk", 2, 3, chunks[2], "f.bin")
+        )
+        if resp.status != 503:
+            break
+        assert time.monotonic() < deadline, "the completion should be taken over"
+        await asyncio.sleep(0.5)
+    body = await resp.json()
     assert body["status"] == "completed" and body["crc64nvme"] == crc64(b"".join(chunks))
     status = await (await client.get("/upload-status/by-status")).json()
     assert status["status"] == "completed" and status["crc64nvme"] == crc64(b"".join(chunks))

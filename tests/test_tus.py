@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 import requests
 
-from .conftest import ClientFactory, ServerProcess, chunk_form, crc64, downloaded, s3_flags
+from .conftest import (
+    ClientFactory,
+    ServerProcess,
+    chunk_form,
+    crc64,
+    downloaded,
+    s3_flags,
+    wait_until,
+)
 
 BOTH_BACKENDS = True  # each test runs on the local disk and on S3 (conftest.py)
 
@@ -642,10 +650,13 @@ def test_workers_share_a_tus_upload(servers: Callable[..., ServerProcess], tmp_p
     file_id = url.rsplit("/", 1)[1]
     done = requests.get(f"{server.url}/upload-status/{file_id}", timeout=10).json()
     assert done["status"] == "completed" and done["crc64nvme"] == crc64(data)
-    time.sleep(0.3)  # let the access log lines arrive
+
     # "<date> <time> <pid> INFO chunkserver.access: ... PATCH ...": both workers took some
-    pids = {line.split()[2] for line in server.output if '"PATCH /tus/' in line}
-    assert len(pids) == 2, pids
+    def pids() -> set[str]:
+        return {line.split()[2] for line in server.output if '"PATCH /tus/' in line}
+
+    wait_until(lambda: len(pids()) == 2, "PATCHes in both workers' access logs")
+    assert len(pids()) == 2, pids()
 
 
 @pytest.mark.local_only
