@@ -24,6 +24,10 @@ from .servicecore import RECEIVE_ATTEMPTS, Prepared, ServiceCore
 from .store import PendingChunk
 
 
+# An upload made with tus or the IETF draft (a byte stream) takes no seed chunk.
+STREAM_CONFLICT = "{} is a byte stream (tus or /resumable/): send its bytes with PATCH"
+
+
 class ChunkSteps(ServiceCore):
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
@@ -55,7 +59,7 @@ class ChunkSteps(ServiceCore):
         if not ask_store:
             known = self.manifest.get(fields.file_id) or await self.store.lookup(fields.file_id)
         if isinstance(known, CompletedUpload | UploadMeta) and known.protocol != "chunks":
-            raise UploadConflict(f"{fields.file_id} is a tus upload: send its bytes with PATCH")
+            raise UploadConflict(STREAM_CONFLICT.format(fields.file_id))
         if isinstance(known, CompletedUpload):
             return known
         if known is not None and known.chunk_size is None and fields.chunk_index != 0:
@@ -81,7 +85,7 @@ class ChunkSteps(ServiceCore):
             async with self.locks.hold(fields.file_id):
                 begun, created = await self.store.begin(proposed)
             if begun.protocol != "chunks":
-                raise UploadConflict(f"{fields.file_id} is a tus upload: send its bytes with PATCH")
+                raise UploadConflict(STREAM_CONFLICT.format(fields.file_id))
             if isinstance(begun, CompletedUpload):
                 return begun
             self.policy.check_conflicts(begun, fields)
