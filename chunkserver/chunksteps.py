@@ -23,7 +23,6 @@ from .model import (
 from .servicecore import RECEIVE_ATTEMPTS, Prepared, ServiceCore
 from .store import PendingChunk
 
-
 # An upload made with tus or the IETF draft (a byte stream) takes no seed chunk.
 STREAM_CONFLICT = "{} is a byte stream (tus or /resumable/): send its bytes with PATCH"
 
