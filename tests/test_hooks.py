@@ -20,7 +20,7 @@ import requests
 
 from chunkserver.keys import UPLOADS
 
-from .conftest import ServerProcess, chunk_form, crc64
+from .conftest import ServerProcess, chunk_form, crc64, s3_flags
 from .realstack import free_port
 from .reference import metric_value
 
@@ -171,11 +171,22 @@ async def test_a_receiver_down_then_up_loses_nothing(make_client, receiver: Rece
     assert sorted(e["upload"]["file_id"] for e in events) == ["a", "b", "c"]
 
 
-def hook_config(tmp_path: Path, receiver: Receiver) -> Path:
-    """A config file sending post-finish events to `receiver`."""
+def hook_config(
+    tmp_path: Path, receiver: Receiver, backend: str = "local", request: Any = None
+) -> Path:
+    """A config file sending post-finish events to `receiver` (on S3: its bucket and
+    database, whose outbox every host shares)."""
     config = tmp_path / "hooks.toml"
-    config.write_text(f'hook_url = "{receiver.url}"\nhook_events = ["post-finish"]\n')
+    lines = [f'hook_url = "{receiver.url}"', 'hook_events = ["post-finish"]']
+    if backend == "s3":
+        lines += s3_flags(request.getfixturevalue("s3_settings"))
+    config.write_text("\n".join(lines) + "\n")
     return config
+
+
+def data_dir_of(backend: str, tmp_path: Path, host: str) -> Path:
+    """One data folder for the local disk; on S3 each host its own (no state is in it)."""
+    return tmp_path / ("data" if backend == "local" else host)
 
 
 def post(url: str, file_id: str, index: int, total: int, data: bytes) -> dict:
@@ -190,17 +201,22 @@ def post(url: str, file_id: str, index: int, total: int, data: bytes) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.local_only
 def test_a_server_killed_before_delivering_delivers_after_its_restart(
-    servers: Callable[..., ServerProcess], receiver: Receiver, tmp_path: Path
+    servers: Callable[..., ServerProcess],
+    receiver: Receiver,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    config = hook_config(tmp_path, receiver)
+    """At least once across a SIGKILL: on the local disk the restarted process sends it;
+    on S3 another host (its own empty data folder) sends it from the database's outbox."""
+    config = hook_config(tmp_path, receiver, backend, request)
     receiver.stop()
-    first = servers("--config", str(config))
+    first = servers("--config", str(config), data_dir=data_dir_of(backend, tmp_path, "a"))
     assert post(first.url, "kept", 0, 1, b"data")["status"] == "completed"
     first.kill()  # SIGKILL while the event waits for the receiver
     receiver.start()
-    servers("--config", str(config))
+    servers("--config", str(config), data_dir=data_dir_of(backend, tmp_path, "b"))
     [event] = receiver.wait_for("post-finish", 1)
     assert event["upload"]["file_id"] == "kept"
     time.sleep(1.5)
@@ -208,12 +224,16 @@ def test_a_server_killed_before_delivering_delivers_after_its_restart(
 
 
 @pytest.mark.slow
-@pytest.mark.local_only
 def test_several_processes_deliver_each_event_once(
-    servers: Callable[..., ServerProcess], receiver: Receiver, tmp_path: Path
+    servers: Callable[..., ServerProcess],
+    receiver: Receiver,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    config = hook_config(tmp_path, receiver)
-    a, b = servers("--config", str(config)), servers("--config", str(config))
+    config = hook_config(tmp_path, receiver, backend, request)
+    a = servers("--config", str(config), data_dir=data_dir_of(backend, tmp_path, "a"))
+    b = servers("--config", str(config), data_dir=data_dir_of(backend, tmp_path, "b"))
     for n in range(10):
         post(a.url, f"u{n}", 0, 2, b"x")
         post(b.url, f"u{n}", 1, 2, b"y")

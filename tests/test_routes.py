@@ -146,6 +146,9 @@ async def test_delete_in_progress_and_completed(client, config: Config) -> None:
     # a deleted id can be used again from scratch
     answer = await send(client, "del1", 0, 1, b"again", filename="new.bin")
     assert answer["status"] == "completed"
+    metrics = await (await client.get("/metrics")).text()
+    # "aborted or deleted": the upload in progress and the completed file; not the unknown id
+    assert metric_value(metrics, "chunkserver_uploads_aborted_total") == 2
 
 
 async def test_healthz_and_metrics(client) -> None:
@@ -159,6 +162,12 @@ async def test_healthz_and_metrics(client) -> None:
     assert metric_value(text, 'chunkserver_requests_total{status="200"}') == 2  # healthz, chunk
     assert metric_value(text, "chunkserver_free_disk_bytes") > 0
     assert metric_value(text, "chunkserver_uploads_failed_total") == 0
+    assert metric_value(text, "chunkserver_chunks_rejected_total") == 0
+    bad = await client.post("/upload-chunk", data=chunk_form("m", 1, 3, b"x"))  # total differs
+    assert bad.status == 409
+    text = await (await client.get("/metrics")).text()
+    assert metric_value(text, "chunkserver_chunks_rejected_total") == 1
+    assert metric_value(text, "chunkserver_chunks_stored_total") == 1
 
 
 async def test_unknown_route_and_method_answer_json(client) -> None:
