@@ -9,9 +9,10 @@ the way, nothing of the request remains (`UploadService.fail`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import BadRequest
+from .errors import BadRequest, Forbidden
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkFields, ChunkForm
 from .model import Committed, CompletedUpload
 from .multipart import MultipartParser
@@ -34,7 +35,10 @@ async def receive_chunk_request(
     content_length: int | None,
     max_total_chunks: int,
     remote: str | None,
+    allows_file: Callable[[str], bool] | None = None,
 ) -> ChunkStored | CompletedUpload:
+    """`allows_file`: the credential's scope of file_ids (identities.Scope), checked once
+    the fields are known, before a byte is stored in an upload."""
     form = ChunkForm(max_total_chunks=max_total_chunks)
     prepared: Prepared | None = None
     received: PendingChunk | None = None
@@ -48,7 +52,7 @@ async def receive_chunk_request(
                         parser.body(), want_sha256=form.wants_sha256()
                     )
                     continue
-                early = form.fields()
+                early = _in_scope(form.fields(), allows_file)
                 found = await uploads.prepare(early, content_length, remote=remote)
                 if isinstance(found, CompletedUpload):
                     return found
@@ -60,7 +64,7 @@ async def receive_chunk_request(
                 prepared, received = outcome
             elif part.name in TEXT_FIELDS:
                 form.set(part.name, await parser.read_text(limit=MAX_FIELD_BYTES))
-        fields = form.fields()
+        fields = _in_scope(form.fields(), allows_file)
         if received is None:
             raise BadRequest("Missing required parameter: chunk")
         if prepared is None:
@@ -76,3 +80,9 @@ async def receive_chunk_request(
     if isinstance(result, CompletedUpload):
         return result
     return ChunkStored(fields, result)
+
+
+def _in_scope(fields: ChunkFields, allows_file: Callable[[str], bool] | None) -> ChunkFields:
+    if allows_file is not None and not allows_file(fields.file_id):
+        raise Forbidden("This token is not for this file_id")
+    return fields

@@ -155,6 +155,33 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if body.get("status") in ("uploading", "completed") else 1
 
 
+def _sign(args: argparse.Namespace) -> int:
+    from .signing import sign_url
+
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        return _mistake("sign", f"configuration error: {e}")
+    if not config.signing_key:
+        return _mistake("sign", f"no signing_key in {path or 'the configuration'}")
+    try:
+        url = sign_url(
+            config.signing_key,
+            method=args.method,
+            path=args.path,
+            identity=args.identity,
+            expires_in=args.expires,
+            base=args.url or "",
+        )
+    except ValueError as e:
+        return _mistake("sign", str(e))
+    print(url)
+    return 0
+
+
 def _checksum(args: argparse.Namespace) -> int:
     from .checksums import of_file
 
@@ -281,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token (or CHUNKSERVER_TOKEN)",
     )
     status.set_defaults(run=_status)
+
+    sign = commands.add_parser(
+        "sign",
+        help="print a signed URL: one method on one path, for an identity, until it expires",
+        description="Print a URL that authenticates METHOD on PATH as IDENTITY for SECONDS "
+        "(HMAC-SHA256 with the configuration's signing_key), on its last line.",
+    )
+    sign.add_argument(
+        "--config", type=Path, help="TOML configuration file (default: ./config.toml)"
+    )
+    sign.add_argument("--method", required=True, type=str.upper, help="e.g. GET or PATCH")
+    sign.add_argument("--path", required=True, help="e.g. /files/ID")
+    sign.add_argument("--identity", required=True, metavar="NAME", help="who the URL speaks for")
+    sign.add_argument(
+        "--expires", required=True, type=positive_int, metavar="SECONDS", help="valid for"
+    )
+    sign.add_argument("--url", type=server_url, metavar="BASE", help="e.g. https://host")
+    sign.set_defaults(run=_sign)
 
     checksum = commands.add_parser(
         "checksum",

@@ -41,6 +41,17 @@ class Config:
     max_inflight_chunks: int = 256
     fsync: bool = False
     auth_tokens: tuple[str, ...] = ()
+    # Security (docs/security.md): named tokens, JWTs, signed URLs.
+    # The table `auth_identities = {name = "token", ...}`, as (name, token) pairs: a frozen
+    # config stays hashable.
+    auth_identities: tuple[tuple[str, str], ...] = ()
+    jwt_secret: str = ""  # HS256 (or the HS* of jwt_algorithms)
+    jwt_jwks: str = ""  # a JWKS file path or URL: public keys by kid
+    jwt_algorithms: tuple[str, ...] = ()  # empty: HS256 with a secret, RS256/ES256/EdDSA with keys
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    jwt_leeway_seconds: float = 30.0
+    signing_key: str = ""  # signs and checks signed URLs
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     accel_redirect_prefix: str = ""
@@ -63,6 +74,13 @@ class Config:
     hook_timeout_seconds: float = 5.0
 
     @property
+    def accepted_jwt_algorithms(self) -> tuple[str, ...]:
+        """The algorithms a JWT may be signed with: the configured ones, or by the key."""
+        if self.jwt_algorithms:
+            return self.jwt_algorithms
+        return ("HS256",) if self.jwt_secret else ("RS256", "ES256", "EdDSA")
+
+    @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
 
@@ -72,7 +90,17 @@ class Config:
 
 # The TOML type each key accepts; integers are also accepted where floats are.
 _KEY_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
-_TUPLE_KEYS = {"auth_tokens", "cors_origins", "trusted_proxies", "checksums", "hook_events"}
+_TUPLE_KEYS = {
+    "auth_tokens",
+    "cors_origins",
+    "trusted_proxies",
+    "checksums",
+    "hook_events",
+    "jwt_algorithms",
+}
+_TABLE_KEYS = {"auth_identities"}
+SYMMETRIC_ALGORITHMS = ("HS256", "HS384", "HS512")
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
 CHECKSUMS = ("crc64nvme", "sha256")
 STORAGES = ("local", "s3")
 MAX_WORKERS = 64
@@ -91,6 +119,12 @@ def _coerce(key: str, value: Any) -> Any:
         if value != "auto":
             raise ConfigError(f'workers: expected an integer or "auto", got {value!r}')
         return min(available_cores(), MAX_WORKERS)
+    if key in _TABLE_KEYS:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{key}: expected a table of names to strings, got {value!r}")
+        return tuple(sorted(value.items()))
     if key in _TUPLE_KEYS:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
@@ -159,6 +193,26 @@ def validate(config: Config) -> Config:
         ("host", config.host.strip() != "", "must not be empty"),
         ("log_level", config.log_level.lower() in LOG_LEVELS, f"must be one of {LOG_LEVELS}"),
         ("auth_tokens", all(t.strip() for t in config.auth_tokens), "must not hold empty tokens"),
+        (
+            "auth_identities",
+            all(n.strip() and t.strip() for n, t in config.auth_identities)
+            and len({t for _, t in config.auth_identities}) == len(config.auth_identities),
+            "must name each identity and give each its own, non-empty token",
+        ),
+        (
+            "jwt_jwks",
+            not (config.jwt_jwks and config.jwt_secret),
+            "and jwt_secret exclude each other (one kind of key: no algorithm confusion)",
+        ),
+        (
+            "jwt_algorithms",
+            set(config.jwt_algorithms)
+            <= set(SYMMETRIC_ALGORITHMS if config.jwt_secret else ASYMMETRIC_ALGORITHMS),
+            "must be among "
+            + ", ".join(SYMMETRIC_ALGORITHMS if config.jwt_secret else ASYMMETRIC_ALGORITHMS)
+            + (" with jwt_secret" if config.jwt_secret else " with jwt_jwks"),
+        ),
+        ("jwt_leeway_seconds", 0 <= config.jwt_leeway_seconds <= 600, "must be 0 to 600"),
         (
             "checksums",
             "crc64nvme" in config.checksums and set(config.checksums) <= set(CHECKSUMS),

@@ -5,6 +5,7 @@ No handler builds a path or touches the disk; that is the store's job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import hdrs, web
@@ -24,7 +25,7 @@ from .chunkrequest import receive_chunk_request
 from .downloads import download_file
 from .errors import FileNotFound
 from .forms import check_file_id
-from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
+from .keys import CONFIG, IDENTITY, RECEIVE_BUFFERS, UPLOADS
 from .model import CompletedUpload
 from .multipart import MultipartParser, boundary_from_content_type
 
@@ -53,6 +54,7 @@ async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.R
         content_length=request.content_length,
         max_total_chunks=config.max_total_chunks,
         remote=remote_of(request, config),
+        allows_file=_file_scope(request),
     )
     if isinstance(result, CompletedUpload):
         return answer(chunk_completed(result))
@@ -66,6 +68,11 @@ async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.R
             metadata=result.committed.meta.metadata,
         )
     )
+
+
+def _file_scope(request: web.Request) -> Callable[[str], bool] | None:
+    identity = request.get(IDENTITY)
+    return identity.scope.allows_file if identity and identity.scope else None
 
 
 async def upload_status(request: web.Request) -> web.Response:

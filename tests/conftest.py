@@ -23,10 +23,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from awscrt import checksums
 
 from chunkserver import Config, create_app, recordlog
+from chunkserver.app import PARSER_FIELD_BYTES
 
 from . import realstack
 
@@ -132,7 +133,10 @@ async def make_client(aiohttp_client: Any, config: Config) -> ClientFactory:
     """Start a real server (aiohttp's test server on a real socket) with config overrides."""
 
     async def make(**overrides: Any) -> TestClient:
-        return await aiohttp_client(create_app(config.replace(**overrides)))
+        server = TestServer(create_app(config.replace(**overrides)))
+        # The parser's room for header lines as `chunkserver serve` gives it (server.py).
+        await server.start_server(max_field_size=PARSER_FIELD_BYTES)
+        return await aiohttp_client(server)
 
     return make
 

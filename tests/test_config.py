@@ -36,6 +36,18 @@ def test_overrides_win_and_none_is_ignored(tmp_path: Path) -> None:
     assert config.auth_tokens == ("t",)
 
 
+def test_security_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'auth_identities = {loader = "tok-l", viewer = "tok-v"}\njwt_jwks = "keys.json"\n'
+        'jwt_audience = "uploads"\nsigning_key = "k"\n'
+    )
+    config = load_config(path)
+    assert dict(config.auth_identities) == {"loader": "tok-l", "viewer": "tok-v"}
+    assert config.accepted_jwt_algorithms == ("RS256", "ES256", "EdDSA")
+    assert Config(jwt_secret="s").accepted_jwt_algorithms == ("HS256",)
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [
@@ -66,6 +78,14 @@ def test_overrides_win_and_none_is_ignored(tmp_path: Path) -> None:
         ('hook_url = "ftp://x"', "hook_url"),
         ('hook_events = ["pre-finish"]', "hook_events"),
         ("hook_timeout_seconds = 0", "hook_timeout_seconds"),
+        ('auth_identities = ["a"]', "auth_identities"),
+        ('auth_identities = {alice = "t", bob = "t"}', "auth_identities"),
+        ('auth_identities = {alice = ""}', "auth_identities"),
+        ('jwt_secret = "s"\njwt_jwks = "keys.json"', "jwt_jwks"),
+        ('jwt_secret = "s"\njwt_algorithms = ["RS256"]', "jwt_algorithms"),
+        ('jwt_jwks = "keys.json"\njwt_algorithms = ["HS256"]', "jwt_algorithms"),
+        ('jwt_algorithms = ["none"]', "jwt_algorithms"),
+        ("jwt_leeway_seconds = -1", "jwt_leeway_seconds"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:

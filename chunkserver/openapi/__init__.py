@@ -42,10 +42,26 @@ def document(config: Config) -> dict[str, Any]:
         "paths": seed_paths(config) | tus_paths(config) | resumable_paths(config),
         "components": {
             "schemas": schemas(),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "a static token (auth_identities, auth_tokens) or a JWT",
+                },
+                "signedUrl": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "signature",
+                    "description": (
+                        "A signed URL: `expires`, `identity` and `signature` (HMAC-SHA256 "
+                        "with signing_key over the method, path, identity and expiry) in "
+                        "the query string; `chunkserver sign` makes one."
+                    ),
+                },
+            },
         },
-        # A token is needed only when auth_tokens are configured: both are valid.
-        "security": [{}, {"bearer": []}],
+        # A credential is needed only when authentication is configured: all are valid.
+        "security": [{}, {"bearer": []}, {"signedUrl": []}],
     }
 
 

@@ -34,7 +34,8 @@ FILE_ID_PARAMETER = {
     "schema": FILE_ID,
     "description": "the upload's id; one breaking the pattern answers 400",
 }
-AUTH_ERROR = error_answer("auth_tokens are configured and no valid Bearer token was sent")
+AUTH_ERROR = error_answer("authentication is configured and no valid credential was sent")
+SCOPE_ERROR = error_answer("the token's chunkserver claim allows not this action or file_id")
 
 
 def schemas() -> dict[str, Any]:

@@ -62,7 +62,8 @@ def errors(*statuses: str) -> dict[str, Any]:
             "(inconsistent-upload-length); bytes for a completed upload (completed-upload); "
             "a digest that does not match"
         ),
-        "401": problem("auth_tokens are configured and no valid Bearer token was sent"),
+        "401": problem("authentication is configured and no valid credential was sent"),
+        "403": problem("the token's chunkserver claim allows not this action or file_id"),
         "404": problem("no such upload"),
         "409": problem(
             "Upload-Offset is not the upload's (mismatching-upload-offset)",
@@ -94,7 +95,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "Accept-Patch": {"schema": {"const": "application/partial-upload"}},
             },
         },
-        **errors("400", "401"),
+        **errors("400", "401", "403"),
     }
     location = {"Location": {"schema": {"type": "string"}}}
     return {
@@ -119,7 +120,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                     },
                     "200": {**completed("complete: the file"), "headers": STATE | location},
                     "201": {"description": "created", "headers": STATE | location},
-                    **errors("400", "401", "413", "503", "507"),
+                    **errors("400", "401", "403", "413", "503", "507"),
                 },
             },
         },
@@ -131,7 +132,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "parameters": [INTEROP],
                 "responses": {
                     "204": {"description": "the upload's state", "headers": STATE},
-                    **errors("400", "401", "404", "503"),
+                    **errors("400", "401", "403", "404", "503"),
                 },
             },
             "get": {
@@ -140,7 +141,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "parameters": [INTEROP],
                 "responses": {
                     "204": {"description": "the upload's state", "headers": STATE},
-                    **errors("400", "401", "404", "503"),
+                    **errors("400", "401", "403", "404", "503"),
                 },
             },
             "patch": {
@@ -157,7 +158,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "responses": {
                     "200": completed("complete: the file"),
                     "204": {"description": "stored, not complete", "headers": STATE},
-                    **errors("400", "401", "404", "409", "413", "415", "423", "503", "507"),
+                    **errors("400", "401", "403", "404", "409", "413", "415", "423", "503", "507"),
                 },
             },
             "delete": {
@@ -166,7 +167,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "parameters": [INTEROP],
                 "responses": {
                     "204": {"description": "removed"},
-                    **errors("400", "401", "404", "503"),
+                    **errors("400", "401", "403", "404", "503"),
                 },
             },
         },

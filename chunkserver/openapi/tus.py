@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config
-from .common import AUTH_ERROR, FILE_ID_PARAMETER, RETRY_AFTER, error_answer
+from .common import AUTH_ERROR, FILE_ID_PARAMETER, RETRY_AFTER, SCOPE_ERROR, error_answer
 
 
 def header(
@@ -56,6 +56,7 @@ def tus_paths(config: Config) -> dict[str, Any]:
     common = {
         "400": tus_error("a header is malformed, or file_id breaks the pattern"),
         "401": AUTH_ERROR,
+        "403": SCOPE_ERROR,
         "412": tus_error("Tus-Resumable is not 1.0.0"),
         "503": tus_error("the storage or the pre-create hook cannot be reached", RETRY_AFTER),
     }
