@@ -20,6 +20,7 @@ from aiohttp import web
 
 from .forms import FILE_ID_PATTERN
 from .model import CompletedUpload, StreamProgress, UploadProgress
+from .owners import public_id
 
 JsonSchema = dict[str, Any]
 
@@ -182,7 +183,7 @@ def answer(
 
 def chunk_completed(record: CompletedUpload) -> ChunkCompleted:
     return ChunkCompleted(
-        file_id=record.file_id,
+        file_id=public_id(record.file_id),
         filename=record.filename,
         uploaded_chunks=record.total_chunks,
         total_chunks=record.total_chunks,
@@ -198,7 +199,7 @@ def status_answer(
 ) -> StatusCompleted | StatusStreaming | StatusUploading:
     if isinstance(found, CompletedUpload):
         return StatusCompleted(
-            file_id=found.file_id,
+            file_id=public_id(found.file_id),
             filename=found.filename,
             size=found.size,
             crc64nvme=found.crc64nvme,
@@ -209,7 +210,7 @@ def status_answer(
         )
     if isinstance(found, StreamProgress):
         return StatusStreaming(
-            file_id=found.meta.file_id,
+            file_id=public_id(found.meta.file_id),
             protocol=found.meta.protocol,
             offset=found.offset,
             size=found.meta.total_size,
@@ -218,7 +219,7 @@ def status_answer(
         )
     return StatusUploading(
         uploaded_chunks=len(found.stored),
-        file_id=found.meta.file_id,
+        file_id=public_id(found.meta.file_id),
         filename=found.meta.filename,
         total_chunks=found.meta.total_chunks,
         missing_chunks=found.missing,

@@ -9,13 +9,15 @@ the way, nothing of the request remains (`UploadService.fail`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 
 from .errors import BadRequest, Forbidden
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkFields, ChunkForm
+from .identities import ANONYMOUS, Identity
 from .model import Committed, CompletedUpload
 from .multipart import MultipartParser
+from .owners import owned_id
 from .service import Prepared, UploadService
 from .store import PendingChunk
 
@@ -35,10 +37,11 @@ async def receive_chunk_request(
     content_length: int | None,
     max_total_chunks: int,
     remote: str | None,
-    allows_file: Callable[[str], bool] | None = None,
+    identity: Identity = ANONYMOUS,
 ) -> ChunkStored | CompletedUpload:
-    """`allows_file`: the credential's scope of file_ids (identities.Scope), checked once
-    the fields are known, before a byte is stored in an upload."""
+    """`identity`: who sends the chunk. Its file_id is taken in the identity's namespace
+    (owners.py), and checked against its token's scope, once the fields are known and
+    before a byte is stored in an upload."""
     form = ChunkForm(max_total_chunks=max_total_chunks)
     prepared: Prepared | None = None
     received: PendingChunk | None = None
@@ -52,7 +55,7 @@ async def receive_chunk_request(
                         parser.body(), want_sha256=form.wants_sha256()
                     )
                     continue
-                early = _in_scope(form.fields(), allows_file)
+                early = _owned(form.fields(), identity)
                 found = await uploads.prepare(early, content_length, remote=remote)
                 if isinstance(found, CompletedUpload):
                     return found
@@ -64,7 +67,7 @@ async def receive_chunk_request(
                 prepared, received = outcome
             elif part.name in TEXT_FIELDS:
                 form.set(part.name, await parser.read_text(limit=MAX_FIELD_BYTES))
-        fields = _in_scope(form.fields(), allows_file)
+        fields = _owned(form.fields(), identity)
         if received is None:
             raise BadRequest("Missing required parameter: chunk")
         if prepared is None:
@@ -82,7 +85,8 @@ async def receive_chunk_request(
     return ChunkStored(fields, result)
 
 
-def _in_scope(fields: ChunkFields, allows_file: Callable[[str], bool] | None) -> ChunkFields:
-    if allows_file is not None and not allows_file(fields.file_id):
+def _owned(fields: ChunkFields, identity: Identity) -> ChunkFields:
+    """The fields with the file_id the identity owns (owners.py), within its scope."""
+    if identity.scope is not None and not identity.scope.allows_file(fields.file_id):
         raise Forbidden("This token is not for this file_id")
-    return fields
+    return dataclasses.replace(fields, file_id=owned_id(identity, fields.file_id))

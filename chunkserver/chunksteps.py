@@ -20,6 +20,7 @@ from .model import (
     CompletedUpload,
     UploadMeta,
 )
+from .owners import public_id
 from .servicecore import RECEIVE_ATTEMPTS, Prepared, ServiceCore
 from .store import PendingChunk
 
@@ -58,7 +59,7 @@ class ChunkSteps(ServiceCore):
         if not ask_store:
             known = self.manifest.get(fields.file_id) or await self.store.lookup(fields.file_id)
         if isinstance(known, CompletedUpload | UploadMeta) and known.protocol != "chunks":
-            raise UploadConflict(STREAM_CONFLICT.format(fields.file_id))
+            raise UploadConflict(STREAM_CONFLICT.format(public_id(fields.file_id)))
         if isinstance(known, CompletedUpload):
             return known
         if known is not None and known.chunk_size is None and fields.chunk_index != 0:
@@ -84,7 +85,7 @@ class ChunkSteps(ServiceCore):
             async with self.locks.hold(fields.file_id):
                 begun, created = await self.store.begin(proposed)
             if begun.protocol != "chunks":
-                raise UploadConflict(STREAM_CONFLICT.format(fields.file_id))
+                raise UploadConflict(STREAM_CONFLICT.format(public_id(fields.file_id)))
             if isinstance(begun, CompletedUpload):
                 return begun
             self.policy.check_conflicts(begun, fields)

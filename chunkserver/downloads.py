@@ -20,9 +20,9 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import parse_http_date
 
 from .errors import FileNotFound, RangeNotSatisfiable, StorageFailure
-from .forms import check_file_id
 from .keys import CONFIG, UPLOADS
 from .model import StoredObject
+from .owners import upload_id
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 # What a download passes on from the object store's answer.
@@ -36,7 +36,7 @@ def content_disposition(filename: str) -> str:
 
 
 async def download_file(request: web.Request) -> web.StreamResponse:
-    file_id = check_file_id(request.match_info["file_id"])
+    file_id = upload_id(request)
     found = await request.app[UPLOADS].download(file_id)
     if found is None:
         raise FileNotFound()

@@ -5,7 +5,6 @@ No handler builds a path or touches the disk; that is the store's job.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import hdrs, web
@@ -24,10 +23,10 @@ from .bodyreader import BodyReader, continue_when_read
 from .chunkrequest import receive_chunk_request
 from .downloads import download_file
 from .errors import FileNotFound
-from .forms import check_file_id
-from .keys import CONFIG, IDENTITY, RECEIVE_BUFFERS, UPLOADS
+from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .model import CompletedUpload
 from .multipart import MultipartParser, boundary_from_content_type
+from .owners import identity_of, public_id, upload_id
 
 JSON = "application/json"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -54,14 +53,14 @@ async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.R
         content_length=request.content_length,
         max_total_chunks=config.max_total_chunks,
         remote=remote_of(request, config),
-        allows_file=_file_scope(request),
+        identity=identity_of(request),
     )
     if isinstance(result, CompletedUpload):
         return answer(chunk_completed(result))
     fields = result.fields
     return answer(
         ChunkUploading(
-            file_id=fields.file_id,
+            file_id=public_id(fields.file_id),
             filename=fields.filename,
             uploaded_chunks=result.committed.uploaded_chunks,
             total_chunks=fields.total_chunks,
@@ -70,13 +69,8 @@ async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.R
     )
 
 
-def _file_scope(request: web.Request) -> Callable[[str], bool] | None:
-    identity = request.get(IDENTITY)
-    return identity.scope.allows_file if identity and identity.scope else None
-
-
 async def upload_status(request: web.Request) -> web.Response:
-    file_id = check_file_id(request.match_info["file_id"])
+    file_id = upload_id(request)
     found = await request.app[UPLOADS].status(file_id)
     if found is None:
         return answer(StatusNotFound(), status=404)
@@ -84,7 +78,7 @@ async def upload_status(request: web.Request) -> web.Response:
 
 
 async def delete_upload(request: web.Request) -> web.Response:
-    file_id = check_file_id(request.match_info["file_id"])
+    file_id = upload_id(request)
     if not await request.app[UPLOADS].delete(file_id, remote_of(request, request.app[CONFIG])):
         raise FileNotFound()
     return web.Response(status=204)

@@ -30,6 +30,7 @@ from .logs import ThrottledLog
 from .metrics import Metrics
 from .model import CompletedUpload, UploadMeta
 from .outbox import Outbox, Pending
+from .owners import public_id
 
 log = logging.getLogger("chunkserver")
 
@@ -53,7 +54,7 @@ def upload_body(
 ) -> dict[str, Any]:
     """What an event says of its upload."""
     body: dict[str, Any] = {
-        "file_id": upload.file_id,
+        "file_id": public_id(upload.file_id),
         "filename": upload.filename,
         "total_chunks": upload.total_chunks,
     }
@@ -73,6 +74,12 @@ def upload_body(
 def finish_event_id(file_id: str, token: str) -> str:
     """The one id of an upload's post-finish event, whoever queues it (see `Hooks`)."""
     return f"post-finish-{file_id}-{token}"
+
+
+def owned_id_of_finish(event_id: str) -> str:
+    """The owned id (owners.py) of the upload a post-finish event's id names; the event's
+    body says the client's file_id."""
+    return event_id.removeprefix("post-finish-").rsplit("-", 1)[0]
 
 
 def new_event(
@@ -188,7 +195,7 @@ class Hooks:
             # Queued before its completion, so that a crash between the two loses nothing:
             # sent once the upload is complete, with what the completion says of it.
             assert self.lookup is not None and self.body_of is not None
-            found = await self.lookup(event["upload"]["file_id"])
+            found = await self.lookup(owned_id_of_finish(event["id"]))
             if isinstance(found, UploadMeta) and found.token in event["id"]:
                 wait = WAIT_FOR_COMPLETION_SECONDS
                 if pending.attempts >= 30:  # not completing soon: back off like a failure

@@ -62,6 +62,8 @@ class Identity:
 
 
 ANONYMOUS = Identity("")
+# Who a request speaks for, set by the auth middleware (app.py); ANONYMOUS when it is off.
+IDENTITY = web.RequestKey("identity", Identity)
 
 
 def scope_of(claim: Any) -> Scope | None:

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from .bodyreader import ReceiveBuffers
 from .config import Config
-from .identities import Identity
+from .identities import IDENTITY
 from .inflight import InFlightAppends
 from .service import UploadService
 
@@ -14,5 +14,5 @@ CONFIG = web.AppKey("config", Config)
 UPLOADS = web.AppKey("uploads", UploadService)
 RECEIVE_BUFFERS: web.AppKey[ReceiveBuffers | None] = web.AppKey("receive_buffers")
 IN_FLIGHT = web.AppKey("in_flight_appends", InFlightAppends)
-# Who a request speaks for (identities.py), set by the auth middleware.
-IDENTITY = web.RequestKey("identity", Identity)
+
+__all__ = ["CONFIG", "IDENTITY", "IN_FLIGHT", "RECEIVE_BUFFERS", "UPLOADS"]

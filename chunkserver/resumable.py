@@ -41,10 +41,11 @@ from .errors import (
     UnsupportedMediaType,
     UploadAlreadyComplete,
 )
-from .forms import check_file_id, check_filename, parse_metadata
+from .forms import check_filename, parse_metadata
 from .interop import Interop, interop_of, structured_integer
 from .keys import CONFIG, IN_FLIGHT, RECEIVE_BUFFERS, UPLOADS
 from .model import IETF, CompletedUpload, StoredObject, StreamProgress, UploadMeta
+from .owners import identity_of, owned_id, upload_id
 
 PREFIX = "/resumable/"
 PARTIAL_UPLOAD = "application/partial-upload"
@@ -246,15 +247,16 @@ async def create(request: web.Request) -> web.Response:
     length = _declared_length(request, complete, 0)
     digests = _digests(request, whole=complete)  # malformed: refused before any upload
     metadata = parse_metadata(request.headers.get("Upload-Metadata"))
-    file_id = secrets.token_urlsafe(16)
+    public = secrets.token_urlsafe(16)
+    file_id = owned_id(identity_of(request), public)
     meta = UploadMeta.new_stream(
-        file_id, _filename(request, metadata, file_id), length, metadata, protocol=IETF
+        file_id, _filename(request, metadata, public), length, metadata, protocol=IETF
     )
     representation = sha256_of_field("Repr-Digest", request.headers.get("Repr-Digest"))
     if representation is not None:  # kept with the upload, checked when it completes
         meta = dataclasses.replace(meta, repr_sha256=representation.hex())
     begun = await uploads.create_stream(meta, _remote(request))
-    location = {"Location": _location(request, file_id)}
+    location = {"Location": _location(request, public)}
     _send_interim(request, interop, location | {"Upload-Limit": _limits(request.app[CONFIG])})
     if not (complete or _has_content(request)):
         progress = StreamProgress(begun, 0, 0, begun.created_at)
@@ -271,7 +273,7 @@ async def create(request: web.Request) -> web.Response:
 async def append(request: web.Request) -> web.Response:
     """PATCH /resumable/<file_id>: bytes at the upload's offset."""
     interop = interop_of(request)
-    file_id = check_file_id(request.match_info["file_id"])
+    file_id = upload_id(request)
     media_type = request.headers.get(hdrs.CONTENT_TYPE, "").partition(";")[0].strip().lower()
     if interop.requires_media_type and media_type != PARTIAL_UPLOAD:
         raise UnsupportedMediaType(f"An append must have Content-Type: {PARTIAL_UPLOAD}")
@@ -373,7 +375,7 @@ def _sha256_of_path(path: Path) -> bytes:
 async def head(request: web.Request) -> web.Response:
     """Offset retrieval (HEAD, or GET as the draft allows): 204 with the upload's state."""
     interop = interop_of(request)
-    file_id = check_file_id(request.match_info["file_id"])
+    file_id = upload_id(request)
     await request.app[IN_FLIGHT].cut_earlier(file_id, request.transport)
     found = await request.app[UPLOADS].stream_state(file_id)
     if found is None:
@@ -384,7 +386,7 @@ async def head(request: web.Request) -> web.Response:
 
 async def cancel(request: web.Request) -> web.Response:
     interop_of(request)
-    file_id = check_file_id(request.match_info["file_id"])
+    file_id = upload_id(request)
     await request.app[IN_FLIGHT].cut_earlier(file_id, request.transport)
     if not await request.app[UPLOADS].delete(file_id, _remote(request)):
         raise FileNotFound("No upload of this id")

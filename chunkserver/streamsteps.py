@@ -24,6 +24,7 @@ from .model import (
     StreamProgress,
     UploadMeta,
 )
+from .owners import public_id
 from .servicecore import PatchBody, PieceChecker, ServiceCore
 from .store import PendingBytes
 
@@ -38,7 +39,7 @@ class StreamSteps(ServiceCore):
         async with self.locks.hold(meta.file_id):
             begun, _ = await self.store.begin(meta)
         if isinstance(begun, CompletedUpload) or begun.token != meta.token:
-            raise UploadConflict(f"{meta.file_id} exists already")
+            raise UploadConflict(f"{public_id(meta.file_id)} exists already")
         return begun
 
     async def stream_state(self, file_id: str) -> StreamProgress | CompletedUpload | None:
@@ -221,12 +222,13 @@ class StreamSteps(ServiceCore):
         sources: list[CompletedUpload] = []
         for partial_id in partial_ids:
             found = await self.store.lookup(partial_id)
+            named = f"Upload-Concat names {public_id(partial_id)}"
             if found is None:
-                raise BadRequest(f"Upload-Concat names {partial_id}, which does not exist")
+                raise BadRequest(f"{named}, which does not exist")
             if not isinstance(found, CompletedUpload):
-                raise BadRequest(f"Upload-Concat names {partial_id}, which is not complete")
+                raise BadRequest(f"{named}, which is not complete")
             if not found.is_partial:
-                raise BadRequest(f"Upload-Concat names {partial_id}, which is not a partial upload")
+                raise BadRequest(f"{named}, which is not a partial upload")
             sources.append(found)
         total = sum(source.size for source in sources)
         begun = await self.create_stream(dataclasses.replace(meta, total_size=total), remote)

@@ -35,6 +35,7 @@ from .errors import (
 from .forms import check_file_id, check_filename, encode_metadata, parse_metadata
 from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .model import CompletedUpload, StreamProgress, UploadMeta
+from .owners import identity_of, owned_id, public_id, upload_id
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = (
@@ -138,7 +139,7 @@ def _partial_ids(request: web.Request, header: str) -> list[str]:
         resolved = urljoin(collection, url)
         if not resolved.startswith(collection):
             raise BadRequest(f"Upload-Concat: {url[:200]!r} is not an upload of this server")
-        ids.append(check_file_id(resolved.removeprefix(collection).rstrip("/")))
+        ids.append(upload_id(request, resolved.removeprefix(collection).rstrip("/")))
     return ids
 
 
@@ -188,7 +189,7 @@ def _concat_header(concat: str) -> str:
     recorded by an earlier version as `final <id> <id>...` names its partials' paths."""
     if concat == "partial" or concat.startswith("final;"):
         return concat
-    return "final;" + " ".join(f"{PREFIX}{file_id}" for file_id in concat.split()[1:])
+    return "final;" + " ".join(f"{PREFIX}{public_id(owned)}" for owned in concat.split()[1:])
 
 
 def _location(request: web.Request, file_id: str) -> str:
@@ -198,7 +199,7 @@ def _location(request: web.Request, file_id: str) -> str:
 def _new_meta(request: web.Request, file_id: str, length: int | None) -> UploadMeta:
     metadata = parse_metadata(request.headers.get("Upload-Metadata"))
     named = (metadata or {}).get("filename") or (metadata or {}).get("name")
-    filename = check_filename(named) if named else file_id
+    filename = check_filename(named) if named else public_id(file_id)
     return UploadMeta.new_stream(file_id, filename, length, metadata)
 
 
@@ -234,7 +235,8 @@ async def create(request: web.Request) -> web.Response:
     length = _non_negative("Upload-Length", request.headers.get("Upload-Length"))
     deferred = request.headers.get("Upload-Defer-Length")
     concat = request.headers.get("Upload-Concat", "").strip()
-    file_id = secrets.token_urlsafe(16)
+    public = secrets.token_urlsafe(16)
+    file_id = owned_id(identity_of(request), public)
     meta = _new_meta(request, file_id, length)
     if concat.startswith("final"):
         if length is not None or deferred is not None:
@@ -242,7 +244,7 @@ async def create(request: web.Request) -> web.Response:
         partials = _partial_ids(request, concat)
         meta = UploadMeta.new_stream(file_id, meta.filename, None, meta.metadata, concat)
         done = await uploads.concatenate(meta, partials, remote)
-        headers = {"Location": _location(request, file_id)} | _state_headers(request, done)
+        headers = {"Location": _location(request, public)} | _state_headers(request, done)
         return _answer(201, headers)
     if concat and concat != "partial":
         raise BadRequest("Upload-Concat must be 'partial' or 'final;<urls>'")
@@ -253,7 +255,7 @@ async def create(request: web.Request) -> web.Response:
     if concat == "partial":
         meta = UploadMeta.new_stream(file_id, meta.filename, length, meta.metadata, "partial")
     begun = await uploads.create_stream(meta, remote)
-    headers = {"Location": _location(request, file_id)}
+    headers = {"Location": _location(request, public)}
     with_body = request.headers.get(hdrs.CONTENT_TYPE) == OFFSET_CONTENT_TYPE
     if with_body or length == 0:  # an empty upload is complete as soon as it exists
         try:
@@ -269,7 +271,7 @@ async def create(request: web.Request) -> web.Response:
 
 async def head(request: web.Request) -> web.Response:
     _check_version(request)
-    file_id = check_file_id(request.match_info["file_id"])
+    file_id = upload_id(request)
     found = await request.app[UPLOADS].stream_state(file_id)
     if found is None:
         raise FileNotFound()
@@ -279,7 +281,7 @@ async def head(request: web.Request) -> web.Response:
 
 async def patch(request: web.Request) -> web.Response:
     _check_version(request)
-    file_id = check_file_id(request.match_info["file_id"])
+    file_id = upload_id(request)
     if request.headers.get(hdrs.CONTENT_TYPE) != OFFSET_CONTENT_TYPE:
         raise UnsupportedMediaType()
     offset = _non_negative("Upload-Offset", request.headers.get("Upload-Offset"))
@@ -316,7 +318,7 @@ async def _append(
 async def delete(request: web.Request) -> web.Response:
     """termination: the upload and its bytes are removed, in progress or complete."""
     _check_version(request)
-    file_id = check_file_id(request.match_info["file_id"])
+    file_id = upload_id(request)
     if not await request.app[UPLOADS].delete(file_id, _remote(request)):
         raise FileNotFound()
     return _answer(204)
