@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", help="measure this running server instead of starting one")
     parser.add_argument("--token", help="bearer token for --url")
     parser.add_argument(
+        "--jwt",
+        action="store_true",
+        help="also a second started server with jwt_secret, sent a JWT on every request "
+        "(chunkserver-jwt: the cost of authentication)",
+    )
+    parser.add_argument(
         "--workers",
         default="1",
         help='workers of the started server, and nginx\'s worker_processes ("auto": one per core)',
@@ -181,6 +187,24 @@ async def server_bytes_received(url: str, token: str | None) -> int | None:
     return None
 
 
+def start_jwt_chunkserver(args: argparse.Namespace, data_root: Path) -> Target:
+    """The same server with authentication on: a JWT (HS256) verified on every request."""
+    import jwt
+
+    secret = "bench-secret-" + os.urandom(16).hex()
+    target = start_chunkserver(
+        workers=args.workers,
+        fsync=args.fsync,
+        data_root=data_root,
+        checksums=args.checksums,
+        extra_config=f'jwt_secret = "{secret}"\n',
+    )
+    target.name = "chunkserver-jwt"
+    claims = {"sub": "bench", "exp": int(time.time()) + 86_400}
+    target.token = jwt.encode(claims, secret, "HS256")
+    return target
+
+
 def warm_pages(folder: Path, volume: int, buffer: memoryview) -> None:
     """Write a file of `volume` bytes on the data filesystem and drop it, untimed, before
     every run of every target. This VM hands memory free for a few seconds back to its host
@@ -214,7 +238,9 @@ async def measure(
     generator: Any = (
         target.peer
         if target.peer is not None
-        else LoadGenerator(target.url, target=target.name, buffer=buffer, token=token)
+        else LoadGenerator(
+            target.url, target=target.name, buffer=buffer, token=target.token or token
+        )
     )
     store_sampler = ResourceSampler(store_pids) if store_pids else None
     if store_sampler:
@@ -381,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                     extra_config=stack.config_lines() if stack is not None else "",
                 )
             )
+        if args.jwt and not args.url:
+            targets.append(start_jwt_chunkserver(args, data_root))
         if stack is not None:
             targets.append(Target("s3-direct", "", peer=S3Direct(stack.object_settings(), buffer)))
             tus_s3 = start_tus_s3_server(stack, buffer)

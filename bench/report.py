@@ -18,6 +18,8 @@ def add_fractions(result: dict[str, Any]) -> None:
         ours_cpu = cell["targets"].get("chunkserver", {}).get("cpu_s_per_gib")
         nginx_cpu = cell["targets"].get("nginx", {}).get("cpu_s_per_gib")
         cell["cpu_vs_nginx"] = ours_cpu / nginx_cpu if ours_cpu and nginx_cpu else None
+        jwt_speed = cell["targets"].get("chunkserver-jwt", {}).get("MiB_per_s")
+        cell["jwt_vs_off"] = jwt_speed / ours if jwt_speed and ours else None
         keeping = cell["targets"].get("nginx-keep", {}).get("MiB_per_s")
         cell["fraction_of_nginx_keep"] = ours / keeping if ours and keeping else None
         # Against the faster of the seed's FastAPI code as `def` and as `async def`.
@@ -104,6 +106,26 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_num(ours.get('cpu_ms_per_request'), 2)} "
             f"| {_num(ours.get('dirtied_per_byte'), 2)} |"
         )
+    if any("chunkserver-jwt" in cell["targets"] for cell in result["cells"]):
+        lines += [
+            "",
+            "With authentication on (a JWT verified on every request), in the same run:",
+            "",
+            "| shape | chunk | conc | off MiB/s | JWT MiB/s | JWT x off | CPU s/GiB off, JWT "
+            "| CPU ms/req off, JWT |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for cell in result["cells"]:
+            off = cell["targets"].get("chunkserver", {})
+            on = cell["targets"].get("chunkserver-jwt", {})
+            lines.append(
+                f"| {cell['shape']} | {cell['chunk_mib']} MiB | {cell['concurrency']} "
+                f"| {_num(off.get('MiB_per_s'))} | {_num(on.get('MiB_per_s'))} "
+                f"| {_num(cell.get('jwt_vs_off'), 2)} "
+                f"| {_num(off.get('cpu_s_per_gib'), 2)}, {_num(on.get('cpu_s_per_gib'), 2)} "
+                f"| {_num(off.get('cpu_ms_per_request'), 2)}, "
+                f"{_num(on.get('cpu_ms_per_request'), 2)} |"
+            )
     lines += [
         "",
         "completion ms: from the last byte of an upload's last chunk sent to its completed "

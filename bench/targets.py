@@ -60,6 +60,7 @@ class Target:
     process: subprocess.Popen[str] | None = None
     cleanup_dirs: list[Path] = field(default_factory=list)
     peer: Any = None  # the S3 bench's plain client (s3peer.S3Direct), instead of a server
+    token: str | None = None  # the bearer credential this target's requests carry
 
     def pids(self) -> list[int]:
         if self.process is None:
