@@ -39,6 +39,8 @@ from .backoff import jittered_delay
 from .forms import FILE_ID_PATTERN
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+# A bearer credential, or a function that returns a fresh one before each request.
+Token = str | Callable[[], str] | None
 # The `status` of every answer of /upload-chunk and /upload-status.
 ANSWER_STATUSES = frozenset({"uploading", "completed", "not_found"})
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 507})
@@ -199,7 +201,7 @@ class Uploader:
         concurrency: int,
         file_id: str | None,
         retries: int,
-        token: str | None,
+        token: Token,
         progress: ProgressCallback | None,
         backoff: Backoff,
         metadata: dict[str, str] | None = None,
@@ -213,7 +215,7 @@ class Uploader:
         self.concurrency = concurrency
         self.file_id = check_file_id(file_id) if file_id else str(uuid.uuid4())
         self.retries = retries
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.token = token
         self.progress = progress
         self.backoff = backoff
         self.metadata = metadata
@@ -224,6 +226,12 @@ class Uploader:
         self.chunks_done = 0
         self.requests_sent = 0
 
+    def _auth(self) -> dict[str, str]:
+        """The Authorization header of the next request: the token, or what the token's
+        callback returns now (a short-lived JWT the application renews)."""
+        token = self.token() if callable(self.token) else self.token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     def _chunk_length(self, index: int) -> int:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
@@ -232,7 +240,7 @@ class Uploader:
         cannot be reached or answers a retryable status."""
         url = f"{self.url}/upload-status/{self.file_id}"
         return await self._retried(
-            "status check", lambda: self.session.get(url, headers=self.headers), (200, 404)
+            "status check", lambda: self.session.get(url, headers=self._auth()), (200, 404)
         )
 
     async def _retried(
@@ -391,7 +399,7 @@ class Uploader:
             boundary = uuid.uuid4().hex  # a new body for every attempt
             parts, length = _multipart(fields, data, boundary)
             headers = {
-                **self.headers,
+                **self._auth(),
                 "Content-Type": f"multipart/form-data; boundary={boundary}",
                 "Content-Length": str(length),
             }
@@ -418,7 +426,7 @@ async def upload_file_async(
     concurrency: int = 4,
     file_id: str | None = None,
     retries: int = 5,
-    token: str | None = None,
+    token: Token = None,
     progress: ProgressCallback | None = None,
     timeout: float = 300.0,
     backoff: Backoff | None = None,
@@ -429,6 +437,8 @@ async def upload_file_async(
 
     With `file_id` of an earlier attempt, only the chunks the server lacks are sent.
     `metadata` (string keys and values) is stored with the upload and passed to hooks.
+    `token` is a bearer credential, or a function called before each request that returns
+    one (a short-lived JWT the application renews).
     Raises UploadError when the upload cannot complete or does not verify.
     """
     if chunk_size < 1 or concurrency < 1 or retries < 0:

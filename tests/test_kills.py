@@ -1,24 +1,22 @@
-"""Real deaths inside a completion, on both backends: a `chunkserver serve` process that
+"""Real deaths inside a completion on the local disk: a `chunkserver serve` process that
 SIGKILLs itself at a fault point (chunkserver/faults.py) between the steps that must happen
-together, then a restart (local disk) or another host (S3) that finishes the upload, once and
-byte for byte."""
+together, then a restart that finishes the upload, once and byte for byte. (On S3, a host
+killed between CompleteMultipartUpload and its row: tests/test_s3store.py,
+test_a_dead_completion_is_finished_within_30_s_by_live_hosts.)"""
 
 from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 
 from chunkserver.faults import FAULT_POINT_ENV
 
-from . import realstack
-from .conftest import ServerProcess, s3_flags, split
+from .conftest import ServerProcess, split
 from .reference import metric_value
 from .test_processes import post_chunk
 
@@ -57,38 +55,3 @@ def test_a_process_killed_inside_a_merge_completes_once_after_restart(
     resent = post_chunk(again.url, "killed", len(chunks) - 1, len(chunks), chunks[-1])
     assert resent["status"] == "completed" and completions(again.url) == 1
     assert not (tmp_path / "data" / "chunks" / "killed").exists()
-
-
-def test_a_host_killed_between_the_object_and_its_row_is_taken_over_once(
-    servers: Callable[..., ServerProcess],
-    tmp_path: Path,
-    request: pytest.FixtureRequest,
-    swift: realstack.Swift,
-) -> None:
-    """S3: the host dies after CompleteMultipartUpload made the object whole, before the row
-    says completed. Another host takes the completion over once the lease (20 s) runs out,
-    within the 30 s the contract allows: the object is the file, and no multipart upload is
-    left (S3 completes one once: the taking over finds it done and checks the object)."""
-    settings = request.getfixturevalue("s3_settings")
-    config = tmp_path / "s3.toml"
-    config.write_text("\n".join([*s3_flags(settings), "min_free_bytes = 0"]) + "\n")
-    data = os.urandom(6 * 1024 * 1024 + 11)
-    chunks = split(data, 1024 * 1024)
-    dying = servers("--config", str(config), data_dir=tmp_path / "a",
-                    env={FAULT_POINT_ENV: "s3-after-complete"})  # fmt: skip
-    upload_until_killed(dying, "taken", chunks)
-    died = time.monotonic()
-    other = servers("--config", str(config), data_dir=tmp_path / "b")
-    while True:
-        answer = requests.get(f"{other.url}/upload-status/taken", timeout=30)
-        if answer.status_code == 200 and answer.json()["status"] == "completed":
-            break
-        assert time.monotonic() - died < 30, answer.text
-        time.sleep(1)
-    assert answer.json()["size"] == len(data)
-    assert requests.get(f"{other.url}/files/taken", timeout=60).content == data
-    s3: Any = realstack.s3_client(swift)
-    bucket = settings["s3_bucket"]
-    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    stored = s3.get_object(Bucket=bucket, Key="uploads/taken/f.bin")["Body"].read()
-    assert stored == data

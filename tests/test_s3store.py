@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import requests
 
 from chunkserver import Config
 from chunkserver.errors import UploadConflict, UploadGone, UploadLocked
+from chunkserver.faults import FAULT_POINT_ENV
 from chunkserver.meter import ByteLimit
 from chunkserver.model import UploadMeta
 from chunkserver.s3 import S3Store
@@ -474,26 +476,35 @@ async def test_a_dead_completion_is_taken_over_by_the_next_chunk_or_status(
 def test_a_dead_completion_is_finished_within_30_s_by_live_hosts(
     tmp_path, config: Config, s3_settings: dict, servers, s3: Any
 ) -> None:
-    """Real processes, the real lease: a host dies holding a completion; `chunkserver
-    upload` against one live host, and the last chunk sent again to another, both see the
-    upload completed, with the right object, within 30 s of the death."""
+    """Real processes, the real lease: a host is killed inside its completion, after S3's
+    CompleteMultipartUpload made the object whole and before its row says so (a fault
+    point: chunkserver/faults.py). `chunkserver upload` against one live host, and the last
+    chunk sent again to another, both see the upload completed within 30 s of the death,
+    the object is the file, and no multipart upload is left open."""
     host_config = tmp_path / "host.toml"
     host_config.write_text("\n".join(s3_flags(s3_settings)) + "\n")
     one = servers("--config", str(host_config), data_dir=tmp_path / "one")
     two = servers("--config", str(host_config), data_dir=tmp_path / "two")
+    dying = servers("--config", str(host_config), data_dir=tmp_path / "three",
+                    env={FAULT_POINT_ENV: "s3-after-complete"})  # fmt: skip
     data = os.urandom(3 * MiB + 123)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
     chunks = split(data, MiB)
-
-    async def die() -> None:
-        dead = await open_store(config, **s3_settings)
-        try:
-            await died_mid_completion(dead, "deadhost", chunks)
-        finally:
-            await dead.close()
-
-    asyncio.run(die())
+    for index, chunk in enumerate(chunks[:-1]):
+        resp = requests.post(
+            f"{dying.url}/upload-chunk", files={"chunk": ("blob", chunk)},
+            data={"file_id": "deadhost", "chunk_index": str(index), "total_chunks": "4",
+                  "filename": "f.bin"}, timeout=30,
+        )  # fmt: skip
+        assert resp.status_code == 200, resp.text
+    with pytest.raises(requests.ConnectionError):  # the last chunk's completion kills it
+        requests.post(
+            f"{dying.url}/upload-chunk", files={"chunk": ("blob", chunks[-1])},
+            data={"file_id": "deadhost", "chunk_index": "3", "total_chunks": "4",
+                  "filename": "f.bin"}, timeout=30,
+        )  # fmt: skip
+    assert dying.process.wait(10) == -signal.SIGKILL
     died = time.monotonic()
     uploading = subprocess.Popen(
         [sys.executable, "-m", "chunkserver", "upload", str(path), "--url", one.url,
@@ -522,6 +533,7 @@ def test_a_dead_completion_is_finished_within_30_s_by_live_hosts(
     assert json.loads(out.splitlines()[-1])["crc64nvme"] == crc64(data)
     body = s3.get_object(Bucket=s3_settings["s3_bucket"], Key="uploads/deadhost/f.bin")
     assert body["Body"].read() == data
+    assert s3.list_multipart_uploads(Bucket=s3_settings["s3_bucket"]).get("Uploads", []) == []
 
 
 async def test_a_host_starting_beside_busy_hosts_runs_no_ddl(s3_settings: dict) -> None:

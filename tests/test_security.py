@@ -5,6 +5,7 @@ invalid credential answered with the same 401."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -251,3 +252,54 @@ async def test_a_tokens_claim_scopes_its_actions_and_file_ids(
     assert (await client.delete("/uploads/mine", headers=reader)).status == 403
     malformed = bearer(hs256({"sub": "a", "chunkserver": {"actions": ["fly"]}}))
     await refused_alike(await client.get("/upload-status/mine", headers=malformed))
+
+
+async def test_clients_take_a_token_or_a_function_returning_a_fresh_one(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    """The Python client and the browser's uploader call the function before each request,
+    so that a short-lived JWT is renewed as the upload goes."""
+    import asyncio
+    import shutil
+
+    from chunkserver.client import upload_file_async
+
+    client = await make_client(jwt_secret=SECRET)
+    url = str(client.make_url("")).rstrip("/")
+    issued: list[str] = []
+
+    def fresh() -> str:
+        issued.append(hs256({"sub": "alice", "n": len(issued)}))
+        return issued[-1]
+
+    data = os.urandom(300_000)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    result = await upload_file_async(path, url, chunk_size=100_000, token=fresh, file_id="py")
+    assert result["verified"] is True
+    assert len(issued) >= 4  # a status request and three chunks, each with its own token
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node binary (apt-get install nodejs)")
+    module = (
+        Path(__file__).resolve().parent.parent / "chunkserver" / "static" / "chunked-uploader.js"
+    )
+    token = hs256({"sub": "alice"})
+    script = f"""
+    import {{ ChunkedUploader }} from {json.dumps(str(module))};
+    let calls = 0;
+    const uploader = new ChunkedUploader({json.dumps(url)}, {{
+      chunkSize: 1000, storage: null,
+      token: async () => {{ calls += 1; return {json.dumps(token)}; }},
+    }});
+    const file = new File([new Uint8Array(2500).fill(7)], "js.bin");
+    const done = await uploader.upload(file);
+    console.log(JSON.stringify({{ calls, status: done.status, size: done.size }}));
+    """
+    ran = await asyncio.create_subprocess_exec(
+        node, "--input-type=module", "-e", script, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(ran.communicate(), 60)
+    answer = json.loads(out.decode().strip().splitlines()[-1])
+    assert answer["status"] == "completed" and answer["size"] == 2500
+    assert answer["calls"] >= 3

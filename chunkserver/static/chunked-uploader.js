@@ -88,7 +88,7 @@ export class ChunkedUploader {
     const response = await fetch(`${this.apiUrl}/upload-chunk`, {
       method: 'POST',
       body: formData,
-      headers: this.headers(),
+      headers: await this.headers(),
       signal,
     });
     const body = await response.json().catch(() => ({}));
@@ -100,8 +100,11 @@ export class ChunkedUploader {
 
   // -- status, resume, abort ----------------------------------------------------------------
 
-  headers() {
-    return this.token ? { Authorization: `Bearer ${this.token}` } : {};
+  // The Authorization header of the next request: `options.token` is a string, or a
+  // function (async or not) returning a fresh one before each request (a short-lived JWT).
+  async headers() {
+    const token = typeof this.token === 'function' ? await this.token() : this.token;
+    return token ? { Authorization: `Bearer ${token}` } : {};
   }
 
   resumeKey(file) {
@@ -114,7 +117,7 @@ export class ChunkedUploader {
 
   async status(fileId) {
     const response = await fetch(`${this.apiUrl}/upload-status/${encodeURIComponent(fileId)}`, {
-      headers: this.headers(),
+      headers: await this.headers(),
     });
     return response.json();
   }
@@ -130,7 +133,7 @@ export class ChunkedUploader {
     if (file) this.storage?.removeItem(this.resumeKey(file));
     await fetch(`${this.apiUrl}/uploads/${encodeURIComponent(fileId)}`, {
       method: 'DELETE',
-      headers: this.headers(),
+      headers: await this.headers(),
     });
   }
 
