@@ -99,14 +99,23 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize(("kind", "complete", "request_"), list(CASES), ids=str)
-async def test_a_request_from_another_protocol(
-    client: Any, kind: str, complete: bool, request_: str
+KINDS = sorted({(kind, complete) for kind, complete, _ in CASES})
+
+
+@pytest.mark.parametrize(("kind", "complete"), KINDS, ids=str)
+async def test_requests_from_other_protocols(client: Any, kind: str, complete: bool) -> None:
+    """Each request of the table on an upload of its own, made for it."""
+    for (made_by, done, request_), (status, after) in CASES.items():
+        if (made_by, done) == (kind, complete):
+            await check_one(client, kind, complete, request_, status, after)
+
+
+async def check_one(
+    client: Any, kind: str, complete: bool, request_: str, status: int, after: str
 ) -> None:
     file_id = await begin(client, kind, complete)
-    status, after = CASES[kind, complete, request_]
     resp = await ask(client, request_, file_id)
-    assert resp.status == status, await resp.text()
+    assert resp.status == status, (kind, complete, request_, await resp.text())
     state = await (await client.get(f"/upload-status/{file_id}")).json()
     if after in ("done", "abcXYZ"):
         assert state["status"] == "completed" and state["size"] == 6
@@ -121,6 +130,8 @@ async def test_a_request_from_another_protocol(
         else:
             assert state["offset"] == 3
         assert (await client.get(f"/files/{file_id}")).status == 404
+    if kind == "seed":  # its ids are the client's: free it for the next case
+        assert (await client.delete(f"/uploads/{file_id}")).status == 204
 
 
 @pytest.mark.parametrize("kind", ["tus", "ietf"])

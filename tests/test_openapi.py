@@ -137,7 +137,7 @@ def test_schemathesis_finds_nothing(
     config.write_text("\n".join(lines) + "\n")
     server = servers("--config", str(config))
     seconds = os.environ.get(
-        "CHUNKSERVER_SCHEMATHESIS_SECONDS", "15" if backend == "local" else "12"
+        "CHUNKSERVER_SCHEMATHESIS_SECONDS", "12" if backend == "local" else "10"
     )
     done = subprocess.run(
         [st, "--config-file", str(HERE / "schemathesis.toml"), "run",
