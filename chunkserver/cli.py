@@ -99,7 +99,8 @@ def _mistake(command: str, message: str, code: int = 2) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from .client import UploadError, check_file_id, parse_size, upload_file
+    from .client import upload_file
+    from .clientrules import UploadError, check_file_id, parse_size
 
     path = Path(args.path)
     if not path.is_file():
@@ -141,7 +142,8 @@ def _upload(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import aiohttp
 
-    from .client import UploadError, check_file_id, get_status
+    from .client import get_status
+    from .clientrules import UploadError, check_file_id
 
     try:
         check_file_id(args.file_id)

@@ -152,16 +152,16 @@ class LocalStreamWriter(LocalChunkReceiver):
         self._discard(received.chunk)
 
     async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
-        try:
-            return await self._run(self._adopt, meta, _unless_set("total_size", length))
-        except FolderGone:
-            raise UploadGone() from None
-        except OSError as e:
-            raise storage_error(e) from e
+        return await self._adopt_in_thread(meta, _unless_set("total_size", length))
 
     async def declare_digest(self, meta: UploadMeta, sha256: str) -> UploadMeta:
+        return await self._adopt_in_thread(meta, _unless_set("repr_sha256", sha256))
+
+    async def _adopt_in_thread(
+        self, meta: UploadMeta, change: Callable[[UploadMeta], UploadMeta]
+    ) -> UploadMeta:
         try:
-            return await self._run(self._adopt, meta, _unless_set("repr_sha256", sha256))
+            return await self._run(self._adopt, meta, change)
         except FolderGone:
             raise UploadGone() from None
         except OSError as e:
