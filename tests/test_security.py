@@ -303,3 +303,18 @@ async def test_clients_take_a_token_or_a_function_returning_a_fresh_one(
     answer = json.loads(out.decode().strip().splitlines()[-1])
     assert answer["status"] == "completed" and answer["size"] == 2500
     assert answer["calls"] >= 3
+
+
+async def test_a_verified_token_is_kept_only_until_it_expires(make_client: ClientFactory) -> None:
+    """The same JWT on every request is verified once, and refused once its exp passes."""
+    import asyncio
+
+    client = await make_client(jwt_secret=SECRET, jwt_leeway_seconds=0)
+    token = bearer(hs256({"sub": "alice", "exp": int(time.time()) + 2}))
+    for _ in range(3):
+        assert (await client.get("/upload-status/x", headers=token)).status == 404
+    deadline = time.monotonic() + 10
+    while (await client.get("/upload-status/x", headers=token)).status == 404:
+        assert time.monotonic() < deadline, "an expired token must be refused"
+        await asyncio.sleep(0.2)
+    await refused_alike(await client.get("/upload-status/x", headers=token))
