@@ -48,6 +48,10 @@ FileId = Annotated[str, FILE_ID_SCHEMA]
 Crc64Nvme = Annotated[str, CRC64NVME_SCHEMA]
 Metadata = Annotated[dict[str, str], METADATA_SCHEMA]
 Sha256Hex = Annotated[str, Rule(pattern="^[0-9a-f]{64}$")]  # answers give it in lower case
+AppAnswer = Annotated[
+    dict[str, Any],
+    Rule(type="object", description="the pre-finish hook's answer (docs/integration.md)"),
+]
 Count = Annotated[int, Rule(minimum=1)]
 Size = Annotated[int, Rule(minimum=0)]
 
@@ -93,6 +97,7 @@ class ChunkCompleted(Answer):
     crc64nvme: Crc64Nvme
     sha256: Sha256Hex | None = None
     metadata: Metadata | None = None
+    app: AppAnswer | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,6 +196,7 @@ def chunk_completed(record: CompletedUpload) -> ChunkCompleted:
         crc64nvme=record.crc64nvme,
         sha256=record.sha256,
         metadata=record.metadata,
+        app=record.app,
     )
 
 
@@ -276,6 +282,8 @@ def _value_schema(hint: Any) -> tuple[JsonSchema, bool]:
         return {"type": "object", "additionalProperties": _value_schema(args[1])[0]}, False
     if hint in _SCALARS:
         return {"type": _SCALARS[hint]}, False
+    if hint is Any:  # any JSON value (the application's, in "app")
+        return {}, False
     raise TypeError(f"no JSON schema for {hint!r}")
 
 

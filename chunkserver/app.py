@@ -23,7 +23,7 @@ from .errors import (
     StoreUnavailable,
 )
 from .handlers import add_routes
-from .identities import Authenticator
+from .identities import ANONYMOUS, Authenticator
 from .inflight import InFlightAppends
 from .keys import CONFIG, IDENTITY, IN_FLIGHT, RECEIVE_BUFFERS, UPLOADS
 from .logs import ThrottledLog
@@ -116,13 +116,7 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
 
     @web.middleware
     async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
-        if (
-            request.method == hdrs.METH_OPTIONS
-            or path in PUBLIC_PATHS
-            or path == "/"
-            or path.startswith(PUBLIC_PREFIXES)
-        ):
+        if is_public(request):
             return await handler(request)
         identity = await authenticator.identify(request)
         scope = identity.scope
@@ -137,6 +131,30 @@ def auth_middleware(authenticator: Authenticator) -> Middleware:
         return await handler(request)
 
     return identify
+
+
+def rate_middleware(uploads: UploadService) -> Middleware:
+    """Every request but the public ones takes one from its identity's bucket (quotas.py):
+    429 with Retry-After when it is empty."""
+
+    @web.middleware
+    async def limit_rate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not is_public(request):
+            await uploads.quotas.admit_request(request.get(IDENTITY, ANONYMOUS))
+        return await handler(request)
+
+    return limit_rate
+
+
+def is_public(request: web.Request) -> bool:
+    """Whether a request answers without a credential (and outside the quotas)."""
+    path = request.path
+    return (
+        request.method == hdrs.METH_OPTIONS
+        or path in PUBLIC_PATHS
+        or path == "/"
+        or path.startswith(PUBLIC_PREFIXES)
+    )
 
 
 def action_of(request: web.Request) -> str | None:
@@ -204,9 +222,12 @@ class AccessLogger(AbstractAccessLogger):
     trusted: tuple[Network | str, ...] = ()
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        # The identity in the place of common log format's user ("-": anonymous).
+        identity = request.get(IDENTITY, ANONYMOUS).name or "-"
         self.logger.info(
-            '%s "%s %s HTTP/%d.%d" %d %d %.4fs',
+            '%s %s "%s %s HTTP/%d.%d" %d %d %.4fs',
             client_address(request, self.trusted),
+            identity,
             request.method,
             request.path_qs,
             request.version.major,
@@ -271,9 +292,12 @@ def create_app(config: Config) -> web.Application:
     authenticator = Authenticator(config)
     if authenticator.enabled:
         middlewares.append(auth_middleware(authenticator))
+    uploads = UploadService.open(config)
+    if config.quota_requests_per_second:
+        middlewares.append(rate_middleware(uploads))
     app = web.Application(middlewares=middlewares)
     app[CONFIG] = config
-    app[UPLOADS] = UploadService.open(config)
+    app[UPLOADS] = uploads
     app[RECEIVE_BUFFERS] = receive_buffers_for(config.storage)
     app[IN_FLIGHT] = InFlightAppends()
     add_routes(app)
@@ -287,4 +311,5 @@ def create_app(config: Config) -> web.Application:
 async def _count_status(request: web.Request, response: web.StreamResponse) -> None:
     """Count each answer by the status it is sent with: a download's 206, 304 or 416 is
     known only once its response is prepared."""
-    request.app[UPLOADS].metrics.count_request(response.status)
+    identity = request.get(IDENTITY, ANONYMOUS)
+    request.app[UPLOADS].metrics.count_request(response.status, identity.name)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .callers import Caller
 from .errors import BadRequest, Forbidden
 from .forms import MAX_FIELD_BYTES, TEXT_FIELDS, ChunkFields, ChunkForm
-from .identities import ANONYMOUS, Identity
+from .identities import Identity
 from .model import Committed, CompletedUpload
 from .multipart import MultipartParser
 from .owners import owned_id
@@ -36,12 +37,12 @@ async def receive_chunk_request(
     *,
     content_length: int | None,
     max_total_chunks: int,
-    remote: str | None,
-    identity: Identity = ANONYMOUS,
+    caller: Caller,
 ) -> ChunkStored | CompletedUpload:
-    """`identity`: who sends the chunk. Its file_id is taken in the identity's namespace
-    (owners.py), and checked against its token's scope, once the fields are known and
-    before a byte is stored in an upload."""
+    """`caller`: who sends the chunk. Its file_id is taken in the caller's identity's
+    namespace (owners.py), and checked against its token's scope, once the fields are known
+    and before a byte is stored in an upload."""
+    identity = caller.identity
     form = ChunkForm(max_total_chunks=max_total_chunks)
     prepared: Prepared | None = None
     received: PendingChunk | None = None
@@ -56,12 +57,13 @@ async def receive_chunk_request(
                     )
                     continue
                 early = _owned(form.fields(), identity)
-                found = await uploads.prepare(early, content_length, remote=remote)
+                found = await uploads.prepare(early, content_length, caller=caller)
                 if isinstance(found, CompletedUpload):
                     return found
                 prepared = found
+                early = _as_prepared(early, prepared)
                 hint = parser.body_length_if_last(content_length)
-                outcome = await uploads.receive(prepared, early, parser.body(), hint)
+                outcome = await uploads.receive(prepared, early, parser.body(), hint, caller)
                 if isinstance(outcome, CompletedUpload):
                     return outcome
                 prepared, received = outcome
@@ -71,18 +73,27 @@ async def receive_chunk_request(
         if received is None:
             raise BadRequest("Missing required parameter: chunk")
         if prepared is None:
-            found = await uploads.prepare(fields, None, remote=remote)
+            found = await uploads.prepare(fields, None, caller=caller)
             if isinstance(found, CompletedUpload):
                 return found
             prepared = found
+        fields = _as_prepared(fields, prepared)
         owned, received = received, None  # store_chunk owns it from here on
-        result = await uploads.store_chunk(fields, prepared, owned, remote)
+        result = await uploads.store_chunk(fields, prepared, owned, caller)
     except BaseException:
         await uploads.fail(prepared, received)
         raise
     if isinstance(result, CompletedUpload):
         return result
     return ChunkStored(fields, result)
+
+
+def _as_prepared(fields: ChunkFields, prepared: Prepared) -> ChunkFields:
+    """The fields under the id of the upload they go into (a pre-create hook may have
+    given it another)."""
+    if fields.file_id == prepared.meta.file_id:
+        return fields
+    return dataclasses.replace(fields, file_id=prepared.meta.file_id)
 
 
 def _owned(fields: ChunkFields, identity: Identity) -> ChunkFields:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 
+from .callers import Caller
 from .errors import (
     PayloadTooLarge,
     ServerBusy,
@@ -14,6 +16,7 @@ from .errors import (
     UploadGone,
 )
 from .forms import ChunkFields
+from .identities import ANONYMOUS
 from .meter import ByteLimit
 from .model import (
     Committed,
@@ -46,7 +49,7 @@ class ChunkSteps(ServiceCore):
         content_length: int | None,
         *,
         ask_store: bool = False,
-        remote: str | None = None,
+        caller: Caller | None = None,
     ) -> Prepared | CompletedUpload:
         """Check a chunk before its bytes are read; find or begin its upload.
 
@@ -60,15 +63,16 @@ class ChunkSteps(ServiceCore):
             known = self.manifest.get(fields.file_id) or await self.store.lookup(fields.file_id)
         if isinstance(known, CompletedUpload | UploadMeta) and known.protocol != "chunks":
             raise UploadConflict(STREAM_CONFLICT.format(public_id(fields.file_id)))
-        if isinstance(known, CompletedUpload):
-            return known
-        if known is not None and known.chunk_size is None and fields.chunk_index != 0:
+        if isinstance(known, UploadMeta) and known.chunk_size is None and fields.chunk_index:
             # Another process may have learned the chunk size since this one cached it.
             known = await self.store.lookup(fields.file_id)
-            if isinstance(known, CompletedUpload):
-                return known
         if known is not None:
-            self.policy.check_conflicts(known, fields)
+            # The bytes quota is checked once the chunk's own length is known (store_chunk).
+            await self._check_existing(known, caller, None)
+        if isinstance(known, CompletedUpload):
+            return known
+        if known is not None:
+            self.policy.check_conflicts(known, self._compared(fields))
         self.policy.check_free_space(known, fields, content_length)
         created = False
         if known is None or known.adopts(fields.chunk_size, fields.metadata):
@@ -80,18 +84,28 @@ class ChunkSteps(ServiceCore):
                 fields.chunk_size,
                 fields.metadata,
             )
-            if known is None:  # a new upload: the application may refuse it first
-                await self.hooks.pre_create(proposed, remote)
+            if known is None:  # a new upload: quotas, and the application may refuse it
+                proposed = await self._admit_new(proposed, caller, None)
+                fields = dataclasses.replace(
+                    fields, file_id=proposed.file_id, metadata=proposed.metadata
+                )
             async with self.locks.hold(fields.file_id):
                 begun, created = await self.store.begin(proposed)
             if begun.protocol != "chunks":
                 raise UploadConflict(STREAM_CONFLICT.format(public_id(fields.file_id)))
             if isinstance(begun, CompletedUpload):
                 return begun
-            self.policy.check_conflicts(begun, fields)
+            self.policy.check_conflicts(begun, self._compared(fields))
             known = begun
         self.manifest.remember(known)
         return Prepared(known, created)
+
+    def _compared(self, fields: ChunkFields) -> ChunkFields:
+        """The fields a chunk is compared with its upload by. With a pre-create hook, the
+        metadata is what the first chunk and the hook fixed, not compared again."""
+        if self.hooks.wants("pre-create"):
+            return dataclasses.replace(fields, metadata=None)
+        return fields
 
     async def receive(
         self,
@@ -99,6 +113,7 @@ class ChunkSteps(ServiceCore):
         fields: ChunkFields,
         body: AsyncIterator[memoryview],
         length_hint: int | None = None,
+        caller: Caller | None = None,
     ) -> tuple[Prepared, PendingChunk] | CompletedUpload:
         """Stream the chunk's bytes to the store.
 
@@ -111,7 +126,7 @@ class ChunkSteps(ServiceCore):
                 return prepared, await self._receive(prepared.meta, fields, body, length_hint)
             except UploadGone:
                 self.manifest.forget(fields.file_id)
-            again = await self.prepare(fields, None, ask_store=True)
+            again = await self.prepare(fields, None, ask_store=True, caller=caller)
             if isinstance(again, CompletedUpload):
                 return again
             prepared = again
@@ -157,7 +172,7 @@ class ChunkSteps(ServiceCore):
         fields: ChunkFields,
         prepared: Prepared,
         received: PendingChunk,
-        remote: str | None = None,
+        caller: Caller | None = None,
     ) -> Committed | CompletedUpload:
         """Check and commit a received chunk; complete the upload when it was the last.
 
@@ -165,6 +180,8 @@ class ChunkSteps(ServiceCore):
         """
         try:
             await self.policy.check_received(fields, prepared.meta, received)
+            identity = ANONYMOUS if caller is None else caller.identity
+            await self.quotas.admit_bytes(identity, prepared.meta, received.length)
         except BaseException:
             await self.store.discard(received)
             raise
@@ -178,9 +195,13 @@ class ChunkSteps(ServiceCore):
             return result
         self.manifest.remember(result.meta)
         self.metrics.inc("chunks_stored")
+        if prepared.created:
+            await self.hooks.emit("post-create", result.meta, caller)
         if not result.all_stored:
+            extra = {"uploaded_chunks": result.uploaded_chunks}
+            await self.hooks.progress(result.meta, caller, extra)
             return result
-        completed = await self._complete_and_announce(result.meta, remote)
+        completed = await self._complete_and_announce(result.meta, caller)
         if completed is None:
             return result
         self.manifest.forget(fields.file_id)

@@ -52,6 +52,10 @@ class Config:
     jwt_issuer: str = ""
     jwt_leeway_seconds: float = 30.0
     signing_key: str = ""  # signs and checks signed URLs
+    # Quotas per identity (quotas.py); 0: none.
+    quota_bytes_in_progress: int = 0
+    quota_uploads_in_progress: int = 0
+    quota_requests_per_second: float = 0.0
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     accel_redirect_prefix: str = ""
@@ -72,6 +76,9 @@ class Config:
     hook_url: str = ""  # empty: no hooks
     hook_events: tuple[str, ...] = ("pre-create", "post-finish", "post-terminate", "post-expire")
     hook_timeout_seconds: float = 5.0
+    hook_request_headers: tuple[str, ...] = ()  # the request's headers every event carries
+    hook_progress_seconds: float = 1.0  # post-receive: at most one per upload this often
+    hook_access_cache_seconds: float = 60.0  # pre-access: how long a 2xx answer holds
 
     @property
     def accepted_jwt_algorithms(self) -> tuple[str, ...]:
@@ -97,6 +104,7 @@ _TUPLE_KEYS = {
     "checksums",
     "hook_events",
     "jwt_algorithms",
+    "hook_request_headers",
 }
 _TABLE_KEYS = {"auth_identities"}
 SYMMETRIC_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -104,7 +112,16 @@ ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "
 CHECKSUMS = ("crc64nvme", "sha256")
 STORAGES = ("local", "s3")
 MAX_WORKERS = 64
-HOOK_EVENTS = ("pre-create", "post-finish", "post-terminate", "post-expire")
+HOOK_EVENTS = (
+    "pre-create",
+    "post-create",
+    "post-receive",
+    "pre-finish",
+    "post-finish",
+    "post-terminate",
+    "post-expire",
+    "pre-access",
+)
 
 
 def available_cores() -> int:
@@ -190,6 +207,28 @@ def validate(config: Config) -> Config:
             f"must be a list of {HOOK_EVENTS}",
         ),
         ("hook_timeout_seconds", config.hook_timeout_seconds > 0, "must be positive"),
+        ("hook_progress_seconds", config.hook_progress_seconds >= 0, "must not be negative"),
+        (
+            "hook_access_cache_seconds",
+            config.hook_access_cache_seconds >= 0,
+            "must not be negative",
+        ),
+        (
+            "hook_request_headers",
+            all(h.strip() and ":" not in h for h in config.hook_request_headers),
+            "must be a list of header names",
+        ),
+        ("quota_bytes_in_progress", config.quota_bytes_in_progress >= 0, "must not be negative"),
+        (
+            "quota_uploads_in_progress",
+            config.quota_uploads_in_progress >= 0,
+            "must not be negative",
+        ),
+        (
+            "quota_requests_per_second",
+            config.quota_requests_per_second >= 0,
+            "must not be negative",
+        ),
         ("host", config.host.strip() != "", "must not be empty"),
         ("log_level", config.log_level.lower() in LOG_LEVELS, f"must be one of {LOG_LEVELS}"),
         ("auth_tokens", all(t.strip() for t in config.auth_tokens), "must not hold empty tokens"),

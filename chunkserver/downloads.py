@@ -19,6 +19,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import parse_http_date
 
+from .callers import caller_of
 from .errors import FileNotFound, RangeNotSatisfiable, StorageFailure
 from .keys import CONFIG, UPLOADS
 from .model import StoredObject
@@ -37,7 +38,7 @@ def content_disposition(filename: str) -> str:
 
 async def download_file(request: web.Request) -> web.StreamResponse:
     file_id = upload_id(request)
-    found = await request.app[UPLOADS].download(file_id)
+    found = await request.app[UPLOADS].download(file_id, caller_of(request, request.app[CONFIG]))
     if found is None:
         raise FileNotFound()
     path, record = found

@@ -152,8 +152,23 @@ class StoreUnavailable(ChunkServerError):
         self.component = "the database" if "database" in reason else "the object store"
 
 
+class QuotaExceeded(ChunkServerError):
+    """An identity is over one of its quotas (quotas.py): nothing of the request is stored."""
+
+    status = 429
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(max(1, retry_after))}
+
+
+class UploadStopped(BadRequest):
+    """The application stopped the upload (a post-receive hook's answer)."""
+
+
 class HookRefused(ChunkServerError):
-    """The pre-create hook answered 4xx: its status and detail go to the client."""
+    """A blocking hook (pre-create, pre-finish, pre-access) answered 4xx: its status and
+    detail go to the client."""
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -161,7 +176,7 @@ class HookRefused(ChunkServerError):
 
 
 class HookUnavailable(ChunkServerError):
-    """The pre-create hook could not be asked (down, timeout, 5xx): the chunk waits."""
+    """A blocking hook could not be asked (down, timeout, 5xx): the request waits."""
 
     status = 503
     headers = {"Retry-After": "5"}  # noqa: RUF012

@@ -10,7 +10,6 @@ from pathlib import Path
 from aiohttp import hdrs, web
 
 from . import openapi
-from .addresses import remote_of
 from .answers import (
     ChunkUploading,
     Health,
@@ -20,13 +19,14 @@ from .answers import (
     status_answer,
 )
 from .bodyreader import BodyReader, continue_when_read
+from .callers import caller_of
 from .chunkrequest import receive_chunk_request
 from .downloads import download_file
 from .errors import FileNotFound
 from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .model import CompletedUpload
 from .multipart import MultipartParser, boundary_from_content_type
-from .owners import identity_of, public_id, upload_id
+from .owners import public_id, upload_id
 
 JSON = "application/json"
 STATIC_DIR = Path(__file__).parent / "static"
@@ -52,8 +52,7 @@ async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.R
         parser,
         content_length=request.content_length,
         max_total_chunks=config.max_total_chunks,
-        remote=remote_of(request, config),
-        identity=identity_of(request),
+        caller=caller_of(request, config),
     )
     if isinstance(result, CompletedUpload):
         return answer(chunk_completed(result))
@@ -71,7 +70,7 @@ async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.R
 
 async def upload_status(request: web.Request) -> web.Response:
     file_id = upload_id(request)
-    found = await request.app[UPLOADS].status(file_id)
+    found = await request.app[UPLOADS].status(file_id, caller_of(request, request.app[CONFIG]))
     if found is None:
         return answer(StatusNotFound(), status=404)
     return answer(status_answer(found))
@@ -79,7 +78,7 @@ async def upload_status(request: web.Request) -> web.Response:
 
 async def delete_upload(request: web.Request) -> web.Response:
     file_id = upload_id(request)
-    if not await request.app[UPLOADS].delete(file_id, remote_of(request, request.app[CONFIG])):
+    if not await request.app[UPLOADS].delete(file_id, caller_of(request, request.app[CONFIG])):
         raise FileNotFound()
     return web.Response(status=204)
 

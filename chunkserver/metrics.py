@@ -42,6 +42,11 @@ COUNTERS: dict[str, str] = {
     "hooks_delivered": "Hook events the receiver took (2xx)",
     "hooks_retried": "Hook deliveries that failed and were put back for a retry",
 }
+# Identities named in the labels of one process's counters; the others count as "other", so
+# that a server with many users keeps a bounded number of series.
+MAX_IDENTITY_LABELS = 100
+ANONYMOUS_LABEL = "anonymous"
+OTHER_LABEL = "other"
 _PROCESS_FILE = re.compile(r"^[a-z_]+_(\d+)\.db$")
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
@@ -93,12 +98,32 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.by_identity = Counter(
+            "chunkserver_identity_requests",
+            f"HTTP requests answered, by identity (the first {MAX_IDENTITY_LABELS} a process "
+            f'sees by name, then "{OTHER_LABEL}")',
+            ["identity", "status"],
+            registry=self.registry,
+        )
+        self._labelled: set[str] = set()
 
     def inc(self, name: str, amount: int = 1) -> None:
         self.counters[name].inc(amount)
 
-    def count_request(self, status: int) -> None:
-        self.requests.labels(str(status)).inc()
+    def count_request(self, status: int, identity: str = "") -> None:
+        code = str(status)
+        self.requests.labels(code).inc()
+        self.by_identity.labels(self._identity_label(identity), code).inc()
+
+    def _identity_label(self, name: str) -> str:
+        if not name:
+            return ANONYMOUS_LABEL
+        if name in self._labelled:
+            return name
+        if len(self._labelled) >= MAX_IDENTITY_LABELS:
+            return OTHER_LABEL
+        self._labelled.add(name)
+        return name
 
     def render(self, gauges: dict[str, tuple[str, int]]) -> str:
         """Prometheus text: the counters of every live process, and the gauges."""

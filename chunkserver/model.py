@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 TUS = "tus"  # UploadMeta.protocol of a tus upload
 IETF = "ietf"  # of an upload made with the IETF draft (resumable.py): a stream, as tus's
@@ -160,6 +160,8 @@ class CompletedUpload:
     protocol: str = "chunks"  # as UploadMeta.protocol
     concat: str | None = None  # as UploadMeta.concat
     repr_sha256: str | None = None  # as UploadMeta.repr_sha256
+    # The pre-finish hook's answer, for the completing request's answer only (never stored).
+    app: dict[str, Any] | None = None
 
     @property
     def is_partial(self) -> bool:

@@ -28,6 +28,18 @@ def namespace(name: str) -> str:
     return "o" + hashlib.sha256(name.encode()).hexdigest()[:24]
 
 
+def namespace_of(identity: Identity) -> str:
+    """The identity's namespace; "" for the anonymous identity, which has none."""
+    return namespace(identity.name) if identity.name else ""
+
+
+def in_namespace(owned: str, space: str) -> bool:
+    """Whether the upload of owned id `owned` belongs to the namespace `space`."""
+    if not space:
+        return SEPARATOR not in owned
+    return owned.startswith(space + SEPARATOR)
+
+
 def owned_id(identity: Identity, file_id: str) -> str:
     """The id `identity`'s upload `file_id` is stored under."""
     if not identity.name:

@@ -23,9 +23,10 @@ from urllib.parse import unquote
 from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.typedefs import Handler
 
-from .addresses import forwarded_base, from_proxy, remote_of
+from .addresses import forwarded_base, from_proxy
 from .answers import answer, status_answer
 from .bodyreader import StreamBody, continue_when_read
+from .callers import Caller, caller_of
 from .config import Config
 from .digests import DigestCheck, field_value, sha256_of_field
 from .errors import (
@@ -45,7 +46,7 @@ from .forms import check_filename, parse_metadata
 from .interop import Interop, interop_of, structured_integer
 from .keys import CONFIG, IN_FLIGHT, RECEIVE_BUFFERS, UPLOADS
 from .model import IETF, CompletedUpload, StoredObject, StreamProgress, UploadMeta
-from .owners import identity_of, owned_id, upload_id
+from .owners import identity_of, owned_id, public_id, upload_id
 
 PREFIX = "/resumable/"
 PARTIAL_UPLOAD = "application/partial-upload"
@@ -255,8 +256,9 @@ async def create(request: web.Request) -> web.Response:
     representation = sha256_of_field("Repr-Digest", request.headers.get("Repr-Digest"))
     if representation is not None:  # kept with the upload, checked when it completes
         meta = dataclasses.replace(meta, repr_sha256=representation.hex())
-    begun = await uploads.create_stream(meta, _remote(request))
-    location = {"Location": _location(request, public)}
+    begun = await uploads.create_stream(meta, _caller(request), request.content_length)
+    file_id = begun.file_id  # the pre-create hook may have given it another
+    location = {"Location": _location(request, public_id(file_id))}
     _send_interim(request, interop, location | {"Upload-Limit": _limits(request.app[CONFIG])})
     if not (complete or _has_content(request)):
         progress = StreamProgress(begun, 0, 0, begun.created_at)
@@ -321,7 +323,7 @@ async def _append(
             length=content_length,
             declared_length=length,
             checksum=digests,
-            remote=_remote(request),
+            caller=_caller(request),
             complete=interop.completion(complete),
         )
     if isinstance(state, CompletedUpload):
@@ -347,7 +349,7 @@ async def _check_representation(
     else:
         actual = await _sha256_of_file(request, record.file_id)
     if expected != {actual}:
-        await request.app[UPLOADS].delete(record.file_id, _remote(request))
+        await request.app[UPLOADS].delete(record.file_id, _caller(request))
         raise DigestMismatch(
             "Repr-Digest sha-256 does not match the completed upload's bytes; it was removed"
         )
@@ -377,7 +379,7 @@ async def head(request: web.Request) -> web.Response:
     interop = interop_of(request)
     file_id = upload_id(request)
     await request.app[IN_FLIGHT].cut_earlier(file_id, request.transport)
-    found = await request.app[UPLOADS].stream_state(file_id)
+    found = await request.app[UPLOADS].stream_state(file_id, _caller(request))
     if found is None:
         raise FileNotFound("No upload of this id")
     headers = _state_headers(request, interop, found) | {hdrs.CACHE_CONTROL: "no-store"}
@@ -388,13 +390,13 @@ async def cancel(request: web.Request) -> web.Response:
     interop_of(request)
     file_id = upload_id(request)
     await request.app[IN_FLIGHT].cut_earlier(file_id, request.transport)
-    if not await request.app[UPLOADS].delete(file_id, _remote(request)):
+    if not await request.app[UPLOADS].delete(file_id, _caller(request)):
         raise FileNotFound("No upload of this id")
     return web.Response(status=204)
 
 
-def _remote(request: web.Request) -> str:
-    return remote_of(request, request.app[CONFIG])
+def _caller(request: web.Request) -> Caller:
+    return caller_of(request, request.app[CONFIG])
 
 
 ROOT: dict[str, Handler] = {"OPTIONS": options, "POST": create}

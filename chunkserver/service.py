@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from .callers import Caller
 from .chunksteps import ChunkSteps
 from .errors import (
     CompletionPending,
+    HookRefused,
+    HookUnavailable,
     StorageFailure,
     UploadConflict,
 )
@@ -24,6 +27,7 @@ from .model import (
     StoredObject,
     StreamProgress,
     SweepReport,
+    UploadMeta,
     UploadProgress,
 )
 from .servicecore import STATUS_FINISH_SECONDS, Prepared, log
@@ -36,16 +40,18 @@ class UploadService(ChunkSteps, StreamSteps):
     """Both protocols' steps (chunksteps.py, streamsteps.py) and the verbs they share."""
 
     async def status(
-        self, file_id: str
+        self, file_id: str, caller: Caller | None = None
     ) -> CompletedUpload | UploadProgress | StreamProgress | None:
         found = await self.store.status(file_id)
+        if found is not None and caller is not None:
+            await self.hooks.pre_access(_upload_of(found), caller)
         if isinstance(found, UploadProgress) and found.meta.is_stream:
             return await self.store.stream_progress(found.meta)
         if isinstance(found, UploadProgress) and not found.missing:
             # Every chunk is stored but the upload is not complete: a completion whose
             # process or host died before or during it. Any request that finds it finishes
             # it (exactly once, whoever else tries), a status request too.
-            found = await self._complete_left_over(found)
+            found = await self._complete_left_over(found, caller)
         if isinstance(found, UploadProgress):
             self.manifest.remember(found.meta)
         else:
@@ -53,14 +59,21 @@ class UploadService(ChunkSteps, StreamSteps):
         return found
 
     async def _complete_left_over(
-        self, progress: UploadProgress
+        self, progress: UploadProgress, caller: Caller | None
     ) -> CompletedUpload | UploadProgress:
         try:
             # At most a second: a completion that another live process or host runs is
-            # waited for by the chunks, not by status requests (it goes on, shielded).
+            # waited for by the chunks, not by status requests (it goes on, shielded). With
+            # a pre-finish hook, the application is asked again (it may have refused the
+            # completion the last chunk asked for).
             async with asyncio.timeout(STATUS_FINISH_SECONDS):
-                completed = await self._complete(progress.meta)
+                if self.hooks.wants("pre-finish"):
+                    completed = await self._complete_and_announce(progress.meta, caller)
+                else:
+                    completed = await self._complete(progress.meta)
         except TimeoutError:
+            return progress
+        except (HookRefused, HookUnavailable):
             return progress
         except (UploadConflict, CompletionPending, StorageFailure) as e:
             log.warning(
@@ -69,25 +82,38 @@ class UploadService(ChunkSteps, StreamSteps):
             return progress
         return progress if completed is None else completed
 
-    async def download(self, file_id: str) -> tuple[Path | StoredObject, CompletedUpload] | None:
+    async def download(
+        self, file_id: str, caller: Caller | None = None
+    ) -> tuple[Path | StoredObject, CompletedUpload] | None:
         found = await self.store.download(file_id)
         if found is not None and found[1].is_partial:
             return None  # a part of a concatenation is served only within its final upload
+        if found is not None and caller is not None:
+            await self.hooks.pre_access(found[1], caller)
         return found
 
-    async def delete(self, file_id: str, remote: str | None = None) -> bool:
+    async def delete(self, file_id: str, caller: Caller | None = None) -> bool:
+        wants_upload = self.hooks.wants("post-terminate") or self.hooks.wants("pre-access")
         async with self.locks.hold(file_id):
-            known = await self.store.lookup(file_id) if self.hooks.wants("post-terminate") else None
+            known = await self.store.lookup(file_id) if wants_upload else None
+            if known is not None and caller is not None:
+                await self.hooks.pre_access(known, caller)
             existed = await self.store.delete(file_id)
         self.manifest.forget(file_id)
+        self.hooks.forget(file_id)
         if existed:
             self.metrics.inc("uploads_aborted")
             if known is not None:
-                await self.hooks.emit("post-terminate", known, remote)
+                await self.hooks.emit("post-terminate", known, caller)
         return existed
 
     async def sweep(self) -> SweepReport:
-        report = await self.store.sweep(ttl_seconds=self.config.upload_ttl_seconds)
+        # With a pre-finish hook, an upload whose chunks are all stored is completed only
+        # by a request (the application decides), not by the sweep.
+        report = await self.store.sweep(
+            ttl_seconds=self.config.upload_ttl_seconds,
+            finish=not self.hooks.wants("pre-finish"),
+        )
         # Forget what ended anywhere: expired, completed here or elsewhere, deleted.
         self.manifest.retain(await self.store.uploads_in_progress())
         self.metrics.inc("uploads_failed", len(report.expired))
@@ -120,3 +146,7 @@ class UploadService(ChunkSteps, StreamSteps):
 
     async def health(self) -> dict[str, bool]:
         return await self.store.health()
+
+
+def _upload_of(found: CompletedUpload | UploadProgress) -> CompletedUpload | UploadMeta:
+    return found if isinstance(found, CompletedUpload) else found.meta

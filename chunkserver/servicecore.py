@@ -4,15 +4,18 @@ metrics, built from the configuration; what both protocols' steps stand on."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
 from .backends import build_store
+from .callers import Caller
 from .config import Config
-from .errors import ChunkServerError
-from .hooks import Hooks, finish_event_id, upload_body
+from .errors import ChunkServerError, UploadStopped
+from .hooks import CreateChanges, Hooks, finish_event_id, upload_body
+from .identities import ANONYMOUS, Identity
 from .locks import KeyedLocks
 from .logs import ThrottledLog
 from .manifest import Manifest
@@ -21,7 +24,9 @@ from .model import (
     CompletedUpload,
     UploadMeta,
 )
+from .owners import owned_id, public_id
 from .policy import Policy
+from .quotas import Quotas
 from .store import Store
 
 log = logging.getLogger("chunkserver")
@@ -68,6 +73,8 @@ class ServiceCore:
         # One WARNING line per outage of the database or the object store, not one per request.
         self.outages = ThrottledLog(log)
         self.hooks = Hooks(config, self.metrics, self.outages)
+        self.ledger = store.ledger()
+        self.quotas = Quotas(config, self.ledger)
         self.inflight = 0  # chunk requests being handled now
         self.draining = False  # the process is stopping: answers close their connection
 
@@ -78,7 +85,9 @@ class ServiceCore:
 
     async def start(self) -> None:
         await self.store.open()
-        await self.hooks.start(self.store.outbox(), self.store.lookup, self._event_body)
+        await self.hooks.start(
+            self.store.outbox(), self.store.lookup, self._event_body, self.ledger.stop
+        )
 
     async def close(self) -> None:
         await self.hooks.close()
@@ -98,18 +107,57 @@ class ServiceCore:
             if isinstance(found, UploadMeta):
                 self.manifest.remember(found)
 
+    async def _admit_new(
+        self, meta: UploadMeta, caller: Caller | None, length: int | None
+    ) -> UploadMeta:
+        """A new upload, before anything of it is stored: within its identity's quotas, then
+        as the pre-create hook has it (which may refuse it, or change its file_id, metadata
+        or owner). `length`: its first request's body, for an upload of unknown length."""
+        identity = ANONYMOUS if caller is None else caller.identity
+        declared = meta.total_size if meta.total_size is not None else length
+        await self.quotas.admit_upload(identity, declared)
+        changes = await self.hooks.pre_create(meta, caller)
+        return meta if changes is None else _changed(meta, changes, identity)
+
+    async def _check_existing(
+        self, known: UploadMeta | CompletedUpload, caller: Caller | None, length: int | None
+    ) -> None:
+        """A request on an existing upload: the pre-access hook is asked (when listed); one
+        adding bytes to an upload in progress is refused when the application stopped it or
+        when its bytes pass the identity's quota."""
+        if caller is not None:
+            await self.hooks.pre_access(known, caller)
+        if isinstance(known, UploadMeta):
+            await self._check_not_stopped(known)
+            identity = ANONYMOUS if caller is None else caller.identity
+            await self.quotas.admit_bytes(identity, known, length)
+
+    async def _check_not_stopped(self, meta: UploadMeta) -> None:
+        """UploadStopped when the application stopped the upload (a post-receive answer)."""
+        if self.hooks.wants("post-receive"):
+            detail = await self.ledger.stopped(meta.file_id, meta.token)
+            if detail is not None:
+                raise UploadStopped(detail)
+
     async def _complete_and_announce(
-        self, meta: UploadMeta, remote: str | None
+        self, meta: UploadMeta, caller: Caller | None
     ) -> CompletedUpload | None:
-        """The completion path of both protocols once every byte is stored. post-finish is
-        queued before the completion (sent once it is done, with its figures), so that a
-        process killed between the two loses no event; a part of a concatenation is not a
-        file and announces nothing."""
+        """The completion path of both protocols once every byte is stored. The pre-finish
+        hook is asked first (its refusal leaves the bytes where they are, its answer goes to
+        the client under "app"). post-finish is queued before the completion (sent once it
+        is done, with its figures), so that a process killed between the two loses no
+        event; a part of a concatenation is not a file and announces nothing."""
+        app = None
         if meta.concat != "partial":
+            app = await self.hooks.pre_finish(meta, caller)
             await self.hooks.emit(
-                "post-finish", meta, remote, finish_event_id(meta.file_id, meta.token)
+                "post-finish", meta, caller, finish_event_id(meta.file_id, meta.token)
             )
-        return await self._complete(meta)
+        completed = await self._complete(meta)
+        self.hooks.forget(meta.file_id)
+        if completed is not None and app is not None:
+            completed = dataclasses.replace(completed, app=app)
+        return completed
 
     async def _complete(self, meta: UploadMeta) -> CompletedUpload | None:
         """The one completion step of both protocols: the store completes the upload
@@ -123,3 +171,14 @@ class ServiceCore:
         if here and not completed.is_partial:  # a part of a concatenation is not a file
             self.metrics.inc("uploads_completed")
         return completed
+
+
+def _changed(meta: UploadMeta, changes: CreateChanges, identity: Identity) -> UploadMeta:
+    """A new upload as a pre-create answer changed it: another file_id, metadata added or
+    replaced, another owner (its id then in that identity's namespace)."""
+    owner = identity if changes.identity is None else Identity(changes.identity)
+    file_id = owned_id(owner, changes.file_id or public_id(meta.file_id))
+    metadata = meta.metadata
+    if changes.metadata is not None:
+        metadata = (meta.metadata or {}) | changes.metadata
+    return dataclasses.replace(meta, file_id=file_id, metadata=metadata)

@@ -30,6 +30,7 @@ from .model import (
     UploadProgress,
 )
 from .outbox import Outbox
+from .quotas import Ledger
 
 
 class PendingChunk(Protocol):
@@ -181,8 +182,9 @@ class Assembler(Protocol):
 class Janitor(Protocol):
     """What nobody asks for: expiry of idle uploads, and what a crash left half done."""
 
-    async def sweep(self, *, ttl_seconds: float) -> SweepReport:
-        """Expire idle uploads and finish what a crash left half done."""
+    async def sweep(self, *, ttl_seconds: float, finish: bool = True) -> SweepReport:
+        """Expire idle uploads and finish what a crash left half done (completions too,
+        unless `finish` is False: a request completes them)."""
 
 
 class Backend(Protocol):
@@ -203,6 +205,9 @@ class Backend(Protocol):
 
     def outbox(self) -> Outbox:
         """Where this backend keeps hook events until they are delivered."""
+
+    def ledger(self) -> Ledger:
+        """Where this backend counts what quotas and stopped uploads need."""
 
     async def close(self) -> None: ...
 

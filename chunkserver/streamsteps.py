@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
+from .callers import Caller
 from .errors import (
     BadRequest,
     DigestMismatch,
@@ -30,22 +31,31 @@ from .store import PendingBytes
 
 
 class StreamSteps(ServiceCore):
-    async def create_stream(self, meta: UploadMeta, remote: str | None) -> UploadMeta:
-        """Begin a tus upload (its file_id is new) after the limits and the pre-create hook."""
+    async def create_stream(
+        self, meta: UploadMeta, caller: Caller | None, length: int | None = None
+    ) -> UploadMeta:
+        """Begin a stream (its file_id is new) after the limits, the identity's quotas and
+        the pre-create hook, which may give it another file_id, metadata or owner: the
+        upload begun says. `length`: the creation request's body, when it carries one."""
         if meta.total_size is not None:
             self.policy.check_stream_size(meta.total_size)
             self.policy.check_stream_room(meta.total_size)
-        await self.hooks.pre_create(meta, remote)
+        meta = await self._admit_new(meta, caller, length)
         async with self.locks.hold(meta.file_id):
             begun, _ = await self.store.begin(meta)
         if isinstance(begun, CompletedUpload) or begun.token != meta.token:
             raise UploadConflict(f"{public_id(meta.file_id)} exists already")
+        await self.hooks.emit("post-create", begun, caller)
         return begun
 
-    async def stream_state(self, file_id: str) -> StreamProgress | CompletedUpload | None:
+    async def stream_state(
+        self, file_id: str, caller: Caller | None = None
+    ) -> StreamProgress | CompletedUpload | None:
         """A tus upload's progress, or any completed upload's record (a file sent with the
         seed's protocol reads as a complete tus upload); None otherwise."""
         known = await self.store.lookup(file_id)
+        if known is not None and caller is not None:
+            await self.hooks.pre_access(known, caller)
         if known is None or isinstance(known, CompletedUpload):
             return known
         if not known.is_stream:
@@ -76,7 +86,7 @@ class StreamSteps(ServiceCore):
         length: int | None,
         declared_length: int | None,
         checksum: PieceChecker | None,
-        remote: str | None,
+        caller: Caller | None,
         complete: bool | None = None,
     ) -> StreamProgress | CompletedUpload:
         """A PATCH: its bytes at `offset`, then the completion when they were the last.
@@ -92,7 +102,7 @@ class StreamSteps(ServiceCore):
         still counts for what arrived, unless a checksum was to be checked; the cut is
         raised after the commit."""
         on_piece = None if checksum is None else checksum.update
-        meta = await self._stream_to_patch(file_id, offset, length, declared_length)
+        meta = await self._stream_to_patch(file_id, offset, length, declared_length, caller)
         if isinstance(meta, CompletedUpload):
             return meta
         deferred = meta.total_size is None
@@ -105,7 +115,7 @@ class StreamSteps(ServiceCore):
         except UploadGone:
             # The cached upload ended elsewhere (before a byte was read): ask the store.
             self.manifest.forget(file_id)
-            meta = await self._stream_to_patch(file_id, offset, length, declared_length)
+            meta = await self._stream_to_patch(file_id, offset, length, declared_length, caller)
             if isinstance(meta, CompletedUpload):
                 return meta
             meta = _with_length(meta, declared_length)
@@ -130,12 +140,17 @@ class StreamSteps(ServiceCore):
             # by an append of no bytes, as a tus client would (S3 puts its staged tail).
             return await self.append(
                 file_id, progress.offset, NO_BYTES, length=0,
-                declared_length=progress.offset, checksum=None, remote=remote, complete=True,
+                declared_length=progress.offset, checksum=None, caller=caller, complete=True,
             )  # fmt: skip
-        return await self._complete_stream(progress, remote, complete)
+        return await self._complete_stream(progress, caller, complete)
 
     async def _stream_to_patch(
-        self, file_id: str, offset: int, length: int | None, declared_length: int | None
+        self,
+        file_id: str,
+        offset: int,
+        length: int | None,
+        declared_length: int | None,
+        caller: Caller | None = None,
     ) -> UploadMeta | CompletedUpload:
         """The tus upload a PATCH goes into, after every check that needs no byte of it; or
         its record when complete and the PATCH adds nothing.
@@ -149,6 +164,7 @@ class StreamSteps(ServiceCore):
             known = await self.store.lookup(file_id)
         if known is None or (isinstance(known, UploadMeta) and not known.is_stream):
             raise FileNotFound("No upload of this id")
+        await self._check_existing(known, caller, length)
         if known.concat is not None and known.concat.startswith("final"):
             raise Forbidden("A final upload of a concatenation takes no PATCH")
         if isinstance(known, CompletedUpload):
@@ -188,7 +204,7 @@ class StreamSteps(ServiceCore):
             raise OffsetMismatch(offset, state.size)
 
     async def _complete_stream(
-        self, progress: StreamProgress, remote: str | None, complete: bool | None = None
+        self, progress: StreamProgress, caller: Caller | None, complete: bool | None = None
     ) -> StreamProgress | CompletedUpload:
         if complete:
             self._check_complete_length(progress)
@@ -196,9 +212,10 @@ class StreamSteps(ServiceCore):
         if complete is False or meta.total_size is None or progress.offset != meta.total_size:
             if meta.total_size is not None:
                 self.manifest.remember(meta)
+            await self.hooks.progress(meta, caller, {"offset": progress.offset})
             return progress
         self.manifest.forget(meta.file_id)
-        completed = await self._complete_and_announce(meta, remote)
+        completed = await self._complete_and_announce(meta, caller)
         return progress if completed is None else completed
 
     def _check_complete_length(self, progress: StreamProgress) -> None:
@@ -216,7 +233,7 @@ class StreamSteps(ServiceCore):
         await asyncio.shield(self.store.abandon(meta))
 
     async def concatenate(
-        self, meta: UploadMeta, partial_ids: list[str], remote: str | None
+        self, meta: UploadMeta, partial_ids: list[str], caller: Caller | None
     ) -> CompletedUpload | StreamProgress:
         """A final upload made of completed partial uploads, in order."""
         sources: list[CompletedUpload] = []
@@ -231,9 +248,9 @@ class StreamSteps(ServiceCore):
                 raise BadRequest(f"{named}, which is not a partial upload")
             sources.append(found)
         total = sum(source.size for source in sources)
-        begun = await self.create_stream(dataclasses.replace(meta, total_size=total), remote)
+        begun = await self.create_stream(dataclasses.replace(meta, total_size=total), caller)
         progress = await asyncio.shield(self.store.concatenate(begun, sources))
-        return await self._complete_stream(progress, remote)
+        return await self._complete_stream(progress, caller)
 
 
 class _NoBytes:

@@ -20,8 +20,9 @@ from urllib.parse import urljoin
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from .addresses import forwarded_base, remote_of
+from .addresses import forwarded_base
 from .bodyreader import StreamBody, continue_when_read
+from .callers import Caller, caller_of
 from .errors import (
     BadRequest,
     DiskFull,
@@ -231,7 +232,7 @@ async def create(request: web.Request) -> web.Response:
     concatenation (Upload-Concat)."""
     _check_version(request)
     uploads = request.app[UPLOADS]
-    remote = _remote(request)
+    caller = _caller(request)
     length = _non_negative("Upload-Length", request.headers.get("Upload-Length"))
     deferred = request.headers.get("Upload-Defer-Length")
     concat = request.headers.get("Upload-Concat", "").strip()
@@ -243,8 +244,10 @@ async def create(request: web.Request) -> web.Response:
             raise BadRequest("A final upload's length is its partial uploads': no Upload-Length")
         partials = _partial_ids(request, concat)
         meta = UploadMeta.new_stream(file_id, meta.filename, None, meta.metadata, concat)
-        done = await uploads.concatenate(meta, partials, remote)
-        headers = {"Location": _location(request, public)} | _state_headers(request, done)
+        done = await uploads.concatenate(meta, partials, caller)
+        made = done.file_id if isinstance(done, CompletedUpload) else done.meta.file_id
+        headers = {"Location": _location(request, public_id(made))}
+        headers |= _state_headers(request, done)
         return _answer(201, headers)
     if concat and concat != "partial":
         raise BadRequest("Upload-Concat must be 'partial' or 'final;<urls>'")
@@ -254,9 +257,10 @@ async def create(request: web.Request) -> web.Response:
         raise BadRequest("Upload-Length and Upload-Defer-Length exclude each other")
     if concat == "partial":
         meta = UploadMeta.new_stream(file_id, meta.filename, length, meta.metadata, "partial")
-    begun = await uploads.create_stream(meta, remote)
-    headers = {"Location": _location(request, public)}
     with_body = request.headers.get(hdrs.CONTENT_TYPE) == OFFSET_CONTENT_TYPE
+    body_length = request.content_length if with_body else None
+    begun = await uploads.create_stream(meta, caller, body_length)
+    headers = {"Location": _location(request, public_id(begun.file_id))}
     if with_body or length == 0:  # an empty upload is complete as soon as it exists
         try:
             with uploads.admit():
@@ -272,7 +276,7 @@ async def create(request: web.Request) -> web.Response:
 async def head(request: web.Request) -> web.Response:
     _check_version(request)
     file_id = upload_id(request)
-    found = await request.app[UPLOADS].stream_state(file_id)
+    found = await request.app[UPLOADS].stream_state(file_id, _caller(request))
     if found is None:
         raise FileNotFound()
     headers = _state_headers(request, found) | {hdrs.CACHE_CONTROL: "no-store"}
@@ -311,7 +315,7 @@ async def _append(
             length=length,
             declared_length=_non_negative("Upload-Length", request.headers.get("Upload-Length")),
             checksum=UploadChecksum(checksum_header) if checksum_header else None,
-            remote=_remote(request),
+            caller=_caller(request),
         )
 
 
@@ -319,13 +323,13 @@ async def delete(request: web.Request) -> web.Response:
     """termination: the upload and its bytes are removed, in progress or complete."""
     _check_version(request)
     file_id = upload_id(request)
-    if not await request.app[UPLOADS].delete(file_id, _remote(request)):
+    if not await request.app[UPLOADS].delete(file_id, _caller(request)):
         raise FileNotFound()
     return _answer(204)
 
 
-def _remote(request: web.Request) -> str:
-    return remote_of(request, request.app[CONFIG])
+def _caller(request: web.Request) -> Caller:
+    return caller_of(request, request.app[CONFIG])
 
 
 # The methods of each tus route, and what serves them.

@@ -76,7 +76,7 @@ def test_security_keys(tmp_path: Path) -> None:
         ("s3_max_parts = 0", "s3_max_parts"),
         ("database_url = 5", "database_url"),
         ('hook_url = "ftp://x"', "hook_url"),
-        ('hook_events = ["pre-finish"]', "hook_events"),
+        ('hook_events = ["pre-upload"]', "hook_events"),
         ("hook_timeout_seconds = 0", "hook_timeout_seconds"),
         ('auth_identities = ["a"]', "auth_identities"),
         ('auth_identities = {alice = "t", bob = "t"}', "auth_identities"),
@@ -86,6 +86,13 @@ def test_security_keys(tmp_path: Path) -> None:
         ('jwt_jwks = "keys.json"\njwt_algorithms = ["HS256"]', "jwt_algorithms"),
         ('jwt_algorithms = ["none"]', "jwt_algorithms"),
         ("jwt_leeway_seconds = -1", "jwt_leeway_seconds"),
+        ("quota_bytes_in_progress = -1", "quota_bytes_in_progress"),
+        ("quota_uploads_in_progress = 1.5", "quota_uploads_in_progress"),
+        ('quota_requests_per_second = "10"', "quota_requests_per_second"),
+        ('hook_request_headers = "X-User"', "hook_request_headers"),
+        ('hook_request_headers = ["X-User: 1"]', "hook_request_headers"),
+        ("hook_progress_seconds = -1", "hook_progress_seconds"),
+        ("hook_access_cache_seconds = -0.5", "hook_access_cache_seconds"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:

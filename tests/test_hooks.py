@@ -29,12 +29,15 @@ BOTH_BACKENDS = True
 
 class Receiver:
     """The application's hook endpoint: records every event; refuses pre-create for the file
-    ids or filenames in `refuse`; can be stopped and started again on the same port."""
+    ids or filenames in `refuse`; answers an event of a type in `answers` with what that
+    function returns, (status, JSON body); can be stopped and started again on the same
+    port."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.events: list[dict[str, Any]] = []
         self.refuse: dict[str, tuple[int, str]] = {}
+        self.answers: dict[str, Callable[[dict[str, Any]], tuple[int, Any]]] = {}
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -55,7 +58,10 @@ class Receiver:
                 )
                 if event["type"] != "pre-create":
                     status = 200
-                body = json.dumps({"detail": detail} if detail else {}).encode()
+                answer: Any = {"detail": detail} if detail else {}
+                if event["type"] in receiver.answers:
+                    status, answer = receiver.answers[event["type"]](event)
+                body = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -159,10 +159,10 @@ def test_access_log_shows_the_forwarded_client(
     requests.get(f"{server.url}/healthz", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=10)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if any('203.0.113.9 "GET /healthz' in line for line in server.output):
+        if any('203.0.113.9 - "GET /healthz' in line for line in server.output):
             break
         time.sleep(0.05)
-    assert any('203.0.113.9 "GET /healthz HTTP/1.1" 200' in line for line in server.output)
+    assert any('203.0.113.9 - "GET /healthz HTTP/1.1" 200' in line for line in server.output)
 
 
 def test_sigterm_lets_a_chunk_in_flight_finish(

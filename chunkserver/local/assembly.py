@@ -149,7 +149,9 @@ class LocalAssembler(LocalLayout):
         completed = CompletedUpload.of(
             meta, size=size, crc64nvme=checksums.to_s3(crc), sha256=sha256
         )
-        self._write_json(self._completion_path(meta.file_id), asdict(completed))
+        record = asdict(completed)
+        del record["app"]  # the completing request's, never stored
+        self._write_json(self._completion_path(meta.file_id), record)
         self._remove_folder(meta.file_id)
         self._known.pop(meta.file_id, None)
         self._run_later(self.empty_trash)

@@ -19,6 +19,7 @@ from ..outbox import FolderOutbox
 from ..recordlog import LOG_NAME
 from .assembly import LocalAssembler
 from .disk import DATA_NAME, META_NAME, OPEN_FLAGS, storage_error, touch_file
+from .ledger import LocalLedger
 
 
 class LocalCatalog(LocalAssembler):
@@ -30,6 +31,9 @@ class LocalCatalog(LocalAssembler):
 
     def outbox(self) -> FolderOutbox:
         return FolderOutbox(self.root / "outbox", fsync=self.fsync)
+
+    def ledger(self) -> LocalLedger:
+        return LocalLedger(self)
 
     def location_of(self, file_id: str, filename: str) -> str:
         return f"uploads/{file_id}/{filename}"

@@ -25,10 +25,10 @@ class LocalJanitor(LocalAssembler):
     """The sweep: idle uploads expired, completions a crash cut short finished, stray
     temporary files removed."""
 
-    async def sweep(self, *, ttl_seconds: float) -> SweepReport:
-        return await self._run(self._sweep, ttl_seconds)
+    async def sweep(self, *, ttl_seconds: float, finish: bool = True) -> SweepReport:
+        return await self._run(self._sweep, ttl_seconds, finish)
 
-    def _sweep(self, ttl_seconds: float) -> SweepReport:
+    def _sweep(self, ttl_seconds: float, finish: bool = True) -> SweepReport:
         """Expire idle uploads, finish completions a crash cut short, remove stray files."""
         now = time.time()
         report = SweepReport()
@@ -38,7 +38,7 @@ class LocalJanitor(LocalAssembler):
             # Expiry first: removing a stray file touches the folder, which would count as
             # activity and put the expiry off by a whole TTL.
             with contextlib.suppress(FileNotFoundError):
-                self._sweep_upload(file_id, now, ttl_seconds, report)
+                self._sweep_upload(file_id, now, ttl_seconds, report, finish)
             report.removed_temp_files += self._remove_stray_temps(
                 self._folder(file_id), now, ttl_seconds
             )
@@ -50,7 +50,12 @@ class LocalJanitor(LocalAssembler):
         return report
 
     def _sweep_upload(
-        self, file_id: str, now: float, ttl_seconds: float, report: SweepReport
+        self,
+        file_id: str,
+        now: float,
+        ttl_seconds: float,
+        report: SweepReport,
+        finish: bool = True,
     ) -> None:
         lock = self._lock(file_id, blocking=False)
         try:
@@ -69,7 +74,8 @@ class LocalJanitor(LocalAssembler):
                     self._remove_folder(file_id)
             else:
                 expired = now - status.last_activity > ttl_seconds
-                if expired or len(status.stored) == status.meta.total_chunks:
+                ready = finish and len(status.stored) == status.meta.total_chunks
+                if expired or ready:
                     self._expire_or_finish(status.meta, expired, report)
         finally:
             lock.release()

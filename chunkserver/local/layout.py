@@ -41,6 +41,7 @@ from .disk import (
     KnownLog,
     T,
     aside_name,
+    progress_in,
     writer_alive,
     writer_pid,
 )
@@ -75,6 +76,18 @@ class LocalLayout:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the store's threads."""
+        return await self._run(fn, *args)
+
+    def folder(self, file_id: str) -> Path:
+        """The folder of an upload in progress."""
+        return self._folder(file_id)
+
+    def read_meta(self, file_id: str) -> UploadMeta | None:
+        """The metadata of an upload in progress; None when there is none."""
+        return self._read_meta(file_id)
 
     def _folder(self, file_id: str) -> Path:
         return self.chunks_dir / file_id
@@ -122,6 +135,25 @@ class LocalLayout:
             for e in entries
             if e.kind == recordlog.CHUNK
         }
+
+    def bytes_in_progress(self, file_id: str) -> int | None:
+        """What an upload in progress counts for in its identity's bytes quota (quotas.py):
+        its declared length, else the bytes stored so far; None when it is not in progress."""
+        meta = self._read_meta(file_id)
+        if meta is None:
+            return None
+        if meta.total_size is not None:
+            return meta.total_size
+        try:
+            if meta.is_stream:
+                fd = os.open(self._folder(file_id) / LOG_NAME, os.O_RDONLY | OPEN_FLAGS)
+                try:
+                    return progress_in(fd)[0]
+                finally:
+                    os.close(fd)
+            return sum(record.length for record in self._records(file_id).values())
+        except FileNotFoundError:  # ended while we looked
+            return None
 
     def _lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
         # A completion writes its record before it removes the meta: when the meta is gone

@@ -17,14 +17,15 @@ from .pieces import ORPHAN_GRACE_SECONDS, log
 
 
 class S3Janitor(S3Assembler):
-    async def sweep(self, *, ttl_seconds: float) -> SweepReport:
+    async def sweep(self, *, ttl_seconds: float, finish: bool = True) -> SweepReport:
         report = SweepReport()
         now = time.time()
         for row in await self.state.remove_expired(now - ttl_seconds):
             await self._clean(row)
             report.expired.append(row.meta.file_id)
             report.expired_uploads.append(row.meta)
-        for row in await self.state.ready_to_finish(now - self.lease_seconds):
+        ready = await self.state.ready_to_finish(now - self.lease_seconds) if finish else []
+        for row in ready:
             try:
                 finished = await self.complete(row.meta)
             except (UploadGone, StorageFailure) as e:

@@ -20,6 +20,7 @@ from ..model import (
 from ..outbox import PostgresOutbox
 from ..s3objects import ObjectStore, Settings
 from ..s3state import UploadRow, UploadState
+from .ledger import PostgresLedger
 from .pieces import (
     COMPLETION_LEASE_SECONDS,
     GATHER_CONCURRENCY,
@@ -84,6 +85,9 @@ class S3Layout:
 
     def outbox(self) -> PostgresOutbox:
         return PostgresOutbox(self.state)
+
+    def ledger(self) -> PostgresLedger:
+        return PostgresLedger(self.state)
 
     def location_of(self, file_id: str, filename: str) -> str:
         return self.object_key(file_id, filename)
