@@ -51,6 +51,18 @@ def test_the_document_lists_exactly_the_servers_routes() -> None:
     assert doc["openapi"] == "3.1.0"
 
 
+def test_every_route_that_needs_a_credential_documents_401_403_and_429() -> None:
+    from chunkserver.openapi import document
+
+    doc = document(Config())
+    public = {"/healthz", "/openapi.json", "/", "/static/{path}"}
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            if path in public or method in ("parameters", "options"):
+                continue
+            assert {"401", "403", "429"} <= set(operation["responses"]), (method, path)
+
+
 def check(doc: dict[str, Any], path: str, method: str, status: int, body: Any) -> None:
     answer = doc["paths"][path][method]["responses"][str(status)]
     schema = answer["content"]["application/json"]["schema"]

@@ -36,6 +36,10 @@ FILE_ID_PARAMETER = {
 }
 AUTH_ERROR = error_answer("authentication is configured and no valid credential was sent")
 SCOPE_ERROR = error_answer("the token's chunkserver claim allows not this action or file_id")
+QUOTA_ERROR = error_answer(
+    "the identity is over a quota (uploads or bytes in progress, requests per second)",
+    RETRY_AFTER,
+)
 
 
 def schemas() -> dict[str, Any]:

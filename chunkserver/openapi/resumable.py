@@ -64,6 +64,10 @@ def errors(*statuses: str) -> dict[str, Any]:
         ),
         "401": problem("authentication is configured and no valid credential was sent"),
         "403": problem("the token's chunkserver claim allows not this action or file_id"),
+        "429": problem(
+            "the identity is over a quota (uploads or bytes in progress, requests per second)",
+            {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}},
+        ),
         "404": problem("no such upload"),
         "409": problem(
             "Upload-Offset is not the upload's (mismatching-upload-offset)",
@@ -95,7 +99,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "Accept-Patch": {"schema": {"const": "application/partial-upload"}},
             },
         },
-        **errors("400", "401", "403"),
+        **errors("400", "401", "403", "429"),
     }
     location = {"Location": {"schema": {"type": "string"}}}
     return {
@@ -120,7 +124,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                     },
                     "200": {**completed("complete: the file"), "headers": STATE | location},
                     "201": {"description": "created", "headers": STATE | location},
-                    **errors("400", "401", "403", "413", "503", "507"),
+                    **errors("400", "401", "403", "429", "413", "503", "507"),
                 },
             },
         },
@@ -132,7 +136,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "parameters": [INTEROP],
                 "responses": {
                     "204": {"description": "the upload's state", "headers": STATE},
-                    **errors("400", "401", "403", "404", "503"),
+                    **errors("400", "401", "403", "429", "404", "503"),
                 },
             },
             "get": {
@@ -141,7 +145,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "parameters": [INTEROP],
                 "responses": {
                     "204": {"description": "the upload's state", "headers": STATE},
-                    **errors("400", "401", "403", "404", "503"),
+                    **errors("400", "401", "403", "429", "404", "503"),
                 },
             },
             "patch": {
@@ -158,7 +162,9 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "responses": {
                     "200": completed("complete: the file"),
                     "204": {"description": "stored, not complete", "headers": STATE},
-                    **errors("400", "401", "403", "404", "409", "413", "415", "423", "503", "507"),
+                    **errors(
+                        "400", "401", "403", "429", "404", "409", "413", "415", "423", "503", "507"
+                    ),
                 },
             },
             "delete": {
@@ -167,7 +173,7 @@ def resumable_paths(config: Config) -> dict[str, Any]:
                 "parameters": [INTEROP],
                 "responses": {
                     "204": {"description": "removed"},
-                    **errors("400", "401", "403", "404", "503"),
+                    **errors("400", "401", "403", "429", "404", "503"),
                 },
             },
         },

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Config
-from .common import AUTH_ERROR, FILE_ID_PARAMETER, RETRY_AFTER, SCOPE_ERROR, error_answer
+from .common import (
+    AUTH_ERROR,
+    FILE_ID_PARAMETER,
+    QUOTA_ERROR,
+    RETRY_AFTER,
+    SCOPE_ERROR,
+    error_answer,
+)
 
 
 def header(
@@ -58,6 +65,7 @@ def tus_paths(config: Config) -> dict[str, Any]:
         "401": AUTH_ERROR,
         "403": SCOPE_ERROR,
         "412": tus_error("Tus-Resumable is not 1.0.0"),
+        "429": QUOTA_ERROR,
         "503": tus_error("the storage or the pre-create hook cannot be reached", RETRY_AFTER),
     }
     patch_answers = {
