@@ -143,6 +143,7 @@ class StatusCompleted(Answer):
     metadata: Metadata | None = None
     uploaded_chunks: Count
     total_chunks: Count
+    app: AppAnswer | None = None  # on the draft's completing answer only
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,6 +214,7 @@ def status_answer(
             metadata=found.metadata,
             uploaded_chunks=found.total_chunks,
             total_chunks=found.total_chunks,
+            app=found.app,
         )
     if isinstance(found, StreamProgress):
         return StatusStreaming(
