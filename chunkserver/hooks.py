@@ -89,6 +89,8 @@ def upload_body(
         body["metadata"] = upload.metadata
     if upload.concat == "partial":  # a part of a tus concatenation, not a file of its own
         body["partial"] = True
+    # Whose upload it is (null: the anonymous identity's), also in events no request caused.
+    body["identity"] = upload.owner or None
     return body | {"storage": storage, "location": location}
 
 

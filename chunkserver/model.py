@@ -44,6 +44,9 @@ class UploadMeta:
     # The IETF draft: the whole upload's SHA-256 (hex) that a request's Repr-Digest gave,
     # checked once the upload is complete.
     repr_sha256: str | None = None
+    # The name of the identity it belongs to ("" for the anonymous one; in records made
+    # before identities, too): what the hooks' events say of it.
+    owner: str = ""
 
     @classmethod
     def new(
@@ -160,6 +163,7 @@ class CompletedUpload:
     protocol: str = "chunks"  # as UploadMeta.protocol
     concat: str | None = None  # as UploadMeta.concat
     repr_sha256: str | None = None  # as UploadMeta.repr_sha256
+    owner: str = ""  # as UploadMeta.owner
     # The pre-finish hook's answer, for the completing request's answer only (never stored).
     app: dict[str, Any] | None = None
 
@@ -191,6 +195,7 @@ class CompletedUpload:
             protocol=meta.protocol,
             concat=meta.concat,
             repr_sha256=meta.repr_sha256,
+            owner=meta.owner,
         )
 
 

@@ -116,6 +116,7 @@ class ServiceCore:
         identity = ANONYMOUS if caller is None else caller.identity
         declared = meta.total_size if meta.total_size is not None else length
         await self.quotas.admit_upload(identity, declared)
+        meta = dataclasses.replace(meta, owner=identity.name)
         changes = await self.hooks.pre_create(meta, caller)
         return meta if changes is None else _changed(meta, changes, identity)
 
@@ -181,4 +182,4 @@ def _changed(meta: UploadMeta, changes: CreateChanges, identity: Identity) -> Up
     metadata = meta.metadata
     if changes.metadata is not None:
         metadata = (meta.metadata or {}) | changes.metadata
-    return dataclasses.replace(meta, file_id=file_id, metadata=metadata)
+    return dataclasses.replace(meta, file_id=file_id, metadata=metadata, owner=owner.name)

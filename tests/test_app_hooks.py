@@ -137,6 +137,20 @@ async def test_pre_create_changes_the_file_id_metadata_and_owner(
     assert await (await client.get("/files/give-it", headers=BOB)).read() == b"gift"
 
 
+async def test_events_no_request_caused_say_whose_upload_it_was(
+    make_client: ClientFactory, receiver: Receiver
+) -> None:
+    client = await make_client(
+        **hooked(receiver, "post-expire"), upload_ttl_seconds=0.5, sweep_interval_seconds=0.3
+    )
+    form = chunk_form("idle", 0, 2, b"a")
+    assert (await client.post("/upload-chunk", data=form, headers=BOB)).status == 200
+    [expired] = await wait_for(receiver, "post-expire", 1)
+    assert expired["upload"]["file_id"] == "idle" and expired["upload"]["identity"] == "bob"
+    nobody = {"remote": None, "method": None, "path": None, "identity": None, "headers": {}}
+    assert expired["request"] == nobody
+
+
 async def test_a_pre_create_answer_that_is_not_valid_refuses_with_503(
     make_client: ClientFactory, receiver: Receiver
 ) -> None:

@@ -81,6 +81,7 @@ def upload_row(r: Mapping[str, Any]) -> UploadRow:
         protocol=r.get("protocol") or "chunks",
         concat=r.get("concat"),
         repr_sha256=r.get("repr_sha256"),
+        owner=r.get("owner") or "",
     )
     completed = None
     if r["status"] == "completed":

@@ -26,9 +26,9 @@ class UploadStatements(StatePool):
                 """INSERT INTO chunkserver_uploads (file_id, token, filename, total_chunks,
                        total_size, chunk_size, chunk_size_declared, direct, created_at,
                        last_activity, object_key, s3_upload_id, metadata, protocol, concat,
-                       stream_offset, stream_crc, repr_sha256)
+                       stream_offset, stream_crc, repr_sha256, owner)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12, $13, $14,
-                       $15, $15, $16)
+                       $15, $15, $16, $17)
                    ON CONFLICT (file_id) DO NOTHING RETURNING file_id""",
                 meta.file_id,
                 meta.token,
@@ -46,6 +46,7 @@ class UploadStatements(StatePool):
                 meta.concat,
                 0 if meta.is_stream else None,
                 meta.repr_sha256,
+                meta.owner,
             )
         return r is not None
 
