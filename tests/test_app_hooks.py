@@ -151,6 +151,7 @@ async def test_events_no_request_caused_say_whose_upload_it_was(
     assert expired["request"] == nobody
 
 
+@pytest.mark.local_only  # the service's rule: the backend plays no part
 async def test_a_pre_create_answer_that_is_not_valid_refuses_with_503(
     make_client: ClientFactory, receiver: Receiver
 ) -> None:
@@ -161,6 +162,7 @@ async def test_a_pre_create_answer_that_is_not_valid_refuses_with_503(
     assert (await client.get("/upload-status/x", headers=ALICE)).status == 404
 
 
+@pytest.mark.local_only  # the service's rule: the backend plays no part
 async def test_post_receive_is_throttled_per_upload(
     make_client: ClientFactory, receiver: Receiver
 ) -> None:
@@ -237,6 +239,7 @@ async def test_pre_finish_answers_the_client_and_its_refusal_keeps_the_bytes(
     assert sorted(e["upload"]["file_id"] for e in finished) == ["doc", "two"]
 
 
+@pytest.mark.local_only  # the service's rule: the backend plays no part
 async def test_pre_finish_refusal_on_tus_keeps_the_bytes(
     make_client: ClientFactory, receiver: Receiver
 ) -> None:
@@ -253,6 +256,7 @@ async def test_pre_finish_refusal_on_tus_keeps_the_bytes(
     assert await (await client.get(f"/files/{tus_id}", headers=ALICE)).read() == b"abc"
 
 
+@pytest.mark.local_only  # the service's rule: the backend plays no part
 async def test_pre_access_refuses_and_its_answers_are_cached(
     make_client: ClientFactory, receiver: Receiver
 ) -> None:
@@ -281,6 +285,7 @@ async def test_pre_access_refuses_and_its_answers_are_cached(
     assert event is receiver.of("pre-access")[-1]  # no upload, nothing asked
 
 
+@pytest.mark.local_only  # the service's rule: the backend plays no part
 async def test_metrics_name_the_identity(make_client: ClientFactory) -> None:
     client = await make_client(**IDENTITIES)
     form = chunk_form("doc", 0, 1, b"x")

@@ -97,6 +97,7 @@ async def test_bytes_of_uploads_of_unknown_length(make_client: ClientFactory) ->
     assert (await client.post("/upload-chunk", data=form, headers=ALICE)).status == 200
 
 
+@pytest.mark.local_only  # the counts are the same as for any identity
 async def test_a_token_max_bytes_claim_lowers_the_bytes_quota(make_client: ClientFactory) -> None:
     client = await make_client(jwt_secret="s" * 32, quota_bytes_in_progress=100)
     now = int(time.time())
@@ -128,6 +129,7 @@ async def test_requests_per_second(make_client: ClientFactory) -> None:
     assert (await client.get("/upload-status/x", headers=ALICE)).status == 404
 
 
+@pytest.mark.local_only  # the counts are the same as for any identity
 async def test_anonymous_uploads_have_quotas_too(make_client: ClientFactory) -> None:
     client = await make_client(quota_uploads_in_progress=1)
     assert (await client.post("/upload-chunk", data=chunk_form("a", 0, 2, b"a"))).status == 200
