@@ -6,7 +6,8 @@ nginx, as the bench's limit, receives each request body and writes it to a file.
 must do that too, and then, for every byte, what the protocol asks on top: copy it into the
 merged file (`uploads/<file_id>/<filename>` is a file apart from the chunk files) and hash it
 (the completed answer carries the sha256). This script times those steps alone, in one
-thread, with the functions the server uses (`chunkserver.fileio`), on page-cache files:
+thread, with the functions the server uses (`chunkserver.storage.local.fileio`), on
+page-cache files:
 
 - write:  the chunk files written from memory (the part nginx does as well);
 - copy:   `copy_file_range` of every chunk into one merged file (what the assembly does);
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chunkserver.client import parse_size
-from chunkserver.fileio import copy_range, hash_file
+from chunkserver.storage.local.fileio import copy_range, hash_file
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

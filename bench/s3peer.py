@@ -11,7 +11,7 @@ import asyncio
 import time
 import uuid
 
-from chunkserver.s3objects import ObjectStore, Settings
+from chunkserver.storage.s3.objects import ObjectStore, Settings
 
 from .loadgen import CellRun, file_slices, files_shape_sizes
 

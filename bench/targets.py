@@ -364,7 +364,7 @@ class S3Stack:
 
     def object_settings(self) -> Any:
         """The same bucket and keys, for the plain S3 client."""
-        from chunkserver.s3objects import Settings
+        from chunkserver.storage.s3.objects import Settings
 
         return Settings(
             bucket=self.settings["s3_bucket"],

@@ -99,8 +99,8 @@ def _mistake(command: str, message: str, code: int = 2) -> int:
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from .client import upload_file
-    from .clientrules import UploadError, check_file_id, parse_size
+    from .client.rules import UploadError, check_file_id, parse_size
+    from .client.uploader import upload_file
 
     path = Path(args.path)
     if not path.is_file():
@@ -142,8 +142,8 @@ def _upload(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import aiohttp
 
-    from .client import get_status
-    from .clientrules import UploadError, check_file_id
+    from .client.rules import UploadError, check_file_id
+    from .client.uploader import get_status
 
     try:
         check_file_id(args.file_id)
@@ -158,7 +158,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from .signing import sign_url
+    from .auth.signing import sign_url
 
     path = args.config
     if path is None and DEFAULT_CONFIG.is_file():

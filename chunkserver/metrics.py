@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .locks import pid_alive
+from .processes import pid_alive
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 COUNTERS: dict[str, str] = {

@@ -7,6 +7,7 @@ these values.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -14,9 +15,38 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from .errors import BadRequest
+
 TUS = "tus"  # UploadMeta.protocol of a tus upload
 IETF = "ietf"  # of an upload made with the IETF draft (resumable.py): a stream, as tus's
 STREAM_PROTOCOLS = (TUS, IETF)
+
+
+# A file_id as clients give it; the server keeps an identity's upload under the owned id
+# `<namespace><SEPARATOR><file_id>` (auth/owners.py), the separator outside the pattern.
+FILE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+SEPARATOR = "~"
+
+
+def check_file_id(file_id: str) -> str:
+    if not FILE_ID_PATTERN.fullmatch(file_id):
+        raise BadRequest("Invalid file_id: use 1 to 128 characters from A-Z, a-z, 0-9, _ and -")
+    return file_id
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFields:
+    """The validated fields of one chunk request."""
+
+    file_id: str
+    chunk_index: int
+    total_chunks: int
+    filename: str
+    chunk_sha256: str | None = None
+    chunk_crc64nvme: int | None = None
+    total_size: int | None = None
+    chunk_size: int | None = None
+    metadata: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .app import PARSER_FIELD_BYTES, access_logger_for, create_app
 from .config import Config
-from .keys import UPLOADS
+from .http.app import PARSER_FIELD_BYTES, access_logger_for, create_app
+from .http.keys import UPLOADS
 from .logs import MalformedRequests, ThrottledLog
-from .service import UploadService
+from .service.uploads import UploadService
 
 SHUTDOWN_TIMEOUT = 30.0
 # aiohttp's own shutdown comes after our drain of the chunks in flight. It can wait out its

@@ -26,8 +26,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from awscrt import checksums
 
-from chunkserver import Config, create_app, recordlog
-from chunkserver.app import PARSER_FIELD_BYTES
+from chunkserver import Config, create_app
+from chunkserver.http.app import PARSER_FIELD_BYTES
+from chunkserver.storage.local import recordlog
 
 from . import realstack
 

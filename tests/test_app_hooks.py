@@ -15,8 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from chunkserver import Config
-from chunkserver.app import access_logger_for
-from chunkserver.identities import IDENTITY, Identity
+from chunkserver.auth.identities import IDENTITY, Identity
+from chunkserver.http.app import access_logger_for
 
 from .conftest import ClientFactory, chunk_form
 from .reference import metric_value

@@ -1,4 +1,4 @@
-"""Large bodies read straight from the socket into reused buffers (chunkserver/bodyreader.py):
+"""Large bodies read straight from the socket into reused buffers (chunkserver/http/bodyreader.py):
 the bytes stored are the bytes sent, and the connection goes on as aiohttp's would."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from chunkserver import bodyreader
+from chunkserver.http import bodyreader
 
 from .conftest import (
     ClientFactory,

@@ -20,7 +20,7 @@ from chunkserver import checksums
 from . import reference
 from .conftest import ClientFactory, chunk_form, crc64
 
-STATIC = Path(__file__).resolve().parent.parent / "chunkserver" / "static"
+STATIC = Path(__file__).resolve().parent.parent / "chunkserver" / "http" / "static"
 CHECK_VALUE = reference.CHECK_VALUE  # CRC-64/NVME of b"123456789"
 
 

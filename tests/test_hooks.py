@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from chunkserver.keys import UPLOADS
+from chunkserver.http.keys import UPLOADS
 
 from .conftest import ServerProcess, chunk_form, crc64, s3_flags
 from .realstack import free_port
@@ -256,7 +256,7 @@ async def test_a_post_finish_queued_before_its_completion_waits_for_it(
     """post-finish is queued before the completion, so that a process killed between the
     two loses nothing: the event waits while the upload is incomplete, is sent once with the
     completion's figures, and a second queueing of it (the same id) adds nothing."""
-    from chunkserver.hooks import finish_event_id
+    from chunkserver.service.hooks import finish_event_id
 
     client = await make_client(hook_url=receiver.url, hook_events=("post-finish",))
     uploads = client.server.app[UPLOADS]

@@ -1,5 +1,5 @@
 """Real deaths inside a completion on the local disk: a `chunkserver serve` process that
-SIGKILLs itself at a fault point (chunkserver/faults.py) between the steps that must happen
+SIGKILLs itself at a fault point (chunkserver/storage/faults.py) between the steps that must happen
 together, then a restart that finishes the upload, once and byte for byte. (On S3, a host
 killed between CompleteMultipartUpload and its row: tests/test_s3store.py,
 test_a_dead_completion_is_finished_within_30_s_by_live_hosts.)"""
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from chunkserver.faults import FAULT_POINT_ENV
+from chunkserver.storage.faults import FAULT_POINT_ENV
 
 from .conftest import ServerProcess, split
 from .reference import metric_value

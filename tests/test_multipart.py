@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chunkserver.errors import BadRequest
-from chunkserver.multipart import (
+from chunkserver.http.multipart import (
     MalformedMultipart,
     MultipartParser,
     boundary_from_content_type,

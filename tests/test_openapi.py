@@ -14,7 +14,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from chunkserver import Config, create_app, tus
+from chunkserver import Config, create_app
+from chunkserver.http import tus
 
 from .conftest import ServerProcess, chunk_form
 
@@ -40,7 +41,7 @@ def routes_of_the_server() -> set[tuple[str, str]]:
 
 
 def test_the_document_lists_exactly_the_servers_routes() -> None:
-    from chunkserver.openapi import document
+    from chunkserver.http.openapi import document
 
     doc = document(Config())
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"}
@@ -52,7 +53,7 @@ def test_the_document_lists_exactly_the_servers_routes() -> None:
 
 
 def test_every_route_that_needs_a_credential_documents_401_403_and_429() -> None:
-    from chunkserver.openapi import document
+    from chunkserver.http.openapi import document
 
     doc = document(Config())
     public = {"/healthz", "/openapi.json", "/", "/static/{path}"}
@@ -105,8 +106,8 @@ async def test_real_answers_match_the_document(client) -> None:
 
 
 def test_every_answer_type_is_a_component_and_leaves_out_what_is_none() -> None:
-    from chunkserver.answers import ANSWERS, ChunkUploading, StatusStreaming
-    from chunkserver.openapi import document
+    from chunkserver.http.answers import ANSWERS, ChunkUploading, StatusStreaming
+    from chunkserver.http.openapi import document
 
     components = document(Config())["components"]["schemas"]
     assert {cls.__name__ for cls in ANSWERS} <= set(components)
@@ -121,8 +122,8 @@ def test_every_answer_type_is_a_component_and_leaves_out_what_is_none() -> None:
 
 
 def test_the_chunk_form_is_the_fields_forms_py_reads() -> None:
-    from chunkserver.forms import OPTIONAL_FIELDS, REQUIRED_FIELDS
-    from chunkserver.openapi import document
+    from chunkserver.http.forms import OPTIONAL_FIELDS, REQUIRED_FIELDS
+    from chunkserver.http.openapi import document
 
     post = document(Config())["paths"]["/upload-chunk"]["post"]
     form = post["requestBody"]["content"]["multipart/form-data"]["schema"]

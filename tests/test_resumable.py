@@ -508,7 +508,7 @@ async def test_a_new_request_cuts_a_stale_append(client, backend: str) -> None:
     the PATCH from there is accepted."""
     import asyncio
 
-    from chunkserver.keys import CONFIG
+    from chunkserver.http.keys import CONFIG
 
     data = bytes(range(256)) * 8192  # 2 MiB
     path = path_of(await create(client, **{"Upload-Complete": "?0"}))

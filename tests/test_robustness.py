@@ -15,8 +15,8 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from chunkserver import Config
-from chunkserver.app import access_logger_for, client_address
-from chunkserver.local import receive as local_receive
+from chunkserver.http.app import access_logger_for, client_address
+from chunkserver.storage.local import receive as local_receive
 
 from .conftest import (
     ClientFactory,

@@ -277,7 +277,7 @@ async def test_download_behind_nginx_answers_x_accel_redirect(make_client: Clien
 async def test_a_status_request_finishes_a_completion_left_undone(client) -> None:
     """Every chunk stored, no completion: what a process or host killed between the last
     chunk's commit and its completion leaves. A status request completes it."""
-    from chunkserver.app import UPLOADS
+    from chunkserver.http.app import UPLOADS
     from chunkserver.model import UploadMeta
 
     from .test_store_contract import begin, put

@@ -23,11 +23,11 @@ import requests
 
 from chunkserver import Config
 from chunkserver.errors import UploadConflict, UploadGone, UploadLocked
-from chunkserver.faults import FAULT_POINT_ENV
-from chunkserver.meter import ByteLimit
 from chunkserver.model import UploadMeta
-from chunkserver.s3 import S3Store
-from chunkserver.service import UploadService
+from chunkserver.service.uploads import UploadService
+from chunkserver.storage.faults import FAULT_POINT_ENV
+from chunkserver.storage.meter import ByteLimit
+from chunkserver.storage.s3 import S3Store
 
 from . import realstack
 from .conftest import ClientFactory, chunk_form, crc64, downloaded, s3_flags, split
@@ -436,7 +436,7 @@ async def test_a_dead_completion_is_taken_over_by_the_next_chunk_or_status(
     """While the dead host's lease runs, the last chunk sent again answers 503 with
     Retry-After (never a 409 saying the upload was removed); once it runs out, that chunk,
     or a status request, completes the upload."""
-    import chunkserver.s3.assembly as s3_assembly
+    import chunkserver.storage.s3.assembly as s3_assembly
 
     monkeypatch.setattr(s3_assembly, "COMPLETION_WAIT_SECONDS", 0.2)
     client = await make_client(**s3_settings)
@@ -447,7 +447,7 @@ async def test_a_dead_completion_is_taken_over_by_the_next_chunk_or_status(
         await died_mid_completion(dead, "by-status", chunks)
     finally:
         await dead.close()
-    from chunkserver.app import UPLOADS
+    from chunkserver.http.app import UPLOADS
 
     store = client.server.app[UPLOADS].store
     assert isinstance(store, S3Store)
@@ -541,7 +541,7 @@ async def test_a_host_starting_beside_busy_hosts_runs_no_ddl(s3_settings: dict) 
     the current schema: with other hosts writing, that deadlocked (seen in the S3 soak)."""
     import asyncpg
 
-    from chunkserver.s3state import SCHEMA_VERSION, UploadState
+    from chunkserver.storage.s3.state import SCHEMA_VERSION, UploadState
 
     first = UploadState(s3_settings["database_url"])
     await first.open()
@@ -554,7 +554,7 @@ async def test_a_host_starting_beside_busy_hosts_runs_no_ddl(s3_settings: dict) 
             await asyncio.wait_for(second.open(), 5)
             await second.close()
         versions = await writer.fetch("SELECT version FROM chunkserver_schema ORDER BY 1")
-        # each numbered migration (chunkserver/migrations/*.sql) recorded once, by the first
+        # each numbered migration (chunkserver/storage/s3/migrations/*.sql) recorded once, by the first
         assert [r["version"] for r in versions] == list(range(1, SCHEMA_VERSION + 1))
     finally:
         await writer.close()
@@ -564,7 +564,7 @@ async def test_a_host_starting_beside_busy_hosts_runs_no_ddl(s3_settings: dict) 
 async def test_a_database_of_schema_version_1_is_brought_up_to_date(s3_settings: dict) -> None:
     import asyncpg
 
-    from chunkserver.s3state import SCHEMA_VERSION, UploadState
+    from chunkserver.storage.s3.state import SCHEMA_VERSION, UploadState
 
     db = await asyncpg.connect(s3_settings["database_url"])
     try:

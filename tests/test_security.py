@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from chunkserver import identities
-from chunkserver.signing import sign_url
+from chunkserver.auth import identities
+from chunkserver.auth.signing import sign_url
 
 from .conftest import ClientFactory, chunk_form
 
@@ -208,7 +208,7 @@ def test_chunkserver_sign_prints_a_url_the_server_takes(tmp_path: Path) -> None:
     assert url.startswith("http://host:8000/files/x?expires=") and "identity=alice" in url
     from urllib.parse import parse_qsl, urlsplit
 
-    from chunkserver.signing import verify
+    from chunkserver.auth.signing import verify
 
     parts = urlsplit(url)
     assert verify("k", "GET", parts.path, dict(parse_qsl(parts.query))) == "alice"
@@ -281,9 +281,8 @@ async def test_clients_take_a_token_or_a_function_returning_a_fresh_one(
     node = shutil.which("node")
     if node is None:
         pytest.skip("no node binary (apt-get install nodejs)")
-    module = (
-        Path(__file__).resolve().parent.parent / "chunkserver" / "static" / "chunked-uploader.js"
-    )
+    module = Path(__file__).resolve().parent.parent / "chunkserver" / "http" / "static"
+    module = module / "chunked-uploader.js"
     token = hs256({"sub": "alice"})
     script = f"""
     import {{ ChunkedUploader }} from {json.dumps(str(module))};

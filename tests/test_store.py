@@ -15,12 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chunkserver import recordlog
 from chunkserver.errors import UploadGone, UploadLocked
-from chunkserver.local import DATA_NAME, LocalStore
-from chunkserver.locks import lock_range
-from chunkserver.meter import ByteLimit
 from chunkserver.model import CompletedUpload, UploadMeta, UploadProgress
+from chunkserver.storage.local import DATA_NAME, LocalStore, recordlog
+from chunkserver.storage.local.locks import lock_range
+from chunkserver.storage.meter import ByteLimit
 
 from .conftest import crc64, sha256, temp_files
 from .test_store_contract import begin, pieces, put, upload
@@ -287,7 +286,7 @@ async def test_an_upload_removed_between_open_and_lock_is_gone(
     """A request that began an upload fails and removes it (its folder to the trash) just
     after another chunk opened the data file, before it locked its region: that chunk must
     find the upload gone, not be stored in the trash and answered as stored."""
-    from chunkserver.local import receive as local_receive
+    from chunkserver.storage.local import receive as local_receive
 
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("race", "f", 3, None, 1))

@@ -17,9 +17,9 @@ import pytest
 
 from chunkserver import Config
 from chunkserver.errors import UploadConflict, UploadGone
-from chunkserver.meter import ByteLimit
 from chunkserver.model import Committed, CompletedUpload, StoredObject, UploadMeta
-from chunkserver.service import UploadService
+from chunkserver.service.uploads import UploadService
+from chunkserver.storage.meter import ByteLimit
 
 from .conftest import crc64, crc64_value, temp_files
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from chunkserver import Config
-from chunkserver.local import receive as local_receive
+from chunkserver.storage.local import receive as local_receive
 
 from .conftest import (
     ClientFactory,

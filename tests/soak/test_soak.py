@@ -27,7 +27,7 @@ import aiohttp
 import psutil
 import pytest
 
-from chunkserver.openuploads import MAX_OPEN_UPLOADS
+from chunkserver.storage.local.openuploads import MAX_OPEN_UPLOADS
 
 from .. import realstack
 from ..conftest import ServerProcess, crc64, s3_flags, start_server, stored_chunks, temp_files
@@ -524,9 +524,9 @@ async def verify_s3(cluster: Cluster, uploads: list[Upload], stack: S3Stack) -> 
     exactly the completed objects, byte for byte, and no staging object and no open
     multipart upload; the hosts are back near their idle descriptors and memory."""
     from chunkserver import Config
-    from chunkserver.s3 import S3Store
-    from chunkserver.s3.pieces import STAGED_COPIES_FILES
-    from chunkserver.service import UploadService
+    from chunkserver.service.uploads import UploadService
+    from chunkserver.storage.s3 import S3Store
+    from chunkserver.storage.s3.pieces import STAGED_COPIES_FILES
 
     config = Config(data_dir=str(cluster.tmp / "sweeper"), **stack.settings)
     store = UploadService.open(config).store

@@ -1,0 +1,152 @@
+"""The upload service above the store, with the manifest, locks, hooks and metrics.
+
+Handlers call this and nothing below it. `UploadService` is the seed protocol's steps
+(`chunksteps.py`), tus's (`streamsteps.py`) and the verbs both share (here), around the state
+of `servicecore.py`. Every check that can refuse a chunk or a PATCH (limits, free space,
+conflicts with earlier chunks, checksums) is in `policy.py`, called before the bytes are read
+and after; the store only stores. The service holds no threads: the store runs its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from ..errors import (
+    CompletionPending,
+    HookRefused,
+    HookUnavailable,
+    StorageFailure,
+    UploadConflict,
+)
+from ..model import (
+    CompletedUpload,
+    StoredObject,
+    StreamProgress,
+    SweepReport,
+    UploadMeta,
+    UploadProgress,
+)
+from .callers import Caller
+from .chunksteps import ChunkSteps
+from .core import STATUS_FINISH_SECONDS, Prepared, log
+from .hooks import finish_event_id
+from .streamsteps import StreamSteps
+
+__all__ = ["Prepared", "UploadService"]
+
+
+class UploadService(ChunkSteps, StreamSteps):
+    """Both protocols' steps (chunksteps.py, streamsteps.py) and the verbs they share."""
+
+    async def status(
+        self, file_id: str, caller: Caller | None = None
+    ) -> CompletedUpload | UploadProgress | StreamProgress | None:
+        found = await self.store.status(file_id)
+        if found is not None and caller is not None:
+            await self.hooks.pre_access(_upload_of(found), caller)
+        if isinstance(found, UploadProgress) and found.meta.is_stream:
+            return await self.store.stream_progress(found.meta)
+        if isinstance(found, UploadProgress) and not found.missing:
+            # Every chunk is stored but the upload is not complete: a completion whose
+            # process or host died before or during it. Any request that finds it finishes
+            # it (exactly once, whoever else tries), a status request too.
+            found = await self._complete_left_over(found, caller)
+        if isinstance(found, UploadProgress):
+            self.manifest.remember(found.meta)
+        else:
+            self.manifest.forget(file_id)
+        return found
+
+    async def _complete_left_over(
+        self, progress: UploadProgress, caller: Caller | None
+    ) -> CompletedUpload | UploadProgress:
+        try:
+            # At most a second: a completion that another live process or host runs is
+            # waited for by the chunks, not by status requests (it goes on, shielded). With
+            # a pre-finish hook, the application is asked again (it may have refused the
+            # completion the last chunk asked for).
+            async with asyncio.timeout(STATUS_FINISH_SECONDS):
+                if self.hooks.wants("pre-finish"):
+                    completed = await self._complete_and_announce(progress.meta, caller)
+                else:
+                    completed = await self._complete(progress.meta)
+        except TimeoutError:
+            return progress
+        except (HookRefused, HookUnavailable):
+            return progress
+        except (UploadConflict, CompletionPending, StorageFailure) as e:
+            log.warning(
+                "Could not complete %s from a status request: %s", progress.meta.file_id, e.detail
+            )
+            return progress
+        return progress if completed is None else completed
+
+    async def download(
+        self, file_id: str, caller: Caller | None = None
+    ) -> tuple[Path | StoredObject, CompletedUpload] | None:
+        found = await self.store.download(file_id)
+        if found is not None and found[1].is_partial:
+            return None  # a part of a concatenation is served only within its final upload
+        if found is not None and caller is not None:
+            await self.hooks.pre_access(found[1], caller)
+        return found
+
+    async def delete(self, file_id: str, caller: Caller | None = None) -> bool:
+        wants_upload = self.hooks.wants("post-terminate") or self.hooks.wants("pre-access")
+        async with self.locks.hold(file_id):
+            known = await self.store.lookup(file_id) if wants_upload else None
+            if known is not None and caller is not None:
+                await self.hooks.pre_access(known, caller)
+            existed = await self.store.delete(file_id)
+        self.manifest.forget(file_id)
+        self.hooks.forget(file_id)
+        if existed:
+            self.metrics.inc("uploads_aborted")
+            if known is not None:
+                await self.hooks.emit("post-terminate", known, caller)
+        return existed
+
+    async def sweep(self) -> SweepReport:
+        # With a pre-finish hook, an upload whose chunks are all stored is completed only
+        # by a request (the application decides), not by the sweep.
+        report = await self.store.sweep(
+            ttl_seconds=self.config.upload_ttl_seconds,
+            finish=not self.hooks.wants("pre-finish"),
+        )
+        # Forget what ended anywhere: expired, completed here or elsewhere, deleted.
+        self.manifest.retain(await self.store.uploads_in_progress())
+        self.metrics.inc("uploads_failed", len(report.expired))
+        self.metrics.inc("uploads_completed", len(report.completed))
+        for meta in report.expired_uploads:
+            await self.hooks.emit("post-expire", meta, None)
+        for record in report.completed:  # finished by the sweep after a crash
+            if record.is_partial:
+                continue
+            event_id = finish_event_id(record.file_id, record.token)
+            await self.hooks.emit("post-finish", record, None, event_id)
+        return report
+
+    async def render_metrics(self) -> str:
+        in_progress = len(await self.store.uploads_in_progress())
+        gauges = {
+            "uploads_in_progress": (
+                "Uploads with chunks stored, not yet complete",
+                in_progress,
+            ),
+            "free_disk_bytes": (
+                "Free bytes on the data folder's filesystem",
+                self.store.free_bytes(),
+            ),
+        }
+        if self.hooks.outbox is not None and self.config.hook_url:
+            pending = await self.hooks.outbox.count()
+            gauges["hooks_pending"] = ("Hook events waiting to be delivered", pending)
+        return await asyncio.to_thread(self.metrics.render, gauges)
+
+    async def health(self) -> dict[str, bool]:
+        return await self.store.health()
+
+
+def _upload_of(found: CompletedUpload | UploadProgress) -> CompletedUpload | UploadMeta:
+    return found if isinstance(found, CompletedUpload) else found.meta

@@ -1,0 +1,150 @@
+"""The shared state of the S3 backend's roles: the object store, the upload state in
+PostgreSQL, names of objects, background work, health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import secrets
+import shutil
+from pathlib import Path
+
+from ...errors import (
+    PayloadTooLarge,
+    StoreUnavailable,
+)
+from ...model import (
+    UploadMeta,
+)
+from .ledger import PostgresLedger
+from .objects import ObjectStore, Settings
+from .outbox import PostgresOutbox
+from .pieces import (
+    COMPLETION_LEASE_SECONDS,
+    GATHER_CONCURRENCY,
+    MIN_PART_BYTES,
+    STAGED_COPIES_BYTES,
+    STAGED_COPIES_FILES,
+    MiB,
+    StagedCopies,
+    log,
+)
+from .state import UploadRow, UploadState
+
+
+class S3Layout:
+    """The object store, the state, and what every role shares."""
+
+    keeps_bytes_locally = False
+
+    def __init__(
+        self,
+        settings: Settings,
+        database_url: str,
+        *,
+        prefix: str = "",
+        scratch: Path,
+        sha256: bool = False,
+        max_parts: int = 10_000,
+        max_file_bytes: int = 100 * 1024 * MiB,
+    ) -> None:
+        self.objects = ObjectStore(settings)
+        self.state = UploadState(database_url)
+        self.prefix = prefix
+        self.scratch = scratch
+        self.sha256 = sha256
+        self.max_parts = max_parts
+        self.max_file_bytes = max_file_bytes
+        self.lease_seconds = COMPLETION_LEASE_SECONDS
+        self._background: set[asyncio.Task[None]] = set()
+        self._gathering = asyncio.Semaphore(GATHER_CONCURRENCY)  # parts built at once
+        self.copies = StagedCopies(scratch, STAGED_COPIES_BYTES, STAGED_COPIES_FILES)
+
+    async def open(self) -> None:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            await self.objects.open()
+            if not await self.objects.bucket_is_reachable():
+                raise StoreUnavailable(
+                    f"the bucket {self.objects.bucket!r} cannot be reached at "
+                    f"{self.objects.settings.endpoint_url or 'AWS S3'}"
+                )
+            await self.state.open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
+        self.copies.clear()
+        await self.state.close()
+        await self.objects.close()
+
+    def outbox(self) -> PostgresOutbox:
+        return PostgresOutbox(self.state)
+
+    def ledger(self) -> PostgresLedger:
+        return PostgresLedger(self.state)
+
+    def location_of(self, file_id: str, filename: str) -> str:
+        return self.object_key(file_id, filename)
+
+    def object_key(self, file_id: str, filename: str) -> str:
+        return f"{self.prefix}uploads/{file_id}/{filename}"
+
+    def _staging_prefix(self, meta: UploadMeta) -> str:
+        return f"{self.prefix}staging/{meta.file_id}/{meta.token}/"
+
+    def _staging_key(self, meta: UploadMeta, index: int) -> str:
+        return f"{self._staging_prefix(meta)}{index:06d}.{secrets.token_hex(6)}"
+
+    async def _clean(self, row: UploadRow) -> None:
+        """Remove what the object store holds of a removed upload."""
+        if row.status == "completed":
+            await self.objects.delete([row.object_key])
+            return
+        await self.objects.abort(row.object_key, row.upload_id)
+        await self._remove_staging(row.meta)
+
+    async def _remove_staging(self, meta: UploadMeta) -> None:
+        self.copies.forget(self._staging_prefix(meta))
+        listed = await self.objects.list_objects(self._staging_prefix(meta))
+        await self.objects.delete([o.key for o in listed])
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.scratch).free
+
+    async def health(self) -> dict[str, bool]:
+        bucket, database = await asyncio.gather(
+            self.objects.bucket_is_reachable(), self.state.is_reachable()
+        )
+        return {"object_store": bucket, "database": database}
+
+    def _later(self, work: object) -> None:
+        """Clean-up that the answer need not wait for; failures only logged (the sweep
+        removes what is left)."""
+
+        async def run() -> None:
+            try:
+                await work  # type: ignore[misc]
+            except Exception as e:
+                log.warning("Background clean-up failed: %s", e)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _check_fits(self, total_chunks: int, chunk_size: int) -> None:
+        """Refuse (413) an upload whose parts would exceed the store's part limit."""
+        if chunk_size >= MIN_PART_BYTES:
+            parts = total_chunks
+        else:
+            parts = math.ceil(total_chunks / math.ceil(MIN_PART_BYTES / max(chunk_size, 1)))
+        if parts > self.max_parts:
+            raise PayloadTooLarge(
+                f"Upload needs {parts} parts of the object store, more than its limit of "
+                f"{self.max_parts} (s3_max_parts): use larger chunks"
+            )
