@@ -119,6 +119,12 @@ class StorageFailure(ChunkServerError):
         super().__init__(f"Chunk upload failed: {reason}")
 
 
+class InternalFailure(ChunkServerError):
+    """An unforeseen error, already logged with its traceback where it was caught."""
+
+    status = 500
+
+
 class ServerBusy(ChunkServerError):
     """More chunks in flight than `max_inflight_chunks`; the client should retry later."""
 

@@ -13,13 +13,24 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any, Protocol
 
 from .errors import BadRequest
 
-TUS = "tus"  # UploadMeta.protocol of a tus upload
-IETF = "ietf"  # of an upload made with the IETF draft (resumable.py): a stream, as tus's
+
+class UploadProtocol(StrEnum):
+    """The protocol an upload is made with, stored as its value ("chunks", "tus", "ietf")."""
+
+    CHUNKS = "chunks"  # the seed's: numbered chunks
+    TUS = "tus"  # a byte stream at offsets
+    IETF = "ietf"  # the IETF draft's (http/resumable.py): a stream, as tus's
+
+
+TUS = UploadProtocol.TUS
+IETF = UploadProtocol.IETF
 STREAM_PROTOCOLS = (TUS, IETF)
+PARTIAL = "partial"  # UploadMeta.concat of a part of a tus concatenation
 
 
 # A file_id as clients give it; the server keeps an identity's upload under the owned id
@@ -65,9 +76,8 @@ class UploadMeta:
     chunk_size_declared: bool = False
     # The client's own data (the `metadata` field), fixed by the first chunk that gives it.
     metadata: dict[str, str] | None = None
-    # "chunks" for the seed's protocol, "tus" for a tus upload (a byte stream at offsets:
-    # total_size is its Upload-Length, None while deferred).
-    protocol: str = "chunks"
+    # A stream (tus, the draft) has total_size its length, None while deferred.
+    protocol: UploadProtocol = UploadProtocol.CHUNKS
     # tus concatenation: "partial", or a final upload's Upload-Concat as received
     # ("final;<url> <url>...", echoed by HEAD; "final <file_id>..." in older records).
     concat: str | None = None
@@ -108,16 +118,30 @@ class UploadMeta:
         length: int | None,
         metadata: dict[str, str] | None,
         concat: str | None = None,
-        protocol: str = TUS,
+        protocol: UploadProtocol = TUS,
     ) -> UploadMeta:
         """A byte stream (tus, or the IETF draft): one chunk record (local) or its parts (S3)
         once its bytes are in."""
         meta = cls.new(file_id, filename, 1, length, None, metadata)
         return replace(meta, protocol=protocol, concat=concat)
 
+    def __post_init__(self) -> None:
+        # Read back from a record or a row as its value: the enum again.
+        object.__setattr__(self, "protocol", UploadProtocol(self.protocol))
+
     @property
     def is_stream(self) -> bool:
         return self.protocol in STREAM_PROTOCOLS
+
+    @property
+    def is_partial(self) -> bool:
+        """A part of a tus concatenation, not a file of its own."""
+        return self.concat == PARTIAL
+
+    @property
+    def is_final(self) -> bool:
+        """The final upload of a tus concatenation (made of its parts: it takes no PATCH)."""
+        return self.concat is not None and self.concat.startswith("final")
 
     def adopts(self, chunk_size: int | None, metadata: dict[str, str] | None) -> bool:
         """Whether a chunk brings what this upload has not fixed yet (a declared chunk size,
@@ -190,16 +214,23 @@ class CompletedUpload:
     sha256: str | None = None  # when the configuration's checksums hold "sha256"
     metadata: dict[str, str] | None = None
     token: str = ""  # the upload's (UploadMeta.token); empty in records made before it
-    protocol: str = "chunks"  # as UploadMeta.protocol
+    protocol: UploadProtocol = UploadProtocol.CHUNKS  # as UploadMeta.protocol
     concat: str | None = None  # as UploadMeta.concat
     repr_sha256: str | None = None  # as UploadMeta.repr_sha256
     owner: str = ""  # as UploadMeta.owner
     # The pre-finish hook's answer, for the completing request's answer only (never stored).
     app: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "protocol", UploadProtocol(self.protocol))
+
     @property
     def is_partial(self) -> bool:
-        return self.concat == "partial"
+        return self.concat == PARTIAL
+
+    @property
+    def is_final(self) -> bool:
+        return self.concat is not None and self.concat.startswith("final")
 
     @classmethod
     def of(

@@ -24,19 +24,25 @@ BOTH_BACKENDS = True
 
 
 def routes_of_the_server() -> set[tuple[str, str]]:
-    """(method, path) of every route, but the HEAD that aiohttp adds beside each GET."""
+    """(method, path) of every route, the sub-applications' (/tus, /resumable) included, but
+    the HEAD that aiohttp adds beside each GET."""
     app = create_app(Config(data_dir="/nonexistent-not-opened"))
-    found = set()
-    for route in app.router.routes():
-        info = route.resource.get_info() if route.resource else {}
-        path = info.get("formatter") or info.get("path")
-        if route.method == "*":
-            # tus's routes take every method (X-HTTP-Method-Override wins over any): those
-            # its dispatcher serves, and POST, which a client overrides as PATCH or DELETE.
-            served = tus.COLLECTION_METHODS if path == tus.PREFIX else tus.UPLOAD_METHODS
-            found.update((m.lower(), path) for m in (*served, "POST"))
-        else:
-            found.add((route.method.lower(), path))
+    found: set[tuple[str, str]] = set()
+    for resource in app.router.resources():
+        info = resource.get_info()
+        # a sub-application's routes (their paths carry its prefix once it is added)
+        routes = list(info["app"].router.routes()) if "app" in info else list(resource)
+        for route in routes:
+            route_info = route.resource.get_info() if route.resource else {}
+            path = route_info.get("formatter") or route_info.get("path")
+            if route.method == "*":
+                # tus's routes take every method (X-HTTP-Method-Override wins over any):
+                # those its dispatcher serves, and POST, which a client overrides as PATCH
+                # or DELETE.
+                served = tus.COLLECTION_METHODS if path == tus.PREFIX else tus.UPLOAD_METHODS
+                found.update((m.lower(), path) for m in (*served, "POST"))
+            else:
+                found.add((route.method.lower(), path))
     return {(m, p) for m, p in found if not (m == "head" and ("get", p) in found)}
 
 

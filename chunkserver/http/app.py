@@ -25,17 +25,15 @@ from ..service.uploads import UploadService
 from .addresses import Network, client_address, trusted_proxies
 from .answers import Error, answer
 from .bodyreader import receive_buffers_for
-from .handlers import add_routes
+from .handlers import UPLOAD_CHUNK_ROUTE, add_routes
 from .inflight import InFlightAppends
-from .keys import CONFIG, IDENTITY, IN_FLIGHT, RECEIVE_BUFFERS, UPLOADS
+from .keys import CONFIG, ERROR_FORM, IDENTITY, IN_FLIGHT, METHOD_OVERRIDE, RECEIVE_BUFFERS, UPLOADS
 from .resumable import EXPOSED_HEADERS as RESUMABLE_EXPOSED_HEADERS
 from .resumable import PREFIX as RESUMABLE_PREFIX
-from .resumable import add_routes as add_resumable_routes
-from .resumable import problem_response
+from .resumable import resumable_app
 from .tus import EXPOSED_HEADERS as TUS_EXPOSED_HEADERS
 from .tus import PREFIX as TUS_PREFIX
-from .tus import TUS_VERSION
-from .tus import add_routes as add_tus_routes
+from .tus import tus_app
 
 log = logging.getLogger("chunkserver")
 
@@ -53,8 +51,10 @@ PUBLIC_PREFIXES = ("/static/",)
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every error into a JSON answer `{"detail": ...}` and count answers by status."""
-    uploads = request.app[UPLOADS]
+    """Turn every error into the answer of its protocol: the error form of the application
+    the route belongs to (ERROR_FORM: the seed routes' JSON, tus's, the draft's problem
+    details), whatever raised it (a handler, or a middleware: credentials, quotas)."""
+    uploads = request.config_dict[UPLOADS]
     try:
         _check_header_lines(request)
         response = await handler(request)
@@ -87,16 +87,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = _error(request, 400, "Client disconnected")
     except Exception:
         log.exception("Unexpected error on %s %s", request.method, request.path)
-        detail = "Internal server error"
-        if request.path == "/upload-chunk":
-            detail = "Chunk upload failed: internal error"
-        response = _error(request, 500, detail)
-    if request.path.startswith(TUS_PREFIX) and not response.prepared:
-        response.headers.setdefault("Tus-Resumable", TUS_VERSION)  # errors too, as tus says
+        response = _error(request, 500, "Internal server error")
     if uploads.draining:
         response.force_close()
-    if request.path == "/upload-chunk" and response.status >= 400:
-        uploads.metrics.inc("chunks_rejected")
     return response
 
 
@@ -161,7 +154,7 @@ def action_of(request: web.Request) -> str | None:
     """What a request does to an upload, as a token's scope names it: upload, read, delete;
     None for OPTIONS. tus's X-HTTP-Method-Override counts as the method."""
     method = request.method
-    if request.path.startswith(TUS_PREFIX):
+    if route_app(request).get(METHOD_OVERRIDE, False):
         method = request.headers.get("X-HTTP-Method-Override", method).strip().upper()
     if method in (hdrs.METH_GET, hdrs.METH_HEAD):
         return "read"
@@ -170,12 +163,23 @@ def action_of(request: web.Request) -> str | None:
     return None if method == hdrs.METH_OPTIONS else "upload"
 
 
+def route_app(request: web.Request) -> web.Application:
+    """The application the request's route belongs to: a sub-application's (/tus, /resumable)
+    or the root's (the seed routes, and any path no route matches)."""
+    apps = request.match_info.apps
+    return apps[-1] if apps else request.app
+
+
 def _error(
     request: web.Request, status: int, detail: str, error: BaseException | None = None
 ) -> web.Response:
-    """`{"detail": ...}`, or problem details on the IETF draft's routes."""
-    if request.path.startswith(RESUMABLE_PREFIX):
-        return problem_response(request, status, detail, error)
+    return route_app(request)[ERROR_FORM](request, status, detail, error)
+
+
+def json_error(
+    request: web.Request, status: int, detail: str, error: BaseException | None
+) -> web.Response:
+    """The seed routes' error: `{"detail": ...}`."""
     return answer(Error(detail=detail), status)
 
 
@@ -300,9 +304,11 @@ def create_app(config: Config) -> web.Application:
     app[UPLOADS] = uploads
     app[RECEIVE_BUFFERS] = receive_buffers_for(config.storage)
     app[IN_FLIGHT] = InFlightAppends()
+    app[ERROR_FORM] = json_error
     add_routes(app)
-    add_tus_routes(app)
-    add_resumable_routes(app)
+    # Each protocol of its own is a sub-application: its routes, and its form of errors.
+    app.add_subapp(TUS_PREFIX.rstrip("/"), tus_app())
+    app.add_subapp(RESUMABLE_PREFIX.rstrip("/"), resumable_app())
     app.cleanup_ctx.append(_uploads_context(config))
     app.on_response_prepare.append(_count_status)
     return app
@@ -312,4 +318,7 @@ async def _count_status(request: web.Request, response: web.StreamResponse) -> N
     """Count each answer by the status it is sent with: a download's 206, 304 or 416 is
     known only once its response is prepared."""
     identity = request.get(IDENTITY, ANONYMOUS)
-    request.app[UPLOADS].metrics.count_request(response.status, identity.name)
+    metrics = request.config_dict[UPLOADS].metrics
+    metrics.count_request(response.status, identity.name)
+    if response.status >= 400 and request.match_info.route.name == UPLOAD_CHUNK_ROUTE:
+        metrics.inc("chunks_rejected")

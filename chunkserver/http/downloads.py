@@ -38,7 +38,9 @@ def content_disposition(filename: str) -> str:
 
 async def download_file(request: web.Request) -> web.StreamResponse:
     file_id = upload_id(request)
-    found = await request.app[UPLOADS].download(file_id, caller_of(request, request.app[CONFIG]))
+    found = await request.config_dict[UPLOADS].download(
+        file_id, caller_of(request, request.config_dict[CONFIG])
+    )
     if found is None:
         raise FileNotFound()
     path, record = found
@@ -48,7 +50,7 @@ async def download_file(request: web.Request) -> web.StreamResponse:
     whole = usable_range(request.headers.get(hdrs.RANGE), record.size) is None
     if isinstance(path, StoredObject):
         return await stream_object(request, path, disposition, whole=whole)
-    prefix = request.app[CONFIG].accel_redirect_prefix
+    prefix = request.config_dict[CONFIG].accel_redirect_prefix
     if prefix:
         # Behind nginx: it sends the file from its internal location, with sendfile, Range
         # and If-Range (entity tags compared strongly).

@@ -5,12 +5,13 @@ No handler builds a path or touches the disk; that is the store's job.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from aiohttp import hdrs, web
 
 from ..auth.owners import public_id, upload_id
-from ..errors import FileNotFound
+from ..errors import ChunkServerError, FileNotFound, InternalFailure
 from ..model import CompletedUpload
 from . import openapi
 from .answers import (
@@ -28,27 +29,40 @@ from .downloads import download_file
 from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
 from .multipart import MultipartParser, boundary_from_content_type
 
+log = logging.getLogger("chunkserver")
+
 JSON = "application/json"
 STATIC_DIR = Path(__file__).parent / "static"
 
 
+UPLOAD_CHUNK_ROUTE = "upload-chunk"  # its refusals are counted (chunks_rejected)
+
+
 async def upload_chunk(request: web.Request) -> web.Response:
-    with request.app[UPLOADS].admit():
-        return await _upload_chunk(request)
+    with request.config_dict[UPLOADS].admit():
+        try:
+            return await _upload_chunk(request)
+        except (ChunkServerError, web.HTTPException, ConnectionResetError):
+            raise
+        except Exception as e:
+            log.exception("Unexpected error on %s %s", request.method, request.path)
+            raise InternalFailure("Chunk upload failed: internal error") from e
 
 
 async def _upload_chunk(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+    config = request.config_dict[CONFIG]
     boundary = boundary_from_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
-    request.app[UPLOADS].policy.check_request_length(request.content_length)
-    with BodyReader(request, config.idle_timeout_seconds, request.app[RECEIVE_BUFFERS]) as body:
+    request.config_dict[UPLOADS].policy.check_request_length(request.content_length)
+    with BodyReader(
+        request, config.idle_timeout_seconds, request.config_dict[RECEIVE_BUFFERS]
+    ) as body:
         return await _receive_chunk(request, MultipartParser(body.read, boundary))
 
 
 async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.Response:
-    config = request.app[CONFIG]
+    config = request.config_dict[CONFIG]
     result = await receive_chunk_request(
-        request.app[UPLOADS],
+        request.config_dict[UPLOADS],
         parser,
         content_length=request.content_length,
         max_total_chunks=config.max_total_chunks,
@@ -70,7 +84,9 @@ async def _receive_chunk(request: web.Request, parser: MultipartParser) -> web.R
 
 async def upload_status(request: web.Request) -> web.Response:
     file_id = upload_id(request)
-    found = await request.app[UPLOADS].status(file_id, caller_of(request, request.app[CONFIG]))
+    found = await request.config_dict[UPLOADS].status(
+        file_id, caller_of(request, request.config_dict[CONFIG])
+    )
     if found is None:
         return answer(StatusNotFound(), status=404)
     return answer(status_answer(found))
@@ -78,7 +94,9 @@ async def upload_status(request: web.Request) -> web.Response:
 
 async def delete_upload(request: web.Request) -> web.Response:
     file_id = upload_id(request)
-    if not await request.app[UPLOADS].delete(file_id, caller_of(request, request.app[CONFIG])):
+    if not await request.config_dict[UPLOADS].delete(
+        file_id, caller_of(request, request.config_dict[CONFIG])
+    ):
         raise FileNotFound()
     return web.Response(status=204)
 
@@ -91,7 +109,7 @@ HEALTH_FAILURES = {
 
 
 async def healthz(request: web.Request) -> web.Response:
-    checks = await request.app[UPLOADS].health()
+    checks = await request.config_dict[UPLOADS].health()
     if all(checks.values()):
         return answer(Health(status="ok"))
     failing = [HEALTH_FAILURES[name] for name, ok in checks.items() if not ok]
@@ -106,12 +124,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = await request.app[UPLOADS].render_metrics()
+    text = await request.config_dict[UPLOADS].render_metrics()
     return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
 async def openapi_document(request: web.Request) -> web.Response:
-    return web.Response(body=openapi.document_bytes(request.app[CONFIG]), content_type=JSON)
+    return web.Response(body=openapi.document_bytes(request.config_dict[CONFIG]), content_type=JSON)
 
 
 STATIC_FILES = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}
@@ -130,7 +148,9 @@ async def upload_page(request: web.Request) -> web.FileResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/upload-chunk", upload_chunk, expect_handler=continue_when_read)
+    app.router.add_post(
+        "/upload-chunk", upload_chunk, expect_handler=continue_when_read, name=UPLOAD_CHUNK_ROUTE
+    )
     app.router.add_get("/upload-status/{file_id}", upload_status)
     app.router.add_get("/files/{file_id}", download_file)
     app.router.add_delete("/uploads/{file_id}", delete_upload)

@@ -29,12 +29,9 @@ from ..errors import (
     BadRequest,
     ChunkServerError,
     DigestMismatch,
-    DiskFull,
     FileNotFound,
     InconsistentLength,
     OffsetMismatch,
-    PayloadTooLarge,
-    ServerBusy,
     UnsupportedMediaType,
     UploadAlreadyComplete,
 )
@@ -47,14 +44,13 @@ from .callers import caller_of
 from .digests import DigestCheck, field_value, sha256_of_field
 from .forms import check_filename, parse_metadata
 from .interop import Interop, interop_of, structured_integer
-from .keys import CONFIG, IN_FLIGHT, RECEIVE_BUFFERS, UPLOADS
+from .keys import CONFIG, ERROR_FORM, IN_FLIGHT, RECEIVE_BUFFERS, UPLOADS
 
 PREFIX = "/resumable/"
 PARTIAL_UPLOAD = "application/partial-upload"
 PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types#"
 # A creation refused for its bytes leaves no upload (a body cut short does: what arrived
 # counts, and the client resumes).
-REFUSED_BODY = (DigestMismatch, PayloadTooLarge, ServerBusy, DiskFull, InconsistentLength)
 EXPOSED_HEADERS = (
     "Upload-Complete, Upload-Incomplete, Upload-Limit, Upload-Draft-Interop-Version, "
     "Repr-Digest, Accept-Patch"
@@ -153,7 +149,7 @@ def _state_headers(
         headers["Upload-Offset"] = str(state.offset)
         if state.meta.total_size is not None:
             headers["Upload-Length"] = str(state.meta.total_size)
-    headers["Upload-Limit"] = _limits(request.app[CONFIG], state)
+    headers["Upload-Limit"] = _limits(request.config_dict[CONFIG], state)
     return headers
 
 
@@ -173,7 +169,7 @@ def _result(
 
 
 def _location(request: web.Request, file_id: str) -> str:
-    return f"{forwarded_base(request, request.app[CONFIG])}{PREFIX}{file_id}"
+    return f"{forwarded_base(request, request.config_dict[CONFIG])}{PREFIX}{file_id}"
 
 
 def _send_interim(request: web.Request, interop: Interop, headers: dict[str, str]) -> None:
@@ -183,7 +179,7 @@ def _send_interim(request: web.Request, interop: Interop, headers: dict[str, str
     transport = request.transport
     if not interop.sends_interim or request.version < HttpVersion11 or transport is None:
         return
-    if from_proxy(request, request.app[CONFIG]):
+    if from_proxy(request, request.config_dict[CONFIG]):
         return
     lines = "".join(f"{name}: {value}\r\n" for name, value in (headers | interop.echo()).items())
     transport.write(f"HTTP/1.1 104 Upload Resumption Supported\r\n{lines}\r\n".encode("latin-1"))
@@ -197,7 +193,7 @@ def problem_response(
     limits (Upload-Limit), as the draft asks."""
     headers = dict(error.headers) if isinstance(error, ChunkServerError) else {}
     if status == 413:
-        headers["Upload-Limit"] = _limits(request.app[CONFIG])
+        headers["Upload-Limit"] = _limits(request.config_dict[CONFIG])
     body: dict[str, object] = {"type": "about:blank"}
     if isinstance(error, OffsetMismatch):
         body = {
@@ -231,7 +227,7 @@ async def options(request: web.Request) -> web.Response:
     return web.Response(
         status=204,
         headers={
-            "Upload-Limit": _limits(request.app[CONFIG]),
+            "Upload-Limit": _limits(request.config_dict[CONFIG]),
             "Accept-Patch": PARTIAL_UPLOAD,
             hdrs.ALLOW: ", ".join(ROOT),
         },
@@ -242,7 +238,7 @@ async def create(request: web.Request) -> web.Response:
     """POST /resumable/: an upload created, then its first bytes appended when it has some
     (or completed at once when `Upload-Complete: ?1`)."""
     interop = interop_of(request)
-    uploads = request.app[UPLOADS]
+    uploads = request.config_dict[UPLOADS]
     complete = interop.complete_flag(request)
     if complete is None:
         raise BadRequest(f"{interop.complete_name} is required to create an upload")
@@ -260,16 +256,15 @@ async def create(request: web.Request) -> web.Response:
     begun = await uploads.create_stream(meta, _caller(request), request.content_length)
     file_id = begun.file_id  # the pre-create hook may have given it another
     location = {"Location": _location(request, public_id(file_id))}
-    _send_interim(request, interop, location | {"Upload-Limit": _limits(request.app[CONFIG])})
+    _send_interim(
+        request, interop, location | {"Upload-Limit": _limits(request.config_dict[CONFIG])}
+    )
     if not (complete or _has_content(request)):
         progress = StreamProgress(begun, 0, 0, begun.created_at)
         return _result(request, interop, progress, 201, location)
-    try:
-        with uploads.admit():
-            state = await _append(request, interop, file_id, 0, complete, length, digests)
-    except REFUSED_BODY:
-        await uploads.abandon_stream(begun)  # nothing of a refused creation remains
-        raise
+    state = await uploads.create_with_bytes(
+        begun, lambda: _append(request, interop, file_id, 0, complete, length, digests)
+    )
     return _result(request, interop, state, 201, location)
 
 
@@ -290,8 +285,8 @@ async def append(request: web.Request) -> web.Response:
     digests = _digests(request, whole=offset == 0 and complete)
     representation = sha256_of_field("Repr-Digest", request.headers.get("Repr-Digest"))
     if representation is not None:  # kept with the upload, checked when it completes
-        await request.app[UPLOADS].keep_digest(file_id, representation.hex())
-    with request.app[UPLOADS].admit():
+        await request.config_dict[UPLOADS].keep_digest(file_id, representation.hex())
+    with request.config_dict[UPLOADS].admit():
         state = await _append(request, interop, file_id, offset, complete, length, digests)
     return _result(request, interop, state, 204)
 
@@ -305,16 +300,18 @@ async def _append(
     length: int | None,
     digests: DigestCheck | None,
 ) -> StreamProgress | CompletedUpload:
-    uploads = request.app[UPLOADS]
+    uploads = request.config_dict[UPLOADS]
     content_length = request.content_length
     if content_length is None and not request.body_exists:
         content_length = 0
-    in_flight = request.app[IN_FLIGHT]
+    in_flight = request.config_dict[IN_FLIGHT]
     await in_flight.cut_earlier(file_id, request.transport)
     with (
         in_flight.track(file_id, request.transport),
         StreamBody(
-            request, request.app[CONFIG].idle_timeout_seconds, request.app[RECEIVE_BUFFERS]
+            request,
+            request.config_dict[CONFIG].idle_timeout_seconds,
+            request.config_dict[RECEIVE_BUFFERS],
         ) as body,
     ):
         state = await uploads.append(
@@ -350,14 +347,14 @@ async def _check_representation(
     else:
         actual = await _sha256_of_file(request, record.file_id)
     if expected != {actual}:
-        await request.app[UPLOADS].delete(record.file_id, _caller(request))
+        await request.config_dict[UPLOADS].delete(record.file_id, _caller(request))
         raise DigestMismatch(
             "Repr-Digest sha-256 does not match the completed upload's bytes; it was removed"
         )
 
 
 async def _sha256_of_file(request: web.Request, file_id: str) -> bytes:
-    found = await request.app[UPLOADS].download(file_id)
+    found = await request.config_dict[UPLOADS].download(file_id)
     if found is None:
         raise FileNotFound()
     where, _ = found
@@ -379,8 +376,8 @@ async def head(request: web.Request) -> web.Response:
     """Offset retrieval (HEAD, or GET as the draft allows): 204 with the upload's state."""
     interop = interop_of(request)
     file_id = upload_id(request)
-    await request.app[IN_FLIGHT].cut_earlier(file_id, request.transport)
-    found = await request.app[UPLOADS].stream_state(file_id, _caller(request))
+    await request.config_dict[IN_FLIGHT].cut_earlier(file_id, request.transport)
+    found = await request.config_dict[UPLOADS].stream_state(file_id, _caller(request))
     if found is None:
         raise FileNotFound("No upload of this id")
     headers = _state_headers(request, interop, found) | {hdrs.CACHE_CONTROL: "no-store"}
@@ -390,14 +387,14 @@ async def head(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     interop_of(request)
     file_id = upload_id(request)
-    await request.app[IN_FLIGHT].cut_earlier(file_id, request.transport)
-    if not await request.app[UPLOADS].delete(file_id, _caller(request)):
+    await request.config_dict[IN_FLIGHT].cut_earlier(file_id, request.transport)
+    if not await request.config_dict[UPLOADS].delete(file_id, _caller(request)):
         raise FileNotFound("No upload of this id")
     return web.Response(status=204)
 
 
 def _caller(request: web.Request) -> Caller:
-    return caller_of(request, request.app[CONFIG])
+    return caller_of(request, request.config_dict[CONFIG])
 
 
 ROOT: dict[str, Handler] = {"OPTIONS": options, "POST": create}
@@ -409,9 +406,12 @@ UPLOAD_METHODS: dict[str, Handler] = {
 }
 
 
-def add_routes(app: web.Application) -> None:
+def resumable_app() -> web.Application:
+    """The sub-application of /resumable/: its routes, and problem details for its errors."""
+    app = web.Application()
+    app[ERROR_FORM] = problem_response
     for method, handler in ROOT.items():
-        app.router.add_route(method, PREFIX, handler, expect_handler=continue_when_read)
+        app.router.add_route(method, "/", handler, expect_handler=continue_when_read)
     for method, handler in UPLOAD_METHODS.items():
-        path = PREFIX + "{file_id}"
-        app.router.add_route(method, path, handler, expect_handler=continue_when_read)
+        app.router.add_route(method, "/{file_id}", handler, expect_handler=continue_when_read)
+    return app

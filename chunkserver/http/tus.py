@@ -23,10 +23,7 @@ from aiohttp.typedefs import Handler
 from ..auth.owners import identity_of, owned_id, public_id, upload_id
 from ..errors import (
     BadRequest,
-    DiskFull,
     FileNotFound,
-    PayloadTooLarge,
-    ServerBusy,
     TusChecksumMismatch,
     UnsupportedMediaType,
     UnsupportedTusVersion,
@@ -34,10 +31,11 @@ from ..errors import (
 from ..model import CompletedUpload, StreamProgress, UploadMeta, check_file_id
 from ..service.callers import Caller
 from .addresses import forwarded_base
+from .answers import Error, answer
 from .bodyreader import StreamBody, continue_when_read
 from .callers import caller_of
 from .forms import check_filename, encode_metadata, parse_metadata
-from .keys import CONFIG, RECEIVE_BUFFERS, UPLOADS
+from .keys import CONFIG, ERROR_FORM, METHOD_OVERRIDE, RECEIVE_BUFFERS, UPLOADS
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = (
@@ -48,7 +46,6 @@ OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 PREFIX = "/tus/"
 # A creation-with-upload refused for its bytes leaves no upload (a body cut short does: what
 # arrived counts, and the client resumes).
-REFUSED_BODY = (TusChecksumMismatch, PayloadTooLarge, ServerBusy, DiskFull)
 # What a browser may read of a tus answer (CORS): every header the protocol answers with.
 EXPOSED_HEADERS = (
     "Location, Upload-Offset, Upload-Length, Upload-Defer-Length, Upload-Metadata, "
@@ -135,7 +132,7 @@ def _partial_ids(request: web.Request, header: str) -> list[str]:
     urls = header.partition(";")[2].split()
     if not urls:
         raise BadRequest("Upload-Concat: final names no partial upload")
-    collection = forwarded_base(request, request.app[CONFIG]) + PREFIX
+    collection = forwarded_base(request, request.config_dict[CONFIG]) + PREFIX
     ids = []
     for url in urls:
         resolved = urljoin(collection, url)
@@ -149,7 +146,7 @@ def _partial_ids(request: web.Request, header: str) -> list[str]:
 
 
 def _expires(request: web.Request, last_activity: float) -> str:
-    return formatdate(last_activity + request.app[CONFIG].upload_ttl_seconds, usegmt=True)
+    return formatdate(last_activity + request.config_dict[CONFIG].upload_ttl_seconds, usegmt=True)
 
 
 def _progress_headers(
@@ -195,7 +192,7 @@ def _concat_header(concat: str) -> str:
 
 
 def _location(request: web.Request, file_id: str) -> str:
-    return f"{forwarded_base(request, request.app[CONFIG])}{PREFIX}{file_id}"
+    return f"{forwarded_base(request, request.config_dict[CONFIG])}{PREFIX}{file_id}"
 
 
 def _new_meta(request: web.Request, file_id: str, length: int | None) -> UploadMeta:
@@ -214,7 +211,7 @@ def _answer(status: int, headers: dict[str, str] | None = None) -> web.Response:
 
 
 async def options(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+    config = request.config_dict[CONFIG]
     if "file_id" in request.match_info:
         check_file_id(request.match_info["file_id"])
     return _answer(
@@ -232,7 +229,7 @@ async def create(request: web.Request) -> web.Response:
     """POST /tus/: creation, with an upload (creation-with-upload), deferred length, or a
     concatenation (Upload-Concat)."""
     _check_version(request)
-    uploads = request.app[UPLOADS]
+    uploads = request.config_dict[UPLOADS]
     caller = _caller(request)
     length = _non_negative("Upload-Length", request.headers.get("Upload-Length"))
     deferred = request.headers.get("Upload-Defer-Length")
@@ -263,12 +260,7 @@ async def create(request: web.Request) -> web.Response:
     begun = await uploads.create_stream(meta, caller, body_length)
     headers = {"Location": _location(request, public_id(begun.file_id))}
     if with_body or length == 0:  # an empty upload is complete as soon as it exists
-        try:
-            with uploads.admit():
-                state = await _append(request, begun.file_id, 0)
-        except REFUSED_BODY:
-            await uploads.abandon_stream(begun)  # nothing of a refused creation remains
-            raise
+        state = await uploads.create_with_bytes(begun, lambda: _append(request, begun.file_id, 0))
         return _answer(201, headers | _progress_headers(request, state))
     headers |= {"Upload-Offset": "0", "Upload-Expires": _expires(request, begun.created_at)}
     return _answer(201, headers)
@@ -277,7 +269,7 @@ async def create(request: web.Request) -> web.Response:
 async def head(request: web.Request) -> web.Response:
     _check_version(request)
     file_id = upload_id(request)
-    found = await request.app[UPLOADS].stream_state(file_id, _caller(request))
+    found = await request.config_dict[UPLOADS].stream_state(file_id, _caller(request))
     if found is None:
         raise FileNotFound()
     headers = _state_headers(request, found) | {hdrs.CACHE_CONTROL: "no-store"}
@@ -292,7 +284,7 @@ async def patch(request: web.Request) -> web.Response:
     offset = _non_negative("Upload-Offset", request.headers.get("Upload-Offset"))
     if offset is None:
         raise BadRequest("Upload-Offset is required")
-    with request.app[UPLOADS].admit():
+    with request.config_dict[UPLOADS].admit():
         state = await _append(request, file_id, offset)
     return _answer(204, _progress_headers(request, state))
 
@@ -307,9 +299,11 @@ async def _append(
         length = 0
     checksum_header = request.headers.get("Upload-Checksum")
     with StreamBody(
-        request, request.app[CONFIG].idle_timeout_seconds, request.app[RECEIVE_BUFFERS]
+        request,
+        request.config_dict[CONFIG].idle_timeout_seconds,
+        request.config_dict[RECEIVE_BUFFERS],
     ) as body:
-        return await request.app[UPLOADS].append(
+        return await request.config_dict[UPLOADS].append(
             file_id,
             offset,
             body,
@@ -324,13 +318,13 @@ async def delete(request: web.Request) -> web.Response:
     """termination: the upload and its bytes are removed, in progress or complete."""
     _check_version(request)
     file_id = upload_id(request)
-    if not await request.app[UPLOADS].delete(file_id, _caller(request)):
+    if not await request.config_dict[UPLOADS].delete(file_id, _caller(request)):
         raise FileNotFound()
     return _answer(204)
 
 
 def _caller(request: web.Request) -> Caller:
-    return caller_of(request, request.app[CONFIG])
+    return caller_of(request, request.config_dict[CONFIG])
 
 
 # The methods of each tus route, and what serves them.
@@ -358,9 +352,23 @@ def _dispatcher(methods: dict[str, Handler]) -> Handler:
     return dispatch
 
 
-def add_routes(app: web.Application) -> None:
+def tus_error(
+    request: web.Request, status: int, detail: str, error: BaseException | None
+) -> web.Response:
+    """A tus error: `{"detail": ...}`, saying the protocol's version as every tus answer."""
+    response = answer(Error(detail=detail), status)
+    response.headers["Tus-Resumable"] = TUS_VERSION
+    return response
+
+
+def tus_app() -> web.Application:
+    """The sub-application of /tus/: its routes, its errors, X-HTTP-Method-Override."""
+    app = web.Application()
+    app[ERROR_FORM] = tus_error
+    app[METHOD_OVERRIDE] = True
     # Every method reaches the dispatcher: X-HTTP-Method-Override wins over any of them.
     expect = continue_when_read
-    app.router.add_route("*", PREFIX, _dispatcher(COLLECTION_METHODS), expect_handler=expect)
+    app.router.add_route("*", "/", _dispatcher(COLLECTION_METHODS), expect_handler=expect)
     upload = _dispatcher(UPLOAD_METHODS)
-    app.router.add_route("*", PREFIX + "{file_id}", upload, expect_handler=expect)
+    app.router.add_route("*", "/{file_id}", upload, expect_handler=expect)
+    return app

@@ -21,6 +21,7 @@ from ..model import (
     Committed,
     CompletedUpload,
     UploadMeta,
+    UploadProtocol,
 )
 from ..storage.meter import ByteLimit
 from ..storage.store import PendingChunk
@@ -61,7 +62,10 @@ class ChunkSteps(ServiceCore):
         known: CompletedUpload | UploadMeta | None = None
         if not ask_store:
             known = self.manifest.get(fields.file_id) or await self.store.lookup(fields.file_id)
-        if isinstance(known, CompletedUpload | UploadMeta) and known.protocol != "chunks":
+        if (
+            isinstance(known, CompletedUpload | UploadMeta)
+            and known.protocol != UploadProtocol.CHUNKS
+        ):
             raise UploadConflict(STREAM_CONFLICT.format(public_id(fields.file_id)))
         if isinstance(known, UploadMeta) and known.chunk_size is None and fields.chunk_index:
             # Another process may have learned the chunk size since this one cached it.
@@ -91,7 +95,7 @@ class ChunkSteps(ServiceCore):
                 )
             async with self.locks.hold(fields.file_id):
                 begun, created = await self.store.begin(proposed)
-            if begun.protocol != "chunks":
+            if begun.protocol != UploadProtocol.CHUNKS:
                 raise UploadConflict(STREAM_CONFLICT.format(public_id(fields.file_id)))
             if isinstance(begun, CompletedUpload):
                 return begun

@@ -149,7 +149,7 @@ class ServiceCore:
         is done, with its figures), so that a process killed between the two loses no
         event; a part of a concatenation is not a file and announces nothing."""
         app = None
-        if meta.concat != "partial":
+        if not meta.is_partial:
             app = await self.hooks.pre_finish(meta, caller)
             await self.hooks.emit(
                 "post-finish", meta, caller, finish_event_id(meta.file_id, meta.token)

@@ -86,7 +86,7 @@ def upload_body(
         body["size"] = upload.total_size
     if upload.metadata is not None:
         body["metadata"] = upload.metadata
-    if upload.concat == "partial":  # a part of a tus concatenation, not a file of its own
+    if upload.is_partial:  # a part of a tus concatenation, not a file of its own
         body["partial"] = True
     # Whose upload it is (null: the anonymous identity's), also in events no request caused.
     body["identity"] = upload.owner or None

@@ -165,7 +165,7 @@ class StreamSteps(ServiceCore):
         if known is None or (isinstance(known, UploadMeta) and not known.is_stream):
             raise FileNotFound("No upload of this id")
         await self._check_existing(known, caller, length)
-        if known.concat is not None and known.concat.startswith("final"):
+        if known.is_final:
             raise Forbidden("A final upload of a concatenation takes no PATCH")
         if isinstance(known, CompletedUpload):
             if offset != known.size:

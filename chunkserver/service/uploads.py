@@ -10,13 +10,21 @@ and after; the store only stores. The service holds no threads: the store runs i
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import (
     CompletionPending,
+    DigestMismatch,
+    DiskFull,
     HookRefused,
     HookUnavailable,
+    InconsistentLength,
+    PayloadTooLarge,
+    ServerBusy,
     StorageFailure,
+    TusChecksumMismatch,
     UploadConflict,
 )
 from ..model import (
@@ -34,6 +42,17 @@ from .hooks import finish_event_id
 from .streamsteps import StreamSteps
 
 __all__ = ["Prepared", "UploadService"]
+
+T = TypeVar("T")
+# What refuses a creation's first bytes, on either stream protocol.
+REFUSED_CREATION_BODY = (
+    TusChecksumMismatch,
+    DigestMismatch,
+    PayloadTooLarge,
+    ServerBusy,
+    DiskFull,
+    InconsistentLength,
+)
 
 
 class UploadService(ChunkSteps, StreamSteps):
@@ -81,6 +100,18 @@ class UploadService(ChunkSteps, StreamSteps):
             )
             return progress
         return progress if completed is None else completed
+
+    async def create_with_bytes(self, begun: UploadMeta, append: Callable[[], Awaitable[T]]) -> T:
+        """A stream's creation that carries its first bytes (tus's creation-with-upload, the
+        draft's creation): `append` stores them, counted among the requests in flight. A
+        body refused (its checksum or digest, a limit, the room, the server's load, a
+        length) leaves nothing of the creation: the one rule of both stream protocols."""
+        try:
+            with self.admit():
+                return await append()
+        except REFUSED_CREATION_BODY:
+            await self.abandon_stream(begun)
+            raise
 
     async def download(
         self, file_id: str, caller: Caller | None = None

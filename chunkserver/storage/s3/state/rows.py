@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from ....model import CompletedUpload, UploadMeta
+from ....model import CompletedUpload, UploadMeta, UploadProtocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +78,7 @@ def upload_row(r: Mapping[str, Any]) -> UploadRow:
         chunk_size=r["chunk_size"],
         chunk_size_declared=r["chunk_size_declared"],
         metadata=metadata_of(r.get("metadata")),
-        protocol=r.get("protocol") or "chunks",
+        protocol=UploadProtocol(r.get("protocol") or UploadProtocol.CHUNKS),
         concat=r.get("concat"),
         repr_sha256=r.get("repr_sha256"),
         owner=r.get("owner") or "",
