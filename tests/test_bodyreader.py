@@ -86,6 +86,9 @@ async def test_large_chunks_are_received_into_reused_buffers(
     make_client: ClientFactory, backend: str, takeovers: list[object]
 ) -> None:
     client = await make_client()
+    proof = len(takeovers)  # the start's proof took one body over (local disk only)
+    assert proof == (1 if backend == "local" else 0)
+    takeovers.clear()
     data = os.urandom(3 * MiB + 5)
     pieces = split(data, MiB)
     for index, piece in enumerate(pieces):
@@ -188,3 +191,16 @@ async def test_a_client_that_stalls_mid_body_gets_408(
     assert (await client.get("/upload-status/stall")).status == 404
     resp = await client.post("/upload-chunk", data=chunk_form("stall", 0, 2, b"x" * MiB))
     assert resp.status == 200
+
+
+async def test_the_takeover_is_used_only_once_proven(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proof at start: True with the installed aiohttp; False (every body then read
+    through aiohttp) when a taken-over body would leave the connection unable to parse the
+    request after it, or when aiohttp lacks the internals relied on."""
+    assert await bodyreader.takeover_proven()
+    monkeypatch.setattr(bodyreader, "restart_parser", lambda handler: None)
+    assert not await bodyreader.takeover_proven()
+    monkeypatch.undo()
+    monkeypatch.setattr(bodyreader, "internals_present", lambda: False)
+    assert not await bodyreader.takeover_proven()
+    assert bodyreader.receive_buffers_for("local") is None

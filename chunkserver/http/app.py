@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
@@ -24,7 +25,7 @@ from ..logs import ThrottledLog
 from ..service.uploads import UploadService
 from .addresses import Network, client_address, trusted_proxies
 from .answers import Error, answer
-from .bodyreader import receive_buffers_for
+from .bodyreader import ReceiveBuffers, receive_buffers_for, takeover_proven
 from .handlers import UPLOAD_CHUNK_ROUTE, add_routes
 from .inflight import InFlightAppends
 from .keys import CONFIG, ERROR_FORM, IDENTITY, IN_FLIGHT, METHOD_OVERRIDE, RECEIVE_BUFFERS, UPLOADS
@@ -259,10 +260,24 @@ async def _every(
             log.exception("Periodic job %s failed", name)
 
 
+async def _prove_takeover(buffers: ReceiveBuffers | None) -> None:
+    """Bodies are taken off aiohttp only once this process saw it work (bodyreader.py)."""
+    if buffers is None:
+        return
+    buffers.usable = await takeover_proven()
+    if not buffers.usable:
+        log.warning(
+            "Request bodies are read through aiohttp: taking them off the socket did not "
+            "work with aiohttp %s",
+            aiohttp.__version__,
+        )
+
+
 def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
     async def uploads_context(app: web.Application) -> AsyncIterator[None]:
         uploads = app[UPLOADS]
         await uploads.start()
+        await _prove_takeover(app[RECEIVE_BUFFERS])
         report = await uploads.sweep()  # finish completions and clear strays a crash left
         if report.completed or report.expired or report.removed_temp_files:
             log.info(

@@ -17,23 +17,24 @@ asking for the next (views of a `bytearray` are written at once, see `local/rece
 The S3 store hands pieces to an HTTP client that may still hold them later, so there every
 body is read through aiohttp.
 
-The takeover uses things aiohttp does not document: the handler's `_parser` (replaced by a
-new one after the body, built with `_read_bufsize` and `MAX_MSG_QUEUE_SIZE` as aiohttp 3.14
-builds it) and `_reading_paused` (a paused parser may hold bytes it has not fed yet, and the
-takeover is then not attempted). `takeover_supported()` checks for them; without them every
-body is read through aiohttp, as before.
+The takeover uses things aiohttp does not document, all behind `aiohttpfence.py`. Before a
+process takes any body over, `takeover_proven()` tries it on a socket pair through aiohttp's
+own server (a body taken over, then a pipelined request after it); until it has, and when
+it fails, every body is read through aiohttp.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
+from typing import cast
 
-from aiohttp import HttpVersion11, hdrs, web, web_protocol
-from aiohttp.http_parser import HttpRequestParser
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.web_protocol import RequestHandler
 
 from ..errors import ClientTooSlow
+from .aiohttpfence import internals_present, reading_paused, restart_parser
 
 # One piece of a body: a buffer and how many of its first bytes are the piece
 # (multipart.ReadFunction returns these).
@@ -45,6 +46,8 @@ RECEIVE_BUFFER_BYTES = 1024 * 1024
 TAKEOVER_MIN_BYTES = 256 * 1024
 _EMPTY: Piece = (b"", 0)
 
+# How long the takeover's proof may take at start (it takes a few milliseconds).
+PROBE_SECONDS = 2.0
 # How long the rest of a body answered early is read and dropped, as aiohttp's lingering_time.
 LINGER_SECONDS = 10.0
 
@@ -68,23 +71,15 @@ async def _send_continue(request: web.Request) -> None:
         request.writer.output_size = 0  # the final answer's size is counted from here
 
 
-def takeover_supported() -> bool:
-    """Whether this aiohttp has the request handler internals the takeover relies on."""
-    slots = getattr(RequestHandler, "__slots__", ())
-    return (
-        hasattr(web_protocol, "MAX_MSG_QUEUE_SIZE")  # the new parser's pipelining limit
-        and "max_line_size" in slots
-        and hasattr(RequestHandler, "_parser")
-        and hasattr(RequestHandler, "_reading_paused")
-        and hasattr(RequestHandler, "_read_bufsize")
-    )
-
-
 class ReceiveBuffers:
-    """Buffers lent to body readers and taken back: a process allocates them once."""
+    """Buffers lent to body readers and taken back: a process allocates them once. `usable`
+    once the takeover is proven with the installed aiohttp (`takeover_proven`)."""
 
-    def __init__(self, size: int = RECEIVE_BUFFER_BYTES, keep: int = 8) -> None:
+    def __init__(
+        self, size: int = RECEIVE_BUFFER_BYTES, keep: int = 8, *, usable: bool = False
+    ) -> None:
         self.size = size
+        self.usable = usable
         self._keep = keep
         self._free: list[bytearray] = []
 
@@ -97,12 +92,71 @@ class ReceiveBuffers:
 
 
 def receive_buffers_for(storage: str) -> ReceiveBuffers | None:
-    """The buffers of a process's takeovers, or None to read every body through aiohttp:
-    on S3, whose HTTP client may still hold a piece after asking for the next, and with
-    an aiohttp whose internals are not the ones relied on."""
-    if storage != "local" or not takeover_supported():
+    """The buffers of a process's takeovers (usable once proven), or None to read every
+    body through aiohttp: on S3, whose HTTP client may still hold a piece after asking for
+    the next, and with an aiohttp without the internals relied on."""
+    if storage != "local" or not internals_present():
         return None
     return ReceiveBuffers()
+
+
+async def takeover_proven() -> bool:
+    """Whether taking a body over works with the installed aiohttp: through aiohttp's own
+    server on a socket pair, a body of TAKEOVER_MIN_BYTES + 1 is taken over once its handler
+    runs, and a request pipelined right after it is parsed and answered. Anything else
+    (a wrong answer, an error, no answer within PROBE_SECONDS): False."""
+    if not internals_present():
+        return False
+    size = TAKEOVER_MIN_BYTES + 1
+    started = asyncio.Event()
+    taken: list[bool] = []
+
+    async def handler(base: web.BaseRequest) -> web.Response:
+        started.set()
+        total = 0
+        request = cast(web.Request, base)  # what BodyReader reads of it, a BaseRequest has
+        with BodyReader(request, PROBE_SECONDS, ReceiveBuffers(64 * 1024, 1, usable=True)) as body:
+            while (piece := await body.read())[1]:
+                total += piece[1]
+            taken.append(body.took_over)
+        return web.Response(text=str(total))
+
+    server = web.Server(handler)
+    ours, theirs = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    transport: asyncio.BaseTransport | None = None
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(PROBE_SECONDS):
+            transport, _ = await loop.connect_accepted_socket(server, ours)
+            reader, writer = await asyncio.open_connection(sock=theirs)
+            head = f"POST /a HTTP/1.1\r\nHost: probe\r\nContent-Length: {size}\r\n\r\n"
+            writer.write(head.encode() + b"x")
+            await started.wait()  # the handler runs: what follows is taken over
+            pipelined = b"GET /b HTTP/1.1\r\nHost: probe\r\nContent-Length: 0\r\n\r\n"
+            writer.write(b"x" * (size - 1) + pipelined)
+            answers = [await _answer_body(reader), await _answer_body(reader)]
+    except (OSError, TimeoutError, ValueError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+        if transport is not None:
+            transport.close()
+        ours.close()
+        theirs.close()
+        await server.shutdown(0)
+    return answers == [str(size).encode(), b"0"] and taken == [True, False]
+
+
+async def _answer_body(reader: asyncio.StreamReader) -> bytes:
+    """The body of the next answer on `reader` (ValueError when it is not a 200)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines[0].startswith("HTTP/1.1 200"):
+        raise ValueError(lines[0])
+    fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return await reader.readexactly(int(fields.get("Content-Length", "0")))
 
 
 class _Takeover(asyncio.BufferedProtocol):
@@ -197,16 +251,7 @@ class _Takeover(asyncio.BufferedProtocol):
         """Hand the connection back to aiohttp, with a parser that starts a new request."""
         handler = self._handler
         self._given_back = True
-        handler._parser = HttpRequestParser(
-            handler,
-            asyncio.get_running_loop(),
-            handler._read_bufsize,
-            max_line_size=handler.max_line_size,
-            max_field_size=handler.max_field_size,
-            max_headers=handler.max_headers,
-            payload_exception=RequestPayloadError,
-            max_msg_queue_size=web_protocol.MAX_MSG_QUEUE_SIZE,
-        )
+        restart_parser(handler)
         self._transport.set_protocol(handler)
         if self._discarding:
             self._pool.take_back(self._buffer)
@@ -249,6 +294,7 @@ class BodyReader:
         self._pool = pool
         self._takeover: _Takeover | None = None
         self._started = False
+        self.took_over = False  # the body's rest came straight from the socket
 
     def __enter__(self) -> BodyReader:
         return self
@@ -277,7 +323,8 @@ class BodyReader:
         """What aiohttp received already, taking the rest of the body over if it may."""
         request = self._request
         content = request.content
-        if self._pool is None or content.is_eof() or not self._may_take_over():
+        pool = self._pool
+        if pool is None or not pool.usable or content.is_eof() or not self._may_take_over():
             return None
         # Draining may let a paused parser feed what it held back: drain until empty.
         pieces = []
@@ -288,10 +335,11 @@ class BodyReader:
         transport = request.transport
         assert isinstance(handler, RequestHandler) and transport is not None
         remaining = (request.content_length or 0) - content.total_bytes
-        if content.is_eof() or handler._reading_paused or remaining <= 0:
+        if content.is_eof() or reading_paused(handler) or remaining <= 0:
             return (first, len(first))  # the rest, if any, through aiohttp
         content.feed_eof()
-        self._takeover = _Takeover(handler, transport, remaining, self._pool)
+        self._takeover = _Takeover(handler, transport, remaining, pool)
+        self.took_over = True
         transport.set_protocol(self._takeover)
         return (first, len(first))
 

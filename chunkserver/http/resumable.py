@@ -38,6 +38,7 @@ from ..errors import (
 from ..model import IETF, CompletedUpload, StoredObject, StreamProgress, UploadMeta
 from ..service.callers import Caller
 from .addresses import forwarded_base, from_proxy
+from .aiohttpfence import write_interim
 from .answers import answer, status_answer
 from .bodyreader import StreamBody, continue_when_read
 from .callers import caller_of
@@ -181,8 +182,7 @@ def _send_interim(request: web.Request, interop: Interop, headers: dict[str, str
         return
     if from_proxy(request, request.config_dict[CONFIG]):
         return
-    lines = "".join(f"{name}: {value}\r\n" for name, value in (headers | interop.echo()).items())
-    transport.write(f"HTTP/1.1 104 Upload Resumption Supported\r\n{lines}\r\n".encode("latin-1"))
+    write_interim(request, "104 Upload Resumption Supported", headers | interop.echo())
 
 
 def problem_response(
