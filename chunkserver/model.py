@@ -60,8 +60,31 @@ class ChunkFields:
     metadata: dict[str, str] | None = None
 
 
+class UploadKind:
+    """What an upload is, asked of its protocol and concatenation: UploadMeta and
+    CompletedUpload alike."""
+
+    __slots__ = ()
+    protocol: UploadProtocol
+    concat: str | None
+
+    def __post_init__(self) -> None:
+        # Read back from a record or a row as its value: the enum again.
+        object.__setattr__(self, "protocol", UploadProtocol(self.protocol))
+
+    @property
+    def is_partial(self) -> bool:
+        """A part of a tus concatenation, not a file of its own."""
+        return self.concat == PARTIAL
+
+    @property
+    def is_final(self) -> bool:
+        """The final upload of a tus concatenation (made of its parts: it takes no PATCH)."""
+        return self.concat is not None and self.concat.startswith("final")
+
+
 @dataclass(frozen=True, slots=True)
-class UploadMeta:
+class UploadMeta(UploadKind):
     """What the first chunk of an upload fixes for all the others."""
 
     file_id: str
@@ -125,23 +148,9 @@ class UploadMeta:
         meta = cls.new(file_id, filename, 1, length, None, metadata)
         return replace(meta, protocol=protocol, concat=concat)
 
-    def __post_init__(self) -> None:
-        # Read back from a record or a row as its value: the enum again.
-        object.__setattr__(self, "protocol", UploadProtocol(self.protocol))
-
     @property
     def is_stream(self) -> bool:
         return self.protocol in STREAM_PROTOCOLS
-
-    @property
-    def is_partial(self) -> bool:
-        """A part of a tus concatenation, not a file of its own."""
-        return self.concat == PARTIAL
-
-    @property
-    def is_final(self) -> bool:
-        """The final upload of a tus concatenation (made of its parts: it takes no PATCH)."""
-        return self.concat is not None and self.concat.startswith("final")
 
     def adopts(self, chunk_size: int | None, metadata: dict[str, str] | None) -> bool:
         """Whether a chunk brings what this upload has not fixed yet (a declared chunk size,
@@ -204,7 +213,7 @@ class ChunkRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class CompletedUpload:
+class CompletedUpload(UploadKind):
     file_id: str
     filename: str
     size: int
@@ -220,17 +229,6 @@ class CompletedUpload:
     owner: str = ""  # as UploadMeta.owner
     # The pre-finish hook's answer, for the completing request's answer only (never stored).
     app: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "protocol", UploadProtocol(self.protocol))
-
-    @property
-    def is_partial(self) -> bool:
-        return self.concat == PARTIAL
-
-    @property
-    def is_final(self) -> bool:
-        return self.concat is not None and self.concat.startswith("final")
 
     @classmethod
     def of(

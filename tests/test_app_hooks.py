@@ -16,6 +16,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from chunkserver import Config
 from chunkserver.auth.identities import IDENTITY, Identity
+from chunkserver.config import HOOK_EVENTS
 from chunkserver.http.app import access_logger_for
 
 from .conftest import ClientFactory, chunk_form
@@ -28,14 +29,8 @@ ALICE = {"Authorization": "Bearer tok-alice"}
 BOB = {"Authorization": "Bearer tok-bob"}
 V = {"Tus-Resumable": "1.0.0"}
 OCTETS = {"Content-Type": "application/offset+octet-stream"}
-ALL_EVENTS = (
-    "pre-create",
-    "post-create",
-    "post-receive",
-    "pre-finish",
-    "post-finish",
-    "post-terminate",
-)
+# Every event but the sweep's and pre-access (asked only of existing uploads, and cached).
+ALL_EVENTS = tuple(e for e in HOOK_EVENTS if e not in ("post-expire", "pre-access"))
 
 __all__ = ["receiver"]  # the fixture, used by name
 

@@ -15,13 +15,9 @@ import pytest
 import requests
 
 from .conftest import ClientFactory, ServerProcess, chunk_form, s3_flags
+from .test_app_hooks import ALICE, BOB, IDENTITIES, OCTETS, V
 
 BOTH_BACKENDS = True
-IDENTITIES = {"auth_identities": (("alice", "tok-alice"), ("bob", "tok-bob"))}
-ALICE = {"Authorization": "Bearer tok-alice"}
-BOB = {"Authorization": "Bearer tok-bob"}
-V = {"Tus-Resumable": "1.0.0"}
-OCTETS = {"Content-Type": "application/offset+octet-stream"}
 
 
 async def refused(resp: Any) -> bool:

@@ -36,7 +36,7 @@ import aiohttp
 
 from .. import checksums
 from ..backoff import jittered_delay
-from .rules import UploadError, answer_of, check_file_id, parse_size
+from .rules import UploadError, answer_of, check_file_id
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 # A bearer credential, or a function that returns a fresh one before each request.
@@ -420,16 +420,3 @@ async def get_status_async(url: str, file_id: str, *, token: str | None = None) 
 
 def get_status(url: str, file_id: str, *, token: str | None = None) -> dict[str, Any]:
     return asyncio.run(get_status_async(url, file_id, token=token))
-
-
-__all__ = [
-    "Backoff",
-    "Progress",
-    "UploadError",
-    "check_file_id",
-    "get_status",
-    "get_status_async",
-    "parse_size",
-    "upload_file",
-    "upload_file_async",
-]
