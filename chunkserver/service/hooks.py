@@ -44,7 +44,8 @@ RETRY_CAP_SECONDS = 300.0
 IDLE_POLL_SECONDS = 1.0  # how often a process looks for due events when not woken
 CLAIM_BATCH = 16
 WAIT_FOR_COMPLETION_SECONDS = 1.0  # a post-finish whose upload is still completing
-ACCESS_ANSWERS_KEPT = 10_000  # pre-access answers cached, at most
+# Uploads a process remembers, at most, for the post-receive throttle and pre-access answers.
+UPLOADS_REMEMBERED = 10_000
 BLOCKING_EVENTS = frozenset({"pre-create", "pre-finish", "pre-access"})
 
 Lookup = Callable[[str], Awaitable[CompletedUpload | UploadMeta | None]]
@@ -217,9 +218,9 @@ class Hooks:
         if self._access.get(key, 0.0) > now:
             return
         await self._ask("pre-access", upload, caller)
-        if len(self._access) >= ACCESS_ANSWERS_KEPT:
+        if len(self._access) >= UPLOADS_REMEMBERED:
             self._access = {k: t for k, t in self._access.items() if t > now}
-            if len(self._access) >= ACCESS_ANSWERS_KEPT:
+            if len(self._access) >= UPLOADS_REMEMBERED:
                 self._access.clear()
         self._access[key] = now + self.access_seconds
 
@@ -254,14 +255,15 @@ class Hooks:
         last = self._progress_sent.get(meta.file_id)
         if last is not None and now - last < self.progress_seconds:
             return
-        if len(self._progress_sent) >= ACCESS_ANSWERS_KEPT:
+        if len(self._progress_sent) >= UPLOADS_REMEMBERED:
             self._progress_sent.clear()
         self._progress_sent[meta.file_id] = now
         event_id = progress_event_id(meta.file_id, meta.token, self.progress_seconds)
         await self.emit("post-receive", meta, caller, event_id, received)
 
     def forget(self, file_id: str) -> None:
-        """An upload ended: its throttle and cached access answers go."""
+        """An upload ended: its post-receive throttle goes (its cached pre-access answers
+        name its token, so a new upload of the same id is asked again)."""
         self._progress_sent.pop(file_id, None)
 
     async def _deliver_forever(self) -> None:
