@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -30,7 +30,37 @@ class UploadProtocol(StrEnum):
 TUS = UploadProtocol.TUS
 IETF = UploadProtocol.IETF
 STREAM_PROTOCOLS = (TUS, IETF)
-PARTIAL = "partial"  # UploadMeta.concat of a part of a tus concatenation
+
+
+@dataclass(frozen=True, slots=True)
+class Concatenation:
+    """An upload's part in a tus concatenation: a part of one (`final` False), or the final
+    upload made of `parts`, in order, as its creation named them (the Upload-Concat's
+    references, echoed by HEAD as received; file ids in records of versions before URLs were
+    kept, `by_id`). Stored as text (`str()`, `parse`): "partial", "final;<url> <url>...",
+    "final <id> <id>..."."""
+
+    final: bool
+    parts: tuple[str, ...] = ()
+    by_id: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Concatenation:
+        if text == "partial":
+            return PARTIAL
+        if text.startswith("final;"):
+            return cls(True, tuple(text.removeprefix("final;").split()))
+        if text.startswith("final "):
+            return cls(True, tuple(text.split()[1:]), by_id=True)
+        raise BadRequest("Upload-Concat must be 'partial' or 'final;<urls>'")
+
+    def __str__(self) -> str:
+        if not self.final:
+            return "partial"
+        return ("final " if self.by_id else "final;") + " ".join(self.parts)
+
+
+PARTIAL = Concatenation(final=False)
 
 
 # A file_id as clients give it; the server keeps an identity's upload under the owned id
@@ -66,21 +96,32 @@ class UploadKind:
 
     __slots__ = ()
     protocol: UploadProtocol
-    concat: str | None
+    concat: Concatenation | None
 
     def __post_init__(self) -> None:
-        # Read back from a record or a row as its value: the enum again.
+        # Read back from a record or a row as their stored values: the types again.
         object.__setattr__(self, "protocol", UploadProtocol(self.protocol))
+        if isinstance(self.concat, str):
+            object.__setattr__(self, "concat", Concatenation.parse(self.concat))
 
     @property
     def is_partial(self) -> bool:
         """A part of a tus concatenation, not a file of its own."""
-        return self.concat == PARTIAL
+        return self.concat is not None and not self.concat.final
 
     @property
     def is_final(self) -> bool:
         """The final upload of a tus concatenation (made of its parts: it takes no PATCH)."""
-        return self.concat is not None and self.concat.startswith("final")
+        return self.concat is not None and self.concat.final
+
+    def stored(self) -> dict[str, Any]:
+        """The upload as its record keeps it: plain JSON values (the protocol's and the
+        concatenation's text); what a request alone carries is left out."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        record["protocol"] = str(self.protocol)
+        record["concat"] = None if self.concat is None else str(self.concat)
+        record.pop("app", None)  # a completing request's answer (pre-finish), never stored
+        return record
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +142,8 @@ class UploadMeta(UploadKind):
     metadata: dict[str, str] | None = None
     # A stream (tus, the draft) has total_size its length, None while deferred.
     protocol: UploadProtocol = UploadProtocol.CHUNKS
-    # tus concatenation: "partial", or a final upload's Upload-Concat as received
-    # ("final;<url> <url>...", echoed by HEAD; "final <file_id>..." in older records).
-    concat: str | None = None
+    # tus concatenation: a part of one, or a final upload and its parts.
+    concat: Concatenation | None = None
     # The IETF draft: the whole upload's SHA-256 (hex) that a request's Repr-Digest gave,
     # checked once the upload is complete.
     repr_sha256: str | None = None
@@ -140,7 +180,7 @@ class UploadMeta(UploadKind):
         filename: str,
         length: int | None,
         metadata: dict[str, str] | None,
-        concat: str | None = None,
+        concat: Concatenation | None = None,
         protocol: UploadProtocol = TUS,
     ) -> UploadMeta:
         """A byte stream (tus, or the IETF draft): one chunk record (local) or its parts (S3)
@@ -224,7 +264,7 @@ class CompletedUpload(UploadKind):
     metadata: dict[str, str] | None = None
     token: str = ""  # the upload's (UploadMeta.token); empty in records made before it
     protocol: UploadProtocol = UploadProtocol.CHUNKS  # as UploadMeta.protocol
-    concat: str | None = None  # as UploadMeta.concat
+    concat: Concatenation | None = None  # as UploadMeta.concat
     repr_sha256: str | None = None  # as UploadMeta.repr_sha256
     owner: str = ""  # as UploadMeta.owner
     # The pre-finish hook's answer, for the completing request's answer only (never stored).

@@ -151,14 +151,14 @@ async def _drain(uploads: UploadService, site: web.BaseSite) -> None:
     bytes and would be cut only when the timeout ends. Meanwhile answers say
     `Connection: close`, so that clients take their next chunk elsewhere.
     """
-    uploads.draining = True
+    uploads.core.draining = True
     await site.stop()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SHUTDOWN_TIMEOUT
-    while uploads.inflight and loop.time() < deadline:
+    while uploads.core.inflight and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    if uploads.inflight:
-        log.warning("Cutting %d chunk requests still in flight", uploads.inflight)
+    if uploads.core.inflight:
+        log.warning("Cutting %d chunk requests still in flight", uploads.core.inflight)
 
 
 def run_one(config: Config, sock: socket.socket, *, announce: bool) -> None:

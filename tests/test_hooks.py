@@ -151,7 +151,7 @@ async def test_post_events_are_delivered_with_their_bodies(
     # an idle upload expired by the sweep
     await client.post("/upload-chunk", data=chunk_form("idle", 0, 2, b"x"))
     uploads = client.server.app[UPLOADS]
-    uploads.config = uploads.config.replace(upload_ttl_seconds=1e-9)
+    uploads.core.config = uploads.core.config.replace(upload_ttl_seconds=1e-9)
     await asyncio.sleep(0.05)
     await uploads.sweep()
     [expired] = await wait_for(receiver, "post-expire", 1)
@@ -261,10 +261,10 @@ async def test_a_post_finish_queued_before_its_completion_waits_for_it(
     client = await make_client(hook_url=receiver.url, hook_events=("post-finish",))
     uploads = client.server.app[UPLOADS]
     assert (await client.post("/upload-chunk", data=chunk_form("w", 0, 2, b"ab"))).status == 200
-    meta = uploads.manifest.get("w")
+    meta = uploads.core.manifest.get("w")
     assert meta is not None
     # as if a process had queued it and died before completing
-    await uploads.hooks.emit("post-finish", meta, None, finish_event_id("w", meta.token))
+    await uploads.core.hooks.emit("post-finish", meta, None, finish_event_id("w", meta.token))
     await asyncio.sleep(1.5)
     assert receiver.of("post-finish") == []  # not while the upload is incomplete
     resp = await client.post("/upload-chunk", data=chunk_form("w", 1, 2, b"c"))

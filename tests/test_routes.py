@@ -279,13 +279,18 @@ async def test_a_status_request_finishes_a_completion_left_undone(client) -> Non
     chunk's commit and its completion leaves. A status request completes it."""
     from chunkserver.http.app import UPLOADS
     from chunkserver.model import UploadMeta
+    from chunkserver.storage.backends import build_store
 
     from .test_store_contract import begin, put
 
-    store = client.server.app[UPLOADS].store
-    meta = await begin(store, UploadMeta.new("left", "f.bin", 2, None, 3))
-    await put(store, meta, 0, b"abc")
-    await put(store, meta, 1, b"de")
+    store = build_store(client.server.app[UPLOADS].core.config)  # another process's
+    await store.backend.open()
+    try:
+        meta = await begin(store, UploadMeta.new("left", "f.bin", 2, None, 3))
+        await put(store, meta, 0, b"abc")
+        await put(store, meta, 1, b"de")
+    finally:
+        await store.backend.close()
     body = await (await client.get("/upload-status/left")).json()
     assert body["status"] == "completed" and body["crc64nvme"] == crc64(b"abcde")
     assert await (await client.get("/files/left")).read() == b"abcde"

@@ -24,10 +24,11 @@ import requests
 from chunkserver import Config
 from chunkserver.errors import UploadConflict, UploadGone, UploadLocked
 from chunkserver.model import UploadMeta
-from chunkserver.service.uploads import UploadService
+from chunkserver.storage.backends import build_store
 from chunkserver.storage.faults import FAULT_POINT_ENV
 from chunkserver.storage.meter import ByteLimit
 from chunkserver.storage.s3 import S3Store
+from chunkserver.storage.s3.assembly import S3Assembler
 
 from . import realstack
 from .conftest import ClientFactory, chunk_form, crc64, downloaded, s3_flags, split
@@ -178,9 +179,9 @@ async def test_the_bucket_or_the_database_unreachable_answers_503(
 
 
 async def open_store(config: Config, **settings: Any) -> S3Store:
-    store = UploadService.open(config.replace(**settings)).store
+    store = build_store(config.replace(**settings))
     assert isinstance(store, S3Store)
-    await store.open()
+    await store.backend.open()
     return store
 
 
@@ -194,15 +195,15 @@ async def test_the_sweep_removes_what_dead_hosts_left(
     s3.put_object(Bucket=bucket, Key="staging/ghost/0123/000000.aa", Body=b"x")
     store = await open_store(config, **s3_settings)
     try:
-        await store.begin(UploadMeta.new("live", "f", 2, None))
-        report = await store.sweep(ttl_seconds=3600)
+        await store.catalog.begin(UploadMeta.new("live", "f", 2, None))
+        report = await store.janitor.sweep(ttl_seconds=3600)
         assert report.expired == []  # the live upload is young: kept
         assert report.removed_temp_files == 0  # the orphans are young too: a grace period
         await asyncio.sleep(1.1)  # Swift gives listing times rounded up to the second
-        report = await store.sweep(ttl_seconds=1e-9)
+        report = await store.janitor.sweep(ttl_seconds=1e-9)
         assert report.expired == ["live"] and report.removed_temp_files == 2
     finally:
-        await store.close()
+        await store.backend.close()
     uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert [u["UploadId"] for u in uploads if u["UploadId"] == ghost] == []
     assert uploads == [] and keys(s3, bucket) == []
@@ -214,31 +215,33 @@ async def test_a_completion_whose_host_died_is_taken_over(
     a = await open_store(config, **s3_settings)
     b = await open_store(config, **s3_settings)
     try:
-        meta, _ = await a.begin(UploadMeta.new("orphan", "f", 2, None))
+        meta, _ = await a.catalog.begin(UploadMeta.new("orphan", "f", 2, None))
         assert isinstance(meta, UploadMeta)
         for index, data in [(0, b"ab"), (1, b"c")]:
 
             async def body(data: bytes = data) -> AsyncIterator[memoryview]:
                 yield memoryview(data)
 
-            received = await a.receive(
+            received = await a.chunks.receive(
                 meta, index, body(), max_bytes=ByteLimit.chunk(99), want_sha256=False
             )
-            await a.commit(received, meta, index)
+            await a.chunks.commit(received, meta, index)
         # host A claims the completion, then dies before doing it
-        assert await a.state.claim_completion(meta, a.lease_seconds) is not None
-        b.lease_seconds = 3.0  # a margin for a loaded machine: the claim is fresh here
-        assert (await b.sweep(ttl_seconds=3600)).completed == []  # A's claim is still fresh
+        assert (
+            await a.layout.state.claims.claim_completion(meta, a.layout.lease_seconds) is not None
+        )
+        b.layout.lease_seconds = 3.0  # a margin for a loaded machine: the claim is fresh here
+        assert (await b.janitor.sweep(ttl_seconds=3600)).completed == []  # A's claim is still fresh
         deadline = time.monotonic() + 20
-        while not (report := await b.sweep(ttl_seconds=3600)).completed:
+        while not (report := await b.janitor.sweep(ttl_seconds=3600)).completed:
             assert time.monotonic() < deadline, "B should take the completion over"
             await asyncio.sleep(0.2)
         assert [r.file_id for r in report.completed] == ["orphan"]
         assert report.completed[0].crc64nvme == crc64(b"abc")
         assert await read_back(b, "orphan") == b"abc"
     finally:
-        await a.close()
-        await b.close()
+        await a.backend.close()
+        await b.backend.close()
 
 
 async def test_an_upload_removed_while_a_part_streams_is_a_conflict_not_a_retry(
@@ -248,16 +251,16 @@ async def test_an_upload_removed_while_a_part_streams_is_a_conflict_not_a_retry(
     end, and store an empty chunk. A clear 409 instead, and nothing recorded."""
     store = await open_store(config, **s3_settings)
     try:
-        meta, _ = await store.begin(UploadMeta.new("gone", "f", 2, None, 5 * MiB))
+        meta, _ = await store.catalog.begin(UploadMeta.new("gone", "f", 2, None, 5 * MiB))
         assert isinstance(meta, UploadMeta)
 
         async def body() -> AsyncIterator[memoryview]:
-            assert await store.delete("gone")  # a DELETE from another request, meanwhile
+            assert await store.catalog.delete("gone")  # a DELETE from another request, meanwhile
             for _ in range(5):
                 yield memoryview(b"x" * MiB)
 
         with pytest.raises(UploadConflict) as caught:
-            await store.receive(
+            await store.chunks.receive(
                 meta,
                 0,
                 body(),
@@ -266,9 +269,9 @@ async def test_an_upload_removed_while_a_part_streams_is_a_conflict_not_a_retry(
                 length_hint=5 * MiB,
             )
         assert not isinstance(caught.value, UploadGone)
-        assert await store.status("gone") is None
+        assert await store.catalog.status("gone") is None
     finally:
-        await store.close()
+        await store.backend.close()
 
 
 async def test_a_part_stored_after_its_upload_was_removed_is_not_recorded(
@@ -278,26 +281,26 @@ async def test_a_part_stored_after_its_upload_was_removed_is_not_recorded(
     then finds the upload gone, records nothing, and aborts it again to free that part."""
     store = await open_store(config, **s3_settings)
     try:
-        meta, _ = await store.begin(UploadMeta.new("late", "f", 2, None, 5 * MiB))
+        meta, _ = await store.catalog.begin(UploadMeta.new("late", "f", 2, None, 5 * MiB))
         assert isinstance(meta, UploadMeta)
 
         async def body() -> AsyncIterator[memoryview]:
             yield memoryview(b"x" * MiB)
-            assert await store.delete("late")
+            assert await store.catalog.delete("late")
             for _ in range(4):
                 yield memoryview(b"x" * MiB)
 
         # Swift takes the part (the case this test exists for): the receive succeeds, and
         # the commit finds the upload gone.
-        received = await store.receive(
+        received = await store.chunks.receive(
             meta, 0, body(), max_bytes=ByteLimit.chunk(2**30), want_sha256=False,
             length_hint=5 * MiB,
         )  # fmt: skip
         with pytest.raises(UploadGone):
-            await store.commit(received, meta, 0)
-        assert await store.status("late") is None
+            await store.chunks.commit(received, meta, 0)
+        assert await store.catalog.status("late") is None
     finally:
-        await store.close()
+        await store.backend.close()
     assert s3.list_multipart_uploads(Bucket=s3_settings["s3_bucket"]).get("Uploads", []) == []
 
 
@@ -388,45 +391,48 @@ async def test_a_tus_writer_that_died_holds_the_upload_only_for_its_lease(
     423 (tus clients retry) until the lease runs out, then takes the upload on."""
     store = await open_store(config, **s3_settings)
     try:
-        meta, _ = await store.begin(UploadMeta.new_stream("tusdead", "f", 3, None))
+        meta, _ = await store.catalog.begin(UploadMeta.new_stream("tusdead", "f", 3, None))
         assert isinstance(meta, UploadMeta)
-        assert await store.state.claim_writer(meta, "the-dead-host", 3.0)
+        assert await store.layout.state.claims.claim_writer(meta, "the-dead-host", 3.0)
 
         async def body() -> AsyncIterator[memoryview]:
             yield memoryview(b"abc")
 
         with pytest.raises(UploadLocked):
-            await store.receive_at(
+            await store.streams.receive_at(
                 meta, 0, body(), length=3, max_bytes=ByteLimit.chunk(3), on_piece=None
             )
         await asyncio.sleep(3.1)  # the lease runs out
-        received = await store.receive_at(
+        received = await store.streams.receive_at(
             meta, 0, body(), length=3, max_bytes=ByteLimit.chunk(3), on_piece=None
         )
-        progress = await store.commit_at(received)
+        progress = await store.streams.commit_at(received)
         assert progress.offset == 3
-        completed, here = await store.complete(progress.meta) or (None, False)
+        completed, here = await store.assembler.complete(progress.meta) or (None, False)
         assert here and completed is not None and completed.crc64nvme == crc64(b"abc")
         assert await read_back(store, progress.meta.file_id) == b"abc"
     finally:
-        await store.close()
+        await store.backend.close()
 
 
 async def died_mid_completion(store: S3Store, file_id: str, chunks: list[bytes]) -> UploadMeta:
     """What a host killed mid-completion leaves: every chunk stored, the completion claimed
     (its lease fresh), no object."""
-    meta, _ = await store.begin(UploadMeta.new(file_id, "f.bin", len(chunks), None))
+    meta, _ = await store.catalog.begin(UploadMeta.new(file_id, "f.bin", len(chunks), None))
     assert isinstance(meta, UploadMeta)
     for index, data in enumerate(chunks):
 
         async def body(data: bytes = data) -> AsyncIterator[memoryview]:
             yield memoryview(data)
 
-        received = await store.receive(
+        received = await store.chunks.receive(
             meta, index, body(), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
         )
-        await store.commit(received, meta, index)
-    assert await store.state.claim_completion(meta, store.lease_seconds) is not None
+        await store.chunks.commit(received, meta, index)
+    assert (
+        await store.layout.state.claims.claim_completion(meta, store.layout.lease_seconds)
+        is not None
+    )
     return meta
 
 
@@ -446,12 +452,12 @@ async def test_a_dead_completion_is_taken_over_by_the_next_chunk_or_status(
         await died_mid_completion(dead, "by-chunk", chunks)
         await died_mid_completion(dead, "by-status", chunks)
     finally:
-        await dead.close()
+        await dead.backend.close()
     from chunkserver.http.app import UPLOADS
 
-    store = client.server.app[UPLOADS].store
-    assert isinstance(store, S3Store)
-    store.lease_seconds = 4.0  # the dead host's claims are fresh for the first checks
+    assembler = client.server.app[UPLOADS].core.assembler
+    assert isinstance(assembler, S3Assembler)
+    assembler.layout.lease_seconds = 4.0  # the dead host's claims are fresh for the first checks
     resp = await client.post("/upload-chunk", data=chunk_form("by-chunk", 2, 3, chunks[2], "f.bin"))
     assert resp.status == 503 and resp.headers["Retry-After"], await resp.text()
     status = await (await client.get("/upload-status/by-status")).json()

@@ -52,9 +52,9 @@ def test_any_order_with_resends_gives_identical_file(
         assert [here for _, here in finished] == [True]
         record = finished[0][0]
         assert record.size == len(whole) and record.crc64nvme == crc64(whole)
-        assert (store.uploads_dir / "prop" / "out.bin").read_bytes() == whole
-        assert temp_files(store.root) == []
-        await store.close()
+        assert (store.layout.uploads_dir / "prop" / "out.bin").read_bytes() == whole
+        assert temp_files(store.layout.root) == []
+        await store.backend.close()
 
     asyncio.run(scenario())
 
@@ -68,7 +68,7 @@ async def test_chunks_go_in_place_and_completion_is_a_rename(tmp_path: Path) -> 
     for index, chunk in [(2, b"z" * 500), (0, b"x" * 1000), (1, b"y" * 1000)]:
         result = await put(store, meta, index, chunk)
     assert not list((tmp_path / "chunks" / "p").glob(".*.aside"))  # nothing kept aside
-    _, here = await store.complete(result.meta) or (None, False)
+    _, here = await store.assembler.complete(result.meta) or (None, False)
     final = tmp_path / "uploads" / "p" / "f"
     assert here and final.stat().st_ino == inode  # the same file, renamed: no copy
     assert final.read_bytes() == b"x" * 1000 + b"y" * 1000 + b"z" * 500
@@ -98,7 +98,7 @@ async def test_no_file_is_made_per_chunk_and_completion_reads_the_log_once(
         recordlog, "read_from", lambda fd, at: reads.append(at) or real_read(fd, at)
     )
     log_size = (folder / recordlog.LOG_NAME).stat().st_size
-    done = await store.complete(result.meta)
+    done = await store.assembler.complete(result.meta)
     assert done is not None and done[0].crc64nvme == crc64(b"".join(chunks))
     assert done[0].size == 299 * 100 + 3
     assert reads == [log_size] == [300 * 40]
@@ -116,7 +116,7 @@ async def test_a_chunk_kept_aside_until_chunk_size_is_known_is_placed_at_complet
         result = await put(store, meta, index, chunks[index])
         meta = result.meta
     assert len(list((tmp_path / "chunks" / "runs").glob(".chunk_000001.*.aside"))) == 1
-    done = await store.complete(meta)
+    done = await store.assembler.complete(meta)
     assert done is not None and done[0].crc64nvme == crc64(b"".join(chunks))
     assert (tmp_path / "uploads" / "runs" / "f").read_bytes() == b"".join(chunks)
 
@@ -143,7 +143,7 @@ async def test_a_record_replaced_by_another_process_is_read_at_completion(
     await put(b, meta, 1, b"XY")  # kept aside (already recorded), replaces the record
     result = await put(a, meta, 2, b"c")
     assert result.all_stored
-    done = await a.complete(result.meta)
+    done = await a.assembler.complete(result.meta)
     assert done is not None and done[0].crc64nvme == crc64(b"aaXYc")
     assert (tmp_path / "uploads" / "swap" / "f").read_bytes() == b"aaXYc"
 
@@ -154,14 +154,14 @@ async def test_two_writers_of_one_chunk_leave_a_consistent_answer(tmp_path: Path
     a, b = LocalStore(tmp_path), LocalStore(tmp_path)
     meta = await begin(a, UploadMeta.new("both", "f", 3, None, 2))
     await put(a, meta, 0, b"aa")
-    in_place = await a.receive(
+    in_place = await a.chunks.receive(
         meta, 1, pieces(b"bb"), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
     )
     assert in_place.in_place
     await put(b, meta, 1, b"XY")  # the region is busy: kept aside, and the folder marked
-    await a.commit(in_place, meta, 1)
+    await a.chunks.commit(in_place, meta, 1)
     result = await put(a, meta, 2, b"c")
-    done = await a.complete(result.meta)
+    done = await a.assembler.complete(result.meta)
     assert done is not None
     data = (tmp_path / "uploads" / "both" / "f").read_bytes()
     assert data in (b"aabbc", b"aaXYc") and done[0].crc64nvme == crc64(data)
@@ -170,18 +170,18 @@ async def test_two_writers_of_one_chunk_leave_a_consistent_answer(tmp_path: Path
 async def test_two_writers_of_one_chunk_never_mix(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("mix", "f", 2, None, 100_000))
-    first = await store.receive(
+    first = await store.chunks.receive(
         meta, 0, pieces(b"A" * 100_000), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
     )
     # The region is locked by the first, uncommitted writer: the second goes aside.
-    second = await store.receive(
+    second = await store.chunks.receive(
         meta, 0, pieces(b"B" * 100_000), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
     )
     assert first.in_place and not second.in_place
-    await store.commit(second, meta, 0)
-    await store.commit(first, meta, 0)  # the last commit wins, whole
+    await store.chunks.commit(second, meta, 0)
+    await store.chunks.commit(first, meta, 0)  # the last commit wins, whole
     await put(store, meta, 1, b"end")
-    assert await store.complete(meta) is not None
+    assert await store.assembler.complete(meta) is not None
     assert (tmp_path / "uploads" / "mix" / "f").read_bytes() == b"A" * 100_000 + b"end"
     # the folder, with the chunk kept aside, left the tree; the trash is emptied behind it
     assert temp_files(tmp_path) == [] and not (tmp_path / "chunks" / "mix").exists()
@@ -197,11 +197,11 @@ async def test_a_completion_cut_short_after_its_rename_is_finished(tmp_path: Pat
     final.parent.mkdir()
     os.rename(tmp_path / "chunks" / "crash" / DATA_NAME, final)
     os.truncate(final, 6)
-    report = await store.sweep(ttl_seconds=3600)
+    report = await store.janitor.sweep(ttl_seconds=3600)
     [record] = report.completed
     assert record.size == 6 and record.sha256 == sha256(b"abcdef")
     assert record.crc64nvme == crc64(b"abcdef")
-    assert isinstance(await store.status("crash"), CompletedUpload)
+    assert isinstance(await store.catalog.status("crash"), CompletedUpload)
 
 
 async def test_a_delete_waits_for_the_chunks_in_flight(tmp_path: Path) -> None:
@@ -209,16 +209,16 @@ async def test_a_delete_waits_for_the_chunks_in_flight(tmp_path: Path) -> None:
     record never lands in an upload begun again under the same file_id."""
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("del", "f", 3, None, 1))
-    received = await store.receive(
+    received = await store.chunks.receive(
         meta, 1, pieces(b"b"), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
     )
     assert received.in_place
-    deleting = asyncio.create_task(store.delete("del"))
+    deleting = asyncio.create_task(store.catalog.delete("del"))
     await asyncio.sleep(0.3)
     assert not deleting.done()
-    assert (await store.commit(received, meta, 1)).uploaded_chunks == 1
+    assert (await store.chunks.commit(received, meta, 1)).uploaded_chunks == 1
     assert await deleting
-    assert await store.status("del") is None
+    assert await store.catalog.status("del") is None
     again = await begin(store, UploadMeta.new("del", "f", 3, None, 1))
     result = await put(store, again, 0, b"a")
     assert result.uploaded_chunks == 1
@@ -228,18 +228,18 @@ async def test_a_chunk_kept_aside_guards_its_upload_until_committed(tmp_path: Pa
     """Completing or abandoning an upload locks its whole data file: a chunk in flight, even
     one kept aside, holds part of it, so neither happens under it."""
     store = LocalStore(tmp_path)
-    meta, created = await store.begin(UploadMeta.new("guard", "f", 3, None))
+    meta, created = await store.catalog.begin(UploadMeta.new("guard", "f", 3, None))
     assert created and isinstance(meta, UploadMeta)
-    received = await store.receive(
+    received = await store.chunks.receive(
         meta, 1, pieces(b"x" * 10), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
     )
     assert not received.in_place  # chunk_size unknown: its place is not known yet
     fd = os.open(tmp_path / "chunks" / "guard" / DATA_NAME, os.O_RDWR)
     try:
         assert not lock_range(fd, 0, 0, wait=False)
-        await store.abandon(meta)
-        assert isinstance(await store.status("guard"), UploadProgress)
-        await store.commit(received, meta, 1)
+        await store.catalog.abandon(meta)
+        assert isinstance(await store.catalog.status("guard"), UploadProgress)
+        await store.chunks.commit(received, meta, 1)
         assert lock_range(fd, 0, 0, wait=False)
     finally:
         os.close(fd)
@@ -261,10 +261,10 @@ async def test_begin_waits_while_the_upload_is_ending(tmp_path: Path) -> None:
     try:
         assert lock_range(fd, 0, 0, wait=False)  # held whole, as a completion holds it
         with pytest.raises(UploadGone):  # a chunk cannot start meanwhile
-            await store.receive(
+            await store.chunks.receive(
                 meta, 0, pieces(b"a"), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
             )
-        asking = asyncio.create_task(store.begin(meta))
+        asking = asyncio.create_task(store.catalog.begin(meta))
         # Observed, not timed: begin is blocked on the data file's lock (/proc/locks lists
         # a waiter, "->", on its inode), and has not answered.
         inode = os.fstat(fd).st_ino
@@ -296,12 +296,12 @@ async def test_an_upload_removed_between_open_and_lock_is_gone(
     def remove_then_lock(*args: object, **kwargs: object) -> bool:
         if not removed:
             removed.append(True)
-            store._remove_folder("race")  # what an abandon does, between open and lock
+            store.layout.remove_folder("race")  # what an abandon does, between open and lock
         return real_lock_range(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(local_receive, "lock_range", remove_then_lock)
     with pytest.raises(UploadGone):
-        await store.receive(
+        await store.chunks.receive(
             meta, 1, pieces(b"b"), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
         )
     assert removed
@@ -314,23 +314,23 @@ async def test_the_loser_of_a_completion_race_brings_no_folder_back(tmp_path: Pa
     meta = await begin(store, UploadMeta.new("won", "f", 2, None, 2))
     await put(store, meta, 0, b"ab")
     await put(store, meta, 1, b"c")
-    first = await store.complete(meta)
-    late = await store.complete(meta)  # what the loser of the race does after the winner
+    first = await store.assembler.complete(meta)
+    late = await store.assembler.complete(meta)  # what the loser of the race does after the winner
     assert first is not None and first[1]
     assert late is not None and late == (first[0], False)
     assert not (tmp_path / "chunks" / "won").exists()
-    assert await store.uploads_in_progress() == []
+    assert await store.catalog.uploads_in_progress() == []
     # and the other steps that lock an upload which has ended
-    await store.abandon(meta)
-    assert await store.delete("won")
+    await store.catalog.abandon(meta)
+    assert await store.catalog.delete("won")
     assert not (tmp_path / "chunks" / "won").exists()
 
 
 async def test_an_abandoned_upload_leaves_nothing_in_the_trash(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("refused", "f", 2, 10**8, 1000))
-    await store.abandon(meta)
-    assert await store.status("refused") is None
+    await store.catalog.abandon(meta)
+    assert await store.catalog.status("refused") is None
     assert list((tmp_path / "chunks" / ".trash").iterdir()) == []
 
 
@@ -343,18 +343,19 @@ async def test_an_upload_completing_between_the_two_reads_of_a_lookup_is_found(
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("between", "f", 1, None, None))
     await put(store, meta, 0, b"abc")
-    real = store._read_completion
+    real = store.layout.read_completion
     calls = []
 
     def not_yet_then_real(file_id: str) -> CompletedUpload | None:
         calls.append(file_id)
         return None if len(calls) == 1 else real(file_id)
 
-    assert await store.complete(meta) is not None  # the completion, as if between the reads
-    monkeypatch.setattr(store, "_read_completion", not_yet_then_real)
-    assert isinstance(await store.lookup("between"), CompletedUpload)
+    # the completion, as if between the reads
+    assert await store.assembler.complete(meta) is not None
+    monkeypatch.setattr(store.layout, "read_completion", not_yet_then_real)
+    assert isinstance(await store.catalog.lookup("between"), CompletedUpload)
     calls.clear()
-    assert isinstance(await store.status("between"), CompletedUpload)
+    assert isinstance(await store.catalog.status("between"), CompletedUpload)
 
 
 def descriptors_on(*paths: Path) -> int:
@@ -381,7 +382,7 @@ async def test_an_uploads_files_stay_open_across_its_chunks_and_close_when_it_en
     await put(store, meta, 1, b"b" * 10)
     assert descriptors_on(*upload_files) == 3
     result = await put(store, meta, 2, b"c" * 10)
-    assert await store.complete(result.meta) is not None
+    assert await store.assembler.complete(result.meta) is not None
     assert descriptors_on(*upload_files) == 0
 
 
@@ -394,9 +395,9 @@ async def test_an_upload_completed_by_another_process_is_not_written_through_old
     meta = await begin(a, UploadMeta.new("moved", "f", 2, 20, 10))
     await put(a, meta, 0, b"a" * 10)
     result = await put(b, meta, 1, b"b" * 10)
-    assert await b.complete(result.meta) is not None
+    assert await b.assembler.complete(result.meta) is not None
     with pytest.raises(UploadGone):
-        await a.receive(
+        await a.chunks.receive(
             meta, 0, pieces(b"X" * 10), max_bytes=ByteLimit.chunk(100), want_sha256=False
         )
     assert (tmp_path / "uploads" / "moved" / "f").read_bytes() == b"a" * 10 + b"b" * 10
@@ -409,17 +410,17 @@ async def test_one_chunk_twice_at_once_in_one_process_goes_aside_the_second_time
     keep them apart: the second writer of a chunk in flight is kept aside instead."""
     store = LocalStore(tmp_path)
     meta = await begin(store, UploadMeta.new("twice", "f", 2, 20, 10))
-    first = await store.receive(
+    first = await store.chunks.receive(
         meta, 0, pieces(b"a" * 10), max_bytes=ByteLimit.chunk(100), want_sha256=False
     )
-    second = await store.receive(
+    second = await store.chunks.receive(
         meta, 0, pieces(b"b" * 10), max_bytes=ByteLimit.chunk(100), want_sha256=False
     )
     assert first.in_place and not second.in_place
-    await store.commit(first, meta, 0)
-    await store.commit(second, meta, 0)
+    await store.chunks.commit(first, meta, 0)
+    await store.chunks.commit(second, meta, 0)
     result = await put(store, meta, 1, b"c" * 10)
-    done = await store.complete(result.meta)
+    done = await store.assembler.complete(result.meta)
     assert done is not None
     assert (tmp_path / "uploads" / "twice" / "f").read_bytes() == b"b" * 10 + b"c" * 10
 
@@ -430,23 +431,23 @@ async def test_a_tus_uploads_patches_reuse_its_open_files_and_one_writer_at_a_ti
     store = LocalStore(tmp_path)
     upload_files = (tmp_path / "chunks" / "tp", tmp_path / "uploads" / "tp")
     meta = await begin(store, UploadMeta.new_stream("tp", "f", 20, None))
-    first = await store.receive_at(
+    first = await store.streams.receive_at(
         meta, 0, pieces(b"a" * 10), length=10, max_bytes=ByteLimit.chunk(100), on_piece=None
     )
     # A second PATCH of this process while the first is held: the writer is busy.
     with pytest.raises(UploadLocked):
-        await store.receive_at(
+        await store.streams.receive_at(
             meta, 0, pieces(b"b" * 10), length=10, max_bytes=ByteLimit.chunk(100), on_piece=None
         )
-    progress = await store.commit_at(first)
+    progress = await store.streams.commit_at(first)
     assert progress.offset == 10
     assert descriptors_on(*upload_files) == 3  # kept for the next PATCH
-    second = await store.receive_at(
+    second = await store.streams.receive_at(
         meta, 10, pieces(b"c" * 10), length=10, max_bytes=ByteLimit.chunk(100), on_piece=None
     )
-    progress = await store.commit_at(second)
+    progress = await store.streams.commit_at(second)
     assert progress.offset == 20
-    done = await store.complete(progress.meta)
+    done = await store.assembler.complete(progress.meta)
     assert done is not None
     assert (tmp_path / "uploads" / "tp" / "f").read_bytes() == b"a" * 10 + b"c" * 10
     assert descriptors_on(*upload_files) == 0

@@ -17,8 +17,15 @@ import pytest
 
 from chunkserver import Config
 from chunkserver.errors import UploadConflict, UploadGone
-from chunkserver.model import Committed, CompletedUpload, StoredObject, UploadMeta
-from chunkserver.service.uploads import UploadService
+from chunkserver.model import (
+    PARTIAL,
+    Committed,
+    CompletedUpload,
+    Concatenation,
+    StoredObject,
+    UploadMeta,
+)
+from chunkserver.storage.backends import build_store
 from chunkserver.storage.meter import ByteLimit
 
 from .conftest import crc64, crc64_value, temp_files
@@ -39,18 +46,18 @@ async def open_store(config: Config) -> AsyncIterator[Any]:
     opened: list[Any] = []
 
     async def open_one(**changes: Any) -> Any:
-        store = UploadService.open(config.replace(**changes)).store
-        await store.open()
+        store = build_store(config.replace(**changes))
+        await store.backend.open()
         opened.append(store)
         return store
 
     yield open_one
     for store in opened:
-        await store.close()
+        await store.backend.close()
 
 
 async def read_back(store: Any, file_id: str) -> bytes:
-    found = await store.download(file_id)
+    found = await store.catalog.download(file_id)
     assert found is not None
     where, _ = found
     if isinstance(where, Path):
@@ -61,17 +68,17 @@ async def read_back(store: Any, file_id: str) -> bytes:
 
 
 async def begin(store: Any, meta: UploadMeta) -> UploadMeta:
-    found, _ = await store.begin(meta)
+    found, _ = await store.catalog.begin(meta)
     assert isinstance(found, UploadMeta)
     return found
 
 
 async def put(store: Any, meta: UploadMeta, index: int, data: bytes, **kw: Any) -> Committed:
-    received = await store.receive(
+    received = await store.chunks.receive(
         meta, index, pieces(data), max_bytes=ByteLimit.chunk(2**30), want_sha256=False, **kw
     )
     assert received.length == len(data) and received.crc == crc64_value(data)
-    result = await store.commit(received, meta, index)
+    result = await store.chunks.commit(received, meta, index)
     assert isinstance(result, Committed)
     return result
 
@@ -87,7 +94,7 @@ async def upload(store: Any, meta: UploadMeta, order: list[int], chunks: list[by
         result = await put(store, meta, index, chunks[index])
         meta = result.meta
         if result.all_stored:
-            done = await store.complete(meta)
+            done = await store.assembler.complete(meta)
             assert done is not None
             finished.append(done)
     return finished
@@ -129,7 +136,7 @@ async def test_two_stores_see_each_others_chunks_and_complete_once(open_store) -
     assert not (await put(b, meta, 1, b"1")).all_stored
     assert not (await put(a, meta, 2, b"2")).all_stored
     assert (await put(b, meta, 3, b"3")).all_stored
-    results = await asyncio.gather(a.complete(meta), b.complete(meta))
+    results = await asyncio.gather(a.assembler.complete(meta), b.assembler.complete(meta))
     assert all(r is not None for r in results)
     assert sorted(here for _, here in results) == [False, True]  # type: ignore[misc]
     assert await read_back(b, "two") == b"0123"
@@ -144,8 +151,10 @@ async def test_a_chunk_cut_off_mid_write_never_counts(open_store, config: Config
         raise ConnectionResetError("client went away")
 
     with pytest.raises(ConnectionResetError):
-        await store.receive(meta, 0, broken(), max_bytes=ByteLimit.chunk(2**30), want_sha256=False)
-    status = await store.status("cut")
+        await store.chunks.receive(
+            meta, 0, broken(), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
+        )
+    status = await store.catalog.status("cut")
     assert status is not None and status.stored == frozenset()  # type: ignore[union-attr]
     assert temp_files(Path(config.data_dir)) == []
     # simply sent again
@@ -157,22 +166,22 @@ async def test_a_declared_chunk_size_is_enforced_while_streaming(open_store) -> 
     store = await open_store()
     meta = await begin(store, UploadMeta.new("big", "f", 3, None, 1000))
     with pytest.raises(UploadConflict):
-        await store.receive(
+        await store.chunks.receive(
             meta, 1, pieces(b"x" * 1001), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
         )
-    assert (await store.status("big")).stored == frozenset()  # type: ignore[union-attr]
+    assert (await store.catalog.status("big")).stored == frozenset()  # type: ignore[union-attr]
 
 
 async def test_recreated_upload_is_a_new_one(open_store) -> None:
     store = await open_store()
     old = await begin(store, UploadMeta.new("re", "f", 2, None, 1))
     await put(store, old, 0, b"a")
-    assert await store.delete("re")
+    assert await store.catalog.delete("re")
     with pytest.raises(UploadGone):  # a chunk of the removed upload never lands in the new
-        received = await store.receive(
+        received = await store.chunks.receive(
             old, 1, pieces(b"b"), max_bytes=ByteLimit.chunk(99), want_sha256=False
         )
-        await store.commit(received, old, 1)
+        await store.chunks.commit(received, old, 1)
     new = await begin(store, UploadMeta.new("re", "f", 2, None, 1))
     result = await put(store, new, 1, b"b")
     assert result.uploaded_chunks == 1 and not result.all_stored
@@ -184,11 +193,11 @@ async def test_delete_and_expiry_remove_uploads(open_store) -> None:
     await put(store, meta, 0, b"a")
     done = await upload(store, UploadMeta.new("done", "f", 1, None), [0], [b"all"])
     assert isinstance(done[0][0], CompletedUpload)
-    report = await store.sweep(ttl_seconds=1e-9)
-    assert report.expired == ["old"] and await store.status("old") is None
-    assert await store.delete("done") and await store.download("done") is None
-    assert not await store.delete("done")
-    assert await store.uploads_in_progress() == []
+    report = await store.janitor.sweep(ttl_seconds=1e-9)
+    assert report.expired == ["old"] and await store.catalog.status("old") is None
+    assert await store.catalog.delete("done") and await store.catalog.download("done") is None
+    assert not await store.catalog.delete("done")
+    assert await store.catalog.uploads_in_progress() == []
 
 
 async def test_a_chunk_after_completion_is_answered_with_the_record(open_store) -> None:
@@ -196,8 +205,8 @@ async def test_a_chunk_after_completion_is_answered_with_the_record(open_store) 
     meta = await begin(store, UploadMeta.new("late", "f", 2, None, 2))
     await put(store, meta, 0, b"ab")
     await put(store, meta, 1, b"c")
-    assert await store.complete(meta) is not None
-    found, created = await store.begin(UploadMeta.new("late", "f", 2, None))
+    assert await store.assembler.complete(meta) is not None
+    found, created = await store.catalog.begin(UploadMeta.new("late", "f", 2, None))
     assert isinstance(found, CompletedUpload) and not created
     assert found.size == 3 and found.crc64nvme == crc64(b"abc")
 
@@ -210,15 +219,15 @@ async def test_a_failed_creator_does_not_abandon_an_upload_another_request_strea
     upload stays, and that chunk is stored."""
     creator, other = await open_store(), await open_store()
     meta = await begin(creator, UploadMeta.new("joined", "f.bin", 2, None, 1000))
-    cut = await creator.receive(
+    cut = await creator.chunks.receive(
         meta, 0, pieces(b"a" * 400), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
     )
-    streaming = await other.receive(
+    streaming = await other.chunks.receive(
         meta, 1, pieces(b"b" * 10), max_bytes=ByteLimit.chunk(2**30), want_sha256=False
     )
-    await creator.discard(cut)
-    await creator.abandon(meta)  # what the service does for the creator's failed request
-    result = await other.commit(streaming, meta, 1)
+    await creator.chunks.discard(cut)
+    await creator.catalog.abandon(meta)  # what the service does for the creator's failed request
+    result = await other.chunks.commit(streaming, meta, 1)
     assert isinstance(result, Committed) and result.uploaded_chunks == 1
     assert (await put(creator, meta, 0, b"a" * 1000)).all_stored
 
@@ -227,7 +236,7 @@ async def test_a_failed_creator_does_not_abandon_an_upload_another_request_strea
 
 
 async def patch(store: Any, meta: UploadMeta, offset: int, data: bytes, **kw: Any) -> Any:
-    received = await store.receive_at(
+    received = await store.streams.receive_at(
         meta,
         offset,
         pieces(data),
@@ -237,7 +246,7 @@ async def patch(store: Any, meta: UploadMeta, offset: int, data: bytes, **kw: An
         **kw,
     )
     assert received.length == len(data)
-    return await store.commit_at(received)
+    return await store.streams.commit_at(received)
 
 
 async def test_a_stream_written_at_offsets_completes_with_its_bytes(open_store) -> None:
@@ -250,9 +259,9 @@ async def test_a_stream_written_at_offsets_completes_with_its_bytes(open_store) 
         offset += size
         assert progress.offset == offset
         assert progress.crc == crc64_value(data[:offset])
-    found = await store.stream_progress(meta)
+    found = await store.streams.stream_progress(meta)
     assert found is not None and found.offset == len(data)
-    done = await store.complete(meta)
+    done = await store.assembler.complete(meta)
     assert done is not None and done[1] is True
     assert done[0].crc64nvme == crc64(data) and done[0].size == len(data)
     assert await read_back(store, "s") == data
@@ -266,14 +275,14 @@ async def test_a_stream_refuses_a_wrong_offset_and_a_discard_keeps_the_offset(op
     await patch(store, meta, 0, b"abcd")
     with pytest.raises(OffsetMismatch):
         await patch(store, meta, 2, b"xx")
-    received = await store.receive_at(
+    received = await store.streams.receive_at(
         meta, 4, pieces(b"ef"), length=2, max_bytes=ByteLimit.chunk(6), on_piece=None
     )
-    await store.discard_at(received)
-    found = await store.stream_progress(meta)
+    await store.streams.discard_at(received)
+    found = await store.streams.stream_progress(meta)
     assert found is not None and found.offset == 4
     await patch(store, meta, 4, b"efghij")
-    assert (await store.complete(meta)) is not None
+    assert (await store.assembler.complete(meta)) is not None
     assert await read_back(store, "o") == b"abcdefghij"
 
 
@@ -282,10 +291,10 @@ async def test_a_stream_begun_without_a_length_takes_one_declared_later(open_sto
     meta = await begin(store, UploadMeta.new_stream("d", "d.bin", None, None))
     progress = await patch(store, meta, 0, b"12345")
     assert progress.offset == 5
-    meta = await store.declare_length(progress.meta, 8)
+    meta = await store.streams.declare_length(progress.meta, 8)
     assert meta.total_size == 8
     await patch(store, meta, 5, b"678")
-    done = await store.complete(meta)
+    done = await store.assembler.complete(meta)
     assert done is not None and done[0].size == 8
     assert await read_back(store, "d") == b"12345678"
 
@@ -295,16 +304,17 @@ async def test_completed_streams_concatenate_into_a_final_one(open_store) -> Non
     parts = [b"first part,", random.Random(2).randbytes(300_000), b"", b"last"]
     records = []
     for i, data in enumerate(parts):
-        meta = await begin(store, UploadMeta.new_stream(f"p{i}", "p", len(data), None, "partial"))
+        meta = await begin(store, UploadMeta.new_stream(f"p{i}", "p", len(data), None, PARTIAL))
         await patch(store, meta, 0, data)  # an empty one too: its commit makes it whole
-        done = await store.complete(meta)
+        done = await store.assembler.complete(meta)
         assert done is not None
         records.append(done[0])
     whole = b"".join(parts)
-    final = await begin(store, UploadMeta.new_stream("f", "f.bin", len(whole), None, "final"))
-    progress = await store.concatenate(final, records)
+    named = Concatenation(final=True, parts=tuple(f"/tus/p{i}" for i in range(len(parts))))
+    final = await begin(store, UploadMeta.new_stream("f", "f.bin", len(whole), None, named))
+    progress = await store.streams.concatenate(final, records)
     assert progress.offset == len(whole)
-    done = await store.complete(final)
+    done = await store.assembler.complete(final)
     assert done is not None and done[0].crc64nvme == crc64(whole)
     assert await read_back(store, "f") == whole
 
@@ -316,10 +326,10 @@ async def test_the_backend_reports_its_health_and_keeps_an_outbox(open_store) ->
     import time
 
     store = await open_store()
-    health = await store.health()
+    health = await store.backend.health()
     assert health and all(health.values())
-    assert store.free_bytes() > 0
-    outbox = store.outbox()
+    assert store.backend.free_bytes() > 0
+    outbox = store.backend.outbox()
     event = {"id": "ev-1", "type": "post-finish", "upload": {"file_id": "x"}}
     await outbox.add(event)
     await outbox.add(event)  # the same event twice is kept once

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import json
 import os
 import socket
 import time
@@ -687,3 +688,25 @@ def test_an_upload_ended_by_another_process_is_seen_at_the_next_patch(
         assert again.status_code == (404 if ending == "delete" else 409)
         if ending == "complete":
             assert again.headers["Upload-Offset"] == "6"
+
+
+@pytest.mark.local_only
+def test_a_concatenation_is_typed_in_memory_and_text_in_records() -> None:
+    """UploadMeta.concat is a Concatenation (a part, or a final and its parts in order),
+    kept as the text records held before it was typed, and read back from either form."""
+    from chunkserver.errors import BadRequest
+    from chunkserver.model import PARTIAL, Concatenation, UploadMeta
+
+    final = Concatenation.parse("final;/tus/a http://h/tus/b")
+    assert final.final and final.parts == ("/tus/a", "http://h/tus/b") and not final.by_id
+    assert str(final) == "final;/tus/a http://h/tus/b"
+    older = Concatenation.parse("final o1~a o1~b")  # a record of an earlier version: ids
+    assert older.by_id and older.parts == ("o1~a", "o1~b") and str(older) == "final o1~a o1~b"
+    assert Concatenation.parse("partial") is PARTIAL and str(PARTIAL) == "partial"
+    with pytest.raises(BadRequest):
+        Concatenation.parse("both")
+    meta = UploadMeta.new_stream("f", "f.bin", None, None, final)
+    record = json.loads(json.dumps(meta.stored()))
+    assert record["concat"] == "final;/tus/a http://h/tus/b" and record["protocol"] == "tus"
+    again = UploadMeta(**record)
+    assert again == meta and again.is_final and not again.is_partial

@@ -63,7 +63,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if isinstance(e, StorageFailure):  # the disk failed us, not the client: say how
             log.error("Storage failure on %s %s", request.method, request.path, exc_info=e)
         elif isinstance(e, StoreUnavailable):  # an outage: one line, not one per request
-            uploads.outages.warning(e.component, f"{e.detail} (answering 503)")
+            uploads.core.outages.warning(e.component, f"{e.detail} (answering 503)")
         response = _error(request, e.status, e.detail, e)
         response.headers.update(e.headers)
         if e.close_connection:
@@ -89,7 +89,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("Unexpected error on %s %s", request.method, request.path)
         response = _error(request, 500, "Internal server error")
-    if uploads.draining:
+    if uploads.core.draining:
         response.force_close()
     return response
 
@@ -134,7 +134,7 @@ def rate_middleware(uploads: UploadService) -> Middleware:
     @web.middleware
     async def limit_rate(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not is_public(request):
-            await uploads.quotas.admit_request(request.get(IDENTITY, ANONYMOUS))
+            await uploads.core.quotas.admit_request(request.get(IDENTITY, ANONYMOUS))
         return await handler(request)
 
     return limit_rate
@@ -289,7 +289,7 @@ def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterato
         await uploads.rebuild_manifest()
         tasks = [
             asyncio.create_task(
-                _every(config.sweep_interval_seconds, uploads.sweep, "sweep", uploads.outages)
+                _every(config.sweep_interval_seconds, uploads.sweep, "sweep", uploads.core.outages)
             ),
         ]
         yield
@@ -298,7 +298,7 @@ def _uploads_context(config: Config) -> Callable[[web.Application], AsyncIterato
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        uploads.metrics.forget_this_process()
+        uploads.core.metrics.forget_this_process()
         await uploads.close()
 
     return uploads_context
@@ -333,7 +333,7 @@ async def _count_status(request: web.Request, response: web.StreamResponse) -> N
     """Count each answer by the status it is sent with: a download's 206, 304 or 416 is
     known only once its response is prepared."""
     identity = request.get(IDENTITY, ANONYMOUS)
-    metrics = request.config_dict[UPLOADS].metrics
+    metrics = request.config_dict[UPLOADS].core.metrics
     metrics.count_request(response.status, identity.name)
     if response.status >= 400 and request.match_info.route.name == UPLOAD_CHUNK_ROUTE:
         metrics.inc("chunks_rejected")

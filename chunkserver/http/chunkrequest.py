@@ -52,18 +52,18 @@ async def receive_chunk_request(
                 if received is not None:
                     raise BadRequest("More than one chunk part in the request")
                 if not form.has_required():  # its upload is not known yet: kept aside
-                    received = await uploads.receive_unplaced(
+                    received = await uploads.chunks.receive_unplaced(
                         parser.body(), want_sha256=form.wants_sha256()
                     )
                     continue
                 early = _owned(form.fields(), identity)
-                found = await uploads.prepare(early, content_length, caller=caller)
+                found = await uploads.chunks.prepare(early, content_length, caller=caller)
                 if isinstance(found, CompletedUpload):
                     return found
                 prepared = found
                 early = _as_prepared(early, prepared)
                 hint = parser.body_length_if_last(content_length)
-                outcome = await uploads.receive(prepared, early, parser.body(), hint, caller)
+                outcome = await uploads.chunks.receive(prepared, early, parser.body(), hint, caller)
                 if isinstance(outcome, CompletedUpload):
                     return outcome
                 prepared, received = outcome
@@ -73,15 +73,15 @@ async def receive_chunk_request(
         if received is None:
             raise BadRequest("Missing required parameter: chunk")
         if prepared is None:
-            found = await uploads.prepare(fields, None, caller=caller)
+            found = await uploads.chunks.prepare(fields, None, caller=caller)
             if isinstance(found, CompletedUpload):
                 return found
             prepared = found
         fields = _as_prepared(fields, prepared)
         owned, received = received, None  # store_chunk owns it from here on
-        result = await uploads.store_chunk(fields, prepared, owned, caller)
+        result = await uploads.chunks.store_chunk(fields, prepared, owned, caller)
     except BaseException:
-        await uploads.fail(prepared, received)
+        await uploads.chunks.fail(prepared, received)
         raise
     if isinstance(result, CompletedUpload):
         return result

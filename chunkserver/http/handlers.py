@@ -39,7 +39,7 @@ UPLOAD_CHUNK_ROUTE = "upload-chunk"  # its refusals are counted (chunks_rejected
 
 
 async def upload_chunk(request: web.Request) -> web.Response:
-    with request.config_dict[UPLOADS].admit():
+    with request.config_dict[UPLOADS].core.admit():
         try:
             return await _upload_chunk(request)
         except (ChunkServerError, web.HTTPException, ConnectionResetError):
@@ -52,7 +52,7 @@ async def upload_chunk(request: web.Request) -> web.Response:
 async def _upload_chunk(request: web.Request) -> web.Response:
     config = request.config_dict[CONFIG]
     boundary = boundary_from_content_type(request.headers.get(hdrs.CONTENT_TYPE, ""))
-    request.config_dict[UPLOADS].policy.check_request_length(request.content_length)
+    request.config_dict[UPLOADS].core.policy.check_request_length(request.content_length)
     with BodyReader(
         request, config.idle_timeout_seconds, request.config_dict[RECEIVE_BUFFERS]
     ) as body:

@@ -253,7 +253,7 @@ async def create(request: web.Request) -> web.Response:
     representation = sha256_of_field("Repr-Digest", request.headers.get("Repr-Digest"))
     if representation is not None:  # kept with the upload, checked when it completes
         meta = dataclasses.replace(meta, repr_sha256=representation.hex())
-    begun = await uploads.create_stream(meta, _caller(request), request.content_length)
+    begun = await uploads.streams.create_stream(meta, _caller(request), request.content_length)
     file_id = begun.file_id  # the pre-create hook may have given it another
     location = {"Location": _location(request, public_id(file_id))}
     _send_interim(
@@ -285,8 +285,8 @@ async def append(request: web.Request) -> web.Response:
     digests = _digests(request, whole=offset == 0 and complete)
     representation = sha256_of_field("Repr-Digest", request.headers.get("Repr-Digest"))
     if representation is not None:  # kept with the upload, checked when it completes
-        await request.config_dict[UPLOADS].keep_digest(file_id, representation.hex())
-    with request.config_dict[UPLOADS].admit():
+        await request.config_dict[UPLOADS].streams.keep_digest(file_id, representation.hex())
+    with request.config_dict[UPLOADS].core.admit():
         state = await _append(request, interop, file_id, offset, complete, length, digests)
     return _result(request, interop, state, 204)
 
@@ -314,7 +314,7 @@ async def _append(
             request.config_dict[RECEIVE_BUFFERS],
         ) as body,
     ):
-        state = await uploads.append(
+        state = await uploads.streams.append(
             file_id,
             offset,
             body,
@@ -377,7 +377,7 @@ async def head(request: web.Request) -> web.Response:
     interop = interop_of(request)
     file_id = upload_id(request)
     await request.config_dict[IN_FLIGHT].cut_earlier(file_id, request.transport)
-    found = await request.config_dict[UPLOADS].stream_state(file_id, _caller(request))
+    found = await request.config_dict[UPLOADS].streams.stream_state(file_id, _caller(request))
     if found is None:
         raise FileNotFound("No upload of this id")
     headers = _state_headers(request, interop, found) | {hdrs.CACHE_CONTROL: "no-store"}

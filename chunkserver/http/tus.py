@@ -28,7 +28,14 @@ from ..errors import (
     UnsupportedMediaType,
     UnsupportedTusVersion,
 )
-from ..model import CompletedUpload, StreamProgress, UploadMeta, check_file_id
+from ..model import (
+    PARTIAL,
+    CompletedUpload,
+    Concatenation,
+    StreamProgress,
+    UploadMeta,
+    check_file_id,
+)
 from ..service.callers import Caller
 from .addresses import forwarded_base
 from .answers import Error, answer
@@ -125,11 +132,11 @@ def _non_negative(name: str, text: str | None) -> int | None:
     return int(text)
 
 
-def _partial_ids(request: web.Request, header: str) -> list[str]:
-    """The file_ids of `final;<url> <url>...`: absolute URLs of this server (another
+def _partial_ids(request: web.Request, concat: Concatenation) -> list[str]:
+    """The file_ids of a final upload's parts: absolute URLs of this server (another
     server's upload cannot be a part of this one) or relative references, resolved against
     the creation's URL (`/tus/<id>`, `<id>`, `../tus/<id>`)."""
-    urls = header.partition(";")[2].split()
+    urls = concat.parts
     if not urls:
         raise BadRequest("Upload-Concat: final names no partial upload")
     collection = forwarded_base(request, request.config_dict[CONFIG]) + PREFIX
@@ -183,12 +190,19 @@ def _state_headers(request: web.Request, found: StreamProgress | CompletedUpload
     return headers
 
 
-def _concat_header(concat: str) -> str:
-    """Upload-Concat as the creation sent it (UploadMeta.concat keeps it so); a final upload
-    recorded by an earlier version as `final <id> <id>...` names its partials' paths."""
-    if concat == "partial" or concat.startswith("final;"):
-        return concat
-    return "final;" + " ".join(f"{PREFIX}{public_id(owned)}" for owned in concat.split()[1:])
+def _concat_header(concat: Concatenation) -> str:
+    """Upload-Concat as the creation sent it; a final upload recorded by an earlier version
+    by its parts' file ids names their paths."""
+    if not concat.by_id:
+        return str(concat)
+    return "final;" + " ".join(f"{PREFIX}{public_id(owned)}" for owned in concat.parts)
+
+
+def _concatenation(header: str) -> Concatenation:
+    """Upload-Concat as a creation sends it: `partial`, or `final;<url> <url>...`."""
+    if header != "partial" and not header.startswith("final;"):
+        raise BadRequest("Upload-Concat must be 'partial' or 'final;<urls>'")
+    return Concatenation.parse(header)
 
 
 def _location(request: web.Request, file_id: str) -> str:
@@ -233,31 +247,30 @@ async def create(request: web.Request) -> web.Response:
     caller = _caller(request)
     length = _non_negative("Upload-Length", request.headers.get("Upload-Length"))
     deferred = request.headers.get("Upload-Defer-Length")
-    concat = request.headers.get("Upload-Concat", "").strip()
+    header = request.headers.get("Upload-Concat", "").strip()
+    concat = _concatenation(header) if header else None
     public = secrets.token_urlsafe(16)
     file_id = owned_id(identity_of(request), public)
     meta = _new_meta(request, file_id, length)
-    if concat.startswith("final"):
+    if concat is not None and concat.final:
         if length is not None or deferred is not None:
             raise BadRequest("A final upload's length is its partial uploads': no Upload-Length")
         partials = _partial_ids(request, concat)
         meta = UploadMeta.new_stream(file_id, meta.filename, None, meta.metadata, concat)
-        done = await uploads.concatenate(meta, partials, caller)
+        done = await uploads.streams.concatenate(meta, partials, caller)
         made = done.file_id if isinstance(done, CompletedUpload) else done.meta.file_id
         headers = {"Location": _location(request, public_id(made))}
         headers |= _state_headers(request, done)
         return _answer(201, headers)
-    if concat and concat != "partial":
-        raise BadRequest("Upload-Concat must be 'partial' or 'final;<urls>'")
     if length is None and deferred != "1":
         raise BadRequest("Upload-Length or Upload-Defer-Length: 1 is required")
     if length is not None and deferred is not None:
         raise BadRequest("Upload-Length and Upload-Defer-Length exclude each other")
-    if concat == "partial":
-        meta = UploadMeta.new_stream(file_id, meta.filename, length, meta.metadata, "partial")
+    if concat == PARTIAL:
+        meta = UploadMeta.new_stream(file_id, meta.filename, length, meta.metadata, PARTIAL)
     with_body = request.headers.get(hdrs.CONTENT_TYPE) == OFFSET_CONTENT_TYPE
     body_length = request.content_length if with_body else None
-    begun = await uploads.create_stream(meta, caller, body_length)
+    begun = await uploads.streams.create_stream(meta, caller, body_length)
     headers = {"Location": _location(request, public_id(begun.file_id))}
     if with_body or length == 0:  # an empty upload is complete as soon as it exists
         state = await uploads.create_with_bytes(begun, lambda: _append(request, begun.file_id, 0))
@@ -269,7 +282,7 @@ async def create(request: web.Request) -> web.Response:
 async def head(request: web.Request) -> web.Response:
     _check_version(request)
     file_id = upload_id(request)
-    found = await request.config_dict[UPLOADS].stream_state(file_id, _caller(request))
+    found = await request.config_dict[UPLOADS].streams.stream_state(file_id, _caller(request))
     if found is None:
         raise FileNotFound()
     headers = _state_headers(request, found) | {hdrs.CACHE_CONTROL: "no-store"}
@@ -284,7 +297,7 @@ async def patch(request: web.Request) -> web.Response:
     offset = _non_negative("Upload-Offset", request.headers.get("Upload-Offset"))
     if offset is None:
         raise BadRequest("Upload-Offset is required")
-    with request.config_dict[UPLOADS].admit():
+    with request.config_dict[UPLOADS].core.admit():
         state = await _append(request, file_id, offset)
     return _answer(204, _progress_headers(request, state))
 
@@ -303,7 +316,7 @@ async def _append(
         request.config_dict[CONFIG].idle_timeout_seconds,
         request.config_dict[RECEIVE_BUFFERS],
     ) as body:
-        return await request.config_dict[UPLOADS].append(
+        return await request.config_dict[UPLOADS].streams.append(
             file_id,
             offset,
             body,

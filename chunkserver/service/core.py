@@ -4,24 +4,24 @@ metrics, built from the configuration; what both protocols' steps stand on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 from ..auth.identities import ANONYMOUS, Identity
 from ..auth.owners import owned_id, public_id
 from ..config import Config
-from ..errors import ChunkServerError, UploadStopped
+from ..errors import ChunkServerError, ServerBusy, UploadStopped
 from ..logs import ThrottledLog
 from ..metrics import Metrics
 from ..model import (
     CompletedUpload,
     UploadMeta,
 )
-from ..storage.backends import build_store
-from ..storage.store import Store
+from ..storage.store import Assembler, Backend, Catalog
 from .callers import Caller
 from .hooks import CreateChanges, Hooks, finish_event_id, upload_body
 from .locks import KeyedLocks
@@ -63,51 +63,65 @@ class Prepared:
 
 
 class ServiceCore:
-    def __init__(self, config: Config, store: Store[Any, Any]) -> None:
+    """What both protocols' steps stand on: the configuration, the policy, the manifest, the
+    locks, metrics, hooks and quotas; admission of new uploads and of requests on existing
+    ones, and the one completion step. It calls the store's catalog, assembler and backend."""
+
+    def __init__(
+        self, config: Config, catalog: Catalog, assembler: Assembler, backend: Backend
+    ) -> None:
         self.config = config
-        self.store = store
-        self.policy = Policy(config, store)
+        self.catalog = catalog
+        self.assembler = assembler
+        self.backend = backend
+        self.policy = Policy(config, backend)
         self.manifest = Manifest()
         self.locks = KeyedLocks()
         self.metrics = Metrics()
         # One WARNING line per outage of the database or the object store, not one per request.
         self.outages = ThrottledLog(log)
         self.hooks = Hooks(config, self.metrics, self.outages)
-        self.ledger = store.ledger()
+        self.ledger = backend.ledger()
         self.quotas = Quotas(config, self.ledger)
         self.inflight = 0  # chunk requests being handled now
         self.draining = False  # the process is stopping: answers close their connection
 
-    @classmethod
-    def open(cls, config: Config) -> Self:
-        """The service on the configured backend (connected later, by `start`)."""
-        return cls(config, build_store(config))
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a chunk request in flight; refuse it (503) past `max_inflight_chunks`."""
+        if self.inflight >= self.config.max_inflight_chunks:
+            raise ServerBusy(self.config.max_inflight_chunks)
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     async def start(self) -> None:
-        await self.store.open()
+        await self.backend.open()
         await self.hooks.start(
-            self.store.outbox(), self.store.lookup, self._event_body, self.ledger.stop
+            self.backend.outbox(), self.catalog.lookup, self._event_body, self.ledger.stop
         )
 
     async def close(self) -> None:
         await self.hooks.close()
-        await self.store.close()
+        await self.backend.close()
 
     def _event_body(self, upload: UploadMeta | CompletedUpload) -> dict[str, Any]:
         return upload_body(
             upload,
             storage=self.config.storage,
-            location=self.store.location_of(upload.file_id, upload.filename),
+            location=self.catalog.location_of(upload.file_id, upload.filename),
         )
 
     async def rebuild_manifest(self) -> None:
         """Fill the manifest from the store (at start)."""
-        for file_id in await self.store.uploads_in_progress():
-            found = await self.store.lookup(file_id)
+        for file_id in await self.catalog.uploads_in_progress():
+            found = await self.catalog.lookup(file_id)
             if isinstance(found, UploadMeta):
                 self.manifest.remember(found)
 
-    async def _admit_new(
+    async def admit_new(
         self, meta: UploadMeta, caller: Caller | None, length: int | None
     ) -> UploadMeta:
         """A new upload, before anything of it is stored: within its identity's quotas, then
@@ -120,7 +134,7 @@ class ServiceCore:
         changes = await self.hooks.pre_create(meta, caller)
         return meta if changes is None else _changed(meta, changes, identity)
 
-    async def _check_existing(
+    async def check_existing(
         self, known: UploadMeta | CompletedUpload, caller: Caller | None, length: int | None
     ) -> None:
         """A request on an existing upload: the pre-access hook is asked (when listed); one
@@ -129,18 +143,18 @@ class ServiceCore:
         if caller is not None:
             await self.hooks.pre_access(known, caller)
         if isinstance(known, UploadMeta):
-            await self._check_not_stopped(known)
+            await self.check_not_stopped(known)
             identity = ANONYMOUS if caller is None else caller.identity
             await self.quotas.admit_bytes(identity, known, length)
 
-    async def _check_not_stopped(self, meta: UploadMeta) -> None:
+    async def check_not_stopped(self, meta: UploadMeta) -> None:
         """UploadStopped when the application stopped the upload (a post-receive answer)."""
         if self.hooks.wants("post-receive"):
             detail = await self.ledger.stopped(meta.file_id, meta.token)
             if detail is not None:
                 raise UploadStopped(detail)
 
-    async def _complete_and_announce(
+    async def complete_and_announce(
         self, meta: UploadMeta, caller: Caller | None
     ) -> CompletedUpload | None:
         """The completion path of both protocols once every byte is stored. The pre-finish
@@ -154,18 +168,18 @@ class ServiceCore:
             await self.hooks.emit(
                 "post-finish", meta, caller, finish_event_id(meta.file_id, meta.token)
             )
-        completed = await self._complete(meta)
+        completed = await self.complete(meta)
         self.hooks.forget(meta.file_id)
         if completed is not None and app is not None:
             completed = dataclasses.replace(completed, app=app)
         return completed
 
-    async def _complete(self, meta: UploadMeta) -> CompletedUpload | None:
+    async def complete(self, meta: UploadMeta) -> CompletedUpload | None:
         """The one completion step of both protocols: the store completes the upload
         (exactly once across processes and hosts, shielded from a cancelled request), and
         the completion is counted where it happened; None while chunks are missing."""
         async with self.locks.hold(meta.file_id):
-            finished = await asyncio.shield(self.store.complete(meta))
+            finished = await asyncio.shield(self.assembler.complete(meta))
         if finished is None:
             return None
         completed, here = finished

@@ -4,22 +4,31 @@ PATCH's bytes are read and after; each raises the error its answer is made of.""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
 from ..config import Config
 from ..errors import ChecksumMismatch, DiskFull, EmptyChunk, PayloadTooLarge, UploadConflict
 from ..model import ChunkFields, UploadMeta
 from ..storage.meter import ByteLimit
-from ..storage.store import PendingChunk, Store
+from ..storage.store import PendingChunk
 
 # Room for the form fields and multipart framing around a chunk, when judging Content-Length.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
+class Room(Protocol):
+    """What the policy asks of the store: whether chunks take room on the local disk, and
+    how much is free."""
+
+    keeps_bytes_locally: bool
+
+    def free_bytes(self) -> int: ...
+
+
 class Policy:
-    def __init__(self, config: Config, store: Store[Any, Any]) -> None:
+    def __init__(self, config: Config, room: Room) -> None:
         self.config = config
-        self.store = store
+        self.room = room
 
     def check_request_length(self, content_length: int | None) -> None:
         """A chunk request whose Content-Length cannot hold a chunk within max_chunk_bytes:
@@ -61,7 +70,7 @@ class Policy:
     def check_free_space(
         self, known: UploadMeta | None, fields: ChunkFields, content_length: int | None
     ) -> None:
-        if not self.store.keeps_bytes_locally:
+        if not self.room.keeps_bytes_locally:
             needed = 0  # only scratch files, gone with their request
         elif known is not None and known.total_size is not None:
             needed = 0  # the whole file's room was reserved when the upload began
@@ -69,12 +78,14 @@ class Policy:
             needed = fields.total_size
         else:
             needed = content_length or 0
-        if self.store.free_bytes() - needed < self.config.min_free_bytes:
+        if self.room.free_bytes() - needed < self.config.min_free_bytes:
             raise DiskFull()
 
-    async def check_received(
-        self, fields: ChunkFields, meta: UploadMeta, received: PendingChunk
+    def check_received(
+        self, fields: ChunkFields, meta: UploadMeta, received: PendingChunk, sha256: str | None
     ) -> None:
+        """A received chunk against its fields and its upload; `sha256`, its SHA-256 when
+        the fields name one."""
         if received.length == 0 and not meta.is_last(fields.chunk_index):
             raise EmptyChunk(fields.chunk_index)
         cs = meta.chunk_size if meta.chunk_size_declared else fields.chunk_size
@@ -85,19 +96,15 @@ class Policy:
             )
         if fields.chunk_crc64nvme is not None and fields.chunk_crc64nvme != received.crc:
             raise ChecksumMismatch()
-        if fields.chunk_sha256 is not None:
-            computed = received.sha256_hex()
-            if computed is None:  # the checksum field came after the chunk
-                computed = await self.store.sha256_of(received)
-            if computed != fields.chunk_sha256:
-                raise ChecksumMismatch()
+        if fields.chunk_sha256 is not None and sha256 != fields.chunk_sha256:
+            raise ChecksumMismatch()
         if meta.chunk_size is not None:
             end = fields.chunk_index * meta.chunk_size + received.length
             if end > self.config.max_file_bytes:
                 raise PayloadTooLarge(
                     f"Upload would exceed max_file_bytes ({self.config.max_file_bytes} bytes)"
                 )
-        if self.store.free_bytes() < self.config.min_free_bytes:
+        if self.room.free_bytes() < self.config.min_free_bytes:
             raise DiskFull()
 
     def check_stream_size(self, length: int) -> None:
@@ -108,8 +115,8 @@ class Policy:
             )
 
     def check_stream_room(self, length: int) -> None:
-        if self.store.keeps_bytes_locally and (
-            self.store.free_bytes() - length < self.config.min_free_bytes
+        if self.room.keeps_bytes_locally and (
+            self.room.free_bytes() - length < self.config.min_free_bytes
         ):
             raise DiskFull(
                 "Upload failed: not enough disk space for these bytes; retry later",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
 from ..auth.owners import public_id
 from ..errors import (
@@ -25,12 +26,24 @@ from ..model import (
     StreamProgress,
     UploadMeta,
 )
-from ..storage.store import PendingBytes
+from ..storage.store import Catalog, PendingBytes, StreamWriter
 from .callers import Caller
 from .core import PatchBody, PieceChecker, ServiceCore
 
 
-class StreamSteps(ServiceCore):
+class StreamSteps:
+    """The byte-stream protocols' steps (tus, the IETF draft), on the core the seed's steps
+    share, the catalog and the store's stream writer."""
+
+    def __init__(self, core: ServiceCore, catalog: Catalog, writer: StreamWriter[Any]) -> None:
+        self.core = core
+        self.catalog = catalog
+        self.writer = writer
+
+    async def progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
+        """A stream's offset and CRC so far; its record once complete."""
+        return await self.writer.stream_progress(meta)
+
     async def create_stream(
         self, meta: UploadMeta, caller: Caller | None, length: int | None = None
     ) -> UploadMeta:
@@ -38,14 +51,14 @@ class StreamSteps(ServiceCore):
         the pre-create hook, which may give it another file_id, metadata or owner: the
         upload begun says. `length`: the creation request's body, when it carries one."""
         if meta.total_size is not None:
-            self.policy.check_stream_size(meta.total_size)
-            self.policy.check_stream_room(meta.total_size)
-        meta = await self._admit_new(meta, caller, length)
-        async with self.locks.hold(meta.file_id):
-            begun, _ = await self.store.begin(meta)
+            self.core.policy.check_stream_size(meta.total_size)
+            self.core.policy.check_stream_room(meta.total_size)
+        meta = await self.core.admit_new(meta, caller, length)
+        async with self.core.locks.hold(meta.file_id):
+            begun, _ = await self.catalog.begin(meta)
         if isinstance(begun, CompletedUpload) or begun.token != meta.token:
             raise UploadConflict(f"{public_id(meta.file_id)} exists already")
-        await self.hooks.emit("post-create", begun, caller)
+        await self.core.hooks.emit("post-create", begun, caller)
         return begun
 
     async def stream_state(
@@ -53,27 +66,27 @@ class StreamSteps(ServiceCore):
     ) -> StreamProgress | CompletedUpload | None:
         """A tus upload's progress, or any completed upload's record (a file sent with the
         seed's protocol reads as a complete tus upload); None otherwise."""
-        known = await self.store.lookup(file_id)
+        known = await self.catalog.lookup(file_id)
         if known is not None and caller is not None:
-            await self.hooks.pre_access(known, caller)
+            await self.core.hooks.pre_access(known, caller)
         if known is None or isinstance(known, CompletedUpload):
             return known
         if not known.is_stream:
             return None
-        return await self.store.stream_progress(known)
+        return await self.writer.stream_progress(known)
 
     async def keep_digest(self, file_id: str, sha256: str) -> None:
         """Keep a representation digest (hex SHA-256) with an upload in progress, to be
         checked against its bytes when it completes; one that differs from the digest an
         earlier request gave is refused (400) before any byte is read."""
-        known = await self.store.lookup(file_id)
+        known = await self.catalog.lookup(file_id)
         if known is None or (isinstance(known, UploadMeta) and not known.is_stream):
             raise FileNotFound("No upload of this id")
         if isinstance(known, CompletedUpload):
             return  # checked against the completed bytes by the caller
         if known.repr_sha256 is None:
-            known = await self.store.declare_digest(known, sha256)
-            self.manifest.forget(file_id)
+            known = await self.writer.declare_digest(known, sha256)
+            self.core.manifest.forget(file_id)
         if known.repr_sha256 != sha256:
             raise DigestMismatch("Repr-Digest differs from the one an earlier request gave")
 
@@ -106,33 +119,33 @@ class StreamSteps(ServiceCore):
         if isinstance(meta, CompletedUpload):
             return meta
         deferred = meta.total_size is None
-        room = self.policy.room_after(meta, offset, declared_length)
+        room = self.core.policy.room_after(meta, offset, declared_length)
         meta = _with_length(meta, declared_length)
         try:
-            received: PendingBytes = await self.store.receive_at(
+            received: PendingBytes = await self.writer.receive_at(
                 meta, offset, body.pieces(), length=length, max_bytes=room, on_piece=on_piece
             )
         except UploadGone:
             # The cached upload ended elsewhere (before a byte was read): ask the store.
-            self.manifest.forget(file_id)
+            self.core.manifest.forget(file_id)
             meta = await self._stream_to_patch(file_id, offset, length, declared_length, caller)
             if isinstance(meta, CompletedUpload):
                 return meta
             meta = _with_length(meta, declared_length)
-            received = await self.store.receive_at(
+            received = await self.writer.receive_at(
                 meta, offset, body.pieces(), length=length, max_bytes=room, on_piece=on_piece
             )
-        self.metrics.inc("bytes_received", received.length)
+        self.core.metrics.inc("bytes_received", received.length)
         short = body.cut is not None or (length is not None and received.length < length)
         if (short and checksum is not None) or (checksum is not None and not checksum.matches()):
-            await self.store.discard_at(received)
+            await self.writer.discard_at(received)
             if short:
                 raise body.cut or BadRequest("The body ended before its Content-Length")
             raise checksum.mismatch()
         if declared_length is not None and deferred:
             # Every check passed (offset, checksum, room): the length counts from now on.
-            await self.store.declare_length(meta, declared_length)
-        progress = await asyncio.shield(self.store.commit_at(received))
+            await self.writer.declare_length(meta, declared_length)
+        progress = await asyncio.shield(self.writer.commit_at(received))
         if short:
             raise body.cut or BadRequest("The body ended before its Content-Length")
         if complete and progress.meta.total_size is None:
@@ -158,13 +171,13 @@ class StreamSteps(ServiceCore):
         The manifest spares the store a lookup per PATCH, as for chunks: it holds a tus
         upload once its length is known (nothing of it changes after that but its offset,
         which the store checks)."""
-        cached = self.manifest.get(file_id)
+        cached = self.core.manifest.get(file_id)
         known: UploadMeta | CompletedUpload | None = cached
         if cached is None or not cached.is_stream:
-            known = await self.store.lookup(file_id)
+            known = await self.catalog.lookup(file_id)
         if known is None or (isinstance(known, UploadMeta) and not known.is_stream):
             raise FileNotFound("No upload of this id")
-        await self._check_existing(known, caller, length)
+        await self.core.check_existing(known, caller, length)
         if known.is_final:
             raise Forbidden("A final upload of a concatenation takes no PATCH")
         if isinstance(known, CompletedUpload):
@@ -175,7 +188,7 @@ class StreamSteps(ServiceCore):
             return known
         if declared_length is not None:
             if known.total_size is None:
-                self.policy.check_stream_size(declared_length)
+                self.core.policy.check_stream_size(declared_length)
             elif known.total_size != declared_length:
                 await self._check_offset(known, offset)  # a wrong offset is told first (409)
                 raise InconsistentLength(
@@ -190,14 +203,14 @@ class StreamSteps(ServiceCore):
                 f"This request's content ends at byte {end}, past the upload's length "
                 f"({limit} bytes)"
             )
-        self.policy.check_stream_size(end)
+        self.core.policy.check_stream_size(end)
         if known.total_size is None and length:  # no room was reserved
-            self.policy.check_stream_room(length)
+            self.core.policy.check_stream_room(length)
         return known
 
     async def _check_offset(self, meta: UploadMeta, offset: int) -> None:
         """OffsetMismatch (409, with the right offset) when `offset` is not the upload's."""
-        state = await self.store.stream_progress(meta)
+        state = await self.writer.stream_progress(meta)
         if isinstance(state, StreamProgress) and state.offset != offset:
             raise OffsetMismatch(offset, state.offset)
         if isinstance(state, CompletedUpload) and state.size != offset:
@@ -211,11 +224,11 @@ class StreamSteps(ServiceCore):
         meta = progress.meta
         if complete is False or meta.total_size is None or progress.offset != meta.total_size:
             if meta.total_size is not None:
-                self.manifest.remember(meta)
-            await self.hooks.progress(meta, caller, {"offset": progress.offset})
+                self.core.manifest.remember(meta)
+            await self.core.hooks.progress(meta, caller, {"offset": progress.offset})
             return progress
-        self.manifest.forget(meta.file_id)
-        completed = await self._complete_and_announce(meta, caller)
+        self.core.manifest.forget(meta.file_id)
+        completed = await self.core.complete_and_announce(meta, caller)
         return progress if completed is None else completed
 
     def _check_complete_length(self, progress: StreamProgress) -> None:
@@ -229,8 +242,8 @@ class StreamSteps(ServiceCore):
 
     async def abandon_stream(self, meta: UploadMeta) -> None:
         """A creation whose bytes were refused: nothing of it remains (its room included)."""
-        self.manifest.forget(meta.file_id)
-        await asyncio.shield(self.store.abandon(meta))
+        self.core.manifest.forget(meta.file_id)
+        await asyncio.shield(self.catalog.abandon(meta))
 
     async def concatenate(
         self, meta: UploadMeta, partial_ids: list[str], caller: Caller | None
@@ -238,7 +251,7 @@ class StreamSteps(ServiceCore):
         """A final upload made of completed partial uploads, in order."""
         sources: list[CompletedUpload] = []
         for partial_id in partial_ids:
-            found = await self.store.lookup(partial_id)
+            found = await self.catalog.lookup(partial_id)
             named = f"Upload-Concat names {public_id(partial_id)}"
             if found is None:
                 raise BadRequest(f"{named}, which does not exist")
@@ -249,7 +262,7 @@ class StreamSteps(ServiceCore):
             sources.append(found)
         total = sum(source.size for source in sources)
         begun = await self.create_stream(dataclasses.replace(meta, total_size=total), caller)
-        progress = await asyncio.shield(self.store.concatenate(begun, sources))
+        progress = await asyncio.shield(self.writer.concatenate(begun, sources))
         return await self._complete_stream(progress, caller)
 
 

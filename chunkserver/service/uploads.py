@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Self, TypeVar
 
+from ..config import Config
 from ..errors import (
     CompletionPending,
     DigestMismatch,
@@ -35,9 +36,11 @@ from ..model import (
     UploadMeta,
     UploadProgress,
 )
+from ..storage.backends import build_store
+from ..storage.store import Store
 from .callers import Caller
 from .chunksteps import ChunkSteps
-from .core import STATUS_FINISH_SECONDS, Prepared, log
+from .core import STATUS_FINISH_SECONDS, Prepared, ServiceCore, log
 from .hooks import finish_event_id
 from .streamsteps import StreamSteps
 
@@ -55,26 +58,49 @@ REFUSED_CREATION_BODY = (
 )
 
 
-class UploadService(ChunkSteps, StreamSteps):
-    """Both protocols' steps (chunksteps.py, streamsteps.py) and the verbs they share."""
+class UploadService:
+    """The service the HTTP layer calls: the seed protocol's steps (`chunks`), the stream
+    protocols' (`streams`), both on one core (`core`), and the verbs they share."""
+
+    def __init__(self, config: Config, store: Store[Any, Any]) -> None:
+        self.core = ServiceCore(config, store.catalog, store.assembler, store.backend)
+        self.chunks = ChunkSteps(self.core, store.catalog, store.chunks)
+        self.streams = StreamSteps(self.core, store.catalog, store.streams)
+        self.catalog = store.catalog
+        self.janitor = store.janitor
+        self.backend = store.backend
+
+    @classmethod
+    def open(cls, config: Config) -> Self:
+        """The service on the configured backend (connected later, by `start`)."""
+        return cls(config, build_store(config))
+
+    async def start(self) -> None:
+        await self.core.start()
+
+    async def close(self) -> None:
+        await self.core.close()
+
+    async def rebuild_manifest(self) -> None:
+        await self.core.rebuild_manifest()
 
     async def status(
         self, file_id: str, caller: Caller | None = None
     ) -> CompletedUpload | UploadProgress | StreamProgress | None:
-        found = await self.store.status(file_id)
+        found = await self.catalog.status(file_id)
         if found is not None and caller is not None:
-            await self.hooks.pre_access(_upload_of(found), caller)
+            await self.core.hooks.pre_access(_upload_of(found), caller)
         if isinstance(found, UploadProgress) and found.meta.is_stream:
-            return await self.store.stream_progress(found.meta)
+            return await self.streams.progress(found.meta)
         if isinstance(found, UploadProgress) and not found.missing:
             # Every chunk is stored but the upload is not complete: a completion whose
             # process or host died before or during it. Any request that finds it finishes
             # it (exactly once, whoever else tries), a status request too.
             found = await self._complete_left_over(found, caller)
         if isinstance(found, UploadProgress):
-            self.manifest.remember(found.meta)
+            self.core.manifest.remember(found.meta)
         else:
-            self.manifest.forget(file_id)
+            self.core.manifest.forget(file_id)
         return found
 
     async def _complete_left_over(
@@ -86,10 +112,10 @@ class UploadService(ChunkSteps, StreamSteps):
             # a pre-finish hook, the application is asked again (it may have refused the
             # completion the last chunk asked for).
             async with asyncio.timeout(STATUS_FINISH_SECONDS):
-                if self.hooks.wants("pre-finish"):
-                    completed = await self._complete_and_announce(progress.meta, caller)
+                if self.core.hooks.wants("pre-finish"):
+                    completed = await self.core.complete_and_announce(progress.meta, caller)
                 else:
-                    completed = await self._complete(progress.meta)
+                    completed = await self.core.complete(progress.meta)
         except TimeoutError:
             return progress
         except (HookRefused, HookUnavailable):
@@ -107,59 +133,61 @@ class UploadService(ChunkSteps, StreamSteps):
         body refused (its checksum or digest, a limit, the room, the server's load, a
         length) leaves nothing of the creation: the one rule of both stream protocols."""
         try:
-            with self.admit():
+            with self.core.admit():
                 return await append()
         except REFUSED_CREATION_BODY:
-            await self.abandon_stream(begun)
+            await self.streams.abandon_stream(begun)
             raise
 
     async def download(
         self, file_id: str, caller: Caller | None = None
     ) -> tuple[Path | StoredObject, CompletedUpload] | None:
-        found = await self.store.download(file_id)
+        found = await self.catalog.download(file_id)
         if found is not None and found[1].is_partial:
             return None  # a part of a concatenation is served only within its final upload
         if found is not None and caller is not None:
-            await self.hooks.pre_access(found[1], caller)
+            await self.core.hooks.pre_access(found[1], caller)
         return found
 
     async def delete(self, file_id: str, caller: Caller | None = None) -> bool:
-        wants_upload = self.hooks.wants("post-terminate") or self.hooks.wants("pre-access")
-        async with self.locks.hold(file_id):
-            known = await self.store.lookup(file_id) if wants_upload else None
+        wants_upload = self.core.hooks.wants("post-terminate") or self.core.hooks.wants(
+            "pre-access"
+        )
+        async with self.core.locks.hold(file_id):
+            known = await self.catalog.lookup(file_id) if wants_upload else None
             if known is not None and caller is not None:
-                await self.hooks.pre_access(known, caller)
-            existed = await self.store.delete(file_id)
-        self.manifest.forget(file_id)
-        self.hooks.forget(file_id)
+                await self.core.hooks.pre_access(known, caller)
+            existed = await self.catalog.delete(file_id)
+        self.core.manifest.forget(file_id)
+        self.core.hooks.forget(file_id)
         if existed:
-            self.metrics.inc("uploads_aborted")
+            self.core.metrics.inc("uploads_aborted")
             if known is not None:
-                await self.hooks.emit("post-terminate", known, caller)
+                await self.core.hooks.emit("post-terminate", known, caller)
         return existed
 
     async def sweep(self) -> SweepReport:
         # With a pre-finish hook, an upload whose chunks are all stored is completed only
         # by a request (the application decides), not by the sweep.
-        report = await self.store.sweep(
-            ttl_seconds=self.config.upload_ttl_seconds,
-            finish=not self.hooks.wants("pre-finish"),
+        report = await self.janitor.sweep(
+            ttl_seconds=self.core.config.upload_ttl_seconds,
+            finish=not self.core.hooks.wants("pre-finish"),
         )
         # Forget what ended anywhere: expired, completed here or elsewhere, deleted.
-        self.manifest.retain(await self.store.uploads_in_progress())
-        self.metrics.inc("uploads_failed", len(report.expired))
-        self.metrics.inc("uploads_completed", len(report.completed))
+        self.core.manifest.retain(await self.catalog.uploads_in_progress())
+        self.core.metrics.inc("uploads_failed", len(report.expired))
+        self.core.metrics.inc("uploads_completed", len(report.completed))
         for meta in report.expired_uploads:
-            await self.hooks.emit("post-expire", meta, None)
+            await self.core.hooks.emit("post-expire", meta, None)
         for record in report.completed:  # finished by the sweep after a crash
             if record.is_partial:
                 continue
             event_id = finish_event_id(record.file_id, record.token)
-            await self.hooks.emit("post-finish", record, None, event_id)
+            await self.core.hooks.emit("post-finish", record, None, event_id)
         return report
 
     async def render_metrics(self) -> str:
-        in_progress = len(await self.store.uploads_in_progress())
+        in_progress = len(await self.catalog.uploads_in_progress())
         gauges = {
             "uploads_in_progress": (
                 "Uploads with chunks stored, not yet complete",
@@ -167,16 +195,16 @@ class UploadService(ChunkSteps, StreamSteps):
             ),
             "free_disk_bytes": (
                 "Free bytes on the data folder's filesystem",
-                self.store.free_bytes(),
+                self.backend.free_bytes(),
             ),
         }
-        if self.hooks.outbox is not None and self.config.hook_url:
-            pending = await self.hooks.outbox.count()
+        if self.core.hooks.outbox is not None and self.core.config.hook_url:
+            pending = await self.core.hooks.outbox.count()
             gauges["hooks_pending"] = ("Hook events waiting to be delivered", pending)
-        return await asyncio.to_thread(self.metrics.render, gauges)
+        return await asyncio.to_thread(self.core.metrics.render, gauges)
 
     async def health(self) -> dict[str, bool]:
-        return await self.store.health()
+        return await self.backend.health()
 
 
 def _upload_of(found: CompletedUpload | UploadProgress) -> CompletedUpload | UploadMeta:

@@ -17,9 +17,10 @@ def build_store(config: Config) -> Store[Any, Any]:
         return LocalStore(Path(config.data_dir), fsync=config.fsync, sha256=sha256)
     # Imported here: botocore's models cost the local backend ~20 MiB of memory.
     from .s3 import S3Store
+    from .s3.layout import S3Layout
     from .s3.objects import Settings
 
-    return S3Store(
+    layout = S3Layout(
         Settings(
             bucket=config.s3_bucket,
             endpoint_url=config.s3_endpoint_url or None,
@@ -34,3 +35,4 @@ def build_store(config: Config) -> Store[Any, Any]:
         max_parts=config.s3_max_parts,
         max_file_bytes=config.max_file_bytes,
     )
+    return S3Store(layout)

@@ -5,7 +5,8 @@ manifest) and guards (per-file locks), checks the policy (limits, free space, co
 and calls these verbs. `local.LocalStore` keeps uploads on a local disk.
 
 The verbs are grouped by role, as tusd composes a store from small interfaces: `Catalog`,
-`ChunkWriter`, `StreamWriter`, `Assembler`, `Janitor` and `Backend`; `Store` is all of them.
+`ChunkWriter`, `StreamWriter`, `Assembler`, `Janitor` and `Backend`. A backend is one object
+per role (`Store` names them); the service's parts each take the roles they call.
 
 A chunk goes through three verbs: `receive` streams its bytes to where they will stay and
 returns a `PendingChunk` handle (length, CRC, optional SHA-256); the service checks them; then
@@ -212,6 +213,19 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
-class Store(Catalog, ChunkWriter[R], StreamWriter[A], Assembler, Janitor, Backend, Protocol[R, A]):
-    """Every role, as each backend implements them (`local.LocalStore`,
-    `s3.S3Store`); the service holds one."""
+class Store(Protocol[R, A]):
+    """A backend: one object per role, each built with what it needs (`local.LocalStore`,
+    `s3.S3Store`). The service takes the roles each of its parts uses."""
+
+    @property
+    def catalog(self) -> Catalog: ...
+    @property
+    def chunks(self) -> ChunkWriter[R]: ...
+    @property
+    def streams(self) -> StreamWriter[A]: ...
+    @property
+    def assembler(self) -> Assembler: ...
+    @property
+    def janitor(self) -> Janitor: ...
+    @property
+    def backend(self) -> Backend: ...

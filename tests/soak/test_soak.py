@@ -524,18 +524,18 @@ async def verify_s3(cluster: Cluster, uploads: list[Upload], stack: S3Stack) -> 
     exactly the completed objects, byte for byte, and no staging object and no open
     multipart upload; the hosts are back near their idle descriptors and memory."""
     from chunkserver import Config
-    from chunkserver.service.uploads import UploadService
+    from chunkserver.storage.backends import build_store
     from chunkserver.storage.s3 import S3Store
     from chunkserver.storage.s3.pieces import STAGED_COPIES_FILES
 
     config = Config(data_dir=str(cluster.tmp / "sweeper"), **stack.settings)
-    store = UploadService.open(config).store
+    store = build_store(config)
     assert isinstance(store, S3Store)
-    await store.open()
+    await store.backend.open()
     try:
-        await store.sweep(ttl_seconds=1e-9)
+        await store.janitor.sweep(ttl_seconds=1e-9)
     finally:
-        await store.close()
+        await store.backend.close()
     s3: Any = realstack.s3_client(stack.swift)
     listed = s3.get_paginator("list_objects_v2").paginate(Bucket="soak")
     keys = {o["Key"] for page in listed for o in page.get("Contents", [])}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ...model import (
@@ -16,64 +16,53 @@ from ...model import (
 from .assembly import LocalAssembler
 from .disk import DATA_NAME, META_NAME, OPEN_FLAGS, storage_error, touch_file
 from .fileio import fsync_dir
-from .ledger import LocalLedger
+from .layout import LocalLayout
 from .locks import FolderGone, lock_range
-from .outbox import FolderOutbox
 from .recordlog import LOG_NAME
 
 
-class LocalCatalog(LocalAssembler):
-    """Beginning, looking up, abandoning, downloading and deleting uploads; the store's
-    health."""
+class LocalCatalog:
+    """Beginning, looking up, abandoning, downloading and deleting uploads."""
 
-    async def open(self) -> None:
-        """Nothing to connect to: the folders are made in the constructor."""
-
-    def outbox(self) -> FolderOutbox:
-        return FolderOutbox(self.root / "outbox", fsync=self.fsync)
-
-    def ledger(self) -> LocalLedger:
-        return LocalLedger(self)
+    def __init__(self, layout: LocalLayout, assembler: LocalAssembler) -> None:
+        self.layout = layout
+        self.assembler = assembler
 
     def location_of(self, file_id: str, filename: str) -> str:
         return f"uploads/{file_id}/{filename}"
 
-    async def close(self) -> None:
-        self.executor.shutdown(wait=True)
-        self._open_uploads.close_all()
-
     async def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
-        return self._lookup(file_id)  # two small reads: cheaper than a thread hop
+        return self.layout.lookup(file_id)  # two small reads: cheaper than a thread hop
 
     async def status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
-        return await self._run(self._status, file_id)
+        return await self.layout.run(self.layout.status, file_id)
 
     async def begin(self, proposed: UploadMeta) -> tuple[CompletedUpload | UploadMeta, bool]:
         try:
-            return await self._run(self._begin, proposed)
+            return await self.layout.run(self._begin, proposed)
         except OSError as e:
             raise storage_error(e) from e
 
     def _begin(self, proposed: UploadMeta) -> tuple[CompletedUpload | UploadMeta, bool]:
         file_id = proposed.file_id
-        with self._settled(file_id):
-            completed = self._read_completion(file_id)
+        with self.assembler.settled(file_id):
+            completed = self.layout.read_completion(file_id)
             if completed is not None:  # before the lock, which would make the folder again
                 return completed, False
-            with self._lock(file_id, create=True):
+            with self.layout.lock(file_id, create=True):
                 return self._begin_locked(proposed)
 
     def _begin_locked(self, proposed: UploadMeta) -> tuple[CompletedUpload | UploadMeta, bool]:
         file_id = proposed.file_id
-        completed = self._read_completion(file_id)
+        completed = self.layout.read_completion(file_id)
         if completed is not None:
-            if self._read_meta(file_id) is None:  # completed since we looked: the lock
-                self._discard_folder(file_id)  # made the folder again, take it away
+            if self.layout.read_meta(file_id) is None:  # completed since we looked: the lock
+                self.layout.discard_folder(file_id)  # made the folder again, take it away
             return completed, False
-        meta = self._read_meta(file_id)
-        if meta is not None and not (self._folder(file_id) / DATA_NAME).exists():
+        meta = self.layout.read_meta(file_id)
+        if meta is not None and not (self.layout.folder(file_id) / DATA_NAME).exists():
             # A completion cut short after its rename: finish it now.
-            completed = self._complete(meta, None)
+            completed = self.assembler.complete_held(meta, None)
             if completed is not None:
                 return completed, False
         if meta is not None:
@@ -84,19 +73,19 @@ class LocalCatalog(LocalAssembler):
                 adopted = replace(adopted, metadata=proposed.metadata)
             if adopted != meta:
                 meta = adopted
-                self._write_json(self._folder(file_id) / META_NAME, asdict(meta))
-            touch_file(self._folder(file_id) / LOG_NAME)  # begun by a version without the log
+                self.layout.write_json(self.layout.folder(file_id) / META_NAME, meta.stored())
+            touch_file(self.layout.folder(file_id) / LOG_NAME)  # begun by a version without the log
             return meta, False
         self._create_data_file(proposed)
-        touch_file(self._folder(file_id) / LOG_NAME)
-        self._write_json(self._folder(file_id) / META_NAME, asdict(proposed))
-        if self.fsync:
-            fsync_dir(self.chunks_dir)
+        touch_file(self.layout.folder(file_id) / LOG_NAME)
+        self.layout.write_json(self.layout.folder(file_id) / META_NAME, proposed.stored())
+        if self.layout.fsync:
+            fsync_dir(self.layout.chunks_dir)
         return proposed, True
 
     def _create_data_file(self, meta: UploadMeta) -> None:
         """The data file, with the whole upload's room reserved when its size is known."""
-        path = self._folder(meta.file_id) / DATA_NAME
+        path = self.layout.folder(meta.file_id) / DATA_NAME
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | OPEN_FLAGS, 0o644)
         try:
             if meta.total_size:
@@ -109,17 +98,17 @@ class LocalCatalog(LocalAssembler):
         os.close(fd)
 
     async def abandon(self, meta: UploadMeta) -> None:
-        await self._run(self._abandon, meta)
+        await self.layout.run(self._abandon, meta)
 
     def _abandon(self, meta: UploadMeta) -> None:
         """Remove the upload if it holds no record, no chunk kept aside and no writer; at once,
         trash included, since the refused request that began it is answered after this."""
-        with contextlib.suppress(FolderGone), self._lock(meta.file_id):
+        with contextlib.suppress(FolderGone), self.layout.lock(meta.file_id):
             self._abandon_locked(meta)
 
     def _abandon_locked(self, meta: UploadMeta) -> None:
-        folder = self._folder(meta.file_id)
-        on_disk = self._read_meta(meta.file_id)
+        folder = self.layout.folder(meta.file_id)
+        on_disk = self.layout.read_meta(meta.file_id)
         if on_disk is None or on_disk.token != meta.token:
             return
         try:
@@ -134,52 +123,40 @@ class LocalCatalog(LocalAssembler):
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(folder / LOG_NAME).st_size:
                     return  # a chunk is stored
-            self._discard_folder(meta.file_id)  # unlinked, not left in the trash
+            self.layout.discard_folder(meta.file_id)  # unlinked, not left in the trash
         finally:
             os.close(fd)
 
     async def download(self, file_id: str) -> tuple[Path, CompletedUpload] | None:
-        completed = self._read_completion(file_id)
+        completed = self.layout.read_completion(file_id)
         if completed is None:
             return None
-        path = self.uploads_dir / file_id / completed.filename
+        path = self.layout.uploads_dir / file_id / completed.filename
         return (path, completed) if path.is_file() else None
 
     async def delete(self, file_id: str) -> bool:
-        return await self._run(self._delete, file_id)
+        return await self.layout.run(self._delete, file_id)
 
     def _delete(self, file_id: str) -> bool:
         # Like a completion, it waits for the chunks being received to be committed.
-        with self._whole_data_file(file_id, wait=True):
+        with self.assembler.whole_data_file(file_id, wait=True):
             try:
-                with self._lock(file_id):
+                with self.layout.lock(file_id):
                     existed = self._delete_locked(file_id)
             except FolderGone:  # no upload in progress: a completed file, or nothing
                 existed = self._delete_locked(file_id)
-        self._known.pop(file_id, None)
-        self._run_later(self.empty_trash)
+        self.layout.known_logs.pop(file_id, None)
+        self.layout.run_later(self.layout.empty_trash)
         return existed
 
     def _delete_locked(self, file_id: str) -> bool:
-        completion = self._completion_path(file_id)
-        existed = completion.exists() or (self._folder(file_id) / META_NAME).exists()
+        completion = self.layout.completion_path(file_id)
+        existed = completion.exists() or (self.layout.folder(file_id) / META_NAME).exists()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(completion)
-        shutil.rmtree(self.uploads_dir / file_id, ignore_errors=True)
-        self._remove_folder(file_id)
+        shutil.rmtree(self.layout.uploads_dir / file_id, ignore_errors=True)
+        self.layout.remove_folder(file_id)
         return existed
 
     async def uploads_in_progress(self) -> list[str]:
-        return await self._run(self._uploads_in_progress)
-
-    async def health(self) -> dict[str, bool]:
-        return {"data_folder": await self._run(self._is_writable)}
-
-    def _is_writable(self) -> bool:
-        try:
-            probe = self.incoming_dir / self._temp_name("healthz", ".tmp")
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError:
-            return False
-        return True
+        return await self.layout.run(self.layout.uploads_in_progress)

@@ -18,35 +18,44 @@ from ...model import (
 )
 from .assembly import LocalAssembler
 from .disk import DATA_NAME, ORPHAN_GRACE_SECONDS, TEMP_SUFFIXES, writer_alive
+from .layout import LocalLayout
 from .locks import FolderGone
 
 
-class LocalJanitor(LocalAssembler):
+class LocalJanitor:
     """The sweep: idle uploads expired, completions a crash cut short finished, stray
     temporary files removed."""
 
+    def __init__(self, layout: LocalLayout, assembler: LocalAssembler) -> None:
+        self.layout = layout
+        self.assembler = assembler
+
     async def sweep(self, *, ttl_seconds: float, finish: bool = True) -> SweepReport:
-        return await self._run(self._sweep, ttl_seconds, finish)
+        return await self.layout.run(self._sweep, ttl_seconds, finish)
 
     def _sweep(self, ttl_seconds: float, finish: bool = True) -> SweepReport:
         """Expire idle uploads, finish completions a crash cut short, remove stray files."""
         now = time.time()
         report = SweepReport()
-        report.removed_temp_files += self._remove_stray_temps(self.incoming_dir, now, ttl_seconds)
-        report.removed_temp_files += self._remove_stray_temps(self.uploads_dir, now, ttl_seconds)
-        for file_id in self._uploads_in_progress():
+        report.removed_temp_files += self._remove_stray_temps(
+            self.layout.incoming_dir, now, ttl_seconds
+        )
+        report.removed_temp_files += self._remove_stray_temps(
+            self.layout.uploads_dir, now, ttl_seconds
+        )
+        for file_id in self.layout.uploads_in_progress():
             # Expiry first: removing a stray file touches the folder, which would count as
             # activity and put the expiry off by a whole TTL.
             with contextlib.suppress(FileNotFoundError):
                 self._sweep_upload(file_id, now, ttl_seconds, report, finish)
             report.removed_temp_files += self._remove_stray_temps(
-                self._folder(file_id), now, ttl_seconds
+                self.layout.folder(file_id), now, ttl_seconds
             )
-        self.empty_trash()
-        self._open_uploads.close_idle()
-        live = set(self._uploads_in_progress())
-        for file_id in [f for f in self._known if f not in live]:
-            self._known.pop(file_id, None)
+        self.layout.empty_trash()
+        self.layout.open_uploads.close_idle()
+        live = set(self.layout.uploads_in_progress())
+        for file_id in [f for f in self.layout.known_logs if f not in live]:
+            self.layout.known_logs.pop(file_id, None)
         return report
 
     def _sweep_upload(
@@ -57,21 +66,21 @@ class LocalJanitor(LocalAssembler):
         report: SweepReport,
         finish: bool = True,
     ) -> None:
-        lock = self._lock(file_id, blocking=False)
+        lock = self.layout.lock(file_id, blocking=False)
         try:
             if not lock.acquire():
                 return  # busy: a commit or a completion is running
         except FolderGone:
             return  # ended since it was listed
         try:
-            status = self._status(file_id)
+            status = self.layout.status(file_id)
             if isinstance(status, CompletedUpload):
-                self._remove_folder(file_id)  # left over after its completion
+                self.layout.remove_folder(file_id)  # left over after its completion
             elif status is None:
-                folder = self._folder(file_id)
+                folder = self.layout.folder(file_id)
                 has_temps = any(n.endswith(".part") for n in os.listdir(folder))
                 if not has_temps and now - os.stat(folder).st_mtime > ORPHAN_GRACE_SECONDS:
-                    self._remove_folder(file_id)
+                    self.layout.remove_folder(file_id)
             else:
                 expired = now - status.last_activity > ttl_seconds
                 ready = finish and len(status.stored) == status.meta.total_chunks
@@ -84,17 +93,17 @@ class LocalJanitor(LocalAssembler):
         """Expire an idle upload, or complete one a crash cut short (every chunk recorded, no
         completion record); only while no chunk is being received into it. Without waiting:
         the upload's flock is held, and writers take their range lock before it."""
-        with self._whole_data_file(meta.file_id, wait=False) as data_fd:
-            if data_fd is None and (self._folder(meta.file_id) / DATA_NAME).exists():
+        with self.assembler.whole_data_file(meta.file_id, wait=False) as data_fd:
+            if data_fd is None and (self.layout.folder(meta.file_id) / DATA_NAME).exists():
                 return  # a chunk is in flight: neither idle nor ready
             if expired:
-                self._remove_folder(meta.file_id)
-                self._known.pop(meta.file_id, None)
+                self.layout.remove_folder(meta.file_id)
+                self.layout.known_logs.pop(meta.file_id, None)
                 report.expired.append(meta.file_id)
                 report.expired_uploads.append(meta)
                 return
             with contextlib.suppress(UploadConflict, StorageFailure):
-                completed = self._complete(meta, data_fd)
+                completed = self.assembler.complete_held(meta, data_fd)
                 if completed is not None:
                     report.completed.append(completed)
 

@@ -52,8 +52,6 @@ class LocalLayout:
     state read from it (meta, completion record, the record log's fold), the store's threads,
     and the removal of folders through the trash."""
 
-    keeps_bytes_locally = True
-
     def __init__(
         self, root: Path, *, fsync: bool = False, sha256: bool = False, threads: int = 8
     ) -> None:
@@ -65,65 +63,56 @@ class LocalLayout:
         self.incoming_dir = self.chunks_dir / INCOMING
         self.trash_dir = self.chunks_dir / TRASH
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="chunkserver-store")
-        self._known: dict[str, KnownLog] = {}
-        self._open_uploads = OpenUploads(DATA_NAME)
+        self.known_logs: dict[str, KnownLog] = {}
+        self.open_uploads = OpenUploads(DATA_NAME)
         self._free_bytes = 0
         self._free_bytes_at = -FREE_BYTES_MAX_AGE
         self._emptying_trash = threading.Lock()
         for folder in (self.chunks_dir, self.uploads_dir, self.incoming_dir, self.trash_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the store's threads."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the store's threads."""
-        return await self._run(fn, *args)
-
     def folder(self, file_id: str) -> Path:
         """The folder of an upload in progress."""
-        return self._folder(file_id)
+        return self.chunks_dir / file_id
+
+    def completion_path(self, file_id: str) -> Path:
+        return self.uploads_dir / f"{file_id}.json"
+
+    def final_path(self, meta: UploadMeta) -> Path:
+        return self.uploads_dir / meta.file_id / meta.filename
+
+    def lock(self, file_id: str, *, blocking: bool = True, create: bool = False) -> FileLock:
+        """The upload's flock. Only `begin` creates the folder; for the others, FolderGone
+        says the upload ended (completed, removed or expired) or never began."""
+        return FileLock(self.folder(file_id) / LOCK_NAME, blocking=blocking, create=create)
+
+    @staticmethod
+    def temp_name(stem: str, suffix: str) -> str:
+        return f"{stem}.{os.getpid()}.{secrets.token_hex(6)}{suffix}"
 
     def read_meta(self, file_id: str) -> UploadMeta | None:
         """The metadata of an upload in progress; None when there is none."""
-        return self._read_meta(file_id)
-
-    def _folder(self, file_id: str) -> Path:
-        return self.chunks_dir / file_id
-
-    def _completion_path(self, file_id: str) -> Path:
-        return self.uploads_dir / f"{file_id}.json"
-
-    def _final_path(self, meta: UploadMeta) -> Path:
-        return self.uploads_dir / meta.file_id / meta.filename
-
-    def _lock(self, file_id: str, *, blocking: bool = True, create: bool = False) -> FileLock:
-        """The upload's flock. Only `begin` creates the folder; for the others, FolderGone
-        says the upload ended (completed, removed or expired) or never began."""
-        return FileLock(self._folder(file_id) / LOCK_NAME, blocking=blocking, create=create)
-
-    @staticmethod
-    def _temp_name(stem: str, suffix: str) -> str:
-        return f"{stem}.{os.getpid()}.{secrets.token_hex(6)}{suffix}"
-
-    def _read_meta(self, file_id: str) -> UploadMeta | None:
         try:
-            data = json.loads((self._folder(file_id) / META_NAME).read_bytes())
+            data = json.loads((self.folder(file_id) / META_NAME).read_bytes())
         except FileNotFoundError:
             return None
         return UploadMeta(**data)
 
-    def _read_completion(self, file_id: str) -> CompletedUpload | None:
+    def read_completion(self, file_id: str) -> CompletedUpload | None:
         try:
-            data = json.loads(self._completion_path(file_id).read_bytes())
+            data = json.loads(self.completion_path(file_id).read_bytes())
         except FileNotFoundError:
             return None
         return CompletedUpload(**data)
 
-    def _records(self, file_id: str) -> dict[int, ChunkRecord]:
+    def records(self, file_id: str) -> dict[int, ChunkRecord]:
         """Every chunk's record in the upload's log, the last of each index."""
-        fd = os.open(self._folder(file_id) / LOG_NAME, os.O_RDONLY | OPEN_FLAGS)
+        fd = os.open(self.folder(file_id) / LOG_NAME, os.O_RDONLY | OPEN_FLAGS)
         try:
             entries, _ = recordlog.read_from(fd, 0)
         finally:
@@ -139,34 +128,34 @@ class LocalLayout:
     def bytes_in_progress(self, file_id: str) -> int | None:
         """What an upload in progress counts for in its identity's bytes quota (quotas.py):
         its declared length, else the bytes stored so far; None when it is not in progress."""
-        meta = self._read_meta(file_id)
+        meta = self.read_meta(file_id)
         if meta is None:
             return None
         if meta.total_size is not None:
             return meta.total_size
         try:
             if meta.is_stream:
-                fd = os.open(self._folder(file_id) / LOG_NAME, os.O_RDONLY | OPEN_FLAGS)
+                fd = os.open(self.folder(file_id) / LOG_NAME, os.O_RDONLY | OPEN_FLAGS)
                 try:
                     return progress_in(fd)[0]
                 finally:
                     os.close(fd)
-            return sum(record.length for record in self._records(file_id).values())
+            return sum(record.length for record in self.records(file_id).values())
         except FileNotFoundError:  # ended while we looked
             return None
 
-    def _lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
+    def lookup(self, file_id: str) -> CompletedUpload | UploadMeta | None:
         # A completion writes its record before it removes the meta: when the meta is gone
         # too, the record is read again, or an upload completing meanwhile reads as none.
         return (
-            self._read_completion(file_id)
-            or self._read_meta(file_id)
-            or self._read_completion(file_id)
+            self.read_completion(file_id)
+            or self.read_meta(file_id)
+            or self.read_completion(file_id)
         )
 
-    def _stored_indexes(self, file_id: str, total_chunks: int) -> tuple[frozenset[int], float]:
+    def stored_indexes(self, file_id: str, total_chunks: int) -> tuple[frozenset[int], float]:
         """The chunk indexes recorded on disk and the time of the last write in the folder."""
-        folder = self._folder(file_id)
+        folder = self.folder(file_id)
         last = os.stat(folder).st_mtime
         with os.scandir(folder) as entries:
             for entry in entries:
@@ -174,60 +163,60 @@ class LocalLayout:
                 if name in (DATA_NAME, LOG_NAME) or name.endswith(".part"):
                     with contextlib.suppress(FileNotFoundError):
                         last = max(last, entry.stat().st_mtime)
-        stored = frozenset(i for i in self._records(file_id) if i < total_chunks)
+        stored = frozenset(i for i in self.records(file_id) if i < total_chunks)
         return stored, last
 
-    def _status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
-        completed = self._read_completion(file_id)
+    def status(self, file_id: str) -> CompletedUpload | UploadProgress | None:
+        completed = self.read_completion(file_id)
         if completed is not None:
             return completed
-        meta = self._read_meta(file_id)
+        meta = self.read_meta(file_id)
         if meta is None:  # none, or completed since the record was read (see _lookup)
-            return self._read_completion(file_id)
+            return self.read_completion(file_id)
         try:
-            stored, last = self._stored_indexes(file_id, meta.total_chunks)
+            stored, last = self.stored_indexes(file_id, meta.total_chunks)
         except FileNotFoundError:  # completed, aborted or expired while we looked
-            return self._read_completion(file_id)
+            return self.read_completion(file_id)
         return UploadProgress(meta=meta, stored=stored, last_activity=last)
 
-    def _aside_path(self, folder: Path, index: int) -> Path:
+    def aside_path(self, folder: Path, index: int) -> Path:
         """A new file beside the data file for chunk `index`, kept aside while received."""
-        return folder / self._temp_name(f".{RECORD_PREFIX}{index:06d}", ".part")
+        return folder / self.temp_name(f".{RECORD_PREFIX}{index:06d}", ".part")
 
-    def _known_of(self, meta: UploadMeta) -> KnownLog:
-        known = self._known.get(meta.file_id)
+    def known_of(self, meta: UploadMeta) -> KnownLog:
+        known = self.known_logs.get(meta.file_id)
         if known is None or known.token != meta.token:
-            known = self._known[meta.file_id] = KnownLog(meta.token)
+            known = self.known_logs[meta.file_id] = KnownLog(meta.token)
         return known
 
-    def _progress(self, meta: UploadMeta, index: int, log_fd: int) -> Committed:
-        known = self._known_of(meta)
+    def progress(self, meta: UploadMeta, index: int, log_fd: int) -> Committed:
+        known = self.known_of(meta)
         known.catch_up(log_fd)  # this chunk's entry, and what other processes stored: one read
         all_stored = known.folded >= meta.total_chunks
         return Committed(meta=meta, uploaded_chunks=known.stored_count, all_stored=all_stored)
 
-    def _discard_folder(self, file_id: str) -> None:
+    def discard_folder(self, file_id: str) -> None:
         """Remove the upload's folder now, not later through the trash (it holds no data)."""
-        removed = self._remove_folder(file_id)
+        removed = self.remove_folder(file_id)
         if removed is not None:
             shutil.rmtree(removed, ignore_errors=True)
 
-    def _remove_folder(self, file_id: str) -> Path | None:
+    def remove_folder(self, file_id: str) -> Path | None:
         """Take the upload's folder out of the tree at once; `empty_trash` unlinks it later.
         Returns where it went (None when it was not there).
 
         Unlinking a gigabyte takes 0.1 s, and seconds while the kernel writes it back, so a
         rename keeps that off the answer.
         """
-        self._open_uploads.forget(file_id)
-        trash = self.trash_dir / self._temp_name(file_id, ".removing")
+        self.open_uploads.forget(file_id)
+        trash = self.trash_dir / self.temp_name(file_id, ".removing")
         try:
-            os.rename(self._folder(file_id), trash)
+            os.rename(self.folder(file_id), trash)
         except FileNotFoundError:
             return None
         return trash
 
-    def _run_later(self, fn: Callable[[], None]) -> None:
+    def run_later(self, fn: Callable[[], None]) -> None:
         with contextlib.suppress(RuntimeError):  # stopping: the next start's sweep does it
             self.executor.submit(fn)
 
@@ -258,9 +247,9 @@ class LocalLayout:
             self._free_bytes_at = now
         return self._free_bytes
 
-    def _write_json_at(self, folder_fd: int, name: str, data: object) -> None:
+    def write_json_at(self, folder_fd: int, name: str, data: object) -> None:
         """Write `data` to `name` in the folder `folder_fd` atomically: a temp file, a rename."""
-        temp = self._temp_name(f".{name}", ".tmp")
+        temp = self.temp_name(f".{name}", ".tmp")
         fd = os.open(
             temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_FLAGS, 0o644, dir_fd=folder_fd
         )
@@ -274,15 +263,15 @@ class LocalLayout:
         if self.fsync:
             os.fsync(folder_fd)
 
-    def _write_json(self, path: Path, data: object) -> None:
+    def write_json(self, path: Path, data: object) -> None:
         """Write `data` to `path` atomically: a temp file beside it, then a rename."""
         folder_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | OPEN_FLAGS)
         try:
-            self._write_json_at(folder_fd, path.name, data)
+            self.write_json_at(folder_fd, path.name, data)
         finally:
             os.close(folder_fd)
 
-    def _uploads_in_progress(self) -> list[str]:
+    def uploads_in_progress(self) -> list[str]:
         with os.scandir(self.chunks_dir) as entries:
             # file ids never start with a dot: those are .incoming and .trash
             return [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]

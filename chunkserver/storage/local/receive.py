@@ -34,8 +34,11 @@ from .openuploads import OpenUpload
 PENDING_FDS = ("fd", "guard_fd", "folder_fd", "log_fd")
 
 
-class LocalChunkReceiver(LocalLayout):
+class LocalChunkReceiver:
     """The hot path: a chunk's bytes streamed into place (or aside), with its tally."""
+
+    def __init__(self, layout: LocalLayout) -> None:
+        self.layout = layout
 
     async def receive(
         self,
@@ -45,18 +48,17 @@ class LocalChunkReceiver(LocalLayout):
         *,
         max_bytes: ByteLimit,
         want_sha256: bool,
-        length_hint: int | None = None,  # a file needs none: its offset is enough
     ) -> LocalPendingChunk:
         received = self._open_for_chunk(meta, index, max_bytes)
-        await self._stream(received, body, max_bytes, want_sha256)
+        await self.stream(received, body, max_bytes, want_sha256)
         return received
 
     async def receive_unplaced(
         self, body: AsyncIterator[memoryview], *, max_bytes: ByteLimit, want_sha256: bool
     ) -> LocalPendingChunk:
-        path = self.incoming_dir / self._temp_name("chunk", ".part")
+        path = self.layout.incoming_dir / self.layout.temp_name("chunk", ".part")
         received = self._open_aside(path, None, None)
-        await self._stream(received, body, max_bytes, want_sha256)
+        await self.stream(received, body, max_bytes, want_sha256)
         return received
 
     def _open_for_chunk(
@@ -78,20 +80,20 @@ class LocalChunkReceiver(LocalLayout):
         None when the region is busy or the chunk was stored before (a resend)."""
         limit = None if meta.is_last(index) or meta.chunk_size is None else meta.chunk_size
         region = (offset, limit or max_bytes.bytes)
-        known = self._known_of(meta)
+        known = self.layout.known_of(meta)
 
         def not_stored(upload: OpenUpload) -> bool:
             known.catch_up(upload.log_fd)
             return not known.is_stored(index)
 
-        upload = self._hold_region(meta, index, region, not_stored)
+        upload = self.hold_region(meta, index, region, not_stored)
         if upload is None:
             return None
-        return self._written_through(
+        return self.written_through(
             upload, meta, offset, region, index, limit=limit, declared_size=meta.chunk_size_declared
         )
 
-    def _written_through(
+    def written_through(
         self,
         upload: OpenUpload,
         meta: UploadMeta,
@@ -112,7 +114,7 @@ class LocalChunkReceiver(LocalLayout):
             aside_path=None,
             data_identity=upload.identity,
             declared_size=declared_size,
-            folder=self._folder(meta.file_id),
+            folder=self.layout.folder(meta.file_id),
             index=max(key, 0),  # a tus upload (WRITER_KEY) is chunk 0
             folder_fd=upload.folder_fd,
             log_fd=upload.log_fd,
@@ -121,7 +123,7 @@ class LocalChunkReceiver(LocalLayout):
             writing_key=key,
         )
 
-    def _hold_region(
+    def hold_region(
         self,
         meta: UploadMeta,
         key: int,
@@ -131,9 +133,9 @@ class LocalChunkReceiver(LocalLayout):
         """The upload's open files, with `region` of its data file locked and `key` marked
         as being written by this process, once `ready` says so under the lock; None when
         the region is busy (here or in another process) or `ready` says no."""
-        folder = self._folder(meta.file_id)
+        folder = self.layout.folder(meta.file_id)
         try:
-            upload = self._open_uploads.acquire(folder, meta.file_id, meta.token)
+            upload = self.layout.open_uploads.acquire(folder, meta.file_id, meta.token)
         except FileNotFoundError:
             raise UploadGone() from None
         except OSError as e:
@@ -147,14 +149,14 @@ class LocalChunkReceiver(LocalLayout):
             # (by any process) since these files were opened; the region lock keeps it so now.
             on_disk = os.stat(f"{folder}/{DATA_NAME}")
             if (on_disk.st_dev, on_disk.st_ino) != upload.identity:
-                self._open_uploads.forget(meta.file_id)
+                self.layout.open_uploads.forget(meta.file_id)
                 raise UploadGone()
             if not ready(upload):
                 return None
             upload.writing.add(key)
             held = True
         except FileNotFoundError:
-            self._open_uploads.forget(meta.file_id)
+            self.layout.open_uploads.forget(meta.file_id)
             raise UploadGone() from None
         except OSError as e:
             raise storage_error(e) from e
@@ -162,14 +164,14 @@ class LocalChunkReceiver(LocalLayout):
             if not held:
                 if locked:
                     unlock_range(upload.data_fd, *region)
-                self._open_uploads.release(upload)
+                self.layout.open_uploads.release(upload)
         return upload
 
     def _open_kept_aside(self, meta: UploadMeta, index: int) -> LocalPendingChunk:
         """A file of its own for a chunk whose place is unknown or busy, or that was stored
         before (whose bytes must not touch its region); the data file stays open beside it
         with a shared lock on its GUARD_OFFSET byte, until the commit."""
-        folder = self._folder(meta.file_id)
+        folder = self.layout.folder(meta.file_id)
         data_path = f"{folder}/{DATA_NAME}"
         try:
             fd = os.open(data_path, os.O_RDWR | OPEN_FLAGS)
@@ -183,7 +185,7 @@ class LocalChunkReceiver(LocalLayout):
             held, on_disk = os.fstat(fd), os.stat(data_path)
             if (on_disk.st_dev, on_disk.st_ino) != (held.st_dev, held.st_ino):
                 raise UploadGone()  # completed or removed since we opened it
-            received = self._open_aside(self._aside_path(folder, index), folder, index)
+            received = self._open_aside(self.layout.aside_path(folder, index), folder, index)
         except FileNotFoundError:
             os.close(fd)
             raise UploadGone() from None
@@ -217,7 +219,7 @@ class LocalChunkReceiver(LocalLayout):
             index=index,
         )
 
-    async def _stream(
+    async def stream(
         self,
         received: LocalPendingChunk,
         body: AsyncIterator[memoryview],
@@ -241,7 +243,7 @@ class LocalChunkReceiver(LocalLayout):
                 if on_piece is not None:
                     on_piece(piece)
                 if received.limit is not None and received.length > received.limit:
-                    self._overflow(received)
+                    self.overflow(received)
                 batch.append(piece)
                 batch_bytes += len(piece)
                 # A bytearray's view is of a buffer reused after the next piece
@@ -256,7 +258,7 @@ class LocalChunkReceiver(LocalLayout):
             if batch:
                 self._write(received, batch, batch_bytes)
         except BaseException:
-            self._discard(received)
+            self.discard_now(received)
             raise
 
     def _write(self, received: LocalPendingChunk, batch: list[memoryview], size: int) -> None:
@@ -266,19 +268,19 @@ class LocalChunkReceiver(LocalLayout):
             raise storage_error(e) from e
         received.written += size
 
-    def _overflow(self, received: LocalPendingChunk) -> None:
+    def overflow(self, received: LocalPendingChunk) -> None:
         """The chunk outgrows its region: refuse it, or move what is written aside."""
         if received.declared_size or received.folder is None or received.index is None:
             raise UploadConflict(
                 f"Chunk {received.index} is larger than the chunk_size "
                 f"({received.limit} bytes) of this upload"
             )
-        path = self._aside_path(received.folder, received.index)
+        path = self.layout.aside_path(received.folder, received.index)
         aside = self._open_aside(path, received.folder, received.index)
         try:
             copy_range(received.fd, received.base, aside.fd, 0, received.written)
         except OSError as e:
-            self._discard(aside)
+            self.discard_now(aside)
             raise storage_error(e) from e
         # The data file stays open, its region locked, as the guard until the commit.
         received.guard_fd, received.fd, received.base, received.limit = (
@@ -291,13 +293,10 @@ class LocalChunkReceiver(LocalLayout):
 
     async def sha256_of(self, received: LocalPendingChunk) -> str:
         digest = hashlib.sha256()
-        await self._run(hash_file, received.fd, received.length, digest, received.base)
+        await self.layout.run(hash_file, received.fd, received.length, digest, received.base)
         return digest.hexdigest()
 
-    async def discard(self, received: LocalPendingChunk) -> None:
-        self._discard(received)
-
-    def _discard(self, received: LocalPendingChunk) -> None:
+    def discard_now(self, received: LocalPendingChunk) -> None:
         upload = received.upload
         if upload is not None:  # its descriptors are the upload's, shared: not closed here
             for name in PENDING_FDS:
@@ -306,7 +305,7 @@ class LocalChunkReceiver(LocalLayout):
             unlock_range(upload.data_fd, *received.region)
             upload.writing.discard(received.writing_key)
             received.upload = None
-            self._open_uploads.release(upload)
+            self.layout.open_uploads.release(upload)
         for name in PENDING_FDS:
             fd = getattr(received, name)
             if fd >= 0:

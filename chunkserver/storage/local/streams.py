@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from ... import checksums
 from ...errors import (
@@ -30,14 +30,19 @@ from .disk import (
     storage_error,
 )
 from .fileio import copy_range
+from .layout import LocalLayout
 from .locks import FolderGone
 from .openuploads import OpenUpload
 from .receive import LocalChunkReceiver
 from .recordlog import LOG_NAME
 
 
-class LocalStreamWriter(LocalChunkReceiver):
+class LocalStreamWriter:
     """tus uploads: one chunk written at offsets, one writer at a time; concatenation."""
+
+    def __init__(self, layout: LocalLayout, receiver: LocalChunkReceiver) -> None:
+        self.layout = layout
+        self.receiver = receiver
 
     def _read_progress_at(self, folder_fd: int) -> tuple[int, int]:
         """(offset, crc) of a tus upload; (0, 0) before its first bytes."""
@@ -51,28 +56,28 @@ class LocalStreamWriter(LocalChunkReceiver):
             os.close(fd)
 
     def _stream_progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
-        completed = self._read_completion(meta.file_id)
+        completed = self.layout.read_completion(meta.file_id)
         if completed is not None:
             return completed
-        folder = self._folder(meta.file_id)
+        folder = self.layout.folder(meta.file_id)
         try:
             folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | OPEN_FLAGS)
         except FileNotFoundError:
-            return self._read_completion(meta.file_id)
+            return self.layout.read_completion(meta.file_id)
         try:
-            on_disk = self._read_meta(meta.file_id)
+            on_disk = self.layout.read_meta(meta.file_id)
             if on_disk is None:
-                return self._read_completion(meta.file_id)
+                return self.layout.read_completion(meta.file_id)
             offset, crc = self._read_progress_at(folder_fd)
-            _, last = self._stored_indexes(meta.file_id, on_disk.total_chunks)
+            _, last = self.layout.stored_indexes(meta.file_id, on_disk.total_chunks)
         except FileNotFoundError:  # completed or removed while we looked
-            return self._read_completion(meta.file_id)
+            return self.layout.read_completion(meta.file_id)
         finally:
             os.close(folder_fd)
         return StreamProgress(on_disk, offset, crc, last)
 
     async def stream_progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
-        return await self._run(self._stream_progress, meta)
+        return await self.layout.run(self._stream_progress, meta)
 
     async def receive_at(
         self,
@@ -89,9 +94,9 @@ class LocalStreamWriter(LocalChunkReceiver):
         # body to its Content-Length, `length`, which the service has checked against
         # `max_bytes`).
         try:
-            await self._stream(received.chunk, body, max_bytes, False, on_piece)
+            await self.receiver.stream(received.chunk, body, max_bytes, False, on_piece)
         except BaseException:
-            self._discard(received.chunk)
+            self.receiver.discard_now(received.chunk)
             raise
         return received
 
@@ -107,10 +112,10 @@ class LocalStreamWriter(LocalChunkReceiver):
             return True
 
         writer = (WRITER_OFFSET, 1)
-        upload = self._hold_region(meta, WRITER_KEY, writer, at_offset)
+        upload = self.receiver.hold_region(meta, WRITER_KEY, writer, at_offset)
         if upload is None:
             raise UploadLocked()  # another PATCH, or a completion or removal
-        chunk = self._written_through(
+        chunk = self.receiver.written_through(
             upload, meta, offset, writer, WRITER_KEY, limit=None, declared_size=True
         )
         return LocalPendingBytes(chunk, meta, crc_before)
@@ -118,13 +123,13 @@ class LocalStreamWriter(LocalChunkReceiver):
     async def commit_at(self, received: LocalPendingBytes) -> StreamProgress:
         chunk = received.chunk
         try:
-            if self.fsync:
-                await self._run(os.fdatasync, chunk.fd)
+            if self.layout.fsync:
+                await self.layout.run(os.fdatasync, chunk.fd)
             return self._commit_at(received)
         except OSError as e:
             raise storage_error(e) from e
         finally:
-            self._discard(chunk)  # the writer lock, held till here
+            self.receiver.discard_now(chunk)  # the writer lock, held till here
 
     def _commit_at(self, received: LocalPendingBytes) -> StreamProgress:
         """Append the new offset to the log; with chunk 0's entry once the length is reached.
@@ -140,17 +145,17 @@ class LocalStreamWriter(LocalChunkReceiver):
             entries.append(recordlog.Entry(recordlog.OFFSET, 0, offset, crc))
         meta = received.meta
         if meta.total_size is None:  # declared since by another request, perhaps
-            meta = self._read_meta(meta.file_id) or meta
+            meta = self.layout.read_meta(meta.file_id) or meta
         if meta.total_size is not None and offset == meta.total_size:
             entries.append(recordlog.Entry(recordlog.CHUNK, 0, offset, crc))  # chunk 0 stored
         if entries:
             recordlog.append(chunk.log_fd, *entries)
-            if self.fsync:
+            if self.layout.fsync:
                 os.fdatasync(chunk.log_fd)
         return StreamProgress(meta, offset, crc, time.time())
 
     async def discard_at(self, received: LocalPendingBytes) -> None:
-        self._discard(received.chunk)
+        self.receiver.discard_now(received.chunk)
 
     async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
         return await self._adopt_in_thread(meta, _unless_set("total_size", length))
@@ -162,7 +167,7 @@ class LocalStreamWriter(LocalChunkReceiver):
         self, meta: UploadMeta, change: Callable[[UploadMeta], UploadMeta]
     ) -> UploadMeta:
         try:
-            return await self._run(self._adopt, meta, change)
+            return await self.layout.run(self._adopt, meta, change)
         except FolderGone:
             raise UploadGone() from None
         except OSError as e:
@@ -170,18 +175,20 @@ class LocalStreamWriter(LocalChunkReceiver):
 
     def _adopt(self, meta: UploadMeta, change: Callable[[UploadMeta], UploadMeta]) -> UploadMeta:
         """The upload's record on disk, changed under its lock (written when it changed)."""
-        with self._lock(meta.file_id):
-            on_disk = self._read_meta(meta.file_id)
+        with self.layout.lock(meta.file_id):
+            on_disk = self.layout.read_meta(meta.file_id)
             if on_disk is None or on_disk.token != meta.token:
                 raise UploadGone()
             changed = change(on_disk)
             if changed != on_disk:
-                self._write_json(self._folder(meta.file_id) / META_NAME, asdict(changed))
+                self.layout.write_json(
+                    self.layout.folder(meta.file_id) / META_NAME, changed.stored()
+                )
             return changed
 
     async def concatenate(self, meta: UploadMeta, sources: list[CompletedUpload]) -> StreamProgress:
         try:
-            return await self._run(self._concatenate, meta, sources)
+            return await self.layout.run(self._concatenate, meta, sources)
         except OSError as e:
             raise storage_error(e) from e
 
@@ -192,7 +199,9 @@ class LocalStreamWriter(LocalChunkReceiver):
         chunk = received.chunk
         try:
             for source in sources:
-                src = os.open(self.uploads_dir / source.file_id / source.filename, os.O_RDONLY)
+                src = os.open(
+                    self.layout.uploads_dir / source.file_id / source.filename, os.O_RDONLY
+                )
                 try:
                     copy_range(src, 0, chunk.fd, chunk.written, source.size)
                 finally:
@@ -201,11 +210,11 @@ class LocalStreamWriter(LocalChunkReceiver):
                     chunk.crc, checksums.from_s3(source.crc64nvme), source.size
                 )
                 chunk.written += source.size
-            if self.fsync:
+            if self.layout.fsync:
                 os.fdatasync(chunk.fd)
             return self._commit_at(received)
         finally:
-            self._discard(chunk)
+            self.receiver.discard_now(chunk)
 
 
 def _unless_set(name: str, value: int | str) -> Callable[[UploadMeta], UploadMeta]:

@@ -35,17 +35,25 @@ from .pieces import (
 from .state import ChunkRow, UploadRow
 
 
-class S3Assembler(S3Layout):
+class S3Assembler:
+    """Completion: the parts gathered, the multipart upload completed, exactly once across
+    hosts (a lease in PostgreSQL)."""
+
+    def __init__(self, layout: S3Layout) -> None:
+        self.layout = layout
+        self.state = layout.state
+        self.objects = layout.objects
+
     async def complete(self, meta: UploadMeta) -> tuple[CompletedUpload, bool] | None:
-        claimed = await self.state.claim_completion(meta, self.lease_seconds)
+        claimed = await self.state.claims.claim_completion(meta, self.layout.lease_seconds)
         if claimed is None:
-            row = await self.state.get(meta.file_id)
+            row = await self.state.uploads.get(meta.file_id)
             if row is None or row.meta.token != meta.token:
                 return None
             if row.completed is not None:
                 return row.completed, False
             if row.status == "completing":
-                completed = await self._completed_elsewhere(row.meta)
+                completed = await self.completed_elsewhere(row.meta)
                 return None if completed is None else (completed, False)
             return None  # chunks still missing
         return await self._complete_claimed(claimed), True
@@ -56,7 +64,7 @@ class S3Assembler(S3Layout):
             return await self._complete(claimed)
         except BaseException:
             with contextlib.suppress(Exception):
-                await self.state.release_claim(claimed.meta)
+                await self.state.claims.release_claim(claimed.meta)
             raise
         finally:
             renewal.cancel()
@@ -64,14 +72,14 @@ class S3Assembler(S3Layout):
     async def _keep_claim(self, meta: UploadMeta) -> None:
         """Renew the completion's lease until cancelled (the completion has ended)."""
         while True:
-            await asyncio.sleep(min(COMPLETION_RENEW_SECONDS, self.lease_seconds / 4))
+            await asyncio.sleep(min(COMPLETION_RENEW_SECONDS, self.layout.lease_seconds / 4))
             with contextlib.suppress(StoreUnavailable):
-                await self.state.renew_claim(meta)
+                await self.state.claims.renew_claim(meta)
 
-    async def _take_over(self, meta: UploadMeta) -> CompletedUpload | None:
+    async def take_over(self, meta: UploadMeta) -> CompletedUpload | None:
         """Complete the upload when its completion's host died (its lease ran out); None
         while a live host completes it, or when the completion cannot be done now."""
-        claimed = await self.state.claim_completion(meta, self.lease_seconds)
+        claimed = await self.state.claims.claim_completion(meta, self.layout.lease_seconds)
         if claimed is None:
             return None
         try:
@@ -80,21 +88,21 @@ class S3Assembler(S3Layout):
             log.warning("Could not take over the completion of %s: %s", meta.file_id, e.detail)
             return None
 
-    async def _completed_elsewhere(self, meta: UploadMeta) -> CompletedUpload | None:
+    async def completed_elsewhere(self, meta: UploadMeta) -> CompletedUpload | None:
         """Wait a little for a completion another request (or host) is running; take it over
         when its lease runs out (that host died). None when that completion failed (the
         upload takes chunks again); UploadGone when the upload was removed; CompletionPending
         (503) when it takes longer: the client asks again later."""
         deadline = time.monotonic() + COMPLETION_WAIT_SECONDS
         while True:
-            row = await self.state.get(meta.file_id)
+            row = await self.state.uploads.get(meta.file_id)
             if row is None or row.meta.token != meta.token:
                 raise UploadGone()
             if row.completed is not None:
                 return row.completed
             if row.status == "uploading":  # that completion failed
                 return None
-            claimed = await self.state.claim_completion(row.meta, self.lease_seconds)
+            claimed = await self.state.claims.claim_completion(row.meta, self.layout.lease_seconds)
             if claimed is not None:
                 return await self._complete_claimed(claimed)
             if time.monotonic() > deadline:
@@ -103,7 +111,7 @@ class S3Assembler(S3Layout):
 
     async def _complete(self, row: UploadRow) -> CompletedUpload:
         meta = row.meta
-        chunks = await self.state.chunks(meta)
+        chunks = await self.state.chunks.rows(meta)
         if [c.index for c in chunks] != list(range(meta.total_chunks)):
             raise StorageFailure(f"the chunk records of {meta.file_id} are incomplete")
         size = sum(c.length for c in chunks)
@@ -131,12 +139,12 @@ class S3Assembler(S3Layout):
             meta,
             size=size,
             crc64nvme=checksums.to_s3(crc),
-            sha256=await self._sha256_of_object(row.object_key) if self.sha256 else None,
+            sha256=await self._sha256_of_object(row.object_key) if self.layout.sha256 else None,
         )
-        if not await self.state.mark_completed(meta, record):
+        if not await self.state.claims.mark_completed(meta, record):
             await self.objects.delete([row.object_key])  # removed while completing
             raise UploadGone()
-        self._later(self._remove_staging(meta))
+        self.layout.later(self.layout.remove_staging(meta))
         return record
 
     async def _sha256_of_object(self, key: str) -> str:
@@ -151,9 +159,9 @@ class S3Assembler(S3Layout):
             groups = [(c.index + 1, [c]) for c in chunks]
         else:
             groups = list(enumerate(gather_runs(chunks), start=1))
-        if len(groups) > self.max_parts:
+        if len(groups) > self.layout.max_parts:
             raise StorageFailure(f"{len(groups)} parts exceed the store's limit")
-        built = {} if row.direct else await self.state.parts(row.meta)
+        built = {} if row.direct else await self.state.chunks.parts(row.meta)
 
         async def build(number: int, group: list[ChunkRow]) -> tuple[int, str]:
             ahead = built.get(number)
@@ -164,14 +172,14 @@ class S3Assembler(S3Layout):
                 and ahead.sources == part_sources(group)
             ):
                 return number, ahead.etag  # gathered while the upload went on
-            return number, await self._build_part(row, number, group)
+            return number, await self.build_part(row, number, group)
 
         return list(await asyncio.gather(*(build(n, g) for n, g in groups)))
 
-    async def _build_part(self, row: UploadRow, number: int, group: list[ChunkRow]) -> str:
+    async def build_part(self, row: UploadRow, number: int, group: list[ChunkRow]) -> str:
         if len(group) == 1 and group[0].etag is not None:
             return group[0].etag
-        async with self._gathering:
+        async with self.layout.gathering:
             return await self._gather(row, number, group)
 
     async def _gather(self, row: UploadRow, number: int, group: list[ChunkRow]) -> str:
@@ -183,7 +191,7 @@ class S3Assembler(S3Layout):
         async def gathered() -> AsyncIterator[bytes]:
             for chunk in group:
                 assert chunk.staging_key is not None
-                copy = self.copies.take(chunk.staging_key)
+                copy = self.layout.copies.take(chunk.staging_key)
                 if copy is None:
                     async for piece in self.objects.read_pieces(chunk.staging_key):
                         yield piece

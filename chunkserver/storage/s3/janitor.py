@@ -13,21 +13,35 @@ from ...model import (
     SweepReport,
 )
 from .assembly import S3Assembler
+from .layout import S3Layout
 from .pieces import ORPHAN_GRACE_SECONDS, log
 
 
-class S3Janitor(S3Assembler):
+class S3Janitor:
+    """The sweep: idle uploads expired, completions a crash cut short finished, orphaned
+    multipart uploads and staged objects removed."""
+
+    def __init__(self, layout: S3Layout, assembler: S3Assembler) -> None:
+        self.layout = layout
+        self.state = layout.state
+        self.objects = layout.objects
+        self.assembler = assembler
+
     async def sweep(self, *, ttl_seconds: float, finish: bool = True) -> SweepReport:
         report = SweepReport()
         now = time.time()
-        for row in await self.state.remove_expired(now - ttl_seconds):
-            await self._clean(row)
+        for row in await self.state.uploads.remove_expired(now - ttl_seconds):
+            await self.layout.clean(row)
             report.expired.append(row.meta.file_id)
             report.expired_uploads.append(row.meta)
-        ready = await self.state.ready_to_finish(now - self.lease_seconds) if finish else []
+        ready = (
+            await self.state.uploads.ready_to_finish(now - self.layout.lease_seconds)
+            if finish
+            else []
+        )
         for row in ready:
             try:
-                finished = await self.complete(row.meta)
+                finished = await self.assembler.complete(row.meta)
             except (UploadGone, StorageFailure) as e:
                 log.warning("Sweep could not complete %s: %s", row.meta.file_id, e)
                 continue
@@ -41,14 +55,14 @@ class S3Janitor(S3Assembler):
     async def _remove_orphans(self, grace_seconds: float) -> int:
         """Abort multipart uploads and delete staging objects that no upload owns: left by a
         host killed between creating them and recording them, or while cleaning up."""
-        upload_ids, live = await self.state.live_uploads()
+        upload_ids, live = await self.state.uploads.live_uploads()
         cutoff = datetime.now(UTC).timestamp() - grace_seconds
         removed = 0
-        for upload in await self.objects.list_multipart_uploads(f"{self.prefix}uploads/"):
+        for upload in await self.objects.list_multipart_uploads(f"{self.layout.prefix}uploads/"):
             if upload.upload_id not in upload_ids and upload.initiated.timestamp() < cutoff:
                 await self.objects.abort(upload.key, upload.upload_id)
                 removed += 1
-        staging = f"{self.prefix}staging/"
+        staging = f"{self.layout.prefix}staging/"
         stale = []
         for listed in await self.objects.list_objects(staging):
             file_id, _, rest = listed.key[len(staging) :].partition("/")

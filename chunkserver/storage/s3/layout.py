@@ -7,19 +7,15 @@ import asyncio
 import contextlib
 import math
 import secrets
-import shutil
 from pathlib import Path
 
 from ...errors import (
     PayloadTooLarge,
-    StoreUnavailable,
 )
 from ...model import (
     UploadMeta,
 )
-from .ledger import PostgresLedger
 from .objects import ObjectStore, Settings
-from .outbox import PostgresOutbox
 from .pieces import (
     COMPLETION_LEASE_SECONDS,
     GATHER_CONCURRENCY,
@@ -35,8 +31,6 @@ from .state import UploadRow, UploadState
 
 class S3Layout:
     """The object store, the state, and what every role shares."""
-
-    keeps_bytes_locally = False
 
     def __init__(
         self,
@@ -58,72 +52,38 @@ class S3Layout:
         self.max_file_bytes = max_file_bytes
         self.lease_seconds = COMPLETION_LEASE_SECONDS
         self._background: set[asyncio.Task[None]] = set()
-        self._gathering = asyncio.Semaphore(GATHER_CONCURRENCY)  # parts built at once
+        self.gathering = asyncio.Semaphore(GATHER_CONCURRENCY)  # parts built at once
         self.copies = StagedCopies(scratch, STAGED_COPIES_BYTES, STAGED_COPIES_FILES)
-
-    async def open(self) -> None:
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        try:
-            await self.objects.open()
-            if not await self.objects.bucket_is_reachable():
-                raise StoreUnavailable(
-                    f"the bucket {self.objects.bucket!r} cannot be reached at "
-                    f"{self.objects.settings.endpoint_url or 'AWS S3'}"
-                )
-            await self.state.open()
-        except BaseException:
-            await self.close()
-            raise
-
-    async def close(self) -> None:
-        for task in list(self._background):
-            with contextlib.suppress(Exception):
-                await task
-        self.copies.clear()
-        await self.state.close()
-        await self.objects.close()
-
-    def outbox(self) -> PostgresOutbox:
-        return PostgresOutbox(self.state)
-
-    def ledger(self) -> PostgresLedger:
-        return PostgresLedger(self.state)
-
-    def location_of(self, file_id: str, filename: str) -> str:
-        return self.object_key(file_id, filename)
 
     def object_key(self, file_id: str, filename: str) -> str:
         return f"{self.prefix}uploads/{file_id}/{filename}"
 
-    def _staging_prefix(self, meta: UploadMeta) -> str:
+    def staging_prefix(self, meta: UploadMeta) -> str:
         return f"{self.prefix}staging/{meta.file_id}/{meta.token}/"
 
-    def _staging_key(self, meta: UploadMeta, index: int) -> str:
-        return f"{self._staging_prefix(meta)}{index:06d}.{secrets.token_hex(6)}"
+    def staging_key(self, meta: UploadMeta, index: int) -> str:
+        return f"{self.staging_prefix(meta)}{index:06d}.{secrets.token_hex(6)}"
 
-    async def _clean(self, row: UploadRow) -> None:
+    async def clean(self, row: UploadRow) -> None:
         """Remove what the object store holds of a removed upload."""
         if row.status == "completed":
             await self.objects.delete([row.object_key])
             return
         await self.objects.abort(row.object_key, row.upload_id)
-        await self._remove_staging(row.meta)
+        await self.remove_staging(row.meta)
 
-    async def _remove_staging(self, meta: UploadMeta) -> None:
-        self.copies.forget(self._staging_prefix(meta))
-        listed = await self.objects.list_objects(self._staging_prefix(meta))
+    async def remove_staging(self, meta: UploadMeta) -> None:
+        self.copies.forget(self.staging_prefix(meta))
+        listed = await self.objects.list_objects(self.staging_prefix(meta))
         await self.objects.delete([o.key for o in listed])
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.scratch).free
+    async def finish_background(self) -> None:
+        """Wait for the clean-up started by `later` (at close)."""
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
 
-    async def health(self) -> dict[str, bool]:
-        bucket, database = await asyncio.gather(
-            self.objects.bucket_is_reachable(), self.state.is_reachable()
-        )
-        return {"object_store": bucket, "database": database}
-
-    def _later(self, work: object) -> None:
+    def later(self, work: object) -> None:
         """Clean-up that the answer need not wait for; failures only logged (the sweep
         removes what is left)."""
 
@@ -137,7 +97,7 @@ class S3Layout:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _check_fits(self, total_chunks: int, chunk_size: int) -> None:
+    def check_fits(self, total_chunks: int, chunk_size: int) -> None:
         """Refuse (413) an upload whose parts would exceed the store's part limit."""
         if chunk_size >= MIN_PART_BYTES:
             parts = total_chunks

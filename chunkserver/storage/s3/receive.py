@@ -18,6 +18,7 @@ from ...model import (
 )
 from ..meter import ByteLimit, count_piece
 from .assembly import S3Assembler
+from .layout import S3Layout
 from .objects import NoSuchUpload
 from .pieces import (
     MIN_PART_BYTES,
@@ -31,7 +32,16 @@ from .pieces import (
 from .state import ChunkRow, PartRow, UploadRow
 
 
-class S3ChunkReceiver(S3Assembler):
+class S3ChunkWriter:
+    """The seed protocol's chunks: each a part of the multipart upload, or staged until its
+    part can be built."""
+
+    def __init__(self, layout: S3Layout, assembler: S3Assembler) -> None:
+        self.layout = layout
+        self.state = layout.state
+        self.objects = layout.objects
+        self.assembler = assembler
+
     async def receive(
         self,
         meta: UploadMeta,
@@ -42,7 +52,7 @@ class S3ChunkReceiver(S3Assembler):
         want_sha256: bool,
         length_hint: int | None = None,
     ) -> S3PendingChunk:
-        row = await self.state.join(meta.file_id)
+        row = await self.state.uploads.join(meta.file_id)
         if row is None or row.meta.token != meta.token or row.status != "uploading":
             raise UploadGone()
         meta = row.meta
@@ -58,7 +68,7 @@ class S3ChunkReceiver(S3Assembler):
             # The common large-chunk case: straight from the socket into the part.
             await self._stream_part(received, body, length_hint, max_bytes, limit)
             return received
-        spool = Spool(self.scratch)
+        spool = Spool(self.layout.scratch)
         try:
             await self._fill(received, spool, body, max_bytes, limit)
             await self._place(received, spool, row, index, direct)
@@ -70,7 +80,7 @@ class S3ChunkReceiver(S3Assembler):
         self, body: AsyncIterator[memoryview], *, max_bytes: ByteLimit, want_sha256: bool
     ) -> S3PendingChunk:
         received = S3PendingChunk(digest=hashlib.sha256() if want_sha256 else None)
-        received.spool = Spool(self.scratch)
+        received.spool = Spool(self.layout.scratch)
         try:
             await self._fill(received, received.spool, body, max_bytes, None)
         except BaseException:
@@ -137,8 +147,8 @@ class S3ChunkReceiver(S3Assembler):
 
     async def _fix_layout(self, meta: UploadMeta, chunk_length: int) -> bool:
         """Decide from a chunk other than the last whether chunks are parts (once)."""
-        self._check_fits(meta.total_chunks, chunk_length)
-        direct = await self.state.fix_layout(meta, chunk_length >= MIN_PART_BYTES)
+        self.layout.check_fits(meta.total_chunks, chunk_length)
+        direct = await self.state.uploads.fix_layout(meta, chunk_length >= MIN_PART_BYTES)
         if direct is None:
             raise UploadGone()
         return direct
@@ -182,12 +192,12 @@ class S3ChunkReceiver(S3Assembler):
                 row.object_key, row.upload_id, index + 1, spool.payload(), received.length
             )
         else:
-            key = self._staging_key(meta, index)
+            key = self.layout.staging_key(meta, index)
             await self.objects.put_object(key, spool.payload(), received.length)
             received.staging_key = key
             data = spool.in_memory()
             if data is not None:
-                self.copies.keep(key, data)
+                self.layout.copies.keep(key, data)
 
     async def sha256_of(self, received: S3PendingChunk) -> str:
         digest = hashlib.sha256()
@@ -209,7 +219,7 @@ class S3ChunkReceiver(S3Assembler):
         if received.spool is not None:  # came before its fields: placed now
             spool, received.spool = received.spool, None
             try:
-                row = await self.state.get(meta.file_id)
+                row = await self.state.uploads.get(meta.file_id)
                 if row is None or row.meta.token != meta.token or row.status != "uploading":
                     raise UploadGone()
                 received.meta, received.index, received.row = row.meta, index, row
@@ -218,7 +228,7 @@ class S3ChunkReceiver(S3Assembler):
                 spool.close()
         chunk = ChunkRow(index, received.length, received.crc, received.etag, received.staging_key)
         run = run_of(meta, index) if received.staging_key is not None else None
-        row, count, replaced, run_stored = await self.state.record_chunk(
+        row, count, replaced, run_stored = await self.state.chunks.record_chunk(
             meta, chunk, is_last=meta.is_last(index), run=run or (-1, -1)
         )
         if row is None:
@@ -227,18 +237,18 @@ class S3ChunkReceiver(S3Assembler):
                 # A part may land after its upload was aborted (S3 says so; Swift does):
                 # abort again, which frees it.
                 stale = received.row
-                self._later(self.objects.abort(stale.object_key, stale.upload_id))
+                self.layout.later(self.objects.abort(stale.object_key, stale.upload_id))
             raise UploadGone()
         if row.status != "uploading":
             await self.discard(received)
-            completed = await self._completed_elsewhere(row.meta)
+            completed = await self.assembler.completed_elsewhere(row.meta)
             if completed is None:  # the chunk was not stored: the client sends it again
                 raise CompletionPending("The upload's completion failed; send this chunk again")
             return completed
         if replaced is not None:
-            self._later(self.objects.delete([replaced]))
+            self.layout.later(self.objects.delete([replaced]))
         if run is not None and run_stored == run[1] - run[0] + 1:
-            self._later(self._gather_ahead(row, run))
+            self.layout.later(self._gather_ahead(row, run))
         return Committed(row.meta, count, count == row.meta.total_chunks)
 
     async def _gather_ahead(self, row: UploadRow, run: tuple[int, int]) -> None:
@@ -247,22 +257,24 @@ class S3ChunkReceiver(S3Assembler):
         meta = row.meta
         first, last = run
         number = first // (last - first + 1) + 1
-        group = await self.state.claim_group(meta, number, first, last)
+        group = await self.state.chunks.claim_group(meta, number, first, last)
         if group is None or any(c.length != meta.chunk_size for c in group):
             return
-        etag = await self._build_part(row, number, group)
-        await self.state.record_part(meta, PartRow(number, first, last, part_sources(group), etag))
+        etag = await self.assembler.build_part(row, number, group)
+        await self.state.chunks.record_part(
+            meta, PartRow(number, first, last, part_sources(group), etag)
+        )
 
     async def discard(self, received: S3PendingChunk) -> None:
         if received.spool is not None:
             received.spool.close()
         if received.staging_key is not None:
-            copy = self.copies.take(received.staging_key)
+            copy = self.layout.copies.take(received.staging_key)
             if copy is not None:
                 copy.close()
-            self._later(self.objects.delete([received.staging_key]))
+            self.layout.later(self.objects.delete([received.staging_key]))
         elif received.etag is not None and received.meta is not None:
             # The part now holds these refused bytes: an earlier copy of the chunk no longer
             # counts, unless it was the same bytes.
             assert received.index is not None
-            await self.state.forget_chunk(received.meta, received.index, received.etag)
+            await self.state.claims.forget_chunk(received.meta, received.index, received.etag)

@@ -39,14 +39,22 @@ from .pieces import (
 from .state import ChunkRow, Stream, UploadRow
 
 
-class S3StreamWriter(S3Layout):
+class S3StreamWriter:
+    """tus uploads: parts of `_stream_part_bytes` put as the PATCHes pass, the tail staged;
+    one writer at a time (a lease in PostgreSQL); concatenation by part copies."""
+
+    def __init__(self, layout: S3Layout) -> None:
+        self.layout = layout
+        self.state = layout.state
+        self.objects = layout.objects
+
     def _stream_part_bytes(self, meta: UploadMeta) -> int:
         """5 MiB, or the size that keeps the upload within `max_parts` parts."""
-        length = meta.total_size if meta.total_size is not None else self.max_file_bytes
-        return max(MIN_PART_BYTES, math.ceil(length / self.max_parts / MiB) * MiB)
+        length = meta.total_size if meta.total_size is not None else self.layout.max_file_bytes
+        return max(MIN_PART_BYTES, math.ceil(length / self.layout.max_parts / MiB) * MiB)
 
     async def stream_progress(self, meta: UploadMeta) -> StreamProgress | CompletedUpload | None:
-        row = await self.state.get(meta.file_id)
+        row = await self.state.uploads.get(meta.file_id)
         if row is None:
             return None
         if row.completed is not None:
@@ -57,10 +65,10 @@ class S3StreamWriter(S3Layout):
 
     async def _claim_writer(self, meta: UploadMeta) -> tuple[str, UploadRow]:
         writer = secrets.token_hex(8)
-        claimed = await self.state.claim_writer(meta, writer, WRITER_LEASE_SECONDS)
+        claimed = await self.state.claims.claim_writer(meta, writer, WRITER_LEASE_SECONDS)
         if claimed is not None and claimed.stream is not None:
             return writer, claimed
-        row = await self.state.get(meta.file_id)  # why not: ended, or another writer
+        row = await self.state.uploads.get(meta.file_id)  # why not: ended, or another writer
         if (
             row is None
             or row.meta.token != meta.token
@@ -107,7 +115,7 @@ class S3StreamWriter(S3Layout):
         return received
 
     async def _spool_body(self, body: AsyncIterator[memoryview], max_bytes: ByteLimit) -> Spool:
-        spool = Spool(self.scratch)
+        spool = Spool(self.layout.scratch)
         try:
             async for piece in body:
                 if spool.length + len(piece) > max_bytes.bytes:
@@ -123,7 +131,7 @@ class S3StreamWriter(S3Layout):
         while True:
             await asyncio.sleep(WRITER_RENEW_SECONDS)
             with contextlib.suppress(StoreUnavailable):
-                await self.state.renew_writer(meta, writer, WRITER_LEASE_SECONDS)
+                await self.state.claims.renew_writer(meta, writer, WRITER_LEASE_SECONDS)
 
     async def _stream_at(self, received: S3PendingBytes, body: BodySlices, length: int) -> None:
         """Parts while there are enough bytes for one, the last taking the rest; a staged
@@ -176,12 +184,12 @@ class S3StreamWriter(S3Layout):
         self, received: S3PendingBytes, body: BodySlices, size: int
     ) -> None:
         meta, offset = received.row.meta, received.before.offset
-        key = f"{self._staging_prefix(meta)}tail.{offset:015d}.{secrets.token_hex(6)}"
+        key = f"{self.layout.staging_prefix(meta)}tail.{offset:015d}.{secrets.token_hex(6)}"
         try:
             await self.objects.put_object(key, body.take(size), size)
         except Exception:
             if body.short:
-                self._later(self.objects.delete([key]))
+                self.layout.later(self.objects.delete([key]))
                 return
             raise
         received.tail.append((key, size, body.crc))
@@ -195,33 +203,33 @@ class S3StreamWriter(S3Layout):
             checksums.combine_two(before.crc, received.crc, received.length),
             kept + tuple(received.tail),
         )
-        row = await self.state.commit_stream(
+        row = await self.state.claims.commit_stream(
             received.row.meta, received.writer, before, after, received.parts
         )
         if row is None:
             await self.discard_at(received)
             raise UploadGone()
         if received.took_tail and before.tail:
-            self._later(self.objects.delete([key for key, _, _ in before.tail]))
+            self.layout.later(self.objects.delete([key for key, _, _ in before.tail]))
         return StreamProgress(row.meta, after.offset, after.crc, row.last_activity)
 
     async def discard_at(self, received: S3PendingBytes) -> None:
         """Staged pieces are deleted; parts put stay unlisted in the multipart upload, to be
         put again by the next PATCH (same numbers) or left out of the completion."""
         if received.tail:
-            self._later(self.objects.delete([key for key, _, _ in received.tail]))
+            self.layout.later(self.objects.delete([key for key, _, _ in received.tail]))
             received.tail = []
         with contextlib.suppress(StoreUnavailable):
-            await self.state.release_writer(received.row.meta, received.writer)
+            await self.state.claims.release_writer(received.row.meta, received.writer)
 
     async def declare_length(self, meta: UploadMeta, length: int) -> UploadMeta:
-        row = await self.state.declare_length(meta, length)
+        row = await self.state.claims.declare_length(meta, length)
         if row is None or row.meta.token != meta.token:
             raise UploadGone()
         return row.meta
 
     async def declare_digest(self, meta: UploadMeta, sha256: str) -> UploadMeta:
-        row = await self.state.declare_digest(meta, sha256)
+        row = await self.state.claims.declare_digest(meta, sha256)
         if row is None or row.meta.token != meta.token:
             raise UploadGone()
         return row.meta
@@ -259,14 +267,14 @@ class S3StreamWriter(S3Layout):
                 row.object_key,
                 row.upload_id,
                 number,
-                self.object_key(source.file_id, source.filename),
+                self.layout.object_key(source.file_id, source.filename),
                 None if whole or end == start else (start, end - 1),
             )
 
         async def joined() -> AsyncIterator[bytes]:
             for source, _, _ in group:
                 async for piece in self.objects.read_pieces(
-                    self.object_key(source.file_id, source.filename)
+                    self.layout.object_key(source.file_id, source.filename)
                 ):
                     yield piece
 

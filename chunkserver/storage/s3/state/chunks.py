@@ -10,11 +10,14 @@ from .pool import StatePool
 from .rows import ChunkRow, PartRow, UploadRow, chunk_row, to_signed, upload_row
 
 
-class ChunkStatements(StatePool):
+class ChunkStatements:
     """Chunk rows, and the parts gathered from them ahead of the completion."""
 
-    async def chunks(self, meta: UploadMeta) -> list[ChunkRow]:
-        async with self._db() as db:
+    def __init__(self, pool: StatePool) -> None:
+        self.pool = pool
+
+    async def rows(self, meta: UploadMeta) -> list[ChunkRow]:
+        async with self.pool.connection() as db:
             rows = await db.fetch(
                 """SELECT * FROM chunkserver_chunks WHERE file_id = $1 AND token = $2
                    ORDER BY idx""",
@@ -24,7 +27,7 @@ class ChunkStatements(StatePool):
         return [chunk_row(r) for r in rows]
 
     async def stored_indexes(self, meta: UploadMeta) -> list[int]:
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             rows = await db.fetch(
                 "SELECT idx FROM chunkserver_chunks WHERE file_id = $1 AND token = $2",
                 meta.file_id,
@@ -43,7 +46,7 @@ class ChunkStatements(StatePool):
         index) are stored. A chunk of an upload that is completing or completed is not
         recorded.
         """
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             r = await db.fetchrow(
                 "SELECT * FROM chunkserver_record_chunk($1, $2, $3, $4, $5, $6, $7, $8, $9, "
                 "$10, $11)",
@@ -71,7 +74,7 @@ class ChunkStatements(StatePool):
     ) -> list[ChunkRow] | None:
         """Claim the building of part `number` from chunks first..last once they are all
         stored; their rows, or None when they are not all there or another claimed it."""
-        async with self._db() as db, db.transaction():
+        async with self.pool.connection() as db, db.transaction():
             rows = await db.fetch(
                 """SELECT * FROM chunkserver_chunks WHERE file_id = $1 AND token = $2
                    AND idx BETWEEN $3 AND $4 ORDER BY idx""",
@@ -97,7 +100,7 @@ class ChunkStatements(StatePool):
         return None if claimed is None else [chunk_row(r) for r in rows]
 
     async def record_part(self, meta: UploadMeta, part: PartRow) -> None:
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             await db.execute(
                 """UPDATE chunkserver_parts SET sources = $6, etag = $7, first_idx = $4,
                        last_idx = $5
@@ -112,7 +115,7 @@ class ChunkStatements(StatePool):
             )
 
     async def parts(self, meta: UploadMeta) -> dict[int, PartRow]:
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             rows = await db.fetch(
                 "SELECT * FROM chunkserver_parts WHERE file_id = $1 AND token = $2",
                 meta.file_id,

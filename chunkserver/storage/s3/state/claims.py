@@ -6,17 +6,22 @@ import json
 import time
 
 from ....model import CompletedUpload, UploadMeta
+from .pool import StatePool
 from .rows import ChunkRow, Stream, UploadRow, to_signed, upload_row
 from .uploads import UploadStatements
 
 
-class ClaimStatements(UploadStatements):
+class ClaimStatements:
     """Claims that one host at a time holds: a completion, a tus writer; and the row's end."""
+
+    def __init__(self, pool: StatePool, uploads: UploadStatements) -> None:
+        self.pool = pool
+        self.uploads = uploads
 
     async def claim_completion(self, meta: UploadMeta, lease_seconds: float) -> UploadRow | None:
         """Claim the completion when every chunk is stored and nobody (alive) completes it."""
         now = time.time()
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             r = await db.fetchrow(
                 """UPDATE chunkserver_uploads u SET status = 'completing', claimed_at = $3
                    WHERE file_id = $1 AND token = $2
@@ -33,7 +38,7 @@ class ClaimStatements(UploadStatements):
         return None if r is None else upload_row(r)
 
     async def renew_claim(self, meta: UploadMeta) -> None:
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             await db.execute(
                 """UPDATE chunkserver_uploads SET claimed_at = $3
                    WHERE file_id = $1 AND token = $2 AND status = 'completing'""",
@@ -44,7 +49,7 @@ class ClaimStatements(UploadStatements):
 
     async def release_claim(self, meta: UploadMeta) -> None:
         """A completion failed: let the next chunk or sweep try again at once."""
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             await db.execute(
                 """UPDATE chunkserver_uploads SET status = 'uploading', claimed_at = NULL
                    WHERE file_id = $1 AND token = $2 AND status = 'completing'""",
@@ -57,7 +62,7 @@ class ClaimStatements(UploadStatements):
     ) -> UploadRow | None:
         """Become the upload's one writer, unless a live one is; the upload as it is then."""
         now = time.time()
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             r = await db.fetchrow(
                 """UPDATE chunkserver_uploads SET stream_writer = $3, stream_writer_until = $4
                    WHERE file_id = $1 AND token = $2 AND status = 'uploading'
@@ -72,7 +77,7 @@ class ClaimStatements(UploadStatements):
         return None if r is None else upload_row(r)
 
     async def renew_writer(self, meta: UploadMeta, writer: str, lease_seconds: float) -> None:
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             await db.execute(
                 """UPDATE chunkserver_uploads SET stream_writer_until = $4
                    WHERE file_id = $1 AND token = $2 AND stream_writer = $3""",
@@ -83,7 +88,7 @@ class ClaimStatements(UploadStatements):
             )
 
     async def release_writer(self, meta: UploadMeta, writer: str) -> None:
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             await db.execute(
                 """UPDATE chunkserver_uploads SET stream_writer = NULL
                    WHERE file_id = $1 AND token = $2 AND stream_writer = $3""",
@@ -102,7 +107,7 @@ class ClaimStatements(UploadStatements):
     ) -> UploadRow | None:
         """Record a PATCH: its parts, the new offset, CRC and tail, in one transaction, and
         end the writer's lease; None when this writer lost the upload (removed, taken)."""
-        async with self._db() as db, db.transaction():
+        async with self.pool.connection() as db, db.transaction():
             r = await db.fetchrow(
                 """UPDATE chunkserver_uploads SET stream_offset = $5, stream_crc = $6,
                        stream_tail = $7, total_chunks = total_chunks + $8,
@@ -133,7 +138,7 @@ class ClaimStatements(UploadStatements):
         return upload_row(r)
 
     async def declare_length(self, meta: UploadMeta, length: int) -> UploadRow | None:
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             await db.execute(
                 """UPDATE chunkserver_uploads SET total_size = $3
                    WHERE file_id = $1 AND token = $2 AND total_size IS NULL""",
@@ -141,10 +146,10 @@ class ClaimStatements(UploadStatements):
                 meta.token,
                 length,
             )
-        return await self.get(meta.file_id)
+        return await self.uploads.get(meta.file_id)
 
     async def declare_digest(self, meta: UploadMeta, sha256: str) -> UploadRow | None:
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             await db.execute(
                 """UPDATE chunkserver_uploads SET repr_sha256 = $3
                    WHERE file_id = $1 AND token = $2 AND repr_sha256 IS NULL""",
@@ -152,11 +157,11 @@ class ClaimStatements(UploadStatements):
                 meta.token,
                 sha256,
             )
-        return await self.get(meta.file_id)
+        return await self.uploads.get(meta.file_id)
 
     async def forget_chunk(self, meta: UploadMeta, index: int, unless_etag: str) -> None:
         """A part was overwritten by bytes that were then refused: its chunk is missing."""
-        async with self._db() as db:
+        async with self.pool.connection() as db:
             await db.execute(
                 """DELETE FROM chunkserver_chunks WHERE file_id = $1 AND token = $2
                    AND idx = $3 AND etag IS DISTINCT FROM $4""",
@@ -168,7 +173,7 @@ class ClaimStatements(UploadStatements):
 
     async def mark_completed(self, meta: UploadMeta, record: CompletedUpload) -> bool:
         """Record the completion and forget the chunks; False when the upload was removed."""
-        async with self._db() as db, db.transaction():
+        async with self.pool.connection() as db, db.transaction():
             done = await db.fetchval(
                 """UPDATE chunkserver_uploads SET status = 'completed', size = $3,
                        crc64nvme = $4, sha256 = $5, completed_at = $6, claimed_at = NULL

@@ -14,7 +14,7 @@ from .schema import migrate
 
 # What a database that cannot be reached, or went away mid-operation, raises. asyncpg's
 # InternalClientError ("cannot switch to state ...") is a connection left mid-operation by
-# such a failure: the connection is dropped (see UploadState._db), the request answers 503.
+# such a failure: the connection is dropped (see StatePool.connection), the request answers 503.
 UNREACHABLE = (
     OSError,
     TimeoutError,
@@ -75,12 +75,10 @@ class StatePool:
         if self._pool is not None:
             await self._pool.close()
 
-    def connection(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
-        """A pooled connection whose errors answer 503, for the outbox's statements."""
-        return self._db()
-
     @contextlib.asynccontextmanager
-    async def _db(self) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection whose errors answer 503; one cut off mid-operation is never
+        handed to another request."""
         assert self._pool is not None, "UploadState.open() first"
         with translated_errors():
             async with self._pool.acquire() as db:
@@ -95,7 +93,7 @@ class StatePool:
 
     async def is_reachable(self) -> bool:
         try:
-            async with self._db() as db:
+            async with self.connection() as db:
                 await db.fetchval("SELECT 1")
         except StoreUnavailable:
             return False
