@@ -31,6 +31,8 @@ from .targets import (
     S3Stack,
     Target,
     clear_nginx_store,
+    nginx_present,
+    start_behind_nginx,
     start_chunkserver,
     start_fastapi,
     start_nginx,
@@ -72,6 +74,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shapes", help="files,parallel (default both)")
     parser.add_argument("--no-sink", action="store_true", help="skip the sink (client ceiling)")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx limit")
+    parser.add_argument(
+        "--no-behind-nginx",
+        action="store_true",
+        help="skip chunkserver-nginx (a second chunkserver behind deploy/nginx.conf)",
+    )
+    parser.add_argument(
+        "--nginx-site",
+        type=Path,
+        help="chunkserver-nginx behind this file instead of deploy/nginx.conf (to compare)",
+    )
     parser.add_argument(
         "--no-warm",
         action="store_true",
@@ -185,6 +197,16 @@ async def server_bytes_received(url: str, token: str | None) -> int | None:
         if line.startswith("chunkserver_bytes_received_total "):
             return int(float(line.split()[1]))
     return None
+
+
+def behind_nginx_wanted(args: argparse.Namespace) -> bool:
+    """chunkserver-nginx joins the seed route's local matrix when nginx is here."""
+    return (
+        not (args.url or args.no_behind_nginx)
+        and args.storage == "local"
+        and args.protocol == "seed"
+        and nginx_present()
+    )
 
 
 def start_jwt_chunkserver(args: argparse.Namespace, data_root: Path) -> Target:
@@ -409,6 +431,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.jwt and not args.url:
             targets.append(start_jwt_chunkserver(args, data_root))
+        if behind_nginx_wanted(args):
+            targets.append(
+                start_behind_nginx(
+                    workers=args.workers,
+                    fsync=args.fsync,
+                    data_root=data_root,
+                    site=args.nginx_site,
+                )
+            )
         if stack is not None:
             targets.append(Target("s3-direct", "", peer=S3Direct(stack.object_settings(), buffer)))
             tus_s3 = start_tus_s3_server(stack, buffer)

@@ -71,7 +71,7 @@ def _head(boundary: str, fields: dict[str, str]) -> bytes:
 
 
 # Targets that speak the seed's protocol and answer JSON (the others take any body).
-ANSWERING = ("chunkserver", "chunkserver-jwt", "fastapi", "fastapi-async")
+ANSWERING = ("chunkserver", "chunkserver-jwt", "chunkserver-nginx", "fastapi", "fastapi-async")
 
 
 class LoadGenerator:

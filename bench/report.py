@@ -18,6 +18,12 @@ def add_fractions(result: dict[str, Any]) -> None:
         ours_cpu = cell["targets"].get("chunkserver", {}).get("cpu_s_per_gib")
         nginx_cpu = cell["targets"].get("nginx", {}).get("cpu_s_per_gib")
         cell["cpu_vs_nginx"] = ours_cpu / nginx_cpu if ours_cpu and nginx_cpu else None
+        behind = cell["targets"].get("chunkserver-nginx", {})
+        behind_speed, behind_cpu = behind.get("MiB_per_s"), behind.get("cpu_s_per_gib")
+        cell["behind_nginx_vs_alone"] = behind_speed / ours if behind_speed and ours else None
+        cell["behind_nginx_cpu_vs_alone"] = (
+            behind_cpu / ours_cpu if behind_cpu and ours_cpu else None
+        )
         jwt_speed = cell["targets"].get("chunkserver-jwt", {}).get("MiB_per_s")
         cell["jwt_vs_off"] = jwt_speed / ours if jwt_speed and ours else None
         keeping = cell["targets"].get("nginx-keep", {}).get("MiB_per_s")
@@ -106,6 +112,26 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_num(ours.get('cpu_ms_per_request'), 2)} "
             f"| {_num(ours.get('dirtied_per_byte'), 2)} |"
         )
+    if any("chunkserver-nginx" in cell["targets"] for cell in result["cells"]):
+        lines += [
+            "",
+            "Behind deploy/nginx.conf (chunkserver-nginx: its upstream one unix socket; CPU of",
+            "nginx and chunkserver together), in the same run:",
+            "",
+            "| shape | chunk | conc | alone MiB/s | behind nginx MiB/s | x alone "
+            "| CPU s/GiB alone, behind | CPU x alone |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for cell in result["cells"]:
+            alone = cell["targets"].get("chunkserver", {})
+            behind = cell["targets"].get("chunkserver-nginx", {})
+            lines.append(
+                f"| {cell['shape']} | {cell['chunk_mib']} MiB | {cell['concurrency']} "
+                f"| {_num(alone.get('MiB_per_s'))} | {_num(behind.get('MiB_per_s'))} "
+                f"| {_num(cell.get('behind_nginx_vs_alone'), 2)} "
+                f"| {_num(alone.get('cpu_s_per_gib'), 2)}, {_num(behind.get('cpu_s_per_gib'), 2)} "
+                f"| {_num(cell.get('behind_nginx_cpu_vs_alone'), 2)} |"
+            )
     if any("chunkserver-jwt" in cell["targets"] for cell in result["cells"]):
         lines += [
             "",

@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-LISTENING = re.compile(r"listening on (http://\S+)")
+LISTENING = re.compile(r"listening on ((?:http://|unix:)\S+)")
 NGINX_CONF = """\
 {user}worker_processes {workers};
 daemon off;
@@ -61,28 +61,40 @@ class Target:
     cleanup_dirs: list[Path] = field(default_factory=list)
     peer: Any = None  # the S3 bench's plain client (s3peer.S3Direct), instead of a server
     token: str | None = None  # the bearer credential this target's requests carry
+    # Processes in front of `process` whose CPU and memory count with it (nginx before
+    # chunkserver in `chunkserver-nginx`).
+    companions: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def pids(self) -> list[int]:
-        if self.process is None:
-            return []
-        try:
-            parent = psutil.Process(self.process.pid)
-            return [parent.pid] + [c.pid for c in parent.children(recursive=True)]
-        except psutil.Error:
-            return []
+        pids = []
+        for process in [self.process, *self.companions]:
+            if process is None:
+                continue
+            try:
+                parent = psutil.Process(process.pid)
+                pids += [parent.pid] + [c.pid for c in parent.children(recursive=True)]
+            except psutil.Error:
+                pass
+        return pids
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process is not None and self.process.stdout is not None:
-            self.process.stdout.close()
+        for process in [*self.companions, self.process]:
+            if process is not None:
+                _stop(process)
         for folder in self.cleanup_dirs:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def _wait_for_url(process: subprocess.Popen[str], pattern: re.Pattern[str]) -> str:
@@ -110,7 +122,10 @@ def start_chunkserver(
     data_root: Path | None,
     checksums: str | None = None,
     extra_config: str = "",
+    unix_socket: bool = False,
 ) -> Target:
+    """chunkserver on a free port, or on a unix socket in its folder (`unix_socket`: the
+    target's url is then `unix:<path>`)."""
     folder = Path(tempfile.mkdtemp(prefix="bench-data-", dir=data_root))
     config = folder / "bench.toml"
     names = ", ".join(f'"{n.strip()}"' for n in (checksums or "crc64nvme").split(","))
@@ -118,6 +133,7 @@ def start_chunkserver(
         f'fsync = {"true" if fsync else "false"}\naccess_log = false\nlog_level = "warning"\n'
         f"min_free_bytes = 0\nmax_chunk_bytes = 67108864\nchecksums = [{names}]\n" + extra_config
     )
+    where = ["--unix-socket", str(folder / "chunkserver.sock")] if unix_socket else ["--port", "0"]
     process = subprocess.Popen(
         [
             sys.executable,
@@ -126,8 +142,7 @@ def start_chunkserver(
             "serve",
             "--config",
             str(config),
-            "--port",
-            "0",
+            *where,
             "--data-dir",
             str(folder / "data"),
             "--workers",
@@ -138,6 +153,66 @@ def start_chunkserver(
         text=True,
     )
     return Target("chunkserver", _wait_for_url(process, LISTENING), process, [folder])
+
+
+DEPLOYED_MAIN_CONF = """\
+{user}worker_processes {workers};
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    include {prefix}/chunkserver.conf;
+}}
+"""
+
+
+def deployed_site(text: str, socket_path: str, port: int, uploads: Path) -> str:
+    """deploy/nginx.conf with one upstream, `socket_path`, listening on `port`, sending
+    the files of `uploads`; nothing else changed."""
+    upstreams = re.findall(r"^\s*server unix:\S+[^\n]*\n", text, re.MULTILINE)
+    first = re.sub(r"unix:\S+", f"unix:{socket_path}", upstreams[0])
+    text = text.replace(upstreams[0], first, 1)
+    for line in upstreams[1:]:
+        text = text.replace(line, "", 1)
+    text = text.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    return text.replace("/var/lib/chunkserver/data/uploads/", f"{uploads}/")
+
+
+def start_behind_nginx(
+    *, workers: int | str, fsync: bool, data_root: Path | None, site: Path | None = None
+) -> Target:
+    """`chunkserver-nginx`: chunkserver as deployed, behind deploy/nginx.conf with its upstream
+    pointed at one unix socket (the started server's, with as many workers as
+    `chunkserver`) and nothing else changed but its paths and port; nginx's CPU and memory
+    count with chunkserver's. `site`: another file than deploy/nginx.conf (to compare)."""
+    binary = _nginx_binary()
+    if binary is None:
+        raise SystemExit("--behind-nginx needs nginx (apt-get install nginx)")
+    ours = start_chunkserver(
+        workers=workers,
+        fsync=fsync,
+        data_root=data_root,
+        extra_config='trusted_proxies = ["unix"]\naccel_redirect_prefix = "/_chunkserver_files/"\n',
+        unix_socket=True,
+    )
+    socket_path = ours.url.removeprefix("unix:")
+    data_dir = ours.cleanup_dirs[0] / "data"
+    prefix = Path(tempfile.mkdtemp(prefix="bench-deployed-", dir=data_root))
+    port = free_port()
+    site_text = (site or ROOT / "deploy" / "nginx.conf").read_text()
+    site_text = deployed_site(site_text, socket_path, port, data_dir / "uploads")
+    (prefix / "chunkserver.conf").write_text(site_text)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    main_conf = DEPLOYED_MAIN_CONF.format(prefix=prefix, user=user, workers=workers)
+    nginx = _run_nginx(binary, prefix, main_conf, port)
+    url = f"http://127.0.0.1:{port}"
+    return Target(
+        "chunkserver-nginx", url, ours.process, [*ours.cleanup_dirs, prefix], companions=[nginx]
+    )
 
 
 def start_fastapi(data_root: Path | None, variant: str = "def") -> Target | None:
@@ -242,9 +317,7 @@ def free_port() -> int:
 def start_nginx(data_root: Path | None, workers: int | str = 1) -> list[Target]:
     """nginx with as many worker processes as chunkserver has (`auto`: one per core), as two
     targets: `nginx` (its location /sink/) and `nginx-keep` (/keep/, bodies kept)."""
-    binary = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
-    )
+    binary = _nginx_binary()
     if binary is None:
         return []
     prefix = Path(tempfile.mkdtemp(prefix="bench-nginx-", dir=data_root))
@@ -253,9 +326,25 @@ def start_nginx(data_root: Path | None, workers: int | str = 1) -> list[Target]:
     port = free_port()
     # As root, nginx's workers would run as nobody, who cannot write to our temp folder.
     user = "user root;\n" if os.geteuid() == 0 else ""
-    (prefix / "nginx.conf").write_text(
-        NGINX_CONF.format(prefix=prefix, port=port, user=user, workers=workers)
+    main_conf = NGINX_CONF.format(prefix=prefix, port=port, user=user, workers=workers)
+    process = _run_nginx(binary, prefix, main_conf, port)
+    url = f"http://127.0.0.1:{port}"
+    return [Target("nginx", url, process, [prefix]), Target("nginx-keep", url, process, [prefix])]
+
+
+def nginx_present() -> bool:
+    return _nginx_binary() is not None
+
+
+def _nginx_binary() -> str | None:
+    return shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
     )
+
+
+def _run_nginx(binary: str, prefix: Path, main_conf: str, port: int) -> subprocess.Popen[str]:
+    """nginx in the foreground with `main_conf`, once it accepts connections on `port`."""
+    (prefix / "nginx.conf").write_text(main_conf)
     process = subprocess.Popen(
         [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
         stdout=subprocess.PIPE,
@@ -273,8 +362,7 @@ def start_nginx(data_root: Path | None, workers: int | str = 1) -> list[Target]:
                     f"nginx did not start: {process.stdout.read() if process.stdout else ''}"
                 ) from None
             time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    return [Target("nginx", url, process, [prefix]), Target("nginx-keep", url, process, [prefix])]
+    return process
 
 
 # nginx's targets, by the location each is sent to.

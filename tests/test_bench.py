@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,13 +64,38 @@ def test_smallest_run_counts_every_byte_and_completes_every_upload(tmp_path: Pat
         assert ours["peak_rss_mib"] > 0 and ours["cpu_s_per_gib"] > 0
         assert ours["completion_p50_ms"] is not None
         assert ours["dirtied_per_byte"] is not None
+        if "nginx" in cell["targets"]:  # chunkserver behind deploy/nginx.conf, too
+            behind = cell["targets"]["chunkserver-nginx"]
+            assert behind["bytes_sent_total"] == ours["bytes_sent_total"]
+            assert behind["uploads_completed_right_size_total"] == behind["uploads_total"] >= 1
+            assert behind["cpu_s_per_gib"] > 0 and cell["behind_nginx_vs_alone"] is not None
         if "fastapi" in cell["targets"]:  # the seed's endpoint, when FastAPI is installed
             assert cell["targets"]["fastapi"]["uploads_total"] >= 1
             assert cell["fraction_of_fastapi"] is not None
     assert "| shape | chunk | conc |" in (tmp_path / "t.md").read_text()
+    assert "Behind deploy/nginx.conf" in (tmp_path / "t.md").read_text()
     assert "| files | 1 MiB | 2 |" in done.stdout
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert not list(tmp_path.glob("bench-warm-*"))  # the pages' warm-up file is dropped
+
+
+@pytest.mark.skipif(
+    shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+    reason="no nginx binary (apt-get install nginx); .ci/run installs it",
+)
+def test_downloads_compare_chunkserver_with_nginx_sending_its_files(tmp_path: Path) -> None:
+    """bench/downloads.py: the same files from chunkserver itself and through deploy/nginx.conf
+    (X-Accel-Redirect), every byte checked (no speed asserted)."""
+    out = tmp_path / "d.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.downloads", "--size-mib", "1", "--files", "2",
+         "--repeats", "1", "--data-root", str(tmp_path), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())["targets"]
+    assert set(figures) == {"chunkserver", "chunkserver-nginx"}
+    assert all(f["MiB_per_s"] > 0 and f["cpu_s_per_GiB"] >= 0 for f in figures.values())
 
 
 def test_floor_times_each_step_the_protocol_requires(tmp_path: Path) -> None:
