@@ -22,7 +22,7 @@ from ...model import (
     UploadMeta,
 )
 from ..faults import fault_point
-from .layout import S3Layout
+from .layout import IN_DATABASE, S3Layout
 from .objects import NoSuchUpload
 from .pieces import (
     COMPLETION_RENEW_SECONDS,
@@ -183,22 +183,15 @@ class S3Assembler:
             return await self._gather(row, number, group)
 
     async def _gather(self, row: UploadRow, number: int, group: list[ChunkRow]) -> str:
-        if len(group) == 1 and group[0].staging_key is not None:
-            return await self.objects.copy_part(
-                row.object_key, row.upload_id, number, group[0].staging_key
-            )
+        only = group[0].staging_key if len(group) == 1 else None
+        if only is not None and not only.endswith(IN_DATABASE):
+            return await self.objects.copy_part(row.object_key, row.upload_id, number, only)
 
         async def gathered() -> AsyncIterator[bytes]:
             for chunk in group:
                 assert chunk.staging_key is not None
-                copy = self.layout.copies.take(chunk.staging_key)
-                if copy is None:
-                    async for piece in self.objects.read_pieces(chunk.staging_key):
-                        yield piece
-                    continue
-                with copy:
-                    copy.seek(0)
-                    yield copy.read()  # one chunk of less than 5 MiB, from the page cache
+                async for piece in self.layout.read_staged(chunk.staging_key):
+                    yield piece
 
         length = sum(c.length for c in group)
         return await self.objects.put_part(

@@ -53,8 +53,9 @@ class S3Janitor:
         return report
 
     async def _remove_orphans(self, grace_seconds: float) -> int:
-        """Abort multipart uploads and delete staging objects that no upload owns: left by a
-        host killed between creating them and recording them, or while cleaning up."""
+        """Abort multipart uploads and delete staging objects and staged rows that no upload
+        owns: left by a host killed between creating them and recording them, or while
+        cleaning up."""
         upload_ids, live = await self.state.uploads.live_uploads()
         cutoff = datetime.now(UTC).timestamp() - grace_seconds
         removed = 0
@@ -70,4 +71,5 @@ class S3Janitor:
             if (file_id, token) not in live and listed.last_modified.timestamp() < cutoff:
                 stale.append(listed.key)
         await self.objects.delete(stale)
-        return removed + len(stale)
+        staged = await self.state.staged.delete_orphans(cutoff)
+        return removed + len(stale) + staged

@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import math
 import secrets
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ...errors import (
     PayloadTooLarge,
+    StorageFailure,
 )
 from ...model import (
     UploadMeta,
@@ -27,6 +29,9 @@ from .pieces import (
     log,
 )
 from .state import UploadRow, UploadState
+
+# The suffix of a staging key whose bytes are a row of chunkserver_staged, not an object.
+IN_DATABASE = ".pg"
 
 
 class S3Layout:
@@ -61,8 +66,35 @@ class S3Layout:
     def staging_prefix(self, meta: UploadMeta) -> str:
         return f"{self.prefix}staging/{meta.file_id}/{meta.token}/"
 
-    def staging_key(self, meta: UploadMeta, index: int) -> str:
-        return f"{self.staging_prefix(meta)}{index:06d}.{secrets.token_hex(6)}"
+    def staging_key(self, meta: UploadMeta, index: int, *, in_database: bool = False) -> str:
+        """Where a staged chunk goes: an object, or a row of PostgreSQL (`in_database`)."""
+        key = f"{self.staging_prefix(meta)}{index:06d}.{secrets.token_hex(6)}"
+        return key + IN_DATABASE if in_database else key
+
+    async def read_staged(self, key: str) -> AsyncIterator[bytes]:
+        """A staged chunk's bytes: this host's copy, the database's row or the object."""
+        copy = self.copies.take(key)
+        if copy is not None:
+            with copy:  # closed before the yield: a consumer may stop there
+                copy.seek(0)
+                kept = copy.read()  # less than 5 MiB, from the page cache
+            yield kept
+        elif key.endswith(IN_DATABASE):
+            data = await self.state.staged.read(key)
+            if data is None:
+                raise StorageFailure(f"the staged chunk {key} is missing")
+            yield data
+        else:
+            async for piece in self.objects.read_pieces(key):
+                yield piece
+
+    async def delete_staged(self, keys: list[str]) -> None:
+        for key in keys:
+            copy = self.copies.take(key)
+            if copy is not None:
+                copy.close()
+        await self.state.staged.delete([k for k in keys if k.endswith(IN_DATABASE)])
+        await self.objects.delete([k for k in keys if not k.endswith(IN_DATABASE)])
 
     async def clean(self, row: UploadRow) -> None:
         """Remove what the object store holds of a removed upload."""
@@ -74,6 +106,7 @@ class S3Layout:
 
     async def remove_staging(self, meta: UploadMeta) -> None:
         self.copies.forget(self.staging_prefix(meta))
+        await self.state.staged.delete_upload(meta)
         listed = await self.objects.list_objects(self.staging_prefix(meta))
         await self.objects.delete([o.key for o in listed])
 

@@ -9,18 +9,21 @@ import asyncpg
 from .chunks import ChunkStatements
 from .claims import ClaimStatements
 from .pool import StatePool
+from .staged import StagedStatements
 from .uploads import UploadStatements
 
 
 class UploadState:
     """The upload state in PostgreSQL, shared by every host: the pool, and the statements on
-    upload rows (`uploads`), on claims (`claims`) and on chunk and part rows (`chunks`)."""
+    upload rows (`uploads`), on claims (`claims`), on chunk and part rows (`chunks`) and
+    on the bytes of small staged chunks (`staged`)."""
 
     def __init__(self, url: str) -> None:
         self.pool = StatePool(url)
         self.uploads = UploadStatements(self.pool)
         self.claims = ClaimStatements(self.pool, self.uploads)
         self.chunks = ChunkStatements(self.pool)
+        self.staged = StagedStatements(self.pool)
 
     async def open(self) -> None:
         """Connect, and migrate the schema, before the first request."""
