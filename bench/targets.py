@@ -19,7 +19,8 @@ from typing import Any
 import psutil
 
 LISTENING = re.compile(r"listening on ((?:http://|unix:)\S+)")
-NGINX_CONF = """\
+# nginx in the foreground in its own prefix, as every nginx of the bench runs.
+NGINX_MAIN = """\
 {user}worker_processes {workers};
 daemon off;
 pid {prefix}/nginx.pid;
@@ -28,6 +29,10 @@ events {{ worker_connections 1024; }}
 http {{
     access_log off;
     client_body_temp_path {prefix}/body;
+"""
+NGINX_CONF = (
+    NGINX_MAIN
+    + """\
     client_max_body_size 0;
     client_body_buffer_size 1m;
     server {{
@@ -51,6 +56,7 @@ http {{
     }}
 }}
 """
+)
 
 
 @dataclass
@@ -155,19 +161,14 @@ def start_chunkserver(
     return Target("chunkserver", _wait_for_url(process, LISTENING), process, [folder])
 
 
-DEPLOYED_MAIN_CONF = """\
-{user}worker_processes {workers};
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
+DEPLOYED_MAIN_CONF = (
+    NGINX_MAIN
+    + """\
     proxy_temp_path {prefix}/proxy;
     include {prefix}/chunkserver.conf;
 }}
 """
+)
 
 
 def deployed_site(text: str, socket_path: str, port: int, uploads: Path) -> str:

@@ -4,7 +4,7 @@ this module decides what each part means and calls the upload service.
 
 A chunk part whose fields all came before it is written straight into its upload; one that
 came first is kept aside until the fields say which upload it belongs to. Whatever fails on
-the way, nothing of the request remains (`UploadService.fail`).
+the way, nothing of the request remains (`ChunkSteps.fail`).
 """
 
 from __future__ import annotations
