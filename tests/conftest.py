@@ -39,8 +39,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--soak-seconds",
         type=float,
-        default=20.0,
-        help="how long tests/soak runs its load (20 s in CI; 600 for the long soak)",
+        default=16.0,
+        help="how long tests/soak runs its load (16 s in CI; 600 for the long soak)",
     )
 
 

@@ -156,7 +156,7 @@ def test_schemathesis_finds_nothing(
     config.write_text("\n".join(lines) + "\n")
     server = servers("--config", str(config))
     seconds = os.environ.get(
-        "CHUNKSERVER_SCHEMATHESIS_SECONDS", "12" if backend == "local" else "10"
+        "CHUNKSERVER_SCHEMATHESIS_SECONDS", "9" if backend == "local" else "8"
     )
     done = subprocess.run(
         [st, "--config-file", str(HERE / "schemathesis.toml"), "run",
