@@ -155,9 +155,7 @@ def test_schemathesis_finds_nothing(
     config = tmp_path / "fuzzed.toml"
     config.write_text("\n".join(lines) + "\n")
     server = servers("--config", str(config))
-    seconds = os.environ.get(
-        "CHUNKSERVER_SCHEMATHESIS_SECONDS", "9" if backend == "local" else "8"
-    )
+    seconds = os.environ.get("CHUNKSERVER_SCHEMATHESIS_SECONDS", "9" if backend == "local" else "8")
     done = subprocess.run(
         [st, "--config-file", str(HERE / "schemathesis.toml"), "run",
          f"{server.url}/openapi.json", "--max-time", seconds, "--workers", "2",

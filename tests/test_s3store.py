@@ -210,20 +210,25 @@ async def open_store(config: Config, **settings: Any) -> S3Store:
 async def test_the_sweep_removes_what_dead_hosts_left(
     config: Config, s3_settings: dict, s3: Any
 ) -> None:
-    """A multipart upload begun by a host killed before recording it, and staging objects of
-    an upload removed while its host was cleaning up, are removed by the sweep."""
+    """A multipart upload begun by a host killed before recording it, and staged chunks (an
+    object, a row) of an upload removed while its host was cleaning up, are removed by the
+    sweep."""
     bucket = s3_settings["s3_bucket"]
     ghost = s3.create_multipart_upload(Bucket=bucket, Key="uploads/ghost/f.bin")["UploadId"]
     s3.put_object(Bucket=bucket, Key="staging/ghost/0123/000000.aa", Body=b"x")
     store = await open_store(config, **s3_settings)
     try:
+        # A small chunk staged in the database for an upload that is gone.
+        ghost_meta = UploadMeta.new("ghost", "f", 2, None)
+        await store.layout.state.staged.put("staging/ghost/x/000000.bb.pg", ghost_meta, b"y")
         await store.catalog.begin(UploadMeta.new("live", "f", 2, None))
         report = await store.janitor.sweep(ttl_seconds=3600)
         assert report.expired == []  # the live upload is young: kept
         assert report.removed_temp_files == 0  # the orphans are young too: a grace period
         await asyncio.sleep(1.1)  # Swift gives listing times rounded up to the second
         report = await store.janitor.sweep(ttl_seconds=1e-9)
-        assert report.expired == ["live"] and report.removed_temp_files == 2
+        assert report.expired == ["live"] and report.removed_temp_files == 3
+        assert await staged_rows(s3_settings, "ghost") == 0
     finally:
         await store.backend.close()
     uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
