@@ -19,6 +19,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 from aiohttp import web
@@ -115,7 +117,7 @@ def _unix_socket(path: str) -> socket.socket:
     return sock
 
 
-async def _serve_async(config: Config, sock: socket.socket, announce: bool) -> None:
+async def _serve_async(config: Config, sock: socket.socket, ready: Callable[[], None]) -> None:
     app = create_app(config)
     runner = web.AppRunner(
         app,
@@ -129,8 +131,7 @@ async def _serve_async(config: Config, sock: socket.socket, announce: bool) -> N
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()
-    if announce:
-        print(f"chunkserver listening on {address_of(config, sock)}", flush=True)
+    ready()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -161,20 +162,26 @@ async def _drain(uploads: UploadService, site: web.BaseSite) -> None:
         log.warning("Cutting %d chunk requests still in flight", uploads.core.inflight)
 
 
-def run_one(config: Config, sock: socket.socket, *, announce: bool) -> None:
-    """Serve on `sock` until SIGINT or SIGTERM, in this process."""
+def run_one(config: Config, sock: socket.socket, *, ready: Callable[[], None]) -> None:
+    """Serve on `sock` until SIGINT or SIGTERM, in this process; `ready()` once it serves."""
     keep_freed_heap()
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(_serve_async(config, sock, announce))
+        runner.run(_serve_async(config, sock, ready))
 
 
-def _worker_main(config: Config, sock: socket.socket | None, supervisor: int) -> None:
+def _worker_main(
+    config: Config, sock: socket.socket | None, supervisor: int, serving: EventType
+) -> None:
     _die_with(supervisor)
     configure_logging(config)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sock is None:  # TCP: a socket of our own in the port's SO_REUSEPORT group
         sock = _tcp_socket(config.host, config.port, reuse_port=True, listen=True)
-    run_one(config, sock, announce=False)
+    run_one(config, sock, ready=serving.set)
+
+
+def _announce(config: Config, sock: socket.socket, extra: str = "") -> None:
+    print(f"chunkserver listening on {address_of(config, sock)}{extra}", flush=True)
 
 
 def _die_with(supervisor: int) -> None:
@@ -201,7 +208,7 @@ def serve(config: Config) -> None:
         )
     try:
         if config.workers == 1:
-            run_one(config, sock, announce=True)
+            run_one(config, sock, ready=lambda: _announce(config, sock))
         else:
             _supervise(config, sock)
     finally:
@@ -226,18 +233,22 @@ def _supervise(config: Config, sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    def start() -> multiprocessing.process.BaseProcess:
+    def start() -> tuple[multiprocessing.process.BaseProcess, EventType]:
+        serving = context.Event()
         process = context.Process(
-            target=_worker_main, args=(config, shared, os.getpid()), daemon=False
+            target=_worker_main, args=(config, shared, os.getpid(), serving), daemon=False
         )
         process.start()
-        return process
+        return process, serving
 
-    workers = [start() for _ in range(config.workers)]
-    print(
-        f"chunkserver listening on {address_of(config, sock)} with {config.workers} workers",
-        flush=True,
-    )
+    started = [start() for _ in range(config.workers)]
+    workers = [process for process, _ in started]
+    # Announced once every worker serves: on TCP each listens on a socket of its own, so
+    # before that a connection to the port could be refused.
+    for process, serving in started:
+        while not serving.wait(0.1) and process.is_alive() and not stopping:
+            pass
+    _announce(config, sock, f" with {config.workers} workers")
     while not stopping:
         time.sleep(0.2)
         for i, process in enumerate(workers):
@@ -245,7 +256,7 @@ def _supervise(config: Config, sock: socket.socket) -> None:
                 log.warning(
                     "Worker %s exited with %s; starting another", process.pid, process.exitcode
                 )
-                workers[i] = start()
+                workers[i] = start()[0]
     for process in workers:
         if process.is_alive() and process.pid is not None:
             os.kill(process.pid, signal.SIGTERM)
