@@ -228,7 +228,7 @@ def test_access_log_shows_the_original_client(deployment: Deployment) -> None:
     assert clients and all(client == "127.0.0.1" for client in clients), lines
 
 
-def test_bench_quick_through_nginx(deployment: Deployment, tmp_path: Path) -> None:
+def test_the_bench_runs_through_nginx(deployment: Deployment, tmp_path: Path) -> None:
     done = subprocess.run(
         [
             sys.executable,
@@ -236,9 +236,7 @@ def test_bench_quick_through_nginx(deployment: Deployment, tmp_path: Path) -> No
             "bench",
             "--url",
             deployment.url,
-            "--quick",
-            "--volume",
-            "64",
+            "--smallest",
             "--no-sink",
             "--no-nginx",
             "--out",
