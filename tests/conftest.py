@@ -333,7 +333,7 @@ def swift(tmp_path_factory: pytest.TempPathFactory) -> Iterator[realstack.Swift]
     reason = realstack.why_missing_swift()
     if reason is not None:
         pytest.skip(reason)
-    handle = realstack.start_swift(tmp_path_factory.mktemp("swift"))
+    handle = realstack.start_swift(tmp_path_factory.mktemp("swift"), unsynced=True)
     yield handle
     handle.stop()
 

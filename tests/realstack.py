@@ -28,6 +28,8 @@ SWIFT_ACCESS_KEY = "test:tester"
 SWIFT_SECRET_KEY = "testing"
 SWIFT_REGION = "us-east-1"
 SWIFT_MAX_PARTS = 1000  # Swift's s3api default max_upload_part_num
+# Debian's eatmydata (.ci/run installs it): fsync and friends become no-ops in Swift.
+EATMYDATA = Path("/usr/lib/x86_64-linux-gnu/libeatmydata.so")
 
 
 def free_port() -> int:
@@ -174,8 +176,9 @@ def _system_python() -> str:
     return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
 
 
-def start_swift(folder: Path) -> Swift:
-    """A one-replica Swift with s3api on free ports; ready when /healthcheck answers 200."""
+def start_swift(folder: Path, *, unsynced: bool = False) -> Swift:
+    """A one-replica Swift with s3api on free ports; ready when /healthcheck answers 200.
+    `unsynced`: its writes never synced to the disk, where eatmydata is installed."""
     etc, devices = folder / "etc", folder / "devices"
     (devices / "d0").mkdir(parents=True)
     etc.mkdir()
@@ -190,6 +193,11 @@ def start_swift(folder: Path) -> Swift:
     ports = {name: free_port() for name in (*SWIFT_SERVERS, "proxy", "memcached")}
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PATH"] = "/usr/bin:/bin:/usr/sbin:/sbin"
+    if unsynced and EATMYDATA.exists():
+        # Swift syncs every object and container write to the disk; a test's store need
+        # not survive a power cut, as PostgreSQL runs with fsync=off. (The bench keeps
+        # Swift as it is.)
+        env["LD_PRELOAD"] = str(EATMYDATA)
     for name in SWIFT_SERVERS:
         builder = str(etc / f"{name}.builder")
         for args in (

@@ -359,7 +359,7 @@ def start_s3_stack(tmp: Path) -> S3Stack:
     for reason in (realstack.why_missing_swift(), realstack.why_missing_postgres()):
         if reason is not None:
             pytest.skip(reason)
-    swift = realstack.start_swift(tmp / "swift")
+    swift = realstack.start_swift(tmp / "swift", unsynced=True)
     try:
         postgres = realstack.start_postgres()
     except BaseException:
