@@ -120,8 +120,8 @@ def test_the_s3_matrix_runs_beside_a_plain_s3_client(tmp_path: Path) -> None:
         if reason is not None:
             pytest.skip(reason)
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--storage", "s3", "--smallest", "--out", str(tmp_path),
-         "--name", "s3", "--data-root", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--storage", "s3", "--smallest", "--shapes", "files",
+         "--out", str(tmp_path), "--name", "s3", "--data-root", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,7 +1,7 @@
 """The soak: many clients, many files, faults of every kind, two server processes restarted
 under them, and at the end nothing lost.
 
-    pytest tests/soak                        # 30 s of load (CI)
+    pytest tests/soak                        # 12 s of load (CI: one fault)
     pytest tests/soak --soak-seconds 600 -s  # the long soak, with its summary printed
 
 See tests/soak/README.md for what is injected and checked, and the last long run's summary.
