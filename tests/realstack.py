@@ -429,6 +429,17 @@ def s3_client(swift: Swift) -> object:
     )
 
 
+async def fetchval(database_url: str, sql: str, *args: object) -> object:
+    """One statement on its own connection, as a test looks at or changes the state."""
+    import asyncpg
+
+    db = await asyncpg.connect(database_url)
+    try:
+        return await db.fetchval(sql, *args)
+    finally:
+        await db.close()
+
+
 def create_database(postgres: Postgres, name: str) -> str:
     """A new empty database on the server; its URL."""
     binaries = postgres_bin()

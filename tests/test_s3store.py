@@ -98,15 +98,9 @@ async def test_small_chunks_are_gathered_into_parts_of_5_mib(
 
 async def staged_rows(s3_settings: dict, file_id: str) -> int:
     """The staged chunks of an upload kept in the database."""
-    import asyncpg
-
-    db = await asyncpg.connect(s3_settings["database_url"])
-    try:
-        count: int = await db.fetchval(
-            "SELECT count(*) FROM chunkserver_staged WHERE file_id = $1", file_id
-        )
-    finally:
-        await db.close()
+    sql = "SELECT count(*) FROM chunkserver_staged WHERE file_id = $1"
+    count = await realstack.fetchval(s3_settings["database_url"], sql, file_id)
+    assert isinstance(count, int)
     return count
 
 

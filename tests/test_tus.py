@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import requests
 
+from . import realstack
 from .conftest import (
     ClientFactory,
     ServerProcess,
@@ -570,29 +571,17 @@ def some_of_the_patch_stored(
 
 async def run_out_the_writer_lease(database_url: str, file_id: str) -> None:
     """What 20 s would do to a dead writer's lease: its end in the past."""
-    import asyncpg
-
-    db = await asyncpg.connect(database_url)
-    try:
-        await db.execute(
-            "UPDATE chunkserver_uploads SET stream_writer_until = 0 WHERE file_id = $1", file_id
-        )
-    finally:
-        await db.close()
+    await realstack.fetchval(
+        database_url,
+        "UPDATE chunkserver_uploads SET stream_writer_until = 0 WHERE file_id = $1",
+        file_id,
+    )
 
 
 async def holds_the_writer_lease(database_url: str, file_id: str) -> bool:
     """On S3 a PATCH being received holds its upload's writer lease (its row says so)."""
-    import asyncpg
-
-    db = await asyncpg.connect(database_url)
-    try:
-        writer = await db.fetchval(
-            "SELECT stream_writer FROM chunkserver_uploads WHERE file_id = $1", file_id
-        )
-    finally:
-        await db.close()
-    return writer is not None
+    sql = "SELECT stream_writer FROM chunkserver_uploads WHERE file_id = $1"
+    return await realstack.fetchval(database_url, sql, file_id) is not None
 
 
 def test_a_server_killed_mid_patch_loses_only_that_patch(
